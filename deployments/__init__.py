@@ -1,0 +1,1 @@
+"""Deployment, block and alert registration (see prefect.yaml for the schedules)."""

@@ -1,0 +1,277 @@
+"""The PostgreSQL backup flow: dump → compress → encrypt → upload → verify → manifest, logged.
+
+The four streaming stages run concurrently as separate tasks joined by OS pipes, so plaintext
+never touches disk and memory stays bounded. A stage cannot be retried alone once its input
+stream is consumed, so the four are retried together: each attempt is one run of the
+``db-backup-stream`` subflow, and only transient failures start another attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from luxima_backup import __version__, manifest, runtime
+from luxima_backup.envelope import encrypt_bytes
+from luxima_backup.errors import BackupError, is_transient, root_cause
+from luxima_backup.pipes import Link
+from luxima_backup.secrets import install_log_redaction, redact
+from tasks.compress import SUFFIX, compress, compressor
+from tasks.dump import dump, dump_globals
+from tasks.encrypt import encrypt
+from tasks.log import log_finish, log_start
+from tasks.upload import upload
+from tasks.verify import read_back, verify
+
+
+@flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[str, Any]:
+    """One attempt at streaming the database to storage: dump | compress | encrypt | upload."""
+    settings = runtime.settings()
+    cfg = settings.db_backup
+    links = dumped, packed, sealed = Link("dump→compress"), Link("compress→encrypt"), Link("encrypt→upload")
+    futures: list[Any] = []
+    try:
+        futures.append(dump.submit(database, dumped))
+        futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads))
+        futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive"))
+        futures.append(upload.submit(sealed, object_key))
+    except BaseException as exc:
+        # A stage that never started would leave its neighbours blocked on the pipe forever.
+        for link in links:
+            link.fail(exc)
+            link.close_read()
+        raise
+    finally:
+        wait(futures)
+        for link in links:
+            link.close_all()
+    errors = []
+    for fut in futures:
+        if not fut.state.is_completed():
+            exc = fut.state.result(raise_on_failure=False)
+            errors.append(exc if isinstance(exc, BaseException) else BackupError(f"{fut.task_run_id}: {fut.state.message}"))
+    if errors:
+        raise root_cause(errors)
+    d, c, e, u = (f.result() for f in futures)
+    return {"dump": d, "compress": c, "encrypt": e, "upload": u}
+
+
+@task(name="dump-globals", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def backup_globals(database: str, server_major: int, object_key: str) -> dict[str, Any]:
+    """Dump roles and tablespaces (pg_dumpall --globals-only), encrypted, beside the backup."""
+    settings = runtime.settings()
+    text, warning = dump_globals(settings.database(database), server_major, settings.db_backup.pg_bin_dir)
+    if text is None:
+        get_run_logger().warning("%s", warning)
+        return {"warning": warning}
+    comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level)
+    packed = comp.compress(text) + comp.flush()
+    data_key = runtime.key_provider(settings).new_data_key()
+    blob = encrypt_bytes(packed, data_key, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals"})
+    store = runtime.store(settings)
+    store.save_bytes(object_key, blob)
+    result = {"key": object_key, "plain_bytes": len(text), "encrypted_bytes": len(blob),
+              "encrypted_sha256": hashlib.sha256(blob).hexdigest(), "plain_sha256": hashlib.sha256(text).hexdigest()}
+    read_back(store, object_key, result["encrypted_bytes"], result["encrypted_sha256"])
+    if warning:
+        get_run_logger().warning("%s", warning)
+        result["warning"] = warning
+    return result
+
+
+@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def save_manifest(key: str, document: dict[str, Any]) -> str:
+    """Write the manifest, last: from now on the backup exists."""
+    manifest.save(runtime.store(), key, document)
+    return key
+
+
+@flow(name="db-backup", validate_parameters=True)
+def db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
+    """Back up one configured PostgreSQL database to object storage, encrypted, verified and logged.
+
+    Args:
+        database: which [databases.NAME] of the settings to back up (default: db_backup.database).
+        deep_verify: after upload, also decrypt, decompress and parse the dump (default: settings).
+    """
+    settings = runtime.settings()
+    install_log_redaction()
+    logger = get_run_logger()
+    cfg = settings.db_backup
+    name = database or cfg.database
+    target = settings.database(name)
+    deep = cfg.deep_verify if deep_verify is None else deep_verify
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    keys = manifest.db_keys(settings.storage.prefix, target.dbname, started, SUFFIX[cfg.compression])
+    run_id = str(flow_run.id) if flow_run.id else None
+
+    entry = None
+    if settings.log.enabled:
+        entry = _logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
+    uploaded: list[str] = []
+    try:
+        stream = _stream_with_retries(name, keys.data, cfg.attempts, cfg.retry_delay_seconds)
+        uploaded.append(keys.data)
+        d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
+        expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
+                    "plain_bytes": c["plain_bytes"], "plain_sha256": c["plain_sha256"]}
+        if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
+            raise BackupError("the bytes uploaded differ from the bytes encrypted")
+        globals_info: dict[str, Any] = {"warning": "disabled by db_backup.globals"}
+        if cfg.globals:
+            globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals)
+            if "key" in globals_info:
+                uploaded.append(keys.globals)
+        verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
+                              list(d["row_counts"]))
+        finished = datetime.now(timezone.utc)
+        document = _manifest(keys, name, target.dbname, target.host, started, finished, d, c, e, u,
+                             globals_info, verification, run_id)
+        save_manifest(keys.manifest, document)
+    except BaseException as exc:
+        _discard(uploaded, logger)
+        _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
+                {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
+        raise
+    summary = _summary(document, keys.manifest, time.monotonic() - t0)
+    _publish(document, summary, name)
+    _logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
+            {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
+             "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
+             "key_id": e["key"]["key_id"]}, skip=entry is None)
+    logger.info("backup %s complete: %s (%s bytes encrypted)", keys.backup_id, keys.data, u["bytes"])
+    return summary
+
+
+def _stream_with_retries(name: str, key: str, attempts: int, delays: list[float]) -> dict[str, Any]:
+    logger = get_run_logger()
+    for attempt in range(1, attempts + 1):
+        state = dump_to_storage(name, key, attempt, return_state=True)
+        if state.is_completed():
+            return state.result()
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
+        if attempt == attempts or not is_transient(exc):
+            raise exc
+        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
+        logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
+    """Run a log task; its failure is a warning and never the backup's outcome."""
+    if skip:
+        return None
+    state = fn(*args, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("backup log %s not written: %s", what, redact(str(state.result(raise_on_failure=False))))
+    return None
+
+
+def _discard(keys: list[str], logger: Any) -> None:
+    """Remove objects of a failed run so nothing that looks like a backup is left."""
+    store = runtime.store()
+    for key in keys:
+        try:
+            store.remove(key)
+            logger.info("removed %s of the failed run", key)
+        except Exception as exc:  # best effort; retention sweeps what is left
+            logger.warning("could not remove %s of the failed run: %s", key, exc)
+
+
+def _manifest(keys: manifest.BackupKeys, name: str, dbname: str, host: str, started: datetime, finished: datetime,
+              d: dict[str, Any], c: dict[str, Any], e: dict[str, Any], u: dict[str, Any], g: dict[str, Any],
+              verification: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+    return {
+        "manifest_version": manifest.MANIFEST_VERSION,
+        "backup_id": keys.backup_id,
+        "component": "db",
+        "status": "verified",
+        "started_at": started.isoformat(),
+        "completed_at": finished.isoformat(),
+        "source": {"name": name, "database": dbname, "host": host, "server_version": d["server_version"],
+                   "server_version_num": d["server_version_num"], "snapshot": d["snapshot"]},
+        "tool": {"luxima_backup": __version__, "pg_dump_version": d["pg_dump_version"]},
+        "dump": {
+            "key": keys.data, "format": "pg_dump-custom",
+            "compression": {"codec": c["codec"], "level": c["level"]},
+            "encryption": {"format": e["format"], "version": 1, "chunk_size": e["chunk_size"], **{k: v for k, v in e["key"].items() if k != "wrapped"}},
+            "size_plain": c["plain_bytes"], "size_compressed": c["compressed_bytes"], "size_encrypted": u["bytes"],
+            "sha256_plain": c["plain_sha256"], "sha256_encrypted": u["sha256"],
+        },
+        "globals": g,
+        "row_counts": d["row_counts"],
+        "verification": {**verification, "verified_at": finished.isoformat()},
+        "timings": {"dump": round(d["seconds"], 3), "compress": round(c["seconds"], 3),
+                    "encrypt": round(e["seconds"], 3), "upload": round(u["seconds"], 3),
+                    "total": round((finished - started).total_seconds(), 3)},
+        "flow_run_id": run_id,
+    }
+
+
+def _summary(doc: dict[str, Any], manifest_key: str, seconds: float) -> dict[str, Any]:
+    dump_info = doc["dump"]
+    return {
+        "backup_id": doc["backup_id"], "object_key": dump_info["key"], "manifest_key": manifest_key,
+        "size_plain": dump_info["size_plain"], "size_compressed": dump_info["size_compressed"],
+        "size_encrypted": dump_info["size_encrypted"], "sha256_plain": dump_info["sha256_plain"],
+        "sha256_encrypted": dump_info["sha256_encrypted"], "row_counts": doc["row_counts"],
+        "key_id": dump_info["encryption"]["key_id"], "seconds": round(seconds, 3),
+    }
+
+
+def _publish(doc: dict[str, Any], summary: dict[str, Any], name: str) -> None:
+    """The run's artifact in the Prefect UI: sizes, ratio, stage speeds, checksums, row counts."""
+    d = doc["dump"]
+    mib = 1024 * 1024
+    ratio = d["size_plain"] / d["size_compressed"] if d["size_compressed"] else 0.0
+    lines = [
+        f"## Database backup `{doc['backup_id']}`",
+        "",
+        f"Object `{d['key']}` — key `{d['encryption']['key_id']}`, {d['compression']['codec']} level {d['compression']['level']}, ratio {ratio:.2f}×",
+        "",
+        "| stage | seconds | MiB/s |",
+        "|---|---:|---:|",
+    ]
+    for stage, size in (("dump", d["size_plain"]), ("compress", d["size_plain"]), ("encrypt", d["size_compressed"]), ("upload", d["size_encrypted"])):
+        secs = doc["timings"][stage]
+        lines.append(f"| {stage} | {secs:.2f} | {size / mib / secs if secs else 0:.1f} |")
+    lines += [
+        f"| total | {doc['timings']['total']:.2f} | |",
+        "",
+        "| size | bytes | sha256 |",
+        "|---|---:|---|",
+        f"| raw dump | {d['size_plain']} | `{d['sha256_plain']}` |",
+        f"| compressed | {d['size_compressed']} | |",
+        f"| encrypted | {d['size_encrypted']} | `{d['sha256_encrypted']}` |",
+        "",
+        f"Verification: {'deep (decrypt, decompress, pg_restore --list)' if doc['verification'].get('deep') else 'size and sha256'} — passed",
+        "",
+        "| table | rows |",
+        "|---|---:|",
+    ]
+    lines += [f"| {t} | {n} |" for t, n in doc["row_counts"].items()]
+    if doc["globals"].get("warning"):
+        lines += ["", f"Warning: {doc['globals']['warning']}"]
+    create_markdown_artifact(
+        key=f"db-backup-{_artifact_key(name)}", markdown=redact("\n".join(lines)), description=f"Backup {summary['backup_id']}",
+    )
+
+
+def _artifact_key(name: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower())

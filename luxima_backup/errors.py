@@ -1,0 +1,99 @@
+"""The one error hierarchy: every failure the project raises on purpose, transient or permanent.
+
+Retries are decided here and nowhere else: an error is retried when its ``transient``
+flag is set (a connection reset, an S3 5xx, Vault sealed or unreachable). Bad
+configuration, authentication failures and corrupt data are permanent: retrying them
+only delays the alert.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+class BackupError(Exception):
+    """Root of the project's errors. ``hint`` tells the operator what to do about it."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if transient is not None:
+            self.transient = transient
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(BackupError):
+    """A setting is missing or invalid; the run stops before doing anything."""
+
+
+class SecretError(ConfigError):
+    """A secret reference cannot be resolved."""
+
+
+class StorageError(BackupError):
+    """Object storage refused or failed a request."""
+
+
+class ObjectNotFound(StorageError):
+    """The object (or bucket) does not exist."""
+
+
+class KeyProviderError(BackupError):
+    """The key provider (Vault, key file) failed or refused."""
+
+
+class WrongKeyError(KeyProviderError):
+    """The key at hand is not the one the backup was encrypted with."""
+
+
+class IntegrityError(BackupError):
+    """Data failed authentication or a checksum: tampered, truncated or corrupt. Never retried."""
+
+
+class FormatError(IntegrityError):
+    """Data is not in a format (or version) this program can read."""
+
+
+class DatabaseError(BackupError):
+    """The database refused or failed (connection, authentication, SQL)."""
+
+
+class ToolError(BackupError):
+    """An external program (pg_dump, pg_restore, ...) is missing, too old, or failed."""
+
+
+class VerificationError(BackupError):
+    """A backup or restore did not match what was recorded for it."""
+
+
+class StageAborted(BackupError):
+    """A streaming stage stopped because a neighbouring stage failed; never the root cause."""
+
+
+class Cancelled(BackupError):
+    """The operator refused or did not confirm a destructive action."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the step that raised ``exc`` may succeed."""
+    if isinstance(exc, BackupError):
+        return exc.transient
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}:
+        return True
+    return False
+
+
+def root_cause(errors: list[BaseException]) -> BaseException:
+    """The error that started a failure among several concurrent ones (not a ``StageAborted``)."""
+    for exc in errors:
+        if not isinstance(exc, (StageAborted, BrokenPipeError)):
+            return exc
+    return errors[0]

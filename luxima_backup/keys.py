@@ -1,0 +1,218 @@
+"""Key providers: where the key-encryption key lives, and how a backup's data key is wrapped.
+
+Contract, for every provider:
+  ``new_data_key()``  a fresh random 256-bit data key and its wrapped form for the header;
+  ``unwrap(wrapped)`` the data key back, or ``WrongKeyError`` when this provider's key is not
+                      the one that wrapped it (never garbage), ``KeyProviderError`` otherwise,
+                      transient when the provider is unavailable.
+Rotation: the header records which key (and version) wrapped the data key, so new backups use
+the current key and old ones stay readable as long as the old key (version) is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import vault
+from .envelope import KEY_SIZE, WrappedKey
+from .errors import ConfigError, KeyProviderError, WrongKeyError
+from .settings import KeySettings, VaultSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataKey:
+    plaintext: bytes
+    wrapped: WrappedKey
+
+    def __repr__(self) -> str:  # never print key material
+        return f"DataKey(wrapped={self.wrapped.key_id!r})"
+
+
+class KeyProvider(Protocol):
+    name: str
+
+    def new_data_key(self) -> DataKey: ...
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes: ...
+
+
+class VaultTransitProvider:
+    """Data keys generated and wrapped by Vault Transit; the key-encryption key never leaves Vault."""
+
+    name = "vault-transit"
+
+    def __init__(self, cfg: VaultSettings):
+        self.cfg = cfg
+        self.key_id = f"{cfg.transit_mount}/keys/{cfg.transit_key}"
+
+    def new_data_key(self) -> DataKey:
+        with vault.translate_errors(f"generating a data key with Transit key {self.key_id}"):
+            resp = vault.client(self.cfg).secrets.transit.generate_data_key(
+                name=self.cfg.transit_key, key_type="plaintext", bits=256, mount_point=self.cfg.transit_mount
+            )
+        data = resp["data"]
+        plaintext = base64.b64decode(data["plaintext"])
+        if len(plaintext) != KEY_SIZE:
+            raise KeyProviderError("Vault returned a data key of the wrong size")
+        version = data.get("key_version") or _version_of(data["ciphertext"])
+        return DataKey(plaintext, WrappedKey(self.name, self.key_id, data["ciphertext"], version))
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        _check_provider(self.name, wrapped)
+        mount, _, key = wrapped.key_id.partition("/keys/")
+        with vault.translate_errors(f"unwrapping the data key with Transit key {wrapped.key_id}"):
+            resp = vault.client(self.cfg).secrets.transit.decrypt_data(
+                name=key, ciphertext=wrapped.wrapped, mount_point=mount
+            )
+        return _checked(base64.b64decode(resp["data"]["plaintext"]))
+
+
+def _version_of(ciphertext: str) -> int | None:
+    # Transit ciphertext is "vault:v<N>:<base64>".
+    parts = ciphertext.split(":")
+    return int(parts[1][1:]) if len(parts) == 3 and parts[1].startswith("v") and parts[1][1:].isdigit() else None
+
+
+class _LocalWrap:
+    """Wraps data keys locally with AES-256-GCM under a master key; the key id goes in the AAD."""
+
+    name: str
+
+    def _wrap(self, master: bytes, key_id: str, version: int | None) -> DataKey:
+        dek = os.urandom(KEY_SIZE)
+        nonce = os.urandom(12)
+        sealed = AESGCM(master).encrypt(nonce, dek, _wrap_aad(key_id))
+        return DataKey(dek, WrappedKey(self.name, key_id, base64.b64encode(nonce + sealed).decode(), version))
+
+    @staticmethod
+    def _unwrap_with(master: bytes, wrapped: WrappedKey) -> bytes:
+        try:
+            raw = base64.b64decode(wrapped.wrapped, validate=True)
+            return _checked(AESGCM(master).decrypt(raw[:12], raw[12:], _wrap_aad(wrapped.key_id)))
+        except (InvalidTag, binascii.Error, ValueError):
+            raise WrongKeyError(
+                f"the data key does not unwrap with key {wrapped.key_id}",
+                hint="this backup was encrypted under another master key, or its header is corrupt",
+            ) from None
+
+
+def _wrap_aad(key_id: str) -> bytes:
+    return b"luxima-backup/data-key/v1|" + key_id.encode()
+
+
+class VaultKVProvider(_LocalWrap):
+    """Master key stored in a Vault KV v2 secret; each backup records the secret's version."""
+
+    name = "vault-kv"
+
+    def __init__(self, cfg: VaultSettings):
+        self.cfg = cfg
+        self.path = f"{cfg.kv_mount}/{cfg.kv_path}"
+
+    def _master(self, version: int | None) -> tuple[bytes, int]:
+        text, got = vault.read_kv(self.cfg, self.path, self.cfg.kv_field, version)
+        return _decode_master(text, f"vault:{self.path}#{self.cfg.kv_field}"), got
+
+    def new_data_key(self) -> DataKey:
+        master, version = self._master(None)
+        return self._wrap(master, f"{self.path}#{self.cfg.kv_field}", version)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        _check_provider(self.name, wrapped)
+        master, _ = self._master(wrapped.key_version)
+        return self._unwrap_with(master, wrapped)
+
+
+class KeyFileProvider(_LocalWrap):
+    """Master key in a local file: development and demos only (it sits on this machine's disk)."""
+
+    name = "file"
+
+    def __init__(self, path: Path, old_paths: list[Path] | None = None):
+        self.master = load_key_file(path)
+        self.key_id = fingerprint(self.master)
+        self._known = {self.key_id: self.master}
+        for old in old_paths or []:
+            key = load_key_file(old)
+            self._known[fingerprint(key)] = key
+        log.warning("using the local key file %s (key %s): for development only; production keys belong in Vault", path, self.key_id)
+
+    def new_data_key(self) -> DataKey:
+        return self._wrap(self.master, self.key_id, None)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        _check_provider(self.name, wrapped)
+        master = self._known.get(wrapped.key_id)
+        if master is None:
+            raise WrongKeyError(
+                f"this backup was encrypted with key file {wrapped.key_id}, but the key file(s) given are {sorted(self._known)}",
+                hint="pass the key file that was in use when the backup was made (keys.key_file or keys.old_key_files)",
+            )
+        return self._unwrap_with(master, wrapped)
+
+
+def fingerprint(master: bytes) -> str:
+    """A public identifier of a master key (reveals nothing about it)."""
+    return "file:" + hashlib.sha256(b"luxima-backup/key-fingerprint/v1|" + master).hexdigest()[:16]
+
+
+def load_key_file(path: Path) -> bytes:
+    try:
+        text = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}", hint="create one with `luxima-backup keys generate PATH`") from None
+    return _decode_master(text, str(path))
+
+
+def _decode_master(text: str, where: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != KEY_SIZE:
+        raise ConfigError(f"master key at {where} is not 32 bytes of base64", hint="generate one with `luxima-backup keys generate`")
+    return key
+
+
+def new_master_key() -> str:
+    """A fresh master key as base64 text, the form key files and KV secrets hold."""
+    return base64.b64encode(os.urandom(KEY_SIZE)).decode()
+
+
+def _checked(dek: bytes) -> bytes:
+    if len(dek) != KEY_SIZE:
+        raise WrongKeyError("unwrapped data key has the wrong size; the wrapped key is corrupt")
+    return dek
+
+
+def _check_provider(expected: str, wrapped: WrappedKey) -> None:
+    if wrapped.provider != expected:
+        raise WrongKeyError(
+            f"this backup's data key was wrapped by the {wrapped.provider!r} provider ({wrapped.key_id}), "
+            f"but the configured provider is {expected!r}",
+            hint=f"configure keys.provider = {wrapped.provider!r} (with its key) to read it",
+        )
+
+
+def provider_from_settings(cfg: KeySettings) -> KeyProvider:
+    """The configured key provider. Imports and logins happen here, not at module import."""
+    if cfg.provider == "vault-transit":
+        assert cfg.vault is not None
+        return VaultTransitProvider(cfg.vault)
+    if cfg.provider == "vault-kv":
+        assert cfg.vault is not None
+        return VaultKVProvider(cfg.vault)
+    assert cfg.key_file is not None
+    return KeyFileProvider(cfg.key_file, cfg.old_key_files)

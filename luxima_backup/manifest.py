@@ -1,0 +1,67 @@
+"""Backup manifests: the JSON object written beside each backup, last, that makes it a backup.
+
+A backup exists when its manifest exists. Everything needed to list, check and restore it
+from storage alone (when the database and its log are gone) is in the manifest; no secret is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from .errors import FormatError
+from .storage import ObjectStore
+
+MANIFEST_VERSION = 1
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+@dataclass(frozen=True)
+class BackupKeys:
+    """Where one backup's objects go."""
+
+    backup_id: str
+    data: str
+    globals: str
+    manifest: str
+
+
+def db_keys(prefix: str, dbname: str, started: datetime, codec_suffix: str) -> BackupKeys:
+    """``<prefix>/db/<database>/<YYYY>/<MM>/<DD>/<UTC timestamp>.dump.<zst|gz>.enc`` and siblings."""
+    ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{prefix}/db/{_safe(dbname)}/{started:%Y/%m/%d}/{ts}"
+    return BackupKeys(
+        backup_id=f"db-{_safe(dbname)}-{ts}",
+        data=f"{base}.dump.{codec_suffix}.enc",
+        globals=f"{base}.globals.sql.{codec_suffix}.enc",
+        manifest=f"{base}{MANIFEST_SUFFIX}",
+    )
+
+
+def save(store: ObjectStore, key: str, manifest: dict[str, Any]) -> None:
+    store.save_bytes(key, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), "application/json")
+
+
+def load(store: ObjectStore, key: str) -> dict[str, Any]:
+    with store.load(key) as body:
+        raw = body.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"manifest {key} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("manifest_version") != MANIFEST_VERSION:
+        raise FormatError(f"manifest {key} has unsupported version {doc.get('manifest_version') if isinstance(doc, dict) else '?'}")
+    return doc
+
+
+def iter_manifest_keys(store: ObjectStore, prefix: str) -> Iterator[str]:
+    for info in store.list(prefix):
+        if info.key.endswith(MANIFEST_SUFFIX):
+            yield info.key

@@ -1,0 +1,170 @@
+"""Links between concurrent streaming stages: an OS pipe plus the writer's verdict.
+
+A reader that hits end-of-stream cannot tell a finished writer from a crashed one; a backup
+must never take a cut-short stream as complete. So every link carries the writer's verdict,
+and its reader, at EOF, waits for that verdict and raises ``StageAborted`` unless the writer
+declared success. A failed reader closes its end, so the writer's next write fails with
+EPIPE and the failure travels upstream too (pg_dump gets SIGPIPE).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import StageAborted
+
+PIPE_SIZE = 1 << 20  # fewer context switches than the 64 KiB default
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class Link:
+    """One-way pipe from a writer stage to a reader stage, within one process."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.read_fd, self.write_fd = os.pipe()
+        try:
+            fcntl.fcntl(self.write_fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the system limit may be lower; the default size still works
+        self._verdict = threading.Event()
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"Link({self.name!r})"
+
+    # -- writer side --
+    def writer(self) -> "LinkWriter":
+        return LinkWriter(self)
+
+    def take_write_fd(self) -> int:
+        """Hand the write end to a child process's stdout; this process keeps no copy after ``close_write``."""
+        return self._fd(self.write_fd)
+
+    def _fd(self, fd: int) -> int:
+        # A closed end must never reach a syscall or Popen (where -1 would mean "make a new pipe").
+        if fd < 0:
+            raise StageAborted(f"{self.name} was closed: a neighbouring stage failed")
+        return fd
+
+    def close_write(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def succeed(self) -> None:
+        self._verdict.set()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._verdict.is_set():
+            self._error = exc
+            self._verdict.set()
+        self.close_write()
+
+    # -- reader side --
+    def reader(self) -> "LinkReader":
+        return LinkReader(self)
+
+    def close_read(self) -> None:
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+    def wait_verdict(self) -> None:
+        """Block until the writer has declared its outcome; raise if it failed."""
+        self._verdict.wait()
+        if self._error is not None:
+            raise StageAborted(f"upstream of {self.name} failed: {type(self._error).__name__}")
+
+    def close_all(self) -> None:
+        self.close_read()
+        self.close_write()
+
+
+class LinkWriter:
+    """File-like writer into a link; a closed reader surfaces as ``StageAborted``."""
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        total = len(view)
+        try:
+            while view:
+                n = os.write(self.link._fd(self.link.write_fd), view)
+                view = view[n:]
+        except BrokenPipeError:
+            raise StageAborted(f"the stage reading {self.link.name} stopped") from None
+        return total
+
+    def flush(self) -> None:
+        pass
+
+
+class LinkReader:
+    """File-like reader of a link; EOF counts only once the writer has declared success."""
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end of the stream (as a buffered file would).
+
+        Consumers such as s3transfer take a short read as a short part, and S3 rejects parts
+        under 5 MiB, so partial pipe reads are joined here.
+        """
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(PIPE_SIZE), b""))
+        parts, got = [], 0
+        while got < n:
+            data = os.read(self.link._fd(self.link.read_fd), min(n - got, PIPE_SIZE))
+            if not data:
+                self.link.wait_verdict()
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        n = os.readv(self.link._fd(self.link.read_fd), [buf])
+        if n == 0:
+            self.link.wait_verdict()
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+
+@dataclass
+class Meter:
+    """Counts and hashes bytes as they pass; a pgBackRest-style filter that reports at the end."""
+
+    hash_name: str = "sha256"
+    size: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def __post_init__(self) -> None:
+        self._hash = hashlib.new(self.hash_name)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        self._hash.update(data)
+
+    def finish(self) -> "Meter":
+        self.finished = time.monotonic()
+        return self
+
+    @property
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started

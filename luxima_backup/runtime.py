@@ -1,0 +1,59 @@
+"""Per-process wiring: the settings, object store and key provider each flow and task shares.
+
+Built once per settings object (so once per run in practice), and only when first needed:
+SDK imports and logins happen here, not at module import.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prefect.tasks import exponential_backoff
+
+from .errors import is_transient
+from .keys import KeyProvider, provider_from_settings
+from .settings import Settings, load_settings
+from .storage import S3Store, store_from_settings
+
+_lock = threading.Lock()
+_stores: dict[int, S3Store] = {}
+_providers: dict[int, KeyProvider] = {}
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def store(s: Settings | None = None) -> S3Store:
+    s = s or settings()
+    with _lock:
+        if id(s) not in _stores:
+            _stores[id(s)] = store_from_settings(s.storage)
+        return _stores[id(s)]
+
+
+def key_provider(s: Settings | None = None) -> KeyProvider:
+    s = s or settings()
+    with _lock:
+        if id(s) not in _providers:
+            _providers[id(s)] = provider_from_settings(s.keys)
+        return _providers[id(s)]
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when its error says it is transient."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's own exception, re-raised by result()
+        return is_transient(exc)
+    return False
+
+
+# Task options for steps that talk to a server: a few retries, with backoff, for transient errors only.
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_transient,
+}

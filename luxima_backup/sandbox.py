@@ -1,0 +1,217 @@
+"""Throwaway local servers for the demo and the tests: PostgreSQL, an S3 server, a Prefect server.
+
+Each binds to loopback on a free port, lives in its own directory, and is stopped and removed
+by ``stop()``. Nothing here is used by the production flows.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DB_OS_USER = "postgres"  # initdb refuses to run as root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting{_tail(log)}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start within {timeout:.0f}s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    return ":\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+
+
+def pg_bin_dir() -> Path:
+    """The newest installed PostgreSQL server's bin directory."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; run scripts/bootstrap.sh")
+
+
+class PostgresCluster:
+    """A private PostgreSQL cluster: password (scram) auth over TCP on 127.0.0.1, trust on its socket."""
+
+    def __init__(self, superuser_password: str, port: int | None = None, root: Path | None = None):
+        self.password = superuser_password
+        self.port = port or free_port()
+        self.root = root or Path(tempfile.mkdtemp(prefix="luxima-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.bin = pg_bin_dir()
+        self.superuser = "postgres"
+        self.host = "127.0.0.1"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", DB_OS_USER, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd="/")
+
+    def start(self) -> "PostgresCluster":
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(DB_OS_USER)
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.root, 0o700)
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", self.superuser, "--auth-local=trust",
+                      "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"initdb failed: {exc.stderr}") from None
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(self.data / "postgresql.conf", "a") as conf:
+            # Throwaway cluster: durability off for speed; small memory; loopback only.
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 128MB\n"
+                "max_connections = 50\nlog_min_messages = warning\n"
+            )
+        result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {result.stderr}{_tail(self.log)}")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def conninfo(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "dbname": dbname, "user": user or self.superuser,
+                "password": password if password is not None else self.password}
+
+    def connect(self, dbname: str = "postgres", **kw: Any) -> Any:
+        import psycopg
+
+        return psycopg.connect(**self.conninfo(dbname), autocommit=True, **kw)
+
+
+class MotoS3Server:
+    """moto in server mode: a real S3 HTTP endpoint (versioning, multipart, object lock) on loopback."""
+
+    access_key = "luxima-test-access"
+    secret_key = "luxima-test-secret-key"
+
+    def __init__(self, port: int | None = None, root: Path | None = None):
+        self.port = port or free_port()
+        self.root = root or Path(tempfile.mkdtemp(prefix="luxima-s3-"))
+        self.log = self.root / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MotoS3Server":
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        wait_for(lambda: urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2).status == 200, 60,
+                 "moto S3 server", self.proc, self.log)
+        return self
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+
+    def create_bucket(self, name: str, versioning: bool = False) -> None:
+        c = self.client()
+        c.create_bucket(Bucket=name)
+        if versioning:
+            c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrefectServer:
+    """``prefect server start`` with its own home and SQLite database, on loopback."""
+
+    def __init__(self, port: int | None = None, root: Path | None = None):
+        self.port = port or free_port()
+        self.root = root or Path(tempfile.mkdtemp(prefix="luxima-prefect-"))
+        self.log = self.root / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PREFECT_HOME": str(self.root), "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+    def start(self) -> "PrefectServer":
+        env = dict(os.environ, **self.env())
+        env.pop("PREFECT_API_URL")
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.root}/prefect.db"
+        env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
+        prefect = Path(sys.executable).parent / "prefect"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        wait_for(lambda: urllib.request.urlopen(f"{self.api_url}/health", timeout=2).status == 200, 180,
+                 "Prefect server", self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)

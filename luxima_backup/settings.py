@@ -1,0 +1,272 @@
+"""The one typed settings object: loaded once from a TOML file, overridable from the environment.
+
+The file comes from ``--config`` or ``LUXIMA_BACKUP_CONFIG``; any value can be overridden by
+``LUXIMA_BACKUP__<SECTION>__<KEY>`` (e.g. ``LUXIMA_BACKUP__STORAGE__BUCKET``). Secrets are
+never written inline: fields typed ``SecretRef`` take ``env:``, ``file:``, ``prefect-secret:``
+or ``vault:`` references. Every problem is reported at load, with the setting's path and
+what to put there. The annotated example is ``config/luxima-backup.example.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .errors import ConfigError
+from .secrets import SecretRef
+
+CONFIG_ENV = "LUXIMA_BACKUP_CONFIG"
+ENV_PREFIX = "LUXIMA_BACKUP__"
+
+
+def _parse_ref(value: Any) -> Any:
+    return SecretRef.parse(value) if isinstance(value, str) else value
+
+
+Secret = Annotated[SecretRef, BeforeValidator(_parse_ref), PlainSerializer(str, return_type=str)]
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored line.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresConnection(_Section):
+    """How to reach one PostgreSQL database, and which of its tables matter most."""
+
+    host: str = Field("127.0.0.1", description="host name, IP address, or socket directory")
+    port: int = Field(5432, ge=1, le=65535)
+    dbname: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    password: Secret | None = Field(None, description="reference to the password; none for peer/cert auth")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    sslrootcert: Path | None = None
+    connect_timeout: int = Field(10, ge=1, le=600, description="seconds")
+    schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1, description="schemas whose tables are counted")
+    tables: list[str] = Field(
+        default_factory=list,
+        description="main tables (schema.table) counted at backup and checked after restore; empty = every user table in `schemas`",
+    )
+
+    def conninfo(self) -> dict[str, Any]:
+        """libpq keywords for this connection, without the password."""
+        info: dict[str, Any] = {
+            "host": self.host, "port": self.port, "dbname": self.dbname, "user": self.user,
+            "sslmode": self.sslmode, "connect_timeout": self.connect_timeout,
+            "application_name": "luxima-backup",
+        }
+        if self.sslrootcert:
+            info["sslrootcert"] = str(self.sslrootcert)
+        return info
+
+
+class StorageSettings(_Section):
+    """S3-compatible object storage for backups (AWS S3, MinIO, Ceph, ...)."""
+
+    s3_bucket_block: str | None = Field(
+        None, description="name of a saved prefect-aws S3Bucket block; when set, the connection fields below are not used"
+    )
+    bucket: str | None = Field(None, min_length=3, max_length=63)
+    endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3 endpoint; none for AWS")
+    region: str = "us-east-1"
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    prefix: str = Field("backups", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$", description="key prefix for every object")
+    multipart_chunk_mib: int = Field(16, ge=5, le=1024, description="part size; S3's minimum is 5 MiB")
+    max_concurrency: int = Field(4, ge=1, le=32, description="parts in flight; memory ~ part size x (this + 2)")
+    max_attempts: int = Field(6, ge=1, le=20, description="attempts per HTTP request (botocore standard retry mode)")
+    connect_timeout: float = Field(10, gt=0)
+    read_timeout: float = Field(60, gt=0)
+
+    @model_validator(mode="after")
+    def _bucket_given(self) -> "StorageSettings":
+        if not self.s3_bucket_block and not self.bucket:
+            raise ValueError("set storage.bucket (with endpoint_url and credentials) or storage.s3_bucket_block")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both storage.access_key_id and storage.secret_access_key, or neither (AWS default chain)")
+        return self
+
+
+class VaultSettings(_Section):
+    """HashiCorp Vault: where backup keys are held."""
+
+    address: str = Field(pattern=r"^https?://")
+    namespace: str | None = None
+    auth: Literal["token", "approle"] = "token"
+    token: Secret | None = None
+    role_id: Secret | None = None
+    secret_id: Secret | None = None
+    approle_mount: str = "approle"
+    verify_tls: bool = True
+    ca_cert: Path | None = None
+    timeout: float = Field(10, gt=0)
+    transit_mount: str = "transit"
+    transit_key: str = "luxima-backup"
+    kv_mount: str = "secret"
+    kv_path: str = "luxima-backup/master-key"
+    kv_field: str = "key"
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> "VaultSettings":
+        if self.auth == "token" and self.token is None:
+            raise ValueError("keys.vault.auth = 'token' needs keys.vault.token (e.g. 'env:VAULT_TOKEN')")
+        if self.auth == "approle" and (self.role_id is None or self.secret_id is None):
+            raise ValueError("keys.vault.auth = 'approle' needs keys.vault.role_id and keys.vault.secret_id")
+        return self
+
+
+class KeySettings(_Section):
+    """Which key wraps each backup's data key."""
+
+    provider: Literal["vault-transit", "vault-kv", "file"] = "vault-transit"
+    vault: VaultSettings | None = None
+    key_file: Path | None = Field(None, description="32-byte key, base64; development and demos only")
+    allow_key_file: bool = Field(False, description="must be true to use provider = 'file' (it keeps the key on this disk)")
+    old_key_files: list[Path] = Field(default_factory=list, description="retired key files, still tried when reading old backups")
+    chunk_kib: int = Field(1024, ge=16, le=16384, description="encryption chunk size; bounds memory, one tag per chunk")
+
+    @model_validator(mode="after")
+    def _provider_complete(self) -> "KeySettings":
+        if self.provider.startswith("vault") and self.vault is None:
+            raise ValueError(f"keys.provider = '{self.provider}' needs a [keys.vault] section")
+        if self.provider == "file":
+            if self.key_file is None:
+                raise ValueError("keys.provider = 'file' needs keys.key_file")
+            if not self.allow_key_file:
+                raise ValueError(
+                    "keys.provider = 'file' keeps the master key on local disk; it is for development and demos. "
+                    "Set keys.allow_key_file = true to use it anyway"
+                )
+        return self
+
+
+class DbBackupSettings(_Section):
+    """The PostgreSQL backup: what, how compressed, how verified, how retried."""
+
+    database: str = Field("main", description="which [databases.NAME] to back up by default")
+    compression: Literal["zstd", "gzip"] = "zstd"
+    level: int | None = Field(None, ge=1, le=22, description="zstd 1-22 (default 3), gzip 1-9 (default 6)")
+    threads: int = Field(0, ge=0, le=64, description="zstd worker threads; 0 = one per core")
+    globals: bool = Field(True, description="also dump roles with pg_dumpall --globals-only (a warning when refused)")
+    deep_verify: bool = Field(True, description="after upload, stream back, decrypt, decompress and pg_restore --list")
+    pg_bin_dir: Path | None = Field(None, description="directory of pg_dump/pg_restore; default: newest found")
+    attempts: int = Field(3, ge=1, le=10, description="attempts of the dump-to-storage stream on transient failures")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0], description="backoff between attempts")
+    retention_days: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _level_in_range(self) -> "DbBackupSettings":
+        if self.compression == "gzip" and self.level is not None and self.level > 9:
+            raise ValueError("db_backup.level for gzip must be 1-9")
+        return self
+
+    @property
+    def effective_level(self) -> int:
+        return self.level if self.level is not None else (3 if self.compression == "zstd" else 6)
+
+
+class LogSettings(_Section):
+    """Where runs are recorded (``internal.backup_logs``)."""
+
+    enabled: bool = True
+    database: str | None = Field(None, description="[databases.NAME] holding the log; default: the database being backed up")
+    apply_migrations: bool = Field(True, description="create/upgrade internal.backup_logs and the backup_admin role at start")
+
+
+class Settings(BaseSettings):
+    """Everything Luxima Backup needs to run; build with ``load_settings``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, case_sensitive=False,
+    )
+
+    databases: dict[str, PostgresConnection] = Field(min_length=1)
+    storage: StorageSettings
+    keys: KeySettings
+    db_backup: DbBackupSettings = Field(default_factory=DbBackupSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    work_dir: Path = Field(Path("/var/tmp/luxima-backup"), description="private scratch space (mode 0700)")
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "Settings":
+        names = sorted(self.databases)
+        if self.db_backup.database not in self.databases:
+            raise ValueError(f"db_backup.database = {self.db_backup.database!r} is not one of [databases.*]: {names}")
+        if self.log.database is not None and self.log.database not in self.databases:
+            raise ValueError(f"log.database = {self.log.database!r} is not one of [databases.*]: {names}")
+        return self
+
+    def database(self, name: str | None = None) -> PostgresConnection:
+        name = name or self.db_backup.database
+        try:
+            return self.databases[name]
+        except KeyError:
+            raise ConfigError(f"no database named {name!r} in the settings", hint=f"use one of {sorted(self.databases)}") from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
+        return tuple(sources)
+
+
+# The TOML path is handed to the sources hook through this module-level slot, set under a lock,
+# because pydantic-settings builds sources from the class, not the instance.
+_toml_path: Path | None = None
+_load_lock = threading.Lock()
+_cache: dict[Path | None, Settings] = {}
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    value = explicit or os.environ.get(CONFIG_ENV)
+    return Path(value).expanduser().resolve() if value else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *, reload: bool = False) -> Settings:
+    """The settings, loaded and validated once per file; ``ConfigError`` says what to fix."""
+    global _toml_path
+    resolved = config_path(path)
+    with _load_lock:
+        if not reload and resolved in _cache:
+            return _cache[resolved]
+        if resolved is not None and not resolved.is_file():
+            raise ConfigError(f"settings file {resolved} does not exist", hint=f"pass --config PATH or set {CONFIG_ENV}")
+        if resolved is None and not any(k.upper().startswith(ENV_PREFIX) for k in os.environ):
+            raise ConfigError(
+                "no settings file given",
+                hint=f"pass --config PATH or set {CONFIG_ENV}; see config/luxima-backup.example.toml",
+            )
+        _toml_path = resolved
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, resolved)) from None
+        except (OSError, ValueError) as exc:  # unreadable file or TOML syntax error
+            raise ConfigError(f"cannot read settings file {resolved}: {exc}") from None
+        finally:
+            _toml_path = None
+        _cache[resolved] = settings
+        return settings
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid settings{where}:"]
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Object storage behind one small interface; the S3 implementation uses prefect-aws blocks.
+
+Contract of ``ObjectStore``:
+  ``save(key, src)``        streams ``src`` to EOF into ``key`` (multipart); on any error, the
+                            partial upload is aborted and nothing is left under ``key``.
+                            ``src.read`` raising aborts the upload the same way.
+  ``save_bytes(key, data)`` one atomic PUT of a small object (manifests).
+  ``load(key)``             a readable stream of the object.
+  ``stat(key)``             size and metadata; ``ObjectNotFound`` if absent.
+  ``list(prefix)``          every object under ``prefix``, in key order.
+  ``remove(key)``           delete (absent is not an error).
+Retries: each HTTP request is retried inside the client (botocore's standard mode, with
+backoff) on throttling, 5xx and connection errors; what still fails surfaces as a
+``StorageError`` whose ``transient`` flag says whether a later whole-step retry may help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Protocol
+
+from .errors import ObjectNotFound, StorageError
+from .settings import StorageSettings
+
+if TYPE_CHECKING:
+    from prefect_aws import S3Bucket
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: datetime | None = None
+    etag: str | None = None
+
+
+class ObjectStore(Protocol):
+    def save(self, key: str, src: BinaryIO) -> ObjectInfo: ...
+    def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo: ...
+    def load(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    def stat(self, key: str) -> ObjectInfo: ...
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def remove(self, key: str) -> None: ...
+
+
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket", "NoSuchUpload"}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"}
+
+
+@contextlib.contextmanager
+def translate_errors(action: str) -> Iterator[None]:
+    """botocore/s3transfer failures as ``StorageError``s, transient or not."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+
+    try:
+        yield
+    except ClientError as exc:
+        raise _from_client_error(exc, action) from None
+    except S3UploadFailedError as exc:
+        # s3transfer wraps the last ClientError in text only; classify by that text.
+        text = str(exc)
+        transient = any(code in text for code in _TRANSIENT_CODES) or "reached max retries" in text
+        raise StorageError(f"upload failed while {action}: {text}", transient=transient) from None
+    except (BotoConnectionError, ReadTimeoutError) as exc:
+        raise StorageError(f"cannot reach object storage while {action}: {exc}", transient=True) from None
+    except BotoCoreError as exc:
+        raise StorageError(f"object storage error while {action}: {exc}") from None
+
+
+def _from_client_error(exc: Any, action: str) -> StorageError:
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    msg = f"{code or status}: {err.get('Message', '')}".strip(": ")
+    if code in _NOT_FOUND_CODES:
+        return ObjectNotFound(f"not found while {action} ({msg})")
+    if code in _AUTH_CODES:
+        return StorageError(f"object storage denied access while {action} ({msg})", hint="check the storage credentials and bucket policy")
+    transient = code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
+    return StorageError(f"object storage failed while {action} ({msg})", transient=transient)
+
+
+class S3Store:
+    """``ObjectStore`` on an S3-compatible bucket, through a prefect-aws ``S3Bucket`` block."""
+
+    def __init__(self, bucket: "S3Bucket", cfg: StorageSettings):
+        self.bucket = bucket
+        self.cfg = cfg
+        self.name = bucket.bucket_name
+
+    @property
+    def _client(self) -> Any:
+        return self.bucket.credentials.get_s3_client()
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        part = self.cfg.multipart_chunk_mib * 1024 * 1024
+        # Memory stays near part size x (concurrency + queued parts) for any object size.
+        return TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.cfg.max_concurrency,
+            max_io_queue=self.cfg.max_concurrency, use_threads=True,
+        )
+
+    def save(self, key: str, src: BinaryIO) -> ObjectInfo:
+        with translate_errors(f"uploading {key}"):
+            self.bucket.upload_from_file_object(src, key, Config=self._transfer_config())
+        return self.stat(key)
+
+    def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        with translate_errors(f"writing {key}"):
+            self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type)
+        return ObjectInfo(key, len(data))
+
+    @contextlib.contextmanager
+    def load(self, key: str) -> Iterator[BinaryIO]:
+        with translate_errors(f"reading {key}"):
+            body = self._client.get_object(Bucket=self.name, Key=key)["Body"]
+        try:
+            yield _TranslatingReader(body, key)
+        finally:
+            body.close()
+
+    def stat(self, key: str) -> ObjectInfo:
+        with translate_errors(f"checking {key}"):
+            head = self._client.head_object(Bucket=self.name, Key=key)
+        return ObjectInfo(key, int(head["ContentLength"]), head.get("LastModified"), head.get("ETag"))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        with translate_errors(f"listing {prefix}"):
+            for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), obj.get("LastModified"), obj.get("ETag"))
+
+    def remove(self, key: str) -> None:
+        with translate_errors(f"removing {key}"):
+            self._client.delete_object(Bucket=self.name, Key=key)
+
+    def incomplete_uploads(self, prefix: str) -> list[str]:
+        """Keys of multipart uploads started and never completed or aborted under ``prefix``."""
+        with translate_errors(f"listing incomplete uploads under {prefix}"):
+            resp = self._client.list_multipart_uploads(Bucket=self.name, Prefix=prefix)
+        return [u["Key"] for u in resp.get("Uploads", [])]
+
+
+class _TranslatingReader:
+    """A streaming body whose mid-stream network errors surface as transient ``StorageError``s."""
+
+    def __init__(self, body: Any, key: str):
+        self._body = body
+        self._key = key
+
+    def read(self, n: int = -1) -> bytes:
+        with translate_errors(f"reading {self._key}"):
+            try:
+                return self._body.read(n if n >= 0 else None)
+            except (ConnectionError, OSError) as exc:
+                raise StorageError(f"connection lost while reading {self._key}: {exc}", transient=True) from None
+
+    def readable(self) -> bool:
+        return True
+
+
+def make_bucket(cfg: StorageSettings) -> "S3Bucket":
+    """The prefect-aws ``S3Bucket`` block: loaded by name, or built from the settings."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    if cfg.s3_bucket_block:
+        try:
+            return S3Bucket.load(cfg.s3_bucket_block)
+        except ValueError as exc:
+            raise StorageError(f"S3Bucket block {cfg.s3_bucket_block!r} not found", hint="register it with `luxima-backup deploy` or in the UI") from exc
+    params = AwsClientParameters(
+        endpoint_url=cfg.endpoint_url,
+        use_ssl=bool(cfg.endpoint_url is None or cfg.endpoint_url.startswith("https")),
+        verify=str(cfg.ca_bundle) if cfg.ca_bundle else cfg.verify_tls,
+        config={
+            "s3": {"addressing_style": cfg.addressing_style},
+            "retries": {"mode": "standard", "max_attempts": cfg.max_attempts},
+            "connect_timeout": cfg.connect_timeout,
+            "read_timeout": cfg.read_timeout,
+            # Checksums only when the operation needs them: many S3-compatible servers reject
+            # the newer default trailing CRC checksums on streamed uploads.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        },
+    )
+    creds: dict[str, Any] = {"region_name": cfg.region, "aws_client_parameters": params}
+    if cfg.access_key_id is not None and cfg.secret_access_key is not None:
+        creds["aws_access_key_id"] = cfg.access_key_id.resolve()
+        creds["aws_secret_access_key"] = cfg.secret_access_key.resolve()
+    assert cfg.bucket is not None
+    return S3Bucket(bucket_name=cfg.bucket, credentials=AwsCredentials(**creds))
+
+
+def store_from_settings(cfg: StorageSettings) -> S3Store:
+    return S3Store(make_bucket(cfg), cfg)

@@ -1,0 +1,108 @@
+"""Compression stage: zstd (default, multi-threaded) or gzip, streamed with bounded memory."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, BinaryIO, Protocol
+
+import zstandard
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup.errors import IntegrityError
+from luxima_backup.pipes import Link, Meter
+
+READ_SIZE = 1 << 20
+SUFFIX = {"zstd": "zst", "gzip": "gz"}
+
+
+class _Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+def compressor(codec: str, level: int, threads: int = 0) -> _Compressor:
+    if codec == "zstd":
+        # write_checksum: the frame carries its own xxhash, a second line of defence on restore.
+        params = zstandard.ZstdCompressor(level=level, threads=threads or -1, write_checksum=True)
+        return params.compressobj()
+    if codec == "gzip":
+        return zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    raise ValueError(f"unknown compression {codec!r}")
+
+
+def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0) -> tuple[Meter, Meter]:
+    """Compress ``src`` to EOF into ``dst``; returns meters of the plain input and compressed output."""
+    plain, packed = Meter(), Meter()
+    comp = compressor(codec, level, threads)
+    while True:
+        block = src.read(READ_SIZE)
+        if not block:
+            break
+        plain.update(block)
+        out = comp.compress(block)
+        if out:
+            packed.update(out)
+            dst.write(out)
+    out = comp.flush()
+    packed.update(out)
+    dst.write(out)
+    return plain.finish(), packed.finish()
+
+
+class DecompressingReader:
+    """Readable plaintext from a readable compressed stream; a cut-short stream raises at EOF."""
+
+    def __init__(self, src: Any, codec: str):
+        self._src = src
+        self._codec = codec
+        if codec == "zstd":
+            self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
+        elif codec == "gzip":
+            self._obj = zlib.decompressobj(wbits=31)
+        else:
+            raise ValueError(f"unknown compression {codec!r}")
+        self._pending = b""
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._pending and not self._eof:
+            block = self._src.read(READ_SIZE)
+            if not block:
+                self._eof = True
+                if not self._obj.eof:
+                    raise IntegrityError(f"{self._codec} stream ends before its end marker: the backup is truncated")
+                break
+            try:
+                self._pending = self._obj.decompress(block)
+            except (zstandard.ZstdError, zlib.error) as exc:
+                raise IntegrityError(f"{self._codec} data is corrupt: {exc}") from None
+            if self._obj.eof and self._obj.unused_data:
+                raise IntegrityError(f"unexpected data after the end of the {self._codec} stream")
+        if n < 0 or n >= len(self._pending):
+            out, self._pending = self._pending, b""
+        else:
+            out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+
+@task(name="compress", cache_policy=NO_CACHE)
+def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> dict[str, Any]:
+    """Compress the dump stream on its way to encryption."""
+    try:
+        plain, packed = compress_stream(source.reader(), sink.writer(), codec, level, threads)
+    except BaseException as exc:
+        sink.fail(exc)
+        raise
+    finally:
+        source.close_read()
+    sink.succeed()
+    sink.close_write()
+    return {
+        "codec": codec, "level": level,
+        "plain_bytes": plain.size, "plain_sha256": plain.hexdigest,
+        "compressed_bytes": packed.size, "seconds": plain.seconds,
+    }

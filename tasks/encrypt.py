@@ -1,0 +1,60 @@
+"""Encryption stage: AES-256-GCM chunks under a fresh data key wrapped by the key provider."""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import runtime
+from luxima_backup.envelope import Encryptor
+from luxima_backup.keys import DataKey
+from luxima_backup.pipes import Link, Meter
+
+READ_SIZE = 1 << 20
+
+
+def encrypt_stream(src: BinaryIO, dst: Any, data_key: DataKey, chunk_size: int, info: dict[str, Any] | None = None) -> tuple[Meter, Meter]:
+    """Encrypt ``src`` to EOF into ``dst``; returns meters of the input and the ciphertext."""
+    enc = Encryptor(data_key.plaintext, data_key.wrapped, chunk_size, info)
+    plain, sealed = Meter(), Meter()
+
+    def emit(data: bytes) -> None:
+        if data:
+            sealed.update(data)
+            dst.write(data)
+
+    emit(enc.header())
+    while True:
+        block = src.read(READ_SIZE)
+        if not block:
+            break
+        plain.update(block)
+        emit(enc.update(block))
+    emit(enc.finalize())
+    return plain.finish(), sealed.finish()
+
+
+@task(name="encrypt", cache_policy=NO_CACHE)
+def encrypt(source: Link, sink: Link, content: str) -> dict[str, Any]:
+    """Encrypt the compressed stream with a new data key before it leaves the machine."""
+    try:
+        settings = runtime.settings()
+        # A new data key per object: one leaked key exposes one backup, never the history.
+        data_key = runtime.key_provider(settings).new_data_key()
+        plain, sealed = encrypt_stream(
+            source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024, {"content": content}
+        )
+    except BaseException as exc:
+        sink.fail(exc)
+        raise
+    finally:
+        source.close_read()
+    sink.succeed()
+    sink.close_write()
+    return {
+        "format": "LXB1", "chunk_size": settings.keys.chunk_kib * 1024,
+        "key": data_key.wrapped.to_json(), "plain_bytes": plain.size,
+        "encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "seconds": plain.seconds,
+    }

@@ -1,0 +1,157 @@
+"""Verify stage: read the stored object back and prove it is the backup that was sent.
+
+Always: the stored size and the sha256 of the bytes read back equal what was uploaded.
+Deep (default): the same read also decrypts (so the wrapped key still unwraps and every chunk
+authenticates), decompresses (the sha256 of the dump equals the one taken while dumping) and
+feeds the dump to ``pg_restore --list``, which must parse its table of contents and list the
+data of every counted table.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import pg, runtime
+from luxima_backup.envelope import DecryptingReader
+from luxima_backup.errors import VerificationError
+from luxima_backup.keys import KeyProvider
+from luxima_backup.pipes import Meter
+from luxima_backup.storage import ObjectStore
+from tasks.compress import DecompressingReader
+
+READ_SIZE = 1 << 20
+
+
+class _Tee:
+    """A reader that meters everything read through it."""
+
+    def __init__(self, src: Any, meter: Meter):
+        self._src, self.meter = src, meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self.meter.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256: str) -> dict[str, Any]:
+    """Size and sha256 of the stored object against what was sent."""
+    info = store.stat(key)
+    if info.size != expected_size:
+        raise VerificationError(f"{key}: stored size {info.size} != {expected_size} bytes uploaded")
+    meter = Meter()
+    with store.load(key) as body:
+        _drain(_Tee(body, meter))
+    _compare(key, "sha256 of the stored object", meter.hexdigest, expected_sha256)
+    return {"size": info.size, "sha256": meter.hexdigest}
+
+
+def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any],
+               pg_restore: pg.Tool | None, tables: list[str]) -> dict[str, Any]:
+    """One streaming pass: ciphertext sha256, decryption, decompression, dump sha256, TOC parse."""
+    info = store.stat(key)
+    if info.size != expected["encrypted_bytes"]:
+        raise VerificationError(f"{key}: stored size {info.size} != {expected['encrypted_bytes']} bytes uploaded")
+    sealed, plain = Meter(), Meter()
+    with store.load(key) as body:
+        dump = _Tee(DecompressingReader(DecryptingReader(_Tee(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
+        toc = _restore_list(dump, pg_restore) if pg_restore else None
+        _drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
+    _compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
+    _compare(key, "sha256 of the dump", plain.hexdigest, expected["plain_sha256"])
+    if plain.size != expected["plain_bytes"]:
+        raise VerificationError(f"{key}: dump is {plain.size} bytes after decryption, {expected['plain_bytes']} were dumped")
+    result: dict[str, Any] = {"size": info.size, "sha256": sealed.hexdigest, "dump_sha256": plain.hexdigest, "deep": True}
+    if toc is not None:
+        missing = [t for t in tables if not any(e.startswith(_toc_name(t)) for e in toc["table_data"])]
+        if missing:
+            raise VerificationError(f"{key}: the dump has no data entry for {', '.join(missing)}")
+        result["toc_entries"] = toc["entries"]
+    return result
+
+
+def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
+    """Feed the dump to ``pg_restore --list`` and parse what it prints."""
+    proc = subprocess.Popen([tool.path, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: dict[str, Any] = {"entries": 0, "table_data": []}
+    err: list[bytes] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            text = line.decode(errors="replace")
+            if text.startswith(";") or not text.strip():
+                continue
+            out["entries"] += 1
+            if " TABLE DATA " in text:  # "1234; 0 16385 TABLE DATA public users postgres"
+                out["table_data"].append(text.split(" TABLE DATA ", 1)[1])
+
+    readers = [threading.Thread(target=read_stdout, daemon=True),
+               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
+    for t in readers:
+        t.start()
+    assert proc.stdin is not None
+    try:
+        while True:
+            block = dump.read(READ_SIZE)
+            if not block:
+                break
+            proc.stdin.write(block)
+    except BrokenPipeError:
+        pass  # pg_restore --list reads only the header and TOC, then exits
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    rc = proc.wait()
+    for t in readers:
+        t.join()
+    if rc != 0:
+        raise VerificationError(f"pg_restore --list cannot read the dump (exit {rc}): {b''.join(err).decode(errors='replace').strip()[-1000:]}")
+    return out
+
+
+def _toc_name(table: str) -> str:
+    schema, _, name = table.partition(".")
+    return f"{schema} {name} "  # pg_restore --list prints "schema name owner", unquoted
+
+
+def _drain(src: Any) -> None:
+    while src.read(READ_SIZE):
+        pass
+
+
+def _compare(key: str, what: str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise VerificationError(f"{key}: {what} is {actual}, expected {expected}")
+
+
+@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def verify(object_key: str, codec: str, expected: dict[str, Any], deep: bool, server_major: int,
+           tables: list[str]) -> dict[str, Any]:
+    """Read the uploaded backup back and check it against what was sent."""
+    settings = runtime.settings()
+    store = runtime.store(settings)
+    if not deep:
+        result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
+    else:
+        tool = pg.find_tool("pg_restore", server_major, settings.db_backup.pg_bin_dir)
+        result = deep_check(store, object_key, runtime.key_provider(settings), codec, expected, tool, tables)
+    get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
+    return result
+
+
+def read_small(store: ObjectStore, key: str, provider: KeyProvider) -> bytes:
+    """Download and decrypt a small object (such as the globals dump) completely."""
+    with store.load(key) as body:
+        return DecryptingReader(body, provider.unwrap).read()  # type: ignore[arg-type]
+
