@@ -77,7 +77,7 @@ def backup_globals(database: str, server_major: int, object_key: str) -> dict[st
     comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level)
     packed = comp.compress(text) + comp.flush()
     data_key = runtime.key_provider(settings).new_data_key()
-    blob = encrypt_bytes(packed, data_key, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals"})
+    blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals"})
     store = runtime.store(settings)
     store.save_bytes(object_key, blob)
     result = {"key": object_key, "plain_bytes": len(text), "encrypted_bytes": len(blob),

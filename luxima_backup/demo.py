@@ -95,8 +95,8 @@ def run_demo(workdir: Path, scale: float) -> None:
 def _flush_prefect_logs() -> None:
     # Logs go to the API in batches; send the last batch before the server stops.
     try:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=5)
     except Exception:
         pass

@@ -1,0 +1,160 @@
+"""Test fixtures: real servers started by the tests on loopback (PostgreSQL, S3, Prefect, Vault simulator).
+
+Nothing is skipped for a missing component: a server that cannot start fails the tests, in
+CI and locally alike. Set VAULT_ADDR and VAULT_TOKEN to run the Vault tests against a real
+Vault instead of the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+from luxima_backup import settings as settings_mod  # noqa: E402
+from luxima_backup.keys import new_master_key  # noqa: E402
+from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer  # noqa: E402
+
+DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    """A real ``prefect server start``; every flow run of the tests goes to it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = PrefectServer().start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(DB_PASSWORD).start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3Server]:
+    server = MotoS3Server().start()
+    os.environ["LUXIMA_TEST_S3_ACCESS_KEY"] = server.access_key
+    os.environ["LUXIMA_TEST_S3_SECRET_KEY"] = server.secret_key
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vault() -> Iterator[dict[str, str]]:
+    """A Vault: the real one in VAULT_ADDR/VAULT_TOKEN if given, else the simulator."""
+    if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
+        yield {"url": os.environ["VAULT_ADDR"], "token": os.environ["VAULT_TOKEN"], "simulator": None}  # type: ignore[dict-item]
+        return
+    from tests.simulators.vault import VaultSimulator
+
+    sim = VaultSimulator().start()
+    yield {"url": sim.url, "token": sim.root_token, "simulator": sim}  # type: ignore[dict-item]
+    sim.stop()
+
+
+@pytest.fixture
+def database(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh, empty database in the session cluster."""
+    name = "t_" + uuid.uuid4().hex[:10]
+    with pg_cluster.connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with pg_cluster.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def bucket(s3_server: MotoS3Server) -> str:
+    name = "t-" + uuid.uuid4().hex[:12]
+    s3_server.create_bucket(name, versioning=True)
+    return name
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "master.key"
+    path.write_text(new_master_key() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def write_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_cluster: PostgresCluster,
+                   s3_server: MotoS3Server) -> Callable[..., Path]:
+    """Write a settings file for this test and make it the active one (LUXIMA_BACKUP_CONFIG)."""
+    monkeypatch.setenv("LUXIMA_TEST_DB_PASSWORD", DB_PASSWORD)
+
+    def write(database: str, bucket: str, keys: str, extra: str = "", *, port: int | None = None,
+              endpoint: str | None = None, password_env: str = "LUXIMA_TEST_DB_PASSWORD") -> Path:
+        path = tmp_path / f"settings-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(textwrap.dedent(f"""
+            work_dir = "{tmp_path / 'work'}"
+
+            [databases.main]
+            host = "127.0.0.1"
+            port = {port or pg_cluster.port}
+            dbname = "{database}"
+            user = "postgres"
+            password = "env:{password_env}"
+            sslmode = "disable"
+            schemas = ["public", "app"]
+
+            [storage]
+            bucket = "{bucket}"
+            endpoint_url = "{endpoint or s3_server.url}"
+            access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+            secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+            max_attempts = 2
+            multipart_chunk_mib = 5
+
+            [db_backup]
+            attempts = 2
+            retry_delay_seconds = [0.5]
+        """) + textwrap.dedent(keys) + textwrap.dedent(extra))
+        monkeypatch.setenv(settings_mod.CONFIG_ENV, str(path))
+        return path
+
+    return write
+
+
+def file_keys(key_file: Path) -> str:
+    return f"""
+        [keys]
+        provider = "file"
+        key_file = "{key_file}"
+        allow_key_file = true
+    """
+
+
+def transit_keys(vault: dict[str, Any], key: str, mount: str = "transit") -> str:
+    return f"""
+        [keys]
+        provider = "vault-transit"
+        [keys.vault]
+        address = "{vault['url']}"
+        token = "env:LUXIMA_TEST_VAULT_TOKEN"
+        transit_mount = "{mount}"
+        transit_key = "{key}"
+    """
+
+
+def connect(cluster: PostgresCluster, dbname: str) -> psycopg.Connection:
+    return cluster.connect(dbname)

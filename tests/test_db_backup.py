@@ -1,0 +1,384 @@
+"""The db-backup flow end to end, against a real PostgreSQL, S3 server, Prefect server and Vault simulator."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from luxima_backup import pg as pgmod
+from luxima_backup.envelope import DecryptingReader
+from luxima_backup.errors import ToolError, WrongKeyError
+from luxima_backup.keys import KeyFileProvider
+from luxima_backup.sandbox import PostgresCluster
+from tasks.compress import DecompressingReader
+from tests.conftest import DB_PASSWORD, file_keys, transit_keys
+from tests.fault_proxy import FaultProxy
+
+MARKER_TEXT = "LUXIMA-PLAINTEXT-MARKER-7f3a91"
+MARKER_JSON = "luxima-json-marker-c41d"
+MARKER_BYTES = b"LUXIMA-BYTEA-MARKER-\x00\x01\x02-9e2b"
+
+
+def make_source(conn: Any) -> dict[str, int]:
+    """Several tables: large rows, bytea, jsonb, a large object; distinctive contents to search for."""
+    conn.execute("""
+        CREATE SCHEMA app;
+        CREATE TABLE app.users (id serial PRIMARY KEY, email text NOT NULL, profile jsonb NOT NULL);
+        CREATE TABLE app.documents (id serial PRIMARY KEY, owner int REFERENCES app.users(id), body text, blob bytea, lo oid);
+        CREATE TABLE public.events (id bigserial PRIMARY KEY, kind text, at timestamptz DEFAULT now());
+    """)
+    conn.execute(
+        "INSERT INTO app.users (email, profile) SELECT 'user' || g || '@luxima.id',"
+        " jsonb_build_object('n', g, 'tag', %s::text, 'tags', jsonb_build_array('a', 'b')) FROM generate_series(1, 500) g",
+        (MARKER_JSON,),
+    )
+    lo = conn.execute("SELECT lo_from_bytea(0, %s)", (MARKER_BYTES * 1000,)).fetchone()[0]
+    conn.execute(
+        "INSERT INTO app.documents (owner, body, blob, lo) SELECT 1 + g %% 500, %s::text || repeat(md5(g::text), 20000), %s::bytea, %s::oid"
+        " FROM generate_series(1, 30) g",  # ~640 KB of text per row: TOASTed large rows
+        (MARKER_TEXT, MARKER_BYTES, lo),
+    )
+    conn.execute("INSERT INTO public.events (kind) SELECT 'evt' || g FROM generate_series(1, 2000) g")
+    return {"app.documents": 30, "app.users": 500, "public.events": 2000}
+
+
+def s3_keys(s3_server: Any, bucket: str) -> list[str]:
+    resp = s3_server.client().list_objects_v2(Bucket=bucket)
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def s3_get(s3_server: Any, bucket: str, key: str) -> bytes:
+    return s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def log_rows(cluster: PostgresCluster, dbname: str) -> list[dict[str, Any]]:
+    with cluster.connect(dbname) as conn:
+        cur = conn.execute("SELECT * FROM internal.backup_logs ORDER BY id")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def run_backup(**params: Any) -> Any:
+    from flows.db_backup import db_backup
+
+    return db_backup(**params, return_state=True)
+
+
+def subflow_runs(parent_state: Any) -> list[Any]:
+    """The db-backup-stream attempts of a flow run, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["db-backup-stream"])),
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_state.state_details.flow_run_id])),
+        )
+
+
+@pytest.fixture
+def source(pg_cluster: PostgresCluster, database: str) -> dict[str, int]:
+    with pg_cluster.connect(database) as conn:
+        return make_source(conn)
+
+
+@pytest.mark.slow
+def test_backup_stores_encrypted_verified_dump_with_manifest_and_log(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+    key_file: Path, write_settings: Any, source: dict[str, int], tmp_path: Path,
+) -> None:
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup()
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    keys = s3_keys(s3_server, bucket)
+    assert summary["object_key"] in keys and summary["manifest_key"] in keys
+    assert summary["object_key"].startswith(f"backups/db/{database}/")
+    assert summary["object_key"].endswith(".dump.zst.enc")
+
+    manifest = json.loads(s3_get(s3_server, bucket, summary["manifest_key"]))
+    assert manifest["row_counts"] == {**source}
+    assert manifest["status"] == "verified" and manifest["verification"]["deep"] is True
+    assert manifest["dump"]["size_encrypted"] == len(s3_get(s3_server, bucket, summary["object_key"]))
+    assert manifest["source"]["server_version"].startswith("15")
+    assert manifest["globals"]["key"] in keys
+
+    # The stored object decrypts and decompresses to a pg_dump archive that restores exactly.
+    blob = s3_get(s3_server, bucket, summary["object_key"])
+    provider = KeyFileProvider(key_file)
+    dump = DecompressingReader(DecryptingReader(io.BytesIO(blob), provider.unwrap), "zstd").read()
+    import hashlib
+
+    assert hashlib.sha256(dump).hexdigest() == manifest["dump"]["sha256_plain"]
+    path = tmp_path / "db.dump"
+    path.write_bytes(dump)
+    with pg_cluster.connect() as conn:
+        conn.execute(f'CREATE DATABASE "{database}_r"')
+    try:
+        tool = pgmod.find_tool("pg_restore", 15)
+        env = dict(os.environ, PGPASSWORD=DB_PASSWORD)
+        subprocess.run([tool.path, "-h", "127.0.0.1", "-p", str(pg_cluster.port), "-U", "postgres", "-d", f"{database}_r",
+                        "--exit-on-error", str(path)], check=True, env=env, capture_output=True)
+        with pg_cluster.connect(f"{database}_r") as conn:
+            counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in source}
+            assert counts == source
+            row = conn.execute("SELECT blob, lo_get(lo), profile->>'tag' FROM app.documents d JOIN app.users u ON u.id = d.owner LIMIT 1").fetchone()
+            assert bytes(row[0]) == MARKER_BYTES and bytes(row[1]) == MARKER_BYTES * 1000 and row[2] == MARKER_JSON
+    finally:
+        with pg_cluster.connect() as conn:
+            conn.execute(f'DROP DATABASE "{database}_r" WITH (FORCE)')
+
+    rows = log_rows(pg_cluster, database)
+    assert len(rows) == 1
+    log = rows[0]
+    assert log["status"] == "success" and log["kind"] == "backup" and log["component"] == "db"
+    assert log["object_key"] == summary["object_key"] and log["sha256_encrypted"] == manifest["dump"]["sha256_encrypted"]
+    assert log["size_raw"] == manifest["dump"]["size_plain"] and log["duration_ms"] is not None
+    assert str(log["flow_run_id"]) == str(state.state_details.flow_run_id)
+
+    # No plaintext in storage: neither row contents nor the globals' role names appear in any object.
+    for key in keys:
+        data = s3_get(s3_server, bucket, key)
+        if key.endswith(".manifest.json"):
+            continue
+        for marker in (MARKER_TEXT.encode(), MARKER_JSON.encode(), MARKER_BYTES, b"user1@luxima.id", b"CREATE ROLE"):
+            assert marker not in data, f"{marker!r} found in {key}"
+
+
+@pytest.mark.slow
+def test_log_table_is_reachable_only_by_backup_admin(
+    prefect_server: Any, pg_cluster: PostgresCluster, database: str, bucket: str, key_file: Path, write_settings: Any, source: Any,
+) -> None:
+    write_settings(database, bucket, file_keys(key_file))
+    assert run_backup().is_completed()
+    with pg_cluster.connect(database) as conn:
+        conn.execute("CREATE ROLE app_user LOGIN PASSWORD 'app-user-pw'") if not conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = 'app_user'").fetchone() else None
+        conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO app_user')
+        owner = conn.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'internal' AND tablename = 'backup_logs'").fetchone()[0]
+        assert owner == "backup_admin"
+    import psycopg
+
+    with psycopg.connect(**pg_cluster.conninfo(database, user="app_user", password="app-user-pw"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM internal.backup_logs")
+    # Applying the migration again changes nothing.
+    from tasks.log import migrate
+
+    with pg_cluster.connect(database) as conn:
+        assert migrate(conn) == []
+
+
+@pytest.mark.slow
+def test_bad_credentials_fail_without_retry_and_leave_nothing(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The dump connects with a wrong password; the log goes to a second profile with the right one.
+    monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "not-the-password")
+    write_settings(database, bucket, file_keys(key_file), f"""
+        [databases.logdb]
+        host = "127.0.0.1"
+        port = {pg_cluster.port}
+        dbname = "{database}"
+        user = "postgres"
+        password = "env:LUXIMA_TEST_DB_PASSWORD"
+        sslmode = "disable"
+        [log]
+        database = "logdb"
+    """, password_env="LUXIMA_TEST_WRONG_PASSWORD")
+    state = run_backup()
+    assert state.is_failed()
+    assert "password authentication failed" in state.message
+    assert len(subflow_runs(state)) == 1  # authentication is permanent: not retried
+    assert s3_keys(s3_server, bucket) == []
+    rows = log_rows(pg_cluster, database)
+    assert [r["status"] for r in rows] == ["failed"]
+    assert "password authentication failed" in rows[0]["error"]
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_dump_is_retried_then_fails_cleanly(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, bucket: str, key_file: Path, write_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    victim = PostgresCluster(DB_PASSWORD).start()
+    proxy = FaultProxy(s3_server.url).start()
+    try:
+        with victim.connect() as conn:
+            conn.execute("CREATE DATABASE luxima")
+        with victim.connect("luxima") as conn:
+            # Incompressible data larger than every buffer between pg_dump and the proxy.
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+            conn.execute("CREATE TABLE big AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 120000) g")
+        with pg_cluster.connect() as conn:
+            conn.execute("CREATE DATABASE logs_for_victim")
+        write_settings("luxima", bucket, file_keys(key_file), f"""
+            [databases.logdb]
+            host = "127.0.0.1"
+            port = {pg_cluster.port}
+            dbname = "logs_for_victim"
+            user = "postgres"
+            password = "env:LUXIMA_TEST_DB_PASSWORD"
+            sslmode = "disable"
+            [log]
+            database = "logdb"
+        """, port=victim.port, endpoint=proxy.url)
+        proxy.hold.clear()  # hold the first part upload: the pipeline backs up into pg_dump
+
+        def stop_server_mid_dump() -> None:
+            proxy.held.wait(120)
+            victim.stop("immediate")
+            proxy.hold.set()
+
+        stopper = threading.Thread(target=stop_server_mid_dump)
+        stopper.start()
+        state = run_backup()
+        stopper.join()
+        assert state.is_failed()
+        assert "pg_dump" in state.message or "connect" in state.message
+        assert len(subflow_runs(state)) == 2  # transient: retried up to db_backup.attempts
+        assert s3_keys(s3_server, bucket) == []
+        assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert [r["status"] for r in log_rows(pg_cluster, "logs_for_victim")] == ["failed"]
+    finally:
+        proxy.stop()
+        victim.destroy()
+
+
+@pytest.mark.slow
+def test_s3_failure_is_retried_then_fails_with_multipart_upload_aborted(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any,
+) -> None:
+    with pg_cluster.connect(database) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        conn.execute("CREATE TABLE big AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 15000) g")
+    proxy = FaultProxy(s3_server.url).start()
+    try:
+        write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
+        proxy.fail("PUT", "partNumber=2", 503, "SlowDown")  # the second part always fails
+        state = run_backup()
+        assert state.is_failed()
+        assert len(subflow_runs(state)) == 2
+        # botocore retried each failing request (max_attempts = 2), in each of the 2 attempts
+        assert proxy.count("PUT", "partNumber=2", 503) == 4
+        assert proxy.count("DELETE", "uploadId=") == 2  # each attempt aborted its multipart upload
+        assert s3_keys(s3_server, bucket) == []
+        assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert [r["status"] for r in log_rows(pg_cluster, database)] == ["failed"]
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.slow
+def test_transit_backup_with_vault_and_unknown_key_uploads_nothing(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+    vault: dict[str, Any], write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hvac
+
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    client = hvac.Client(url=vault["url"], token=vault["token"])
+    key = "luxima-" + os.urandom(4).hex()
+    client.secrets.transit.create_key(name=key)
+
+    write_settings(database, bucket, transit_keys(vault, key))
+    state = run_backup()
+    assert state.is_completed(), state.message
+    manifest = json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
+    assert manifest["dump"]["encryption"]["key_id"] == f"transit/keys/{key}"
+    assert manifest["dump"]["encryption"]["key_version"] == 1
+
+    # A key that does not exist in Vault: clear error, nothing uploaded, no retry.
+    other = write_settings(database, bucket, transit_keys(vault, "no-such-key"))
+    assert other.exists()
+    before = s3_keys(s3_server, bucket)
+    state = run_backup()
+    assert state.is_failed()
+    assert "no-such-key" in state.message
+    assert s3_keys(s3_server, bucket) == before
+    assert len(subflow_runs(state)) == 1
+
+
+def test_missing_key_file_stops_at_start(write_settings: Any, database: str, bucket: str, tmp_path: Path) -> None:
+    from luxima_backup.errors import ConfigError
+    from luxima_backup.keys import provider_from_settings
+    from luxima_backup.settings import load_settings
+
+    write_settings(database, bucket, file_keys(tmp_path / "absent.key"))
+    with pytest.raises(ConfigError, match="cannot read key file"):
+        provider_from_settings(load_settings().keys)
+
+
+def test_wrong_key_file_is_named_in_the_error(tmp_path: Path, key_file: Path) -> None:
+    from luxima_backup.envelope import encrypt_bytes
+    from luxima_backup.keys import new_master_key
+
+    provider = KeyFileProvider(key_file)
+    dk = provider.new_data_key()
+    blob = encrypt_bytes(b"data", dk.plaintext, dk.wrapped, 1024)
+    other = tmp_path / "other.key"
+    other.write_text(new_master_key())
+    with pytest.raises(WrongKeyError, match=f"encrypted with key file {provider.key_id}"):
+        DecryptingReader(io.BytesIO(blob), KeyFileProvider(other).unwrap)
+    # with the old key listed as retired, it reads
+    assert DecryptingReader(io.BytesIO(blob), KeyFileProvider(other, [key_file]).unwrap).read() == b"data"
+
+
+def test_pg_dump_older_than_the_server_is_refused_with_the_version_to_install(tmp_path: Path) -> None:
+    # A stand-in pg_dump that reports an old version: the check must refuse it before running it.
+    fake = tmp_path / "pg_dump"
+    fake.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 14.9'\n")
+    fake.chmod(0o755)
+    with pytest.raises(ToolError) as err:
+        pgmod.find_tool("pg_dump", 15, tmp_path)
+    text = str(err.value)
+    assert "14.9" in text and "install postgresql-client-15" in text
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_logs_artifacts_or_the_log_table(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+    vault: dict[str, Any], write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hvac
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    key = "luxima-" + os.urandom(4).hex()
+    hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=key)
+    write_settings(database, bucket, transit_keys(vault, key))
+    ok = run_backup()
+    assert ok.is_completed()
+    # and a failing run, whose error text travels into logs and the log table
+    monkeypatch.setenv("LUXIMA_TEST_S3_SECRET_KEY", s3_server.secret_key + "-wrong")
+    write_settings(database, bucket, transit_keys(vault, key))
+    bad = run_backup()
+    assert bad.is_failed()
+    APILogWorker.drain_all(timeout=5)
+    time.sleep(1)
+
+    secrets = [DB_PASSWORD, s3_server.secret_key, vault["token"]]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(limit=200)
+        texts = [entry.message for entry in logs]
+        artifacts = client.read_artifacts(limit=200)
+        texts += [json.dumps(a.data, default=str) + str(a.description) for a in artifacts]
+        runs = [client.read_flow_run(s.state_details.flow_run_id) for s in (ok, bad)]
+        texts += [json.dumps(r.parameters, default=str) + str(r.state.message) for r in runs]
+    assert any("backup db-" in t for t in texts)  # the logs were read
+    texts += [str(r) for r in log_rows(pg_cluster, database)]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
