@@ -1,0 +1,60 @@
+"""Settings: the example loads, and every bad value stops the run with a message that says what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from luxima_backup.errors import ConfigError
+from luxima_backup.settings import load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "luxima-backup.example.toml"
+
+
+def test_example_settings_file_is_valid() -> None:
+    s = load_settings(EXAMPLE, reload=True)
+    assert s.keys.provider == "vault-transit" and s.database().dbname == "postgres"
+    assert str(s.database().password) == "env:LUXIMA_DB_PASSWORD"
+
+
+def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUXIMA_BACKUP__STORAGE__BUCKET", "other-bucket")
+    assert load_settings(EXAMPLE, reload=True).storage.bucket == "other-bucket"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(EXAMPLE.read_text() + text)
+    return path
+
+
+def test_inline_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace('"env:LUXIMA_DB_PASSWORD"', '"hunter2-inline"')
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, reload=True)
+    assert "databases.main.password" in str(err.value) and "not a secret reference" in str(err.value)
+    assert "hunter2-inline" not in str(err.value)
+
+
+def test_misspelt_key_and_bad_reference_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"db_backup.compresion"):
+        load_settings(_write(tmp_path, "\n[db_backup.compresion]\n"), reload=True)
+    text = EXAMPLE.read_text().replace('database = "main"\ncompression', 'database = "nope"\ncompression')
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"db_backup.database = 'nope' is not one of"):
+        load_settings(tmp_path / "b.toml", reload=True)
+
+
+def test_key_file_provider_must_be_enabled_explicitly(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace('provider = "vault-transit"', 'provider = "file"\nkey_file = "/tmp/k"')
+    (tmp_path / "k.toml").write_text(text)
+    with pytest.raises(ConfigError, match="allow_key_file = true"):
+        load_settings(tmp_path / "k.toml", reload=True)
+
+
+def test_missing_settings_file_says_how_to_give_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config PATH"):
+        load_settings(tmp_path / "absent.toml", reload=True)
