@@ -94,9 +94,10 @@ def pg_dump_args(snapshot: str, dbname: str) -> list[str]:
 def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> dict[str, Any]:
     """Dump ``cfg``'s database into ``sink`` and count its main tables in the same snapshot."""
     started = time.monotonic()
-    conn = pg.connect(cfg, autocommit=False)
+    conn = None
     process: DumpProcess | None = None
     try:
+        conn = pg.connect(cfg, autocommit=False)
         info = pg.server_info(conn)
         tool = pg.find_tool("pg_dump", info.major, bin_dir)
         with pg.translate_errors("exporting a snapshot"):
@@ -115,10 +116,11 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> d
     except BaseException as exc:
         if process is not None:
             process.kill()
-        sink.fail(exc)
+        sink.fail(exc)  # the stages downstream must see a failure, never a clean EOF
         raise
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
     sink.succeed()
     return {
         "server_version": info.version, "server_version_num": info.version_num,
