@@ -363,20 +363,34 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
     write_settings(database, bucket, transit_keys(vault, key))
     ok = run_backup()
     assert ok.is_completed()
-    # and a failing run, whose error text travels into logs and the log table
-    monkeypatch.setenv("LUXIMA_TEST_S3_SECRET_KEY", s3_server.secret_key + "-wrong")
-    write_settings(database, bucket, transit_keys(vault, key))
+    # and a failing run (wrong database password), whose error text travels into logs and the log table
+    monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "wrong-" + DB_PASSWORD)
+    write_settings(database, bucket, transit_keys(vault, key), f"""
+        [databases.logdb]
+        host = "127.0.0.1"
+        port = {pg_cluster.port}
+        dbname = "{database}"
+        user = "postgres"
+        password = "env:LUXIMA_TEST_DB_PASSWORD"
+        sslmode = "disable"
+        [log]
+        database = "logdb"
+    """, password_env="LUXIMA_TEST_WRONG_PASSWORD")
     bad = run_backup()
     assert bad.is_failed()
     APILogWorker.drain_all(timeout=5)
     time.sleep(1)
 
-    secrets = [DB_PASSWORD, s3_server.secret_key, vault["token"]]
+    secrets = [DB_PASSWORD, s3_server.secret_key, vault["token"], "wrong-" + DB_PASSWORD]
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(limit=200)
+        logs = client.read_logs(limit=200, offset=0)
         texts = [entry.message for entry in logs]
-        artifacts = client.read_artifacts(limit=200)
-        texts += [json.dumps(a.data, default=str) + str(a.description) for a in artifacts]
+        import httpx
+
+        artifacts = httpx.post(f"{prefect_server.api_url}/artifacts/filter",
+                               json={"limit": 200, "offset": 0, "sort": "CREATED_DESC"}).json()
+        assert artifacts, "no artifacts were read"
+        texts += [json.dumps(a, default=str) for a in artifacts]
         runs = [client.read_flow_run(s.state_details.flow_run_id) for s in (ok, bad)]
         texts += [json.dumps(r.parameters, default=str) + str(r.state.message) for r in runs]
     assert any("backup db-" in t for t in texts)  # the logs were read
