@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import psycopg
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -156,5 +155,16 @@ def transit_keys(vault: dict[str, Any], key: str, mount: str = "transit") -> str
     """
 
 
-def connect(cluster: PostgresCluster, dbname: str) -> psycopg.Connection:
-    return cluster.connect(dbname)
+def log_elsewhere(cluster: PostgresCluster, dbname: str) -> str:
+    """Settings that keep the backup log in ``dbname`` with the right password, whatever the target's."""
+    return f"""
+        [databases.logdb]
+        host = "127.0.0.1"
+        port = {cluster.port}
+        dbname = "{dbname}"
+        user = "postgres"
+        password = "env:LUXIMA_TEST_DB_PASSWORD"
+        sslmode = "disable"
+        [log]
+        database = "logdb"
+    """

@@ -19,7 +19,7 @@ from luxima_backup.errors import ToolError, WrongKeyError
 from luxima_backup.keys import KeyFileProvider
 from luxima_backup.sandbox import PostgresCluster
 from tasks.compress import DecompressingReader
-from tests.conftest import DB_PASSWORD, file_keys, transit_keys
+from tests.conftest import DB_PASSWORD, file_keys, log_elsewhere, transit_keys
 from tests.fault_proxy import FaultProxy
 
 MARKER_TEXT = "LUXIMA-PLAINTEXT-MARKER-7f3a91"
@@ -187,17 +187,7 @@ def test_bad_credentials_fail_without_retry_and_leave_nothing(
 ) -> None:
     # The dump connects with a wrong password; the log goes to a second profile with the right one.
     monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "not-the-password")
-    write_settings(database, bucket, file_keys(key_file), f"""
-        [databases.logdb]
-        host = "127.0.0.1"
-        port = {pg_cluster.port}
-        dbname = "{database}"
-        user = "postgres"
-        password = "env:LUXIMA_TEST_DB_PASSWORD"
-        sslmode = "disable"
-        [log]
-        database = "logdb"
-    """, password_env="LUXIMA_TEST_WRONG_PASSWORD")
+    write_settings(database, bucket, file_keys(key_file), log_elsewhere(pg_cluster, database), password_env="LUXIMA_TEST_WRONG_PASSWORD")
     state = run_backup()
     assert state.is_failed()
     assert "password authentication failed" in state.message
@@ -224,17 +214,7 @@ def test_server_stopped_mid_dump_is_retried_then_fails_cleanly(
             conn.execute("CREATE TABLE big AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 120000) g")
         with pg_cluster.connect() as conn:
             conn.execute("CREATE DATABASE logs_for_victim")
-        write_settings("luxima", bucket, file_keys(key_file), f"""
-            [databases.logdb]
-            host = "127.0.0.1"
-            port = {pg_cluster.port}
-            dbname = "logs_for_victim"
-            user = "postgres"
-            password = "env:LUXIMA_TEST_DB_PASSWORD"
-            sslmode = "disable"
-            [log]
-            database = "logdb"
-        """, port=victim.port, endpoint=proxy.url)
+        write_settings("luxima", bucket, file_keys(key_file), log_elsewhere(pg_cluster, "logs_for_victim"), port=victim.port, endpoint=proxy.url)
         proxy.hold.clear()  # hold the first part upload: the pipeline backs up into pg_dump
 
         def stop_server_mid_dump() -> None:
@@ -365,17 +345,7 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
     assert ok.is_completed()
     # and a failing run (wrong database password), whose error text travels into logs and the log table
     monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "wrong-" + DB_PASSWORD)
-    write_settings(database, bucket, transit_keys(vault, key), f"""
-        [databases.logdb]
-        host = "127.0.0.1"
-        port = {pg_cluster.port}
-        dbname = "{database}"
-        user = "postgres"
-        password = "env:LUXIMA_TEST_DB_PASSWORD"
-        sslmode = "disable"
-        [log]
-        database = "logdb"
-    """, password_env="LUXIMA_TEST_WRONG_PASSWORD")
+    write_settings(database, bucket, transit_keys(vault, key), log_elsewhere(pg_cluster, database), password_env="LUXIMA_TEST_WRONG_PASSWORD")
     bad = run_backup()
     assert bad.is_failed()
     APILogWorker.drain_all(timeout=5)
