@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import StageAborted
 
@@ -168,3 +169,19 @@ class Meter:
     @property
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
+
+
+class MeteredReader:
+    """A reader that passes bytes through unchanged and meters exactly what was read."""
+
+    def __init__(self, src: Any, meter: Meter):
+        self._src = src
+        self.meter = meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self.meter.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True

@@ -20,26 +20,11 @@ from luxima_backup import pg, runtime
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import VerificationError
 from luxima_backup.keys import KeyProvider
-from luxima_backup.pipes import Meter
+from luxima_backup.pipes import Meter, MeteredReader
 from luxima_backup.storage import ObjectStore
 from tasks.compress import DecompressingReader
 
 READ_SIZE = 1 << 20
-
-
-class _Tee:
-    """A reader that meters everything read through it."""
-
-    def __init__(self, src: Any, meter: Meter):
-        self._src, self.meter = src, meter
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._src.read(n)
-        self.meter.update(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
 
 
 def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256: str) -> dict[str, Any]:
@@ -49,7 +34,7 @@ def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256:
         raise VerificationError(f"{key}: stored size {info.size} != {expected_size} bytes uploaded")
     meter = Meter()
     with store.load(key) as body:
-        _drain(_Tee(body, meter))
+        _drain(MeteredReader(body, meter))
     _compare(key, "sha256 of the stored object", meter.hexdigest, expected_sha256)
     return {"size": info.size, "sha256": meter.hexdigest}
 
@@ -62,7 +47,7 @@ def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, 
         raise VerificationError(f"{key}: stored size {info.size} != {expected['encrypted_bytes']} bytes uploaded")
     sealed, plain = Meter(), Meter()
     with store.load(key) as body:
-        dump = _Tee(DecompressingReader(DecryptingReader(_Tee(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
+        dump = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
         toc = _restore_list(dump, pg_restore) if pg_restore else None
         _drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
     _compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
