@@ -230,7 +230,7 @@ def _summary(doc: dict[str, Any], manifest_key: str, seconds: float) -> dict[str
         "size_plain": dump_info["size_plain"], "size_compressed": dump_info["size_compressed"],
         "size_encrypted": dump_info["size_encrypted"], "sha256_plain": dump_info["sha256_plain"],
         "sha256_encrypted": dump_info["sha256_encrypted"], "row_counts": doc["row_counts"],
-        "key_id": dump_info["encryption"]["key_id"], "seconds": round(seconds, 3),
+        "key_id": dump_info["encryption"]["key_id"], "timings": doc["timings"], "seconds": round(seconds, 3),
     }
 
 

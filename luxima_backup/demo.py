@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .keys import new_master_key
-from .sandbox import MotoS3Server, PostgresCluster, PrefectServer
+from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_orphans
 
 BUCKET = "luxima-backups"
 
@@ -51,6 +51,7 @@ retry_delay_seconds = [2]
 def run_demo(workdir: Path, scale: float) -> None:
     from . import sample
 
+    reap_orphans()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, mode=0o700)

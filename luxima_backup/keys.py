@@ -131,8 +131,13 @@ class VaultKVProvider(_LocalWrap):
 
     def unwrap(self, wrapped: WrappedKey) -> bytes:
         _check_provider(self.name, wrapped)
-        master, _ = self._master(wrapped.key_version)
-        return self._unwrap_with(master, wrapped)
+        # The secret (and version) recorded in the header, as Transit uses the recorded key:
+        # moving the master key to a new path leaves older backups readable.
+        path, sep, field = wrapped.key_id.rpartition("#")
+        if not sep or not path:
+            raise WrongKeyError(f"this backup's key id {wrapped.key_id!r} is not a KV reference (MOUNT/PATH#FIELD)")
+        text, _ = vault.read_kv(self.cfg, path, field, wrapped.key_version)
+        return self._unwrap_with(_decode_master(text, f"vault:{wrapped.key_id}"), wrapped)
 
 
 class KeyFileProvider(_LocalWrap):

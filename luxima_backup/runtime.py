@@ -14,10 +14,10 @@ from prefect.tasks import exponential_backoff
 from .errors import is_transient
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
-from .storage import S3Store, store_from_settings
+from .storage import ObjectStore, store_from_settings
 
 _lock = threading.Lock()
-_stores: dict[int, S3Store] = {}
+_stores: dict[int, ObjectStore] = {}
 _providers: dict[int, KeyProvider] = {}
 
 
@@ -25,7 +25,7 @@ def settings() -> Settings:
     return load_settings()
 
 
-def store(s: Settings | None = None) -> S3Store:
+def store(s: Settings | None = None) -> ObjectStore:
     s = s or settings()
     with _lock:
         if id(s) not in _stores:

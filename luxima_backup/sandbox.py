@@ -6,6 +6,7 @@ by ``stop()``. Nothing here is used by the production flows.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -46,6 +47,70 @@ def _tail(log: Path | None) -> str:
     if log is None or not log.exists():
         return ""
     return ":\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+
+
+OWNER_FILE = "owner.json"
+
+
+def _claim(root: Path, kind: str, server_pid: int | None = None) -> None:
+    """Record who started the server in ``root``, so a later run can clean up after a killed one."""
+    (root / OWNER_FILE).write_text(json.dumps({"kind": kind, "owner": os.getpid(), "server": server_pid}))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def reap_orphans(tmp: Path | None = None) -> list[str]:
+    """Stop and remove sandbox servers whose owning process is gone (a killed test run or demo).
+
+    Servers run in their own sessions so that Ctrl-C reaches only their owner; this is how they
+    are found again when the owner died without stopping them. Returns the directories removed.
+    """
+    removed = []
+    for owner_file in sorted(Path(tmp or tempfile.gettempdir()).glob(f"luxima-*/{OWNER_FILE}")):
+        root = owner_file.parent
+        try:
+            info = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(info.get("owner", 0)) or 1):
+            continue
+        if info.get("kind") == "postgres":
+            pidfile = root / "data" / "postmaster.pid"
+            if pidfile.exists():
+                pid = int(pidfile.read_text().split()[0])
+                if "postgres" in _cmdline(pid):
+                    os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is throwaway
+                    _wait_gone(pid)
+        elif info.get("server") and any(m in _cmdline(int(info["server"])) for m in ("moto.server", "prefect")):
+            try:
+                os.killpg(int(info["server"]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(int(info["server"]))
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(str(root))
+    return removed
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def pg_bin_dir() -> Path:
@@ -101,6 +166,7 @@ class PostgresCluster:
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 128MB\n"
                 "max_connections = 50\nlog_min_messages = warning\n"
             )
+        _claim(self.root, "postgres")
         result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", check=False)
         if result.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {result.stderr}{_tail(self.log)}")
@@ -147,6 +213,7 @@ class MotoS3Server:
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
+        _claim(self.root, "s3", self.proc.pid)
         wait_for(lambda: urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2).status == 200, 60,
                  "moto S3 server", self.proc, self.log)
         return self
@@ -203,6 +270,7 @@ class PrefectServer:
                 [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
+        _claim(self.root, "prefect", self.proc.pid)
         wait_for(lambda: urllib.request.urlopen(f"{self.api_url}/health", timeout=2).status == 200, 180,
                  "Prefect server", self.proc, self.log)
         return self

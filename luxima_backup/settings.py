@@ -66,8 +66,10 @@ class PostgresConnection(_Section):
 
 
 class StorageSettings(_Section):
-    """S3-compatible object storage for backups (AWS S3, MinIO, Ceph, ...)."""
+    """Where backups are stored: S3-compatible object storage (AWS S3, MinIO, Ceph, ...) or a directory."""
 
+    kind: Literal["s3", "local"] = Field("s3", description="s3, or local: a directory such as a mounted NAS or backup volume")
+    path: Path | None = Field(None, description="for kind = local: the directory that holds the backups")
     s3_bucket_block: str | None = Field(
         None, description="name of a saved prefect-aws S3Bucket block; when set, the connection fields below are not used"
     )
@@ -80,14 +82,22 @@ class StorageSettings(_Section):
     verify_tls: bool = True
     ca_bundle: Path | None = None
     prefix: str = Field("backups", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$", description="key prefix for every object")
-    multipart_chunk_mib: int = Field(16, ge=5, le=1024, description="part size; S3's minimum is 5 MiB")
-    max_concurrency: int = Field(4, ge=1, le=32, description="parts in flight; memory ~ part size x (this + 2)")
+    multipart_chunk_mib: int = Field(
+        8, ge=5, le=1024,
+        description="part size; S3 allows 5 MiB to 5 GiB and 10,000 parts, so the largest object is 10,000 x this "
+        "(78 GiB at 8 MiB); raise it for larger databases, at the cost of memory",
+    )
+    max_concurrency: int = Field(2, ge=1, le=32, description="parts in flight; memory ~ part size x (this + 1)")
     max_attempts: int = Field(6, ge=1, le=20, description="attempts per HTTP request (botocore standard retry mode)")
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
 
     @model_validator(mode="after")
     def _bucket_given(self) -> "StorageSettings":
+        if self.kind == "local":
+            if self.path is None or not self.path.is_absolute():
+                raise ValueError("storage.kind = 'local' needs storage.path, an absolute directory")
+            return self
         if not self.s3_bucket_block and not self.bucket:
             raise ValueError("set storage.bucket (with endpoint_url and credentials) or storage.s3_bucket_block")
         if (self.access_key_id is None) != (self.secret_access_key is None):

@@ -1,4 +1,4 @@
-"""Object storage behind one small interface; the S3 implementation uses prefect-aws blocks.
+"""Object storage behind one small interface: S3 (through prefect-aws blocks) or a local directory.
 
 Contract of ``ObjectStore``:
   ``save(key, src)``        streams ``src`` to EOF into ``key`` (multipart); on any error, the
@@ -17,8 +17,11 @@ backoff) on throttling, 5xx and connection errors; what still fails surfaces as 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Protocol
 
 from .errors import ObjectNotFound, StorageError
@@ -103,11 +106,15 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
 
         part = self.cfg.multipart_chunk_mib * 1024 * 1024
-        # Memory stays near part size x (concurrency + queued parts) for any object size.
-        return TransferConfig(
+        config = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.cfg.max_concurrency,
             max_io_queue=self.cfg.max_concurrency, use_threads=True,
         )
+        # A stream is read into whole parts in memory, and s3transfer buffers up to 10 of them by
+        # default; bounding the buffer to the parts in flight keeps memory at
+        # part size x (concurrency + 1) whatever the object size or the storage's speed.
+        config.max_in_memory_upload_chunks = self.cfg.max_concurrency
+        return config
 
     def save(self, key: str, src: BinaryIO) -> ObjectInfo:
         with translate_errors(f"uploading {key}"):
@@ -202,5 +209,109 @@ def make_bucket(cfg: StorageSettings) -> "S3Bucket":
     return S3Bucket(bucket_name=cfg.bucket, credentials=AwsCredentials(**creds))
 
 
-def store_from_settings(cfg: StorageSettings) -> S3Store:
+class LocalStore:
+    """``ObjectStore`` in a directory: a mounted NAS or backup volume (e.g. Proxmox backup storage).
+
+    Objects are files under ``root``; a save writes ``<name>.partial-<random>`` beside the final
+    name, fsyncs it and renames it into place, so a reader sees a whole object or none, and a
+    failed save leaves nothing under the key. Directories are created private (0700).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.name = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in {"", ".", ".."} for p in parts) or ".partial-" in key:
+            raise StorageError(f"invalid object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def _write(self, key: str, fill: Any) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".partial-", dir=path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key} under {self.root}: {exc.strerror}", transient=False) from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                fill(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write {key} under {self.root}: {exc.strerror}") from None
+            raise
+        return self.stat(key)
+
+    def save(self, key: str, src: BinaryIO) -> ObjectInfo:
+        def fill(out: BinaryIO) -> None:
+            while True:
+                block = src.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+
+        return self._write(key, fill)
+
+    def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        return self._write(key, lambda out: out.write(data))
+
+    @contextlib.contextmanager
+    def load(self, key: str) -> Iterator[BinaryIO]:
+        try:
+            f = open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} not found under {self.root}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key} under {self.root}: {exc.strerror}") from None
+        with f:
+            yield f
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} not found under {self.root}") from None
+        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Keys are compared as strings, as S3 does: "backups/db/x" lists "backups/db/x1/..." too.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root.joinpath(*base.split("/")) if base else self.root
+        found = []
+        for dirpath, _, files in os.walk(start):
+            for name in files:
+                if ".partial-" in name:
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(key)
+        for key in sorted(found):
+            with contextlib.suppress(ObjectNotFound):  # removed while listing
+                yield self.stat(key)
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def store_from_settings(cfg: StorageSettings) -> ObjectStore:
+    if cfg.kind == "local":
+        assert cfg.path is not None
+        return LocalStore(cfg.path)
     return S3Store(make_bucket(cfg), cfg)

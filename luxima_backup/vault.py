@@ -65,6 +65,11 @@ def translate_errors(action: str) -> Iterator[None]:
         raise KeyProviderError(f"Vault path not found while {action}: {_errors(exc)}", hint="check the mount and key/secret names in [keys.vault]") from None
     except hvac.exceptions.InvalidRequest as exc:
         text = _errors(exc)
+        if "invalid role or secret id" in text.lower():
+            raise KeyProviderError(
+                f"Vault refused the AppRole login: {text}",
+                hint="check keys.vault.role_id and keys.vault.secret_id (a secret_id may have expired or run out of uses)",
+            ) from None
         if "message authentication failed" in text or "invalid ciphertext" in text:
             raise WrongKeyError(
                 f"Vault could not unwrap the data key while {action}: {text}",

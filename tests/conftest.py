@@ -21,9 +21,15 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from luxima_backup import settings as settings_mod  # noqa: E402
 from luxima_backup.keys import new_master_key  # noqa: E402
-from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer  # noqa: E402
+from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_orphans  # noqa: E402
 
 DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Servers of an earlier run that was killed (timeout, Ctrl-C twice) would hold ports and memory.
+    for root in reap_orphans():
+        print(f"removed the leftover test server in {root}")
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +66,28 @@ def s3_server() -> Iterator[MotoS3Server]:
 def vault() -> Iterator[dict[str, str]]:
     """A Vault: the real one in VAULT_ADDR/VAULT_TOKEN if given, else the simulator."""
     if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
-        yield {"url": os.environ["VAULT_ADDR"], "token": os.environ["VAULT_TOKEN"], "simulator": None}  # type: ignore[dict-item]
+        info = {"url": os.environ["VAULT_ADDR"], "token": os.environ["VAULT_TOKEN"], "simulator": None}
+        _enable_engines(info)
+        yield info  # type: ignore[misc]
         return
     from tests.simulators.vault import VaultSimulator
 
     sim = VaultSimulator().start()
-    yield {"url": sim.url, "token": sim.root_token, "simulator": sim}  # type: ignore[dict-item]
+    info = {"url": sim.url, "token": sim.root_token, "simulator": sim}
+    _enable_engines(info)
+    yield info  # type: ignore[misc]
     sim.stop()
+
+
+def _enable_engines(info: dict[str, Any]) -> None:
+    """Transit at transit/ and AppRole at approle/, enabled through the API as an operator would."""
+    import hvac
+
+    client = hvac.Client(url=info["url"], token=info["token"])
+    if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("transit", path="transit")
+    if "approle/" not in client.sys.list_auth_methods()["data"]:
+        client.sys.enable_auth_method("approle", path="approle")
 
 
 @pytest.fixture

@@ -292,6 +292,47 @@ def test_transit_backup_with_vault_and_unknown_key_uploads_nothing(
     assert len(subflow_runs(state)) == 1
 
 
+@pytest.mark.slow
+def test_transit_rotation_and_a_vault_outage_through_the_flow(
+    prefect_server: Any, s3_server: Any, database: str, bucket: str,
+    vault: dict[str, Any], write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    import hvac
+
+    from luxima_backup.keys import VaultTransitProvider
+    from luxima_backup.settings import load_settings
+
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    client = hvac.Client(url=vault["url"], token=vault["token"])
+    key = "luxima-" + os.urandom(4).hex()
+    client.secrets.transit.create_key(name=key)
+    write_settings(database, bucket, transit_keys(vault, key))
+
+    first = run_backup()
+    assert first.is_completed(), first.message
+    sim = vault["simulator"]
+    if sim is not None:
+        # Vault answers 503 once (sealed standby, overload): the attempt fails as transient and
+        # the next attempt succeeds; the run ends Completed.
+        sim.fail_next(1, 503)
+        blip = run_backup()
+        assert blip.is_completed(), blip.message
+        assert [r.state.type.value for r in subflow_runs(blip)] == ["FAILED", "COMPLETED"]
+    client.secrets.transit.rotate_key(name=key)
+    second = run_backup()
+    assert second.is_completed(), second.message
+
+    provider = VaultTransitProvider(load_settings().keys.vault)  # a fresh provider, as a restore would use
+    for state, version in ((first, 1), (second, 2)):
+        doc = json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
+        assert doc["dump"]["encryption"]["key_version"] == version
+        blob = s3_get(s3_server, bucket, doc["dump"]["key"])
+        dump = DecompressingReader(DecryptingReader(io.BytesIO(blob), provider.unwrap), "zstd").read()
+        assert hashlib.sha256(dump).hexdigest() == doc["dump"]["sha256_plain"]
+
+
 def test_missing_key_file_stops_at_start(write_settings: Any, database: str, bucket: str, tmp_path: Path) -> None:
     from luxima_backup.errors import ConfigError
     from luxima_backup.keys import provider_from_settings

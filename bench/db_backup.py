@@ -1,0 +1,220 @@
+"""Benchmark of the database backup pipeline against hand-written shell pipelines.
+
+Builds a realistic sample database (bench sizes in GB of uncompressed dump), then measures in
+one run, on the same data and machine:
+
+  floor      pg_dump -Fc -Z0 > /dev/null                       (reading the data at all)
+  by-hand    pg_dump -Fc | openssl enc -aes-256-cbc             (what many teams run)
+  shell-zstd pg_dump -Fc -Z0 | zstd -T0 | openssl enc -aes-256-cbc
+  pipeline   `luxima-backup backup db --no-deep-verify`: the whole db-backup flow through a
+             Prefect server, into a local-directory store (an encrypted spool on disk), with
+             read-back verify (a second pass over the stored object) and manifest
+  pipeline_deep_verify  the same with the deep verify (the read-back pass also decrypts,
+             decompresses and feeds pg_restore --list)
+  pipeline_s3  the first, into the moto S3 server over HTTP. moto is a Python test double,
+             not a production S3: its own CPU use on this small machine bounds this figure.
+
+and reports ratios, sizes and the peak RSS of the largest process of the backup command.
+Results go to bench/results/db_backup-<size>gb.json and a summary table to stdout.
+
+    .venv/bin/python bench/db_backup.py --sizes 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from luxima_backup import sample  # noqa: E402
+from luxima_backup.keys import new_master_key  # noqa: E402
+from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BUCKET = "bench-backups"
+# sample.populate scale 1 gives ~10.6 MB of uncompressed custom-format dump (measured).
+MB_PER_SCALE = 10.6
+
+
+def run_timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> dict[str, float]:
+    """Run a command to completion; wall time and the peak RSS of its largest process."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd] if shell else cmd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: command failed ({proc.returncode}): {cmd}\n{err.decode()[-3000:]}")
+    # Children's rusage: ru_maxrss is the largest single descendant process (KiB on Linux).
+    return {"seconds": round(seconds, 2), "stdout": out.decode(), "maxrss_mib_children": _children_maxrss()}
+
+
+def _children_maxrss() -> float:
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+
+
+def measure_pipeline(env: dict[str, str], deep: bool) -> dict[str, float]:
+    # A fresh interpreter per run so ru_maxrss (a high-water mark) belongs to this run alone.
+    probe = ROOT / "bench" / "_rss_probe.py"
+    cmd = [sys.executable, str(probe), str(ROOT / ".venv" / "bin" / "luxima-backup"), "backup", "db",
+           "--deep-verify" if deep else "--no-deep-verify"]
+    r = run_timed(cmd, env)
+    lines = r["stdout"].strip().splitlines()
+    probe_out = json.loads(lines[-1])
+    summary = json.loads("\n".join(lines[:-1]))
+    return {"seconds": r["seconds"], "peak_rss_mib": probe_out["maxrss_mib"], "summary": summary}
+
+
+def bench_size(gb: float, keep: bool) -> dict:
+    password = secrets.token_urlsafe(16)
+    work = Path(tempfile.mkdtemp(prefix="luxima-bench-"))
+    pg = PostgresCluster(password)
+    s3 = MotoS3Server()
+    prefect = PrefectServer()
+    try:
+        pg.start()
+        s3.start()
+        prefect.start()
+        s3.create_bucket(BUCKET)
+        scale = gb * 1000 / MB_PER_SCALE
+        t0 = time.monotonic()
+        with pg.connect() as conn:
+            conn.execute("CREATE DATABASE bench")
+        with pg.connect("bench") as conn:
+            counts = sample.populate(conn, scale)
+            db_size = conn.execute("SELECT pg_database_size('bench')").fetchone()[0]
+        populate_s = time.monotonic() - t0
+        print(f"bench: {gb} GB target: populated scale {scale:.0f} in {populate_s:.0f}s, "
+              f"database {db_size / 1e9:.2f} GB", flush=True)
+
+        key_file = work / "master.key"
+        key_file.write_text(new_master_key() + "\n")
+        key_file.chmod(0o600)
+        config = work / "bench.toml"
+        config.write_text(f"""work_dir = "{work / 'work'}"
+[databases.bench]
+host = "127.0.0.1"
+port = {pg.port}
+dbname = "bench"
+user = "postgres"
+password = "env:BENCH_PGPASSWORD"
+sslmode = "disable"
+[storage]
+bucket = "{BUCKET}"
+endpoint_url = "{s3.url}"
+access_key_id = "env:BENCH_S3_KEY"
+secret_access_key = "env:BENCH_S3_SECRET"
+[keys]
+provider = "file"
+key_file = "{key_file}"
+allow_key_file = true
+[db_backup]
+database = "bench"
+globals = false
+[log]
+enabled = false
+""")
+        env = dict(os.environ, **prefect.env(), BENCH_PGPASSWORD=password, PGPASSWORD=password,
+                   BENCH_S3_KEY=s3.access_key, BENCH_S3_SECRET=s3.secret_key, LUXIMA_BACKUP_CONFIG=str(config),
+                   PREFECT_LOGGING_LEVEL="WARNING")
+        bindir = pg.bin
+        dump = f"{bindir}/pg_dump -h 127.0.0.1 -p {pg.port} -U postgres -d bench -Fc"
+        enc = "openssl enc -aes-256-cbc -pbkdf2 -pass env:BENCH_PGPASSWORD"
+        spool = work / "spool"
+        shell = {
+            "floor": f"{dump} -Z0 > /dev/null",
+            "by_hand": f"{dump} | {enc} > {spool}.a",
+            "shell_zstd": f"{dump} -Z0 | zstd -q -T0 | {enc} > {spool}.b",
+        }
+        results: dict = {"target_gb": gb, "scale": round(scale), "database_bytes": db_size, "row_counts": counts}
+        # Warm the cache the same way for everyone: one untimed floor run first.
+        run_timed(shell["floor"], env, shell=True)
+        for name, cmd in shell.items():
+            r = run_timed(cmd, env, shell=True)
+            results[name] = {"seconds": r["seconds"], "command": cmd.replace(str(work), "$WORK")}
+            print(f"bench: {name}: {r['seconds']:.1f}s", flush=True)
+        results["by_hand"]["bytes"] = (work / "spool.a").stat().st_size
+        results["shell_zstd"]["bytes"] = (work / "spool.b").stat().st_size
+        (work / "spool.a").unlink()
+        (work / "spool.b").unlink()
+        raw = subprocess.run(f"{dump} -Z0 | wc -c", shell=True, env=env, capture_output=True, text=True, check=True)
+        gz = subprocess.run(f"{dump} | wc -c", shell=True, env=env, capture_output=True, text=True, check=True)
+        results["pg_dump_uncompressed_bytes"] = int(raw.stdout)
+        results["pg_dump_gzip_bytes"] = int(gz.stdout)
+
+        store_env = dict(env, LUXIMA_BACKUP__STORAGE__KIND="local", LUXIMA_BACKUP__STORAGE__PATH=str(work / "store"))
+        for name, deep, run_env in (("pipeline", False, store_env), ("pipeline_deep_verify", True, store_env),
+                                    ("pipeline_s3", False, env)):
+            r = measure_pipeline(run_env, deep)
+            s = r.pop("summary")
+            r["encrypted_bytes"] = s["size_encrypted"]
+            r["dump_bytes"] = s["size_plain"]
+            r["flow_seconds"] = s["seconds"]
+            r["stage_seconds"] = s["timings"]
+            results[name] = r
+            print(f"bench: {name}: {r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
+
+        floor = results["floor"]["seconds"]
+        p = results["pipeline"]
+        results["ratios"] = {
+            "pipeline_over_floor": round(p["seconds"] / floor, 2),
+            "by_hand_over_pipeline": round(results["by_hand"]["seconds"] / p["seconds"], 2),
+            "shell_zstd_over_pipeline": round(results["shell_zstd"]["seconds"] / p["seconds"], 2),
+            "pipeline_size_over_pg_dump_gzip": round(p["encrypted_bytes"] / results["pg_dump_gzip_bytes"], 3),
+            "compression_ratio": round(p["dump_bytes"] / p["encrypted_bytes"], 2),
+        }
+        return results
+    finally:
+        prefect.stop()
+        s3.stop()
+        if keep:
+            print(f"bench: kept {pg.root} and {work}")
+        else:
+            pg.destroy()
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,4", help="comma-separated sizes in GB of uncompressed dump (default 1,4)")
+    ap.add_argument("--keep", action="store_true", help="keep the database cluster and work files")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "openssl": subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()}
+    rows = []
+    for size in (float(s) for s in args.sizes.split(",")):
+        res = bench_size(size, args.keep)
+        res["machine"] = machine
+        res["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        name = f"db_backup-{size:g}gb.json"
+        (RESULTS / name).write_text(json.dumps(res, indent=2) + "\n")
+        rows.append(res)
+    print()
+    print("| dump size | floor | by hand | shell zstd | pipeline | + deep verify | to moto S3 | pipeline/floor "
+          "| by-hand/pipeline | size vs pg_dump gzip | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        q = r["ratios"]
+        print(f"| {r['pg_dump_uncompressed_bytes'] / 1e9:.2f} GB | {r['floor']['seconds']}s | {r['by_hand']['seconds']}s "
+              f"| {r['shell_zstd']['seconds']}s | {r['pipeline']['seconds']}s | {r['pipeline_deep_verify']['seconds']}s "
+              f"| {r['pipeline_s3']['seconds']}s "
+              f"| {q['pipeline_over_floor']}x | {q['by_hand_over_pipeline']}x | {q['pipeline_size_over_pg_dump_gzip']}x "
+              f"| {r['pipeline']['peak_rss_mib']} MiB |")
+
+
+if __name__ == "__main__":
+    main()
