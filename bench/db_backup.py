@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import secrets
-import shlex
 import subprocess
 import sys
 import tempfile

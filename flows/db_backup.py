@@ -16,16 +16,17 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from luxima_backup import __version__, manifest, runtime
 from luxima_backup.envelope import encrypt_bytes
-from luxima_backup.errors import BackupError, is_transient, root_cause
+from luxima_backup.errors import BackupError, is_transient
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
-from tasks.compress import SUFFIX, compress, compressor
+from luxima_backup.stages import run_linked
+from luxima_backup.compression import SUFFIX, compressor
+from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
@@ -39,30 +40,14 @@ def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[st
     settings = runtime.settings()
     cfg = settings.db_backup
     links = dumped, packed, sealed = Link("dump→compress"), Link("compress→encrypt"), Link("encrypt→upload")
-    futures: list[Any] = []
-    try:
+
+    def submit(futures: list[Any]) -> None:
         futures.append(dump.submit(database, dumped))
         futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads))
         futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive"))
         futures.append(upload.submit(sealed, object_key))
-    except BaseException as exc:
-        # A stage that never started would leave its neighbours blocked on the pipe forever.
-        for link in links:
-            link.fail(exc)
-            link.close_read()
-        raise
-    finally:
-        wait(futures)
-        for link in links:
-            link.close_all()
-    errors = []
-    for fut in futures:
-        if not fut.state.is_completed():
-            exc = fut.state.result(raise_on_failure=False)
-            errors.append(exc if isinstance(exc, BaseException) else BackupError(f"{fut.task_run_id}: {fut.state.message}"))
-    if errors:
-        raise root_cause(errors)
-    d, c, e, u = (f.result() for f in futures)
+
+    d, c, e, u = run_linked(submit, list(links))
     return {"dump": d, "compress": c, "encrypt": e, "upload": u}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Key management helpers.")
 app.add_typer(backup_app, name="backup")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+restore_app = typer.Typer(no_args_is_help=True, help="Restore a backup (runs with or without a Prefect server).")
+app.add_typer(restore_app, name="restore")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help=f"settings file (default: ${CONFIG_ENV})", envvar=CONFIG_ENV)
 
@@ -52,6 +55,111 @@ def backup_db(
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@restore_app.command("db")
+def restore_db(
+    backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or an object key"),
+    as_of: Optional[datetime] = typer.Option(None, help="with latest: newest verified backup completed by this time (ISO 8601)"),
+    source: Optional[str] = typer.Option(None, help="[databases.NAME] the backup was taken of (default: db_backup.database)"),
+    target: Optional[str] = typer.Option(None, help="[databases.NAME] server to restore into (default: restore.target)"),
+    target_database: Optional[str] = typer.Option(None, help="database to create (mode new) or to replace (mode replace)"),
+    mode: str = typer.Option("new", help="new: into a new database; replace: swap in place of target_database"),
+    confirm: Optional[str] = typer.Option(None, help="mode replace: the exact name of the database being replaced"),
+    schema: list[str] = typer.Option([], help="restore only this schema (repeatable)"),
+    table: list[str] = typer.Option([], help="restore only this table, schema.table (repeatable)"),
+    jobs: Optional[int] = typer.Option(None, min=1, help="parallel pg_restore jobs (default: restore.jobs)"),
+    restore_globals: bool = typer.Option(False, "--restore-globals", help="create the backed-up roles first"),
+    no_owner: bool = typer.Option(False, "--no-owner", help="restore without ownership and privileges"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Restore a database backup and verify it (the db-restore flow; no Prefect server needed)."""
+    _use_config(config)
+    if mode not in {"new", "replace"}:
+        _fail(ConfigError(f"--mode must be new or replace, not {mode!r}"))
+    try:
+        load_settings()
+        from flows.db_restore import db_restore
+
+        summary = db_restore(backup=backup, as_of=as_of, source=source, target=target, target_database=target_database,
+                             mode=mode, confirm=confirm, schemas=schema, tables=table, jobs=jobs,  # type: ignore[arg-type]
+                             restore_globals_first=restore_globals, no_owner=no_owner)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command("list")
+def list_cmd(
+    component: str = typer.Option("db", help="db, files or configs"),
+    source: Optional[str] = typer.Option(None, help="only backups of this source (a database name for db)"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifests' summaries as JSON"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """List backups from the manifests in storage alone (no database, no Prefect server)."""
+    _use_config(config)
+    from . import catalog, runtime
+
+    try:
+        settings = load_settings()
+        found = list(catalog.iter_backups(runtime.store(settings), settings.storage.prefix, component, source))
+    except BackupError as exc:
+        _fail(exc)
+    backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
+    rows = [{"backup_id": b.backup_id, "completed_at": b.completed_at.isoformat(timespec="seconds"), "status": b.status,
+             "size": b.doc.get("dump", {}).get("size_encrypted"), "key_id": b.doc.get("dump", {}).get("encryption", {}).get("key_id"),
+             "object_key": b.data_key} for b in backups]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            typer.echo(f"{r['backup_id']:<40} {r['completed_at']:<26} {r['status']:<9} {r['size'] or '':>14}  {r['object_key']}")
+        typer.echo(f"{len(rows)} backup(s)", err=True)
+    for err in (e for e in found if not isinstance(e, catalog.Backup)):
+        typer.echo(f"warning: {err}", err=True)
+
+
+@app.command("show")
+def show_cmd(
+    backup: str = typer.Argument(..., help="a backup id, an object key, or latest"),
+    component: str = typer.Option("db", help="db, files or configs"),
+    source: Optional[str] = typer.Option(None, help="with latest: which source"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Print a backup's manifest (sizes, checksums, row counts, key id; no secrets)."""
+    _use_config(config)
+    from . import catalog, runtime
+
+    try:
+        settings = load_settings()
+        found = catalog.resolve(runtime.store(settings), settings.storage.prefix, component, backup, source=source)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.doc}, indent=2))
+
+
+@app.command("decrypt")
+def decrypt_cmd(
+    object_key: Optional[str] = typer.Argument(None, help="the stored object to decrypt (or use --input)"),
+    output: str = typer.Option(..., "--output", "-o", help="file to write (created 0600, must not exist), or - for stdout"),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="decrypt this local copy instead of a stored object"),
+    decompress: bool = typer.Option(False, "--decompress", help="also decompress (codec from the object name)"),
+    key_file: list[Path] = typer.Option([], help="decrypt with these key files instead of the configured provider"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Stream-decrypt one backup object, authenticating every chunk (break-glass; no database needed)."""
+    from .breakglass import decrypt_object
+
+    if (object_key is None) == (input_file is None):
+        _fail(ConfigError("give either an OBJECT_KEY or --input FILE"))
+    if object_key is not None or not key_file:
+        _use_config(config)
+    try:
+        written = decrypt_object(object_key, input_file, output, decompress, key_file)
+    except BackupError as exc:
+        _fail(exc)
+    if output != "-":
+        typer.echo(f"wrote {output} ({written} bytes, every chunk authenticated)", err=True)
 
 
 @config_app.command("check")

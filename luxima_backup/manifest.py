@@ -19,7 +19,8 @@ MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` as one key segment."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
@@ -36,13 +37,20 @@ class BackupKeys:
 def db_keys(prefix: str, dbname: str, started: datetime, codec_suffix: str) -> BackupKeys:
     """``<prefix>/db/<database>/<YYYY>/<MM>/<DD>/<UTC timestamp>.dump.<zst|gz>.enc`` and siblings."""
     ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = f"{prefix}/db/{_safe(dbname)}/{started:%Y/%m/%d}/{ts}"
+    base = f"{prefix}/db/{safe_name(dbname)}/{started:%Y/%m/%d}/{ts}"
     return BackupKeys(
-        backup_id=f"db-{_safe(dbname)}-{ts}",
+        backup_id=f"db-{safe_name(dbname)}-{ts}",
         data=f"{base}.dump.{codec_suffix}.enc",
         globals=f"{base}.globals.sql.{codec_suffix}.enc",
         manifest=f"{base}{MANIFEST_SUFFIX}",
     )
+
+
+def manifest_key_for(object_key: str) -> str:
+    """The manifest beside one of a backup's objects (``<base>.<anything>`` -> ``<base>.manifest.json``)."""
+    directory, _, name = object_key.rpartition("/")
+    base = name.split(".", 1)[0]
+    return f"{directory}/{base}{MANIFEST_SUFFIX}" if directory else f"{base}{MANIFEST_SUFFIX}"
 
 
 def save(store: ObjectStore, key: str, manifest: dict[str, Any]) -> None:

@@ -7,7 +7,10 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +18,8 @@ from typing import Any, Iterator
 import psycopg
 from psycopg import sql
 
-from .errors import ConfigError, DatabaseError, ToolError
+from .errors import ConfigError, DatabaseError, StageAborted, ToolError
+from .secrets import redact
 from .settings import PostgresConnection
 
 # SQLSTATE classes that a later attempt can fix on its own.
@@ -175,3 +179,71 @@ def count_rows(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> dict[
             row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()
         counts[f"{schema}.{table}"] = int(row[0]) if row else 0
     return counts
+
+
+# Client-tool stderr lines that mean the server or network went away: worth another attempt.
+_TRANSIENT_MARKERS = (
+    "server closed the connection unexpectedly", "connection to server", "could not connect",
+    "Connection refused", "terminating connection", "Connection reset", "could not receive data",
+    "SSL SYSCALL error", "the database system is shutting down", "the database system is starting up",
+    "no connection to the server", "canceling statement due to conflict",
+)
+STDERR_KEEP = 200  # lines kept for the error message; the tools can be chatty
+
+
+def is_transient_text(text: str) -> bool:
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+@dataclass
+class ClientProcess:
+    """A running libpq client tool (pg_dump, pg_restore, psql) and a bounded tail of its stderr."""
+
+    proc: subprocess.Popen[bytes]
+    tool: Tool
+    stderr: deque[str]
+    _reader: threading.Thread
+
+    def wait(self) -> int:
+        rc = self.proc.wait()
+        self._reader.join()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def errors(self) -> list[str]:
+        return [line for line in self.stderr if ": error:" in line or line.startswith(("ERROR:", "FATAL:"))]
+
+    def check(self, rc: int) -> None:
+        """Raise unless the tool exited 0 with no error on stderr."""
+        text = redact("\n".join(self.stderr))
+        name = Path(self.tool.path).name
+        if rc == -signal.SIGPIPE:
+            raise StageAborted(f"{name} stopped because the next stage stopped reading")
+        if rc != 0 or self.errors():
+            raise ToolError(
+                f"{name} {self.tool.version} failed (exit status {rc}): {text.strip()[-2000:] or 'no message'}",
+                transient=is_transient_text(text),
+            )
+
+
+def start_client(tool: Tool, cfg: PostgresConnection, args: list[str], *, stdin: int = subprocess.DEVNULL,
+                 stdout: int = subprocess.DEVNULL) -> ClientProcess:
+    """Start a libpq client tool on file descriptors ``stdin``/``stdout``; stderr is collected."""
+    proc = subprocess.Popen(
+        [tool.path, "--no-password", *args], stdout=stdout, stderr=subprocess.PIPE, stdin=stdin,
+        env=libpq_env(cfg),
+    )
+    tail: deque[str] = deque(maxlen=STDERR_KEEP)
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            tail.append(raw.decode(errors="replace").rstrip())
+
+    reader = threading.Thread(target=drain, name=f"{Path(tool.path).name}-stderr", daemon=True)
+    reader.start()
+    return ClientProcess(proc, tool, tail, reader)

@@ -71,6 +71,10 @@ class Link:
     def reader(self) -> "LinkReader":
         return LinkReader(self)
 
+    def take_read_fd(self) -> int:
+        """Hand the read end to a child process's stdin; close ours with ``close_read`` after."""
+        return self._fd(self.read_fd)
+
     def close_read(self) -> None:
         if self.read_fd >= 0:
             os.close(self.read_fd)

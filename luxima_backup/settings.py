@@ -47,6 +47,7 @@ class PostgresConnection(_Section):
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     sslrootcert: Path | None = None
     connect_timeout: int = Field(10, ge=1, le=600, description="seconds")
+    maintenance_db: str = Field("postgres", min_length=1, description="database to connect to when creating, renaming or dropping databases (restores)")
     schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1, description="schemas whose tables are counted")
     tables: list[str] = Field(
         default_factory=list,
@@ -183,6 +184,48 @@ class DbBackupSettings(_Section):
         return self.level if self.level is not None else (3 if self.compression == "zstd" else 6)
 
 
+class AppQuery(_Section):
+    """A query the application depends on; after a restore it must succeed and return rows."""
+
+    sql: str = Field(min_length=1, description="run read-only as the application role")
+    min_rows: int = Field(1, ge=0, description="the query must return at least this many rows")
+
+
+class HttpLogin(_Section):
+    """A password login against a Supabase Auth (GoTrue) endpoint, as the application's users do."""
+
+    url: str = Field(pattern=r"^https?://", description="the project's base URL; POSTs to /auth/v1/token?grant_type=password")
+    email: str = Field(min_length=3)
+    password: Secret
+    apikey: Secret | None = Field(None, description="the project's anon key, sent as the apikey header")
+    timeout: float = Field(10, gt=0)
+
+
+class AppCheck(_Section):
+    """How the application logs in and what it must be able to read, checked after every restore."""
+
+    user: str | None = Field(None, description="log in to the restored database as this role (e.g. the app's role)")
+    password: Secret | None = None
+    queries: list[AppQuery] = Field(default_factory=list)
+    http_login: HttpLogin | None = None
+
+    @model_validator(mode="after")
+    def _login_complete(self) -> "AppCheck":
+        if self.queries and self.user is None:
+            raise ValueError("restore.app_check.queries need restore.app_check.user (the application's role)")
+        return self
+
+
+class RestoreSettings(_Section):
+    """Restores: where to by default, how, and what proves they worked."""
+
+    target: str | None = Field(None, description="[databases.NAME] whose server receives restores; default: db_backup.database")
+    jobs: int = Field(1, ge=1, le=64, description="pg_restore -j; above 1 needs a private temporary file of the dump")
+    attempts: int = Field(2, ge=1, le=5, description="attempts of the pg_restore pass on transient failures (each on an empty database)")
+    rto_target_minutes: float = Field(120, gt=0, description="recovery time objective the measured RTO is shown against")
+    app_check: AppCheck = Field(default_factory=AppCheck)
+
+
 class LogSettings(_Section):
     """Where runs are recorded (``internal.backup_logs``)."""
 
@@ -203,6 +246,7 @@ class Settings(BaseSettings):
     keys: KeySettings
     db_backup: DbBackupSettings = Field(default_factory=DbBackupSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    restore: RestoreSettings = Field(default_factory=RestoreSettings)
     work_dir: Path = Field(Path("/var/tmp/luxima-backup"), description="private scratch space (mode 0700)")
 
     @model_validator(mode="after")
@@ -212,6 +256,8 @@ class Settings(BaseSettings):
             raise ValueError(f"db_backup.database = {self.db_backup.database!r} is not one of [databases.*]: {names}")
         if self.log.database is not None and self.log.database not in self.databases:
             raise ValueError(f"log.database = {self.log.database!r} is not one of [databases.*]: {names}")
+        if self.restore.target is not None and self.restore.target not in self.databases:
+            raise ValueError(f"restore.target = {self.restore.target!r} is not one of [databases.*]: {names}")
         return self
 
     def database(self, name: str | None = None) -> PostgresConnection:

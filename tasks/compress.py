@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import zlib
-from typing import Any, BinaryIO, Protocol
+import os
+from typing import Any, BinaryIO
 
-import zstandard
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup.errors import IntegrityError
+from luxima_backup.compression import READ_SIZE, DecompressingReader, compressor
 from luxima_backup.pipes import Link, Meter
-
-READ_SIZE = 1 << 20
-SUFFIX = {"zstd": "zst", "gzip": "gz"}
-
-
-class _Compressor(Protocol):
-    def compress(self, data: bytes) -> bytes: ...
-    def flush(self) -> bytes: ...
-
-
-def compressor(codec: str, level: int, threads: int = 0) -> _Compressor:
-    if codec == "zstd":
-        # write_checksum: the frame carries its own xxhash, a second line of defence on restore.
-        # job_size: each worker holds about two jobs of input and output; 2 MiB jobs keep the
-        # multi-threaded compressor near 20 MiB instead of the ~70 MiB of the level's default.
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads or -1, job_size=2 << 20, write_checksum=1
-        )
-        return zstandard.ZstdCompressor(compression_params=params).compressobj()
-    if codec == "gzip":
-        return zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container
-    raise ValueError(f"unknown compression {codec!r}")
 
 
 def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0) -> tuple[Meter, Meter]:
@@ -54,45 +31,6 @@ def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: in
     return plain.finish(), packed.finish()
 
 
-class DecompressingReader:
-    """Readable plaintext from a readable compressed stream; a cut-short stream raises at EOF."""
-
-    def __init__(self, src: Any, codec: str):
-        self._src = src
-        self._codec = codec
-        if codec == "zstd":
-            self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
-        elif codec == "gzip":
-            self._obj = zlib.decompressobj(wbits=31)
-        else:
-            raise ValueError(f"unknown compression {codec!r}")
-        self._pending = b""
-        self._eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._pending and not self._eof:
-            block = self._src.read(READ_SIZE)
-            if not block:
-                self._eof = True
-                if not self._obj.eof:
-                    raise IntegrityError(f"{self._codec} stream ends before its end marker: the backup is truncated")
-                break
-            try:
-                self._pending = self._obj.decompress(block)
-            except (zstandard.ZstdError, zlib.error) as exc:
-                raise IntegrityError(f"{self._codec} data is corrupt: {exc}") from None
-            if self._obj.eof and self._obj.unused_data:
-                raise IntegrityError(f"unexpected data after the end of the {self._codec} stream")
-        if n < 0 or n >= len(self._pending):
-            out, self._pending = self._pending, b""
-        else:
-            out, self._pending = self._pending[:n], self._pending[n:]
-        return out
-
-    def readable(self) -> bool:
-        return True
-
-
 @task(name="compress", cache_policy=NO_CACHE)
 def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> dict[str, Any]:
     """Compress the dump stream on its way to encryption."""
@@ -110,3 +48,39 @@ def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> 
         "plain_bytes": plain.size, "plain_sha256": plain.hexdigest,
         "compressed_bytes": packed.size, "seconds": plain.seconds,
     }
+
+
+def decompress_stream(src: Any, dst: Any | None, codec: str) -> Meter:
+    """Decompress ``src`` to EOF into ``dst`` (or nowhere, only metering); returns the plaintext meter."""
+    reader = DecompressingReader(src, codec)
+    plain = Meter()
+    while True:
+        block = reader.read(READ_SIZE)
+        if not block:
+            break
+        plain.update(block)
+        if dst is not None:
+            dst.write(block)
+    return plain.finish()
+
+
+@task(name="decompress", cache_policy=NO_CACHE)
+def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None) -> dict[str, Any]:
+    """Decompress the decrypted stream: into the next stage, into a private file, or only to check it."""
+    try:
+        if to_file is not None:
+            fd = os.open(to_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                plain = decompress_stream(source.reader(), out, codec)
+        else:
+            plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec)
+    except BaseException as exc:
+        if sink is not None:
+            sink.fail(exc)
+        raise
+    finally:
+        source.close_read()
+    if sink is not None:
+        sink.succeed()
+        sink.close_write()
+    return {"plain_bytes": plain.size, "plain_sha256": plain.hexdigest, "seconds": round(plain.seconds, 3)}

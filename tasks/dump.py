@@ -7,12 +7,8 @@ restore can be compared with the counts exactly.
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -20,71 +16,10 @@ from psycopg import IsolationLevel
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import pg, runtime
-from luxima_backup.errors import StageAborted, ToolError
+from luxima_backup.errors import ToolError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
-
-# pg_dump stderr lines that mean the server or network went away: worth another attempt.
-_TRANSIENT_MARKERS = (
-    "server closed the connection unexpectedly", "connection to server", "could not connect",
-    "Connection refused", "terminating connection", "Connection reset", "could not receive data",
-    "SSL SYSCALL error", "the database system is shutting down", "the database system is starting up",
-    "no connection to the server", "canceling statement due to conflict",
-)
-STDERR_KEEP = 200  # lines kept for the error message; pg_dump can be chatty
-
-
-@dataclass
-class DumpProcess:
-    """A running pg_dump (or pg_dumpall) and a bounded tail of its stderr."""
-
-    proc: subprocess.Popen[bytes]
-    tool: pg.Tool
-    stderr: deque[str]
-    _reader: threading.Thread
-
-    def wait(self) -> int:
-        rc = self.proc.wait()
-        self._reader.join()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def check(self, rc: int) -> None:
-        """Raise unless pg_dump exited 0 with no error on stderr."""
-        text = redact("\n".join(self.stderr))
-        errors = [line for line in self.stderr if ": error:" in line or line.startswith("pg_dump: error")]
-        if rc == -signal.SIGPIPE:
-            raise StageAborted(f"{self.tool.path} stopped because the next stage stopped reading")
-        if rc != 0 or errors:
-            transient = any(marker in text for marker in _TRANSIENT_MARKERS)
-            raise ToolError(
-                f"{self.tool.path} {self.tool.version} failed (exit status {rc}): {text.strip()[-2000:] or 'no message'}",
-                transient=transient,
-            )
-
-
-def start_dump(tool: pg.Tool, cfg: PostgresConnection, args: list[str], stdout: int) -> DumpProcess:
-    """Start a libpq client tool writing to the file descriptor ``stdout``; stderr is collected."""
-    proc = subprocess.Popen(
-        [tool.path, "--no-password", *args], stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=pg.libpq_env(cfg),
-    )
-    tail: deque[str] = deque(maxlen=STDERR_KEEP)
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            tail.append(raw.decode(errors="replace").rstrip())
-
-    reader = threading.Thread(target=drain, name="pg_dump-stderr", daemon=True)
-    reader.start()
-    return DumpProcess(proc, tool, tail, reader)
-
 
 def pg_dump_args(snapshot: str, dbname: str) -> list[str]:
     # Custom format: restorable selectively and in parallel. -Z0: we compress, better and faster.
@@ -95,7 +30,7 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> d
     """Dump ``cfg``'s database into ``sink`` and count its main tables in the same snapshot."""
     started = time.monotonic()
     conn = None
-    process: DumpProcess | None = None
+    process: pg.ClientProcess | None = None
     try:
         conn = pg.connect(cfg, autocommit=False)
         info = pg.server_info(conn)
@@ -108,7 +43,7 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> d
         assert row is not None
         snapshot = str(row[0])
         tables = pg.main_tables(conn, cfg)
-        process = start_dump(tool, cfg, pg_dump_args(snapshot, cfg.dbname), sink.take_write_fd())
+        process = pg.start_client(tool, cfg, pg_dump_args(snapshot, cfg.dbname), stdout=sink.take_write_fd())
         sink.close_write()  # pg_dump alone holds the write end now: its exit is our EOF
         counts = pg.count_rows(conn, tables)  # runs on the server's other core while pg_dump streams
         rc = process.wait()
@@ -152,7 +87,7 @@ def dump_globals(cfg: PostgresConnection, server_major: int, bin_dir: Any = None
             note = None if args == attempts[0] else "roles dumped without passwords (the server refused pg_authid)"
             return proc.stdout, note
         last = redact(proc.stderr.decode(errors="replace").strip()[-1000:])
-        if any(marker in last for marker in _TRANSIENT_MARKERS):
+        if pg.is_transient_text(last):
             raise ToolError(f"pg_dumpall failed: {last}", transient=True)
     return None, f"globals (roles) not dumped: {last}"
 

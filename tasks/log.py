@@ -119,3 +119,33 @@ def log_finish(entry_id: int, target: str, status: str, error: str | None, detai
                fields: dict[str, Any]) -> None:
     """Record the run's outcome in internal.backup_logs."""
     finish_entry(log_database(runtime.settings(), target), entry_id, status=status, error=error, details=details, **fields)
+
+
+def record_entry(cfg: PostgresConnection, *, kind: str, component: str, target: str, status: str,
+                 started_at: Any, backup_id: str | None, object_key: str | None, flow_run_id: str | None,
+                 error: str | None, details: dict[str, Any], apply_migrations: bool, **fields: Any) -> int:
+    """Insert one complete row for a run that has ended (restores, whose target may be replaced mid-run)."""
+    if apply_migrations:
+        with pg.connect(cfg) as conn:
+            migrate(conn)
+    entry = start_entry(cfg, kind=kind, component=component, target=target, backup_id=backup_id,
+                        object_key=object_key, flow_run_id=flow_run_id, apply_migrations=False)
+    with _connect_as_admin(cfg) as conn, pg.translate_errors("updating internal.backup_logs"):
+        conn.execute("UPDATE internal.backup_logs SET started_at = %s WHERE id = %s", (started_at, entry))
+    finish_entry(cfg, entry, status=status, error=error, details=details, **fields)
+    return entry
+
+
+@task(name="log", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def log_run(kind: str, component: str, target: str, log_target: str, status: str, started_at: Any,
+            backup_id: str | None, object_key: str | None, flow_run_id: str | None, error: str | None,
+            details: dict[str, Any], fields: dict[str, Any]) -> int:
+    """Record a finished run (its outcome, stage timings and checks) in internal.backup_logs."""
+    settings = runtime.settings()
+    entry = record_entry(
+        log_database(settings, log_target), kind=kind, component=component, target=target, status=status,
+        started_at=started_at, backup_id=backup_id, object_key=object_key, flow_run_id=flow_run_id, error=error,
+        details=details, apply_migrations=settings.log.apply_migrations, **fields,
+    )
+    get_run_logger().info("backup log entry %d (%s %s %s): %s", entry, kind, component, target, status)
+    return entry

@@ -98,7 +98,19 @@ def database(pg_cluster: PostgresCluster) -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield name
     with pg_cluster.connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        # and whatever restores made beside it (<name>_restore_..., <name>_pre_restore_..., ...)
+        made = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "%",))]
+        for db in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+@pytest.fixture
+def source(pg_cluster: PostgresCluster, database: str) -> dict[str, int]:
+    """The test database filled with tables, large rows, bytea, jsonb and a large object."""
+    from tests.helpers import make_source
+
+    with pg_cluster.connect(database) as conn:
+        return make_source(conn)
 
 
 @pytest.fixture

@@ -18,79 +18,10 @@ from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ToolError, WrongKeyError
 from luxima_backup.keys import KeyFileProvider
 from luxima_backup.sandbox import PostgresCluster
-from tasks.compress import DecompressingReader
+from luxima_backup.compression import DecompressingReader
 from tests.conftest import DB_PASSWORD, file_keys, log_elsewhere, transit_keys
+from tests.helpers import MARKER_BYTES, MARKER_JSON, MARKER_TEXT, log_rows, run_backup, s3_get, s3_keys, subflow_runs
 from tests.fault_proxy import FaultProxy
-
-MARKER_TEXT = "LUXIMA-PLAINTEXT-MARKER-7f3a91"
-MARKER_JSON = "luxima-json-marker-c41d"
-MARKER_BYTES = b"LUXIMA-BYTEA-MARKER-\x00\x01\x02-9e2b"
-
-
-def make_source(conn: Any) -> dict[str, int]:
-    """Several tables: large rows, bytea, jsonb, a large object; distinctive contents to search for."""
-    conn.execute("""
-        CREATE SCHEMA app;
-        CREATE TABLE app.users (id serial PRIMARY KEY, email text NOT NULL, profile jsonb NOT NULL);
-        CREATE TABLE app.documents (id serial PRIMARY KEY, owner int REFERENCES app.users(id), body text, blob bytea, lo oid);
-        CREATE TABLE public.events (id bigserial PRIMARY KEY, kind text, at timestamptz DEFAULT now());
-    """)
-    conn.execute(
-        "INSERT INTO app.users (email, profile) SELECT 'user' || g || '@luxima.id',"
-        " jsonb_build_object('n', g, 'tag', %s::text, 'tags', jsonb_build_array('a', 'b')) FROM generate_series(1, 500) g",
-        (MARKER_JSON,),
-    )
-    lo = conn.execute("SELECT lo_from_bytea(0, %s)", (MARKER_BYTES * 1000,)).fetchone()[0]
-    conn.execute(
-        "INSERT INTO app.documents (owner, body, blob, lo) SELECT 1 + g %% 500, %s::text || repeat(md5(g::text), 20000), %s::bytea, %s::oid"
-        " FROM generate_series(1, 30) g",  # ~640 KB of text per row: TOASTed large rows
-        (MARKER_TEXT, MARKER_BYTES, lo),
-    )
-    conn.execute("INSERT INTO public.events (kind) SELECT 'evt' || g FROM generate_series(1, 2000) g")
-    return {"app.documents": 30, "app.users": 500, "public.events": 2000}
-
-
-def s3_keys(s3_server: Any, bucket: str) -> list[str]:
-    resp = s3_server.client().list_objects_v2(Bucket=bucket)
-    return sorted(o["Key"] for o in resp.get("Contents", []))
-
-
-def s3_get(s3_server: Any, bucket: str, key: str) -> bytes:
-    return s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def log_rows(cluster: PostgresCluster, dbname: str) -> list[dict[str, Any]]:
-    with cluster.connect(dbname) as conn:
-        cur = conn.execute("SELECT * FROM internal.backup_logs ORDER BY id")
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
-
-
-def run_backup(**params: Any) -> Any:
-    from flows.db_backup import db_backup
-
-    return db_backup(**params, return_state=True)
-
-
-def subflow_runs(parent_state: Any) -> list[Any]:
-    """The db-backup-stream attempts of a flow run, from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["db-backup-stream"])),
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_state.state_details.flow_run_id])),
-            sort=FlowRunSort.START_TIME_ASC, limit=50,
-        )
-
-
-@pytest.fixture
-def source(pg_cluster: PostgresCluster, database: str) -> dict[str, int]:
-    with pg_cluster.connect(database) as conn:
-        return make_source(conn)
-
 
 @pytest.mark.slow
 def test_backup_stores_encrypted_verified_dump_with_manifest_and_log(

@@ -1,0 +1,324 @@
+"""The PostgreSQL restore flow: download → decrypt → decompress → restore → verify, logged.
+
+The backup is found from the manifests in storage alone. Its ciphertext is fetched once into a
+private spool, then read twice: a first pass decrypts and decompresses all of it, so every
+chunk is authenticated and the dump's sha256 compared with the manifest *before any byte
+reaches the target*; a second pass streams it into ``pg_restore`` (or, for parallel restores,
+the first pass writes the dump to a private file that ``pg_restore -j`` reads). The spool
+directory is removed in all cases.
+
+Nothing existing is overwritten by default: a restore goes into a new database. Replacing a
+database needs ``mode='replace'`` and ``confirm`` naming it; the restore then goes into a new
+database, is verified, and only then swapped in, the old one kept beside it under another name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from luxima_backup import catalog, pg, runtime
+from luxima_backup.catalog import Backup
+from luxima_backup.envelope import DecryptingReader
+from luxima_backup.errors import BackupError, ConfigError, VerificationError, is_transient
+from luxima_backup.pipes import Link
+from luxima_backup.secrets import install_log_redaction, redact
+from luxima_backup.settings import Settings
+from luxima_backup.stages import run_linked
+from luxima_backup.compression import DecompressingReader
+from tasks.compress import decompress
+from tasks.decrypt import decrypt
+from tasks.download import download
+from tasks.log import log_run
+from tasks.restore import (
+    create_database, database_exists, drop_database, restore, restore_globals_sql, swap_databases,
+)
+from tasks.verify import check_row, verify_restore
+
+MAX_IDENT = 63  # PostgreSQL truncates longer names
+
+
+@dataclass
+class Plan:
+    """What one restore will do, decided and checked before anything is touched."""
+
+    backup: Backup
+    source: str
+    target: str
+    mode: str
+    restore_into: str               # the database pg_restore writes (always created by this run)
+    replaces: str | None = None     # mode replace: the database swapped out
+    retired_as: str | None = None   # ... and the name it keeps afterwards
+    schemas: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    jobs: int = 1
+    expected_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def selective(self) -> bool:
+        return bool(self.schemas or self.tables)
+
+
+def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source: str | None, target: str | None,
+                 target_database: str | None, mode: str, confirm: str | None, schemas: list[str], tables: list[str],
+                 jobs: int | None, now: datetime) -> Plan:
+    """Resolve the backup and check the parameters; every refusal says what to change."""
+    source_name = source or settings.db_backup.database
+    source_cfg = settings.database(source_name)
+    target_name = target or settings.restore.target or settings.db_backup.database
+    target_cfg = settings.database(target_name)
+    found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "db", backup,
+                            source=source_cfg.dbname, as_of=as_of)
+    if found.component != "db" or "dump" not in found.doc:
+        raise ConfigError(f"{found.manifest_key} is not a database backup")
+    stamp = now.strftime("%Y%m%d%H%M%S")
+    tables = [t if "." in t else f"public.{t}" for t in tables]
+    plan = Plan(found, source_name, target_name, mode, restore_into="", schemas=list(schemas), tables=tables,
+                jobs=jobs or settings.restore.jobs)
+    if mode == "new":
+        plan.restore_into = target_database or f"{found.doc['source']['database']}_restore_{stamp}"
+    else:
+        replaced = target_database or target_cfg.dbname
+        if plan.selective:
+            raise ConfigError("mode 'replace' restores whole databases",
+                              hint="restore the tables into a new database (mode 'new') and copy the rows back")
+        if confirm != replaced:
+            raise ConfigError(f"replacing database {replaced!r} on {target_cfg.host}:{target_cfg.port} needs confirm = {replaced!r}",
+                              hint="set confirm to the name of the database being replaced; it is kept, renamed, not dropped")
+        if not database_exists(target_cfg, replaced):
+            raise ConfigError(f"database {replaced!r} does not exist on {target_name}; nothing to replace",
+                              hint="use mode 'new' to restore into a new database")
+        plan.replaces, plan.retired_as = replaced, f"{replaced}_pre_restore_{stamp}"
+        plan.restore_into = f"{replaced}_restoring_{stamp}"
+    for name in filter(None, (plan.restore_into, plan.retired_as)):
+        if len(name.encode()) > MAX_IDENT:
+            raise ConfigError(f"database name {name!r} is longer than {MAX_IDENT} bytes", hint="set a shorter target_database")
+    counted: dict[str, int] = dict(found.doc.get("row_counts", {}))
+    if plan.selective:
+        counted = {t: n for t, n in counted.items() if t in tables or t.split(".", 1)[0] in schemas}
+        unknown = [t for t in tables if t not in found.doc.get("row_counts", {})]
+        if unknown:
+            get_run_logger().warning("tables not counted at backup time, restored unchecked: %s", ", ".join(unknown))
+    plan.expected_counts = counted
+    return plan
+
+
+@task(name="restore-globals", cache_policy=NO_CACHE)
+def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) -> dict[str, Any]:
+    """Create the roles of the backed-up cluster (pg_dumpall --globals-only) on the target server."""
+    settings = runtime.settings()
+    cfg = settings.database(target)
+    with runtime.store(settings).load(globals_key) as body:
+        text = DecompressingReader(DecryptingReader(body, runtime.key_provider(settings).unwrap), codec).read()  # type: ignore[arg-type]
+    tool = pg.find_tool("psql", dump_major, settings.db_backup.pg_bin_dir)
+    existing = restore_globals_sql(tool, cfg, text)
+    return {"statements_skipped": len(existing)}
+
+
+@flow(name="db-restore", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True)
+def db_restore(
+    backup: str = "latest",
+    as_of: datetime | None = None,
+    source: str | None = None,
+    target: str | None = None,
+    target_database: str | None = None,
+    mode: Literal["new", "replace"] = "new",
+    confirm: str | None = None,
+    schemas: list[str] | None = None,
+    tables: list[str] | None = None,
+    jobs: int | None = None,
+    restore_globals_first: bool = False,
+    no_owner: bool = False,
+) -> dict[str, Any]:
+    """Restore a PostgreSQL backup into a new database (default) or in place of one, then verify it.
+
+    Args:
+        backup: "latest" (newest verified backup), a backup id, or an object key of the backup.
+        as_of: with "latest": the newest verified backup completed at or before this time.
+        source: which [databases.NAME] the backup was taken of (default: db_backup.database).
+        target: which [databases.NAME] server to restore into (default: restore.target).
+        target_database: name of the database to create (mode new) or to replace (mode replace).
+        mode: "new" creates a database and never touches existing ones; "replace" swaps the restored database in.
+        confirm: for mode "replace": must be the exact name of the database being replaced.
+        schemas: restore only these schemas (into a new database).
+        tables: restore only these tables, as schema.table, with their rows (into a new database; pg_restore -t
+            brings the table and its data, not its indexes or constraints: enough to copy rows back).
+        jobs: parallel pg_restore jobs (default: restore.jobs); above 1 uses a private temporary file.
+        restore_globals_first: create the backed-up roles on the target server first (off by default).
+        no_owner: restore without ownership and privileges (when the roles do not exist on the target).
+    """
+    t0 = time.monotonic()
+    started = datetime.now(timezone.utc)
+    settings = runtime.settings()
+    install_log_redaction()
+    logger = get_run_logger()
+    plan = plan_restore(settings, backup, as_of, source, target, target_database, mode, confirm,
+                        list(schemas or []), list(tables or []), jobs, started)
+    doc = plan.backup.doc
+    dump_info = doc["dump"]
+    codec = dump_info["compression"]["codec"]
+    dump_major = int(str(doc["tool"]["pg_dump_version"]).split(".")[0])
+    logger.info("restoring %s (%s) into %s on %s%s", plan.backup.backup_id, dump_info["key"], plan.restore_into,
+                plan.target, f", then replacing {plan.replaces}" if plan.replaces else "")
+    target_cfg = settings.database(plan.target)
+    timings: dict[str, float] = {}
+    checks: list[dict[str, Any]] = []
+    created = False
+    work = _private_dir(settings.work_dir)
+    outcome: dict[str, Any] = {}
+    try:
+        spool = str(work / "backup.enc")
+        dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
+        timings["download"] = dl["seconds"]
+        checks.append(check_row("sha256 of the stored object", dump_info["sha256_encrypted"], dl["sha256"]))
+
+        # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
+        dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
+        link = Link("decrypt→decompress")
+        dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
+                                            fs.append(decompress.submit(link, codec, to_file=dump_file))), [link])
+        timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
+        checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
+        checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
+        if plain["plain_sha256"] != dump_info["sha256_plain"] or plain["plain_bytes"] != dump_info["size_plain"]:
+            raise VerificationError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; nothing was restored")
+
+        if restore_globals_first:
+            if not doc.get("globals", {}).get("key"):
+                raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.get('globals', {}).get('warning', '')}")
+            restore_globals(plan.target, doc["globals"]["key"], codec, dump_major)
+
+        create_database(target_cfg, plan.restore_into)
+        created = True
+        timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+
+        t = time.monotonic()
+        checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts)
+        timings["verify"] = round(time.monotonic() - t, 3)
+        rto = time.monotonic() - t0
+        rto_target = settings.restore.rto_target_minutes * 60
+        _publish(plan, checks, rto, rto_target, timings)
+        failed = [c["check"] for c in checks if not c["ok"]]
+        if failed:
+            raise VerificationError(f"restored database {plan.restore_into} failed checks: {', '.join(failed)}",
+                                    hint="see the restore artifact; the database is kept for inspection")
+        if plan.replaces:
+            assert plan.retired_as is not None
+            swap_databases(target_cfg, plan.restore_into, plan.replaces, plan.retired_as)
+            logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
+        outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
+    except BaseException as exc:
+        verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings
+        if created and not verified_but_wrong:
+            _drop_quietly(target_cfg, plan.restore_into, logger)
+        outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        _log(settings, plan, started, outcome, timings, checks)
+    database = plan.replaces or plan.restore_into
+    summary = {
+        "backup_id": plan.backup.backup_id, "object_key": dump_info["key"], "database": database,
+        "target": plan.target, "mode": plan.mode, "retired_database": plan.retired_as,
+        "checks_passed": len(checks), "timings": timings, **{k: v for k, v in outcome.items() if k != "status"},
+    }
+    logger.info("restore of %s complete: %s verified in %.0fs (RTO target %.0f min)", plan.backup.backup_id, database,
+                outcome["rto_seconds"], settings.restore.rto_target_minutes)
+    return summary
+
+
+def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | None, codec: str, dump_major: int,
+                  no_owner: bool, target_cfg: Any) -> float:
+    """Pass 2: the authenticated dump into pg_restore; transient failures start over on an empty database."""
+    attempts = settings.restore.attempts
+    for attempt in range(1, attempts + 1):
+        t = time.monotonic()
+        try:
+            if dump_file is not None:
+                restore(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas, plan.tables, no_owner,
+                        dump_file=dump_file)
+            else:
+                links = decrypted, dumped = Link("decrypt→decompress"), Link("decompress→restore")
+                run_linked(lambda fs: (
+                    fs.append(decrypt.submit(spool, decrypted)),
+                    fs.append(decompress.submit(decrypted, codec, sink=dumped)),
+                    fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
+                                             plan.tables, no_owner, source=dumped)),
+                ), list(links))
+            return round(time.monotonic() - t, 3)
+        except BackupError as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            get_run_logger().warning("restore attempt %d/%d failed with a transient error (%s); starting over", attempt, attempts, exc)
+            drop_database(target_cfg, plan.restore_into)
+            create_database(target_cfg, plan.restore_into)
+    raise AssertionError("unreachable")
+
+
+def _private_dir(work_dir: Path) -> Path:
+    """A directory only this user can read, for the ciphertext spool and (parallel restores) the dump."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Path(tempfile.mkdtemp(prefix="restore-", dir=work_dir))
+
+
+def _drop_quietly(cfg: Any, dbname: str, logger: Any) -> None:
+    try:
+        drop_database(cfg, dbname)
+        logger.info("dropped %s, created by this failed restore", dbname)
+    except Exception as exc:  # the failure that brought us here matters more
+        logger.warning("could not drop %s after the failed restore: %s", dbname, exc)
+
+
+def _publish(plan: Plan, checks: list[dict[str, Any]], rto: float, rto_target: float, timings: dict[str, float]) -> None:
+    """The restore's artifacts: the table of checks, and the RTO against its target."""
+    key = "".join(ch if ch.isalnum() else "-" for ch in f"db-restore-{plan.target}".lower())
+    create_table_artifact(key=key, table=checks, description=f"Checks of {plan.restore_into} from {plan.backup.backup_id}")
+    ok = all(c["ok"] for c in checks)
+    lines = [
+        f"## Restore of `{plan.backup.backup_id}` into `{plan.restore_into}`" + (f" (replacing `{plan.replaces}`)" if plan.replaces else ""),
+        "",
+        f"**{'All checks passed' if ok else 'CHECKS FAILED'}** — {sum(c['ok'] for c in checks)}/{len(checks)}",
+        "",
+        f"RTO (start to verified): **{rto / 60:.1f} min** against the {rto_target / 60:.0f} min target "
+        f"({'within' if rto <= rto_target else 'OVER'})",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *[f"| {stage} | {secs:.1f} |" for stage, secs in timings.items()],
+        "",
+        "| check | expected | actual | ok |",
+        "|---|---|---|---|",
+        *[f"| {c['check']} | {c['expected']} | {c['actual']} | {'yes' if c['ok'] else '**NO**'} |" for c in checks],
+    ]
+    create_markdown_artifact(key=f"{key}-summary", markdown=redact("\n".join(lines)), description="Restore summary and RTO")
+
+
+def _log(settings: Settings, plan: Plan, started: datetime, outcome: dict[str, Any], timings: dict[str, float],
+         checks: list[dict[str, Any]]) -> None:
+    """One row in internal.backup_logs for this restore; a log failure is only a warning."""
+    if not settings.log.enabled or not outcome:
+        return
+    doc = plan.backup.doc
+    state = log_run(
+        "restore", "db", f"{plan.target}/{plan.replaces or plan.restore_into}", plan.source, outcome["status"], started,
+        plan.backup.backup_id, doc["dump"]["key"], str(flow_run.id) if flow_run.id else None, outcome.get("error"),
+        {"timings": timings, "checks": checks, "mode": plan.mode, "restored_into": plan.restore_into,
+         "retired_database": plan.retired_as, "rto_seconds": outcome.get("rto_seconds")},
+        {"size_raw": doc["dump"]["size_plain"], "size_encrypted": doc["dump"]["size_encrypted"],
+         "sha256_raw": doc["dump"]["sha256_plain"], "sha256_encrypted": doc["dump"]["sha256_encrypted"],
+         "key_id": doc["dump"]["encryption"].get("key_id")},
+        return_state=True,
+    )
+    if not state.is_completed():
+        get_run_logger().warning("restore log not written: %s", redact(str(state.result(raise_on_failure=False))))

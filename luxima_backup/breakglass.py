@@ -1,0 +1,98 @@
+"""Break-glass helpers: get plaintext back when everything else is down (no database, no Prefect).
+
+``decrypt_object`` streams one stored object (or a local copy of it) through decryption, and
+optionally decompression, into a file or stdout. A file is written under a temporary name and
+renamed only once the last chunk has authenticated, so a cut-short or tampered object never
+leaves a complete-looking file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .compression import DecompressingReader
+from .envelope import DecryptingReader
+from .errors import ConfigError, StorageError
+from .keys import KeyFileProvider, KeyProvider
+
+READ_SIZE = 1 << 20
+
+
+def _codec_of(name: str) -> str:
+    if ".zst." in name or name.endswith(".zst.enc"):
+        return "zstd"
+    if ".gz." in name or name.endswith(".gz.enc"):
+        return "gzip"
+    raise ConfigError(f"cannot tell the compression of {name} from its name", hint="decrypt without --decompress")
+
+
+def _provider(key_files: list[Path]) -> KeyProvider:
+    if key_files:
+        return KeyFileProvider(key_files[0], key_files[1:])
+    from . import runtime
+
+    return runtime.key_provider()
+
+
+@contextlib.contextmanager
+def _source(object_key: str | None, input_file: Path | None) -> Iterator[BinaryIO]:
+    if input_file is not None:
+        try:
+            with open(input_file, "rb") as f:
+                yield f
+        except FileNotFoundError:
+            raise ConfigError(f"{input_file} does not exist") from None
+        return
+    from . import runtime
+
+    assert object_key is not None
+    with runtime.store().load(object_key) as body:
+        yield body
+
+
+@contextlib.contextmanager
+def _sink(output: str) -> Iterator[BinaryIO]:
+    if output == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    final = Path(output)
+    if final.exists():
+        raise ConfigError(f"{final} already exists; refusing to overwrite it", hint="choose a new output file")
+    partial = final.with_name(final.name + ".partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create {partial}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def decrypt_object(object_key: str | None, input_file: Path | None, output: str, decompress: bool,
+                   key_files: list[Path]) -> int:
+    """Decrypt (and optionally decompress) one object into ``output``; returns the bytes written."""
+    name = object_key or str(input_file)
+    provider = _provider(key_files)
+    written = 0
+    with _source(object_key, input_file) as src, _sink(output) as out:
+        reader: Any = DecryptingReader(src, provider.unwrap)
+        if decompress:
+            reader = DecompressingReader(reader, _codec_of(name))
+        while True:
+            block = reader.read(READ_SIZE)
+            if not block:
+                break
+            out.write(block)
+            written += len(block)
+    return written

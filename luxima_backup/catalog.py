@@ -1,0 +1,106 @@
+"""The backup catalogue, read from the manifests in storage alone (no database, no Prefect).
+
+This is what restores and the break-glass commands use to find a backup: when the database
+and its log are gone, the manifests beside the backups are still there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from . import manifest
+from .errors import ConfigError, FormatError, ObjectNotFound
+from .storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One backup as its manifest describes it."""
+
+    manifest_key: str
+    doc: dict[str, Any]
+
+    @property
+    def backup_id(self) -> str:
+        return str(self.doc["backup_id"])
+
+    @property
+    def component(self) -> str:
+        return str(self.doc.get("component", ""))
+
+    @property
+    def status(self) -> str:
+        return str(self.doc.get("status", ""))
+
+    @property
+    def completed_at(self) -> datetime:
+        return _parse_time(self.doc["completed_at"])
+
+    @property
+    def data_key(self) -> str:
+        return str(self.doc["dump"]["key"]) if "dump" in self.doc else str(self.doc.get("archive", {}).get("key", ""))
+
+    @property
+    def verified(self) -> bool:
+        return self.status == "verified"
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def list_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None) -> list[Backup]:
+    """Every backup of ``component`` (optionally of one source), oldest first.
+
+    Manifests that cannot be read are left out; ``iter_backups`` also yields their errors.
+    """
+    backups = [b for b in iter_backups(store, prefix, component, source) if isinstance(b, Backup)]
+    return sorted(backups, key=lambda b: (b.completed_at, b.backup_id))
+
+
+def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None) -> Iterator[Backup | FormatError]:
+    """Each manifest under ``<prefix>/<component>/[<source>/]`` as a ``Backup``, or the error reading it."""
+    where = f"{prefix}/{component}/" + (f"{manifest.safe_name(source)}/" if source else "")
+    for key in manifest.iter_manifest_keys(store, where):
+        try:
+            yield Backup(key, manifest.load(store, key))
+        except FormatError as exc:
+            yield exc
+        except ObjectNotFound:  # removed by retention while listing
+            continue
+
+
+def resolve(store: ObjectStore, prefix: str, component: str, spec: str, source: str | None = None,
+            as_of: datetime | None = None) -> Backup:
+    """The backup an operator means by ``spec``: ``latest``, a backup id, or an object key.
+
+    ``latest`` is the newest *verified* backup completed at or before ``as_of`` (default now);
+    backups whose manifest says anything but verified are never chosen by ``latest``.
+    """
+    spec = spec.strip()
+    if spec == "latest":
+        cutoff = as_of.astimezone(timezone.utc) if as_of else datetime.now(timezone.utc)
+        candidates = [b for b in list_backups(store, prefix, component, source) if b.verified and b.completed_at <= cutoff]
+        if not candidates:
+            scope = f" of {source}" if source else ""
+            when = f" completed by {cutoff.isoformat()}" if as_of else ""
+            raise ConfigError(f"no verified {component} backup{scope}{when} under {prefix}/{component}/",
+                              hint="check storage settings, the source name, or `luxima-backup list`")
+        return candidates[-1]
+    if as_of is not None:
+        raise ConfigError("as_of applies only to backup = 'latest'", hint="leave as_of empty when naming a backup")
+    if "/" in spec:  # an object key: the manifest itself, or one of the backup's objects
+        key = spec if spec.endswith(manifest.MANIFEST_SUFFIX) else manifest.manifest_key_for(spec)
+        try:
+            return Backup(key, manifest.load(store, key))
+        except ObjectNotFound:
+            raise ConfigError(f"no manifest {key} for {spec!r}",
+                              hint="a backup without a manifest did not complete; choose another with `luxima-backup list`") from None
+    for backup in list_backups(store, prefix, component, source):
+        if backup.backup_id == spec:
+            return backup
+    raise ConfigError(f"no {component} backup with id {spec!r} under {prefix}/{component}/",
+                      hint="use `latest`, an id shown by `luxima-backup list`, or an object key")

@@ -1,0 +1,71 @@
+"""Compression codecs (zstd, gzip): a streaming compressor, and a reader that decompresses and detects truncation."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Protocol
+
+import zstandard
+
+from .errors import IntegrityError
+
+READ_SIZE = 1 << 20
+SUFFIX = {"zstd": "zst", "gzip": "gz"}
+
+
+class _Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+def compressor(codec: str, level: int, threads: int = 0) -> _Compressor:
+    if codec == "zstd":
+        # write_checksum: the frame carries its own xxhash, a second line of defence on restore.
+        # job_size: each worker holds about two jobs of input and output; 2 MiB jobs keep the
+        # multi-threaded compressor near 20 MiB instead of the ~70 MiB of the level's default.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=threads or -1, job_size=2 << 20, write_checksum=1
+        )
+        return zstandard.ZstdCompressor(compression_params=params).compressobj()
+    if codec == "gzip":
+        return zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    raise ValueError(f"unknown compression {codec!r}")
+
+
+class DecompressingReader:
+    """Readable plaintext from a readable compressed stream; a cut-short stream raises at EOF."""
+
+    def __init__(self, src: Any, codec: str):
+        self._src = src
+        self._codec = codec
+        if codec == "zstd":
+            self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
+        elif codec == "gzip":
+            self._obj = zlib.decompressobj(wbits=31)
+        else:
+            raise ValueError(f"unknown compression {codec!r}")
+        self._pending = b""
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._pending and not self._eof:
+            block = self._src.read(READ_SIZE)
+            if not block:
+                self._eof = True
+                if not self._obj.eof:
+                    raise IntegrityError(f"{self._codec} stream ends before its end marker: the backup is truncated")
+                break
+            try:
+                self._pending = self._obj.decompress(block)
+            except (zstandard.ZstdError, zlib.error) as exc:
+                raise IntegrityError(f"{self._codec} data is corrupt: {exc}") from None
+            if self._obj.eof and self._obj.unused_data:
+                raise IntegrityError(f"unexpected data after the end of the {self._codec} stream")
+        if n < 0 or n >= len(self._pending):
+            out, self._pending = self._pending, b""
+        else:
+            out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def readable(self) -> bool:
+        return True

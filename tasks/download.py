@@ -1,0 +1,54 @@
+"""Download stage: a stored backup object into a private local spool (ciphertext only), checked.
+
+Restores read the object twice (once to authenticate every byte, once to restore), so it is
+fetched once into a spool file. The spool holds ciphertext only and lives in a private
+temporary directory that the restore removes in all cases.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import runtime
+from luxima_backup.errors import IntegrityError
+from luxima_backup.pipes import Meter
+from luxima_backup.storage import ObjectStore
+
+READ_SIZE = 1 << 20
+
+
+def download_to_file(store: ObjectStore, key: str, path: Path, expected_size: int, expected_sha256: str) -> Meter:
+    """Copy ``key`` to ``path`` (created 0600); its size and sha256 must equal the manifest's."""
+    meter = Meter()
+    with store.load(key) as body, open(path, "wb", opener=_private) as out:
+        while True:
+            block = body.read(READ_SIZE)
+            if not block:
+                break
+            meter.update(block)
+            out.write(block)
+    meter.finish()
+    if meter.size != expected_size:
+        raise IntegrityError(f"{key} is {meter.size} bytes in storage; its manifest says {expected_size}",
+                             hint="the object was truncated or replaced after the backup; restore another backup")
+    if meter.hexdigest != expected_sha256:
+        raise IntegrityError(f"{key} has sha256 {meter.hexdigest}; its manifest says {expected_sha256}",
+                             hint="the object was altered after the backup; restore another backup")
+    return meter
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+@task(name="download", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def download(object_key: str, spool: str, expected_size: int, expected_sha256: str) -> dict[str, Any]:
+    """Fetch the encrypted backup into the private spool and check its size and sha256."""
+    meter = download_to_file(runtime.store(), object_key, Path(spool), expected_size, expected_sha256)
+    get_run_logger().info("downloaded %s (%d bytes, sha256 matches the manifest)", object_key, meter.size)
+    return {"key": object_key, "bytes": meter.size, "sha256": meter.hexdigest, "seconds": round(meter.seconds, 3)}

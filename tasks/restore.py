@@ -1,0 +1,159 @@
+"""Restore stage: pg_restore into a database created for it, and the swap that replaces a database.
+
+pg_restore runs with ``--exit-on-error`` (and ``--single-transaction`` when not parallel), so
+a restore that hit any error fails instead of "succeeding" with missing data. Only databases
+created by the restore are ever dropped; a replaced database is renamed aside, never dropped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+
+from luxima_backup import pg, runtime
+from luxima_backup.errors import ConfigError, DatabaseError, ToolError
+from luxima_backup.pipes import Link
+from luxima_backup.secrets import redact
+from luxima_backup.settings import PostgresConnection
+
+
+def on_database(cfg: PostgresConnection, dbname: str) -> PostgresConnection:
+    """The same server and credentials, another database."""
+    return cfg.model_copy(update={"dbname": dbname})
+
+
+def _maintenance(cfg: PostgresConnection) -> Any:
+    # Databases are created, renamed and dropped from another one: never from themselves, and
+    # the configured database may be the one being replaced, or gone altogether.
+    return pg.connect(on_database(cfg, cfg.maintenance_db))
+
+
+def database_exists(cfg: PostgresConnection, dbname: str) -> bool:
+    with _maintenance(cfg) as conn, pg.translate_errors(f"looking up database {dbname}"):
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
+
+
+def create_database(cfg: PostgresConnection, dbname: str) -> None:
+    """Create an empty ``dbname`` from template0 (no local additions of template1 to collide with)."""
+    with _maintenance(cfg) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
+            raise ConfigError(f"database {dbname} already exists on {cfg.host}:{cfg.port}",
+                              hint="choose another target_database, or mode='replace' with confirm naming it")
+        with pg.translate_errors(f"creating database {dbname}"):
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+
+
+def drop_database(cfg: PostgresConnection, dbname: str) -> None:
+    """Drop a database this restore created (never one it did not)."""
+    with _maintenance(cfg) as conn, pg.translate_errors(f"dropping database {dbname}"):
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+def swap_databases(cfg: PostgresConnection, restored: str, target: str, retired: str) -> None:
+    """Put ``restored`` in the place of ``target``; the old ``target`` stays, renamed ``retired``.
+
+    Both renames commit together. The old database keeps its data and refuses connections, so
+    applications cannot keep writing to it by mistake; drop it once the restore is accepted.
+    """
+    with _maintenance(cfg) as conn:
+        for attempt in range(5):
+            try:
+                with pg.translate_errors(f"replacing database {target}"), conn.transaction():
+                    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                 " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([target, restored],))
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(retired)))
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(target)))
+                return
+            except DatabaseError as exc:
+                # A session that reconnected between terminate and rename: try again shortly.
+                if "is being accessed by other users" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(1)
+
+
+def pg_restore_args(dbname: str, jobs: int, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:
+    args = ["--exit-on-error", f"--dbname={dbname}"]
+    # One transaction: a failure leaves the new database empty rather than half restored.
+    args += ["--single-transaction"] if jobs == 1 else [f"--jobs={jobs}"]
+    if no_owner:
+        args += ["--no-owner", "--no-privileges"]
+    selected_schemas = list(schemas)
+    for name in tables:
+        schema, _, table = name.rpartition(".")
+        args.append(f"--table={table}")
+        if schema and schema not in selected_schemas:
+            selected_schemas.append(schema)
+    args += [f"--schema={s}" for s in selected_schemas]
+    return args
+
+
+def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link | None,
+                   dump_file: str | None) -> dict[str, Any]:
+    """Run pg_restore reading ``dump_file`` or the stream of ``source``; raise on any error."""
+    started = time.monotonic()
+    process = None
+    try:
+        if dump_file is not None:
+            process = pg.start_client(tool, cfg, [*args, dump_file])
+        else:
+            assert source is not None
+            process = pg.start_client(tool, cfg, args, stdin=source.take_read_fd())
+        rc = process.wait()
+        if source is not None:
+            if rc != 0 or process.errors():
+                source.close_read()  # upstream must not block on a pipe nobody reads any more
+            else:
+                # pg_restore may stop early (a selective restore needs only part of the archive);
+                # drain the rest so upstream finishes, and take its verdict: a stream cut short
+                # upstream is a failure, whatever pg_restore said.
+                drain = source.reader()
+                while drain.read(1 << 20):
+                    pass
+        process.check(rc)
+    except BaseException:
+        if process is not None:
+            process.kill()
+        if source is not None:
+            source.close_read()
+        raise
+    warnings = [line for line in process.stderr if "warning" in line.lower()]
+    return {"pg_restore": tool.path, "pg_restore_version": tool.version, "warnings": warnings[-20:],
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+@task(name="restore", cache_policy=NO_CACHE)
+def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[str], tables: list[str],
+            no_owner: bool, source: Link | None = None, dump_file: str | None = None) -> dict[str, Any]:
+    """pg_restore the authenticated dump into the new database, stopping at the first error."""
+    settings = runtime.settings()
+    cfg = on_database(settings.database(target), dbname)
+    with pg.connect(cfg) as conn:
+        server = pg.server_info(conn)
+        # pg_restore -n/-t restore the objects *in* a schema, never the schema itself.
+        for schema in dict.fromkeys([*schemas, *(t.rpartition(".")[0] for t in tables if "." in t)]):
+            with pg.translate_errors(f"creating schema {schema} in {dbname}"):
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    # pg_restore must read the archive (as new as the pg_dump that wrote it) and speak to the server.
+    tool = pg.find_tool("pg_restore", max(server.major, dump_major), settings.db_backup.pg_bin_dir)
+    result = run_pg_restore(tool, cfg, pg_restore_args(dbname, jobs, schemas, tables, no_owner), source, dump_file)
+    get_run_logger().info("pg_restore %s restored into %s in %.1fs", tool.version, dbname, result["seconds"])
+    return result
+
+
+def restore_globals_sql(tool: pg.Tool, cfg: PostgresConnection, text: bytes) -> list[str]:
+    """Run pg_dumpall's globals script with psql; roles that already exist are expected, not errors."""
+    proc = subprocess.run(
+        [tool.path, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-f", "-", f"--dbname={cfg.dbname}"],
+        input=text, capture_output=True, env=pg.libpq_env(cfg), timeout=600, check=False,
+    )
+    errors = [line for line in proc.stderr.decode(errors="replace").splitlines() if "ERROR:" in line]
+    unexpected = [e for e in errors if "already exists" not in e]
+    if proc.returncode != 0 or unexpected:
+        raise ToolError(f"restoring globals failed: {redact(chr(10).join(unexpected or errors)[-2000:])}")
+    return errors

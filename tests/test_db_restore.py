@@ -1,0 +1,209 @@
+"""The db-restore flow end to end: real PostgreSQL, the S3 server, a Prefect server, backups made by db-backup."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from luxima_backup import catalog
+from luxima_backup.errors import ConfigError
+from luxima_backup.sandbox import PostgresCluster
+from luxima_backup.settings import load_settings
+from luxima_backup.storage import store_from_settings
+from tests.conftest import file_keys
+from tests.helpers import log_rows, run_backup, s3_get, s3_keys
+
+pytestmark = pytest.mark.slow
+
+TABLES = ("app.users", "app.documents", "public.events")
+
+
+def run_restore(**params: Any) -> Any:
+    from flows.db_restore import db_restore
+
+    return db_restore(**params, return_state=True)
+
+
+def digest(cluster: PostgresCluster, dbname: str) -> dict[str, str]:
+    """A fingerprint of every row of the source tables, and of the large object's bytes."""
+    out = {}
+    with cluster.connect(dbname) as conn:
+        for table in TABLES:
+            row = conn.execute(f"SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t").fetchone()
+            out[table] = row[0]
+        out["large object"] = conn.execute("SELECT md5(lo_get(lo)) FROM app.documents LIMIT 1").fetchone()[0]
+    return out
+
+
+def databases(cluster: PostgresCluster, prefix: str) -> list[str]:
+    with cluster.connect() as conn:
+        return sorted(r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",)))
+
+
+def put_object(s3_server: Any, bucket: str, key: str, data: bytes) -> None:
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.fixture
+def backed_up(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+              key_file: Path, write_settings: Any, source: dict[str, int]) -> dict[str, Any]:
+    """A database with the test schema, one verified backup of it, and its fingerprint at backup time."""
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup(deep_verify=False)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    return {"summary": summary, "digest": digest(pg_cluster, database),
+            "manifest": json.loads(s3_get(s3_server, bucket, summary["manifest_key"]))}
+
+
+def test_round_trip_into_a_new_database(backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str) -> None:
+    with pg_cluster.connect(database) as conn:  # life goes on after the backup
+        conn.execute("DELETE FROM app.documents WHERE id > 10")
+        conn.execute("UPDATE app.users SET email = 'changed@example.com' WHERE id < 50")
+        conn.execute("INSERT INTO public.events (kind) VALUES ('after-backup')")
+
+    state = run_restore(target_database=f"{database}_rt")
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["database"] == f"{database}_rt" and summary["backup_id"] == backed_up["summary"]["backup_id"]
+    assert summary["rto_seconds"] < summary["rto_target_seconds"]
+    assert digest(pg_cluster, f"{database}_rt") == backed_up["digest"]  # the data as it was at backup time
+    assert digest(pg_cluster, database) != backed_up["digest"]          # the source was not touched
+    restored = [r for r in log_rows(pg_cluster, database) if r["kind"] == "restore"]
+    assert len(restored) == 1 and restored[0]["status"] == "success"
+    details = restored[0]["details"]
+    assert set(details["timings"]) >= {"download", "decrypt", "decompress", "restore", "verify"}
+    assert all(c["ok"] for c in details["checks"]) and len(details["checks"]) >= 3 + len(TABLES)
+
+
+def test_selective_restore_of_one_table(backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str) -> None:
+    with pg_cluster.connect(database) as conn:
+        conn.execute("DELETE FROM app.users WHERE id > 100")  # someone deleted rows from one table
+    state = run_restore(target_database=f"{database}_one", tables=["app.users"])
+    assert state.is_completed(), state.message
+    with pg_cluster.connect(f"{database}_one") as conn:
+        assert conn.execute("SELECT count(*) FROM app.users").fetchone()[0] == 500
+        present = {r[0] for r in conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname IN ('app', 'public')")}
+    assert present == {"app.users"}
+
+
+def test_parallel_restore(backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str, tmp_path: Path) -> None:
+    state = run_restore(target_database=f"{database}_j2", jobs=2)
+    assert state.is_completed(), state.message
+    assert digest(pg_cluster, f"{database}_j2") == backed_up["digest"]
+    work = Path(load_settings().work_dir)
+    assert not list(work.glob("restore-*")), "the private spool directory must be removed"
+
+
+def test_replace_needs_the_confirmation_and_keeps_the_old_database(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str,
+) -> None:
+    with pg_cluster.connect(database) as conn:
+        conn.execute("DELETE FROM app.documents")
+    for confirm in (None, "yes", f"{database}x"):
+        state = run_restore(mode="replace", confirm=confirm)
+        assert state.is_failed()
+        assert f"confirm = '{database}'" in state.message
+    assert databases(pg_cluster, database) == [database]  # nothing created, nothing touched
+
+    state = run_restore(mode="replace", confirm=database)
+    assert state.is_completed(), state.message
+    assert digest(pg_cluster, database) == backed_up["digest"]
+    kept = [d for d in databases(pg_cluster, database) if "_pre_restore_" in d]
+    assert len(kept) == 1 and state.result()["retired_database"] == kept[0]
+    with pg_cluster.connect() as conn:
+        conn.execute(f'ALTER DATABASE "{kept[0]}" WITH ALLOW_CONNECTIONS true')
+    with pg_cluster.connect(kept[0]) as conn:
+        assert conn.execute("SELECT count(*) FROM app.documents").fetchone()[0] == 0  # the old data, kept
+
+
+def test_tampered_object_is_refused_before_the_target_is_touched(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
+) -> None:
+    doc = backed_up["manifest"]
+    key = doc["dump"]["key"]
+    blob = bytearray(s3_get(s3_server, bucket, key))
+    blob[len(blob) // 2] ^= 0x40
+    put_object(s3_server, bucket, key, bytes(blob))
+    state = run_restore(target_database=f"{database}_t1")
+    assert state.is_failed() and "sha256" in state.message and "manifest" in state.message
+
+    # An attacker who also fixes the manifest's checksum is stopped by authentication.
+    import hashlib
+
+    doc["dump"]["sha256_encrypted"] = hashlib.sha256(blob).hexdigest()
+    put_object(s3_server, bucket, backed_up["summary"]["manifest_key"], json.dumps(doc).encode())
+    state = run_restore(target_database=f"{database}_t2")
+    assert state.is_failed() and "authentic" in state.message.lower()
+    assert databases(pg_cluster, database) == [database]
+
+
+def test_wrong_key_is_a_clear_error(backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str,
+                                    bucket: str, write_settings: Any, tmp_path: Path) -> None:
+    from luxima_backup.keys import new_master_key
+
+    other = tmp_path / "other.key"
+    other.write_text(new_master_key())
+    write_settings(database, bucket, file_keys(other))
+    state = run_restore(target_database=f"{database}_wk")
+    assert state.is_failed()
+    assert "encrypted with key file" in state.message and "old_key_files" in state.message
+    assert databases(pg_cluster, database) == [database]
+
+
+def test_a_count_mismatch_fails_and_names_the_table(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
+    prefect_server: Any,
+) -> None:
+    doc = backed_up["manifest"]
+    doc["row_counts"]["public.events"] += 1  # the backup claims a row the restore will not have
+    put_object(s3_server, bucket, backed_up["summary"]["manifest_key"], json.dumps(doc).encode())
+    state = run_restore(target_database=f"{database}_mm")
+    assert state.is_failed() and "rows in public.events" in state.message
+    run_id = str(state.state_details.flow_run_id)
+    artifacts = httpx.post(f"{prefect_server.api_url}/artifacts/filter",
+                           json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 10, "offset": 0}).json()
+    table = next(a for a in artifacts if a["type"] == "table")
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    bad = [r for r in rows if not r["ok"]]
+    assert [r["check"] for r in bad] == ["rows in public.events"]
+    assert bad[0]["expected"] == "2001" and bad[0]["actual"] == "2000"
+
+
+def test_latest_skips_unverified_and_honours_as_of(
+    backed_up: dict[str, Any], s3_server: Any, bucket: str, database: str,
+) -> None:
+    settings = load_settings()
+    store = store_from_settings(settings.storage)
+    first = backed_up["manifest"]
+    # A newer backup whose manifest is not 'verified' (e.g. verification failed half-way).
+    newer = json.loads(json.dumps(first))
+    newer.update(backup_id=first["backup_id"] + "-newer", status="unverified",
+                 completed_at=(datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat())
+    key = backed_up["summary"]["manifest_key"].replace(".manifest.json", "9.manifest.json")
+    put_object(s3_server, bucket, key, json.dumps(newer).encode())
+    assert catalog.resolve(store, "backups", "db", "latest", source=database).backup_id == first["backup_id"]
+    assert catalog.resolve(store, "backups", "db", first["backup_id"]).manifest_key == backed_up["summary"]["manifest_key"]
+    assert catalog.resolve(store, "backups", "db", first["dump"]["key"]).backup_id == first["backup_id"]
+    before = datetime.fromisoformat(first["completed_at"]) - timedelta(seconds=1)
+    with pytest.raises(ConfigError, match="no verified db backup"):
+        catalog.resolve(store, "backups", "db", "latest", source=database, as_of=before)
+    with pytest.raises(ConfigError, match="no db backup with id"):
+        catalog.resolve(store, "backups", "db", "db-nothing-20200101T000000Z")
+
+
+def test_restore_from_manifests_alone_when_the_source_and_its_log_are_gone(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
+) -> None:
+    with pg_cluster.connect() as conn:
+        conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')  # the database, and its backup log with it
+    state = run_restore(target_database=f"{database}_dr")
+    assert state.is_completed(), state.message
+    assert digest(pg_cluster, f"{database}_dr") == backed_up["digest"]
+    assert backed_up["summary"]["manifest_key"] in s3_keys(s3_server, bucket)
