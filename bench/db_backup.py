@@ -14,7 +14,13 @@ one run, on the same data and machine:
   pipeline_s3  the first, into the moto S3 server over HTTP. moto is a Python test double,
              not a production S3: its own CPU use on this small machine bounds this figure.
 
-and reports ratios, sizes and the peak RSS of the largest process of the backup command.
+and, for restores, `createdb + pg_restore -j2` from a local uncompressed dump (the floor)
+against `luxima-backup restore db --jobs 2` (download, decrypt, decompress, pg_restore -j2,
+verify) and its streamed form (`--jobs 1`, no plaintext file), with the measured RTO.
+
+It reports ratios, sizes and the peak RSS of the largest process of the backup command. The
+flow's own stage timings are kept too: the streaming stages alone show the data path's speed,
+without the fixed cost of starting the interpreter and the flow run (~4 s here).
 Results go to bench/results/db_backup-<size>gb.json and a summary table to stdout.
 
     .venv/bin/python bench/db_backup.py --sizes 1,4
@@ -166,6 +172,26 @@ enabled = false
             results[name] = r
             print(f"bench: {name}: {r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
 
+        # Restore: the floor is pg_restore -j2 from a local uncompressed dump (into a new database).
+        plain_dump = work / "plain.dump"
+        subprocess.run(f"{dump} -Z0 -f {plain_dump}", shell=True, env=env, check=True)
+        psql = f"{bindir}/psql -h 127.0.0.1 -p {pg.port} -U postgres -d postgres -q -c"
+        r = run_timed(f"{psql} 'CREATE DATABASE restore_floor TEMPLATE template0' && "
+                      f"{bindir}/pg_restore -h 127.0.0.1 -p {pg.port} -U postgres -j2 --exit-on-error -d restore_floor {plain_dump}",
+                      env, shell=True)
+        results["restore_floor"] = {"seconds": r["seconds"], "command": "createdb + pg_restore -j2 (local uncompressed dump)"}
+        plain_dump.unlink()
+        print(f"bench: restore_floor: {r['seconds']:.1f}s", flush=True)
+        for name, jobs in (("restore_pipeline", 2), ("restore_pipeline_stream", 1)):
+            cmd = [sys.executable, str(ROOT / "bench" / "_rss_probe.py"), str(ROOT / ".venv" / "bin" / "luxima-backup"),
+                   "restore", "db", "--jobs", str(jobs), "--target-database", name]
+            r = run_timed(cmd, store_env)
+            lines = r["stdout"].strip().splitlines()
+            out = json.loads("\n".join(lines[:-1]))
+            results[name] = {"seconds": r["seconds"], "rto_seconds": out["rto_seconds"], "stage_seconds": out["timings"],
+                             "peak_rss_mib": json.loads(lines[-1])["maxrss_mib"], "jobs": jobs}
+            print(f"bench: {name}: {r['seconds']:.1f}s (RTO {out['rto_seconds']:.1f}s)", flush=True)
+
         floor = results["floor"]["seconds"]
         p = results["pipeline"]
         results["ratios"] = {
@@ -174,6 +200,7 @@ enabled = false
             "shell_zstd_over_pipeline": round(results["shell_zstd"]["seconds"] / p["seconds"], 2),
             "pipeline_size_over_pg_dump_gzip": round(p["encrypted_bytes"] / results["pg_dump_gzip_bytes"], 3),
             "compression_ratio": round(p["dump_bytes"] / p["encrypted_bytes"], 2),
+            "restore_over_floor": round(results["restore_pipeline"]["seconds"] / results["restore_floor"]["seconds"], 2),
         }
         return results
     finally:
@@ -202,6 +229,13 @@ def main() -> None:
         name = f"db_backup-{size:g}gb.json"
         (RESULTS / name).write_text(json.dumps(res, indent=2) + "\n")
         rows.append(res)
+    print()
+    print("| dump size | restore floor (pg_restore -j2) | restore pipeline -j2 | streamed (-j1) | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pg_dump_uncompressed_bytes'] / 1e9:.2f} GB | {r['restore_floor']['seconds']}s "
+              f"| {r['restore_pipeline']['seconds']}s (RTO {r['restore_pipeline']['rto_seconds']}s) "
+              f"| {r['restore_pipeline_stream']['seconds']}s | {r['ratios']['restore_over_floor']}x |")
     print()
     print("| dump size | floor | by hand | shell zstd | pipeline | + deep verify | to moto S3 | pipeline/floor "
           "| by-hand/pipeline | size vs pg_dump gzip | peak RSS |")

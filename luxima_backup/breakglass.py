@@ -22,12 +22,29 @@ from .keys import KeyFileProvider, KeyProvider
 READ_SIZE = 1 << 20
 
 
-def _codec_of(name: str) -> str:
-    if ".zst." in name or name.endswith(".zst.enc"):
-        return "zstd"
-    if ".gz." in name or name.endswith(".gz.enc"):
-        return "gzip"
-    raise ConfigError(f"cannot tell the compression of {name} from its name", hint="decrypt without --decompress")
+_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip"}
+
+
+class _Prefixed:
+    """A reader that gives back ``head`` first, then the rest of ``src``."""
+
+    def __init__(self, head: bytes, src: Any):
+        self._head, self._src = head, src
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out, self._head = (self._head, b"") if n < 0 or n >= len(self._head) else (self._head[:n], self._head[n:])
+            return out
+        return self._src.read(n)
+
+
+def _decompressing(reader: Any, name: str) -> Any:
+    """Decompress by the stream's own magic bytes (names of local copies may say nothing)."""
+    head = reader.read(4)
+    for magic, codec in _MAGIC.items():
+        if head.startswith(magic):
+            return DecompressingReader(_Prefixed(head, reader), codec)
+    raise ConfigError(f"{name} does not hold zstd or gzip data once decrypted", hint="decrypt without --decompress")
 
 
 def _provider(key_files: list[Path]) -> KeyProvider:
@@ -88,7 +105,7 @@ def decrypt_object(object_key: str | None, input_file: Path | None, output: str,
     with _source(object_key, input_file) as src, _sink(output) as out:
         reader: Any = DecryptingReader(src, provider.unwrap)
         if decompress:
-            reader = DecompressingReader(reader, _codec_of(name))
+            reader = _decompressing(reader, name)
         while True:
             block = reader.read(READ_SIZE)
             if not block:

@@ -9,13 +9,14 @@ EPIPE and the failure travels upstream too (pg_dump gets SIGPIPE).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import StageAborted
 
@@ -189,3 +190,37 @@ class MeteredReader:
 
     def readable(self) -> bool:
         return True
+
+
+@contextlib.contextmanager
+def stage(source: Link | None, sink: Link | None) -> Iterator[None]:
+    """Run the body as a stage between links.
+
+    On failure the sink carries the error downstream (its reader never sees a clean end); on
+    success it is declared complete and closed. The source's read end is closed either way,
+    so a writer upstream of a failed stage stops with EPIPE instead of blocking.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if sink is not None:
+            sink.fail(exc)
+        raise
+    finally:
+        if source is not None:
+            source.close_read()
+    if sink is not None:
+        sink.succeed()
+        sink.close_write()
+
+
+def copy(src: Any, dst: Any | None, meter: Meter, block_size: int = 1 << 20) -> Meter:
+    """Copy ``src`` to EOF into ``dst`` (or nowhere), metering every byte; returns the finished meter."""
+    while True:
+        block = src.read(block_size)
+        if not block:
+            break
+        meter.update(block)
+        if dst is not None:
+            dst.write(block)
+    return meter.finish()

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup.compression import READ_SIZE, DecompressingReader, compressor
-from luxima_backup.pipes import Link, Meter
+from luxima_backup.pipes import Link, Meter, copy, stage
 
 
 def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0) -> tuple[Meter, Meter]:
@@ -34,15 +34,8 @@ def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: in
 @task(name="compress", cache_policy=NO_CACHE)
 def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> dict[str, Any]:
     """Compress the dump stream on its way to encryption."""
-    try:
+    with stage(source, sink):
         plain, packed = compress_stream(source.reader(), sink.writer(), codec, level, threads)
-    except BaseException as exc:
-        sink.fail(exc)
-        raise
-    finally:
-        source.close_read()
-    sink.succeed()
-    sink.close_write()
     return {
         "codec": codec, "level": level,
         "plain_bytes": plain.size, "plain_sha256": plain.hexdigest,
@@ -52,35 +45,17 @@ def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> 
 
 def decompress_stream(src: Any, dst: Any | None, codec: str) -> Meter:
     """Decompress ``src`` to EOF into ``dst`` (or nowhere, only metering); returns the plaintext meter."""
-    reader = DecompressingReader(src, codec)
-    plain = Meter()
-    while True:
-        block = reader.read(READ_SIZE)
-        if not block:
-            break
-        plain.update(block)
-        if dst is not None:
-            dst.write(block)
-    return plain.finish()
+    return copy(DecompressingReader(src, codec), dst, Meter(), READ_SIZE)
 
 
 @task(name="decompress", cache_policy=NO_CACHE)
 def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None) -> dict[str, Any]:
     """Decompress the decrypted stream: into the next stage, into a private file, or only to check it."""
-    try:
+    with stage(source, sink):
         if to_file is not None:
             fd = os.open(to_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
                 plain = decompress_stream(source.reader(), out, codec)
         else:
             plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec)
-    except BaseException as exc:
-        if sink is not None:
-            sink.fail(exc)
-        raise
-    finally:
-        source.close_read()
-    if sink is not None:
-        sink.succeed()
-        sink.close_write()
     return {"plain_bytes": plain.size, "plain_sha256": plain.hexdigest, "seconds": round(plain.seconds, 3)}

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.envelope import DecryptingReader, UnwrapFn
-from luxima_backup.pipes import Link, Meter
+from luxima_backup.pipes import Link, Meter, copy, stage
 
 READ_SIZE = 1 << 20
 
@@ -22,27 +22,15 @@ READ_SIZE = 1 << 20
 def decrypt_stream(src: BinaryIO, dst: Any, unwrap: UnwrapFn) -> tuple[Meter, dict[str, Any]]:
     """Decrypt ``src`` to EOF into ``dst``; returns a meter of the plaintext and the header's key."""
     reader = DecryptingReader(src, unwrap)
-    plain = Meter()
-    while True:
-        block = reader.read(READ_SIZE)
-        if not block:
-            break
-        plain.update(block)
-        dst.write(block)
-    return plain.finish(), reader.header.key.to_json()
+    return copy(reader, dst, Meter(), READ_SIZE), reader.header.key.to_json()
 
 
 @task(name="decrypt", cache_policy=NO_CACHE)
 def decrypt(spool: str, sink: Link) -> dict[str, Any]:
     """Decrypt the spooled backup, authenticating every chunk, into the next stage."""
-    try:
+    with stage(None, sink):
         provider = runtime.key_provider()
         with open(Path(spool), "rb") as src:
             plain, key = decrypt_stream(src, sink.writer(), provider.unwrap)
-    except BaseException as exc:
-        sink.fail(exc)
-        raise
-    sink.succeed()
-    sink.close_write()
     key.pop("wrapped", None)
     return {"compressed_bytes": plain.size, "key": key, "seconds": round(plain.seconds, 3)}

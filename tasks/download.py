@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.errors import IntegrityError
-from luxima_backup.pipes import Meter
+from luxima_backup.pipes import Meter, copy
 from luxima_backup.storage import ObjectStore
 
 READ_SIZE = 1 << 20
@@ -24,15 +24,8 @@ READ_SIZE = 1 << 20
 
 def download_to_file(store: ObjectStore, key: str, path: Path, expected_size: int, expected_sha256: str) -> Meter:
     """Copy ``key`` to ``path`` (created 0600); its size and sha256 must equal the manifest's."""
-    meter = Meter()
     with store.load(key) as body, open(path, "wb", opener=_private) as out:
-        while True:
-            block = body.read(READ_SIZE)
-            if not block:
-                break
-            meter.update(block)
-            out.write(block)
-    meter.finish()
+        meter = copy(body, out, Meter(), READ_SIZE)
     if meter.size != expected_size:
         raise IntegrityError(f"{key} is {meter.size} bytes in storage; its manifest says {expected_size}",
                              hint="the object was truncated or replaced after the backup; restore another backup")

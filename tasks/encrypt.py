@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from luxima_backup import runtime
 from luxima_backup.envelope import Encryptor
 from luxima_backup.keys import DataKey
-from luxima_backup.pipes import Link, Meter
+from luxima_backup.pipes import Link, Meter, stage
 
 READ_SIZE = 1 << 20
 
@@ -39,20 +39,13 @@ def encrypt_stream(src: BinaryIO, dst: Any, data_key: DataKey, chunk_size: int, 
 @task(name="encrypt", cache_policy=NO_CACHE)
 def encrypt(source: Link, sink: Link, content: str) -> dict[str, Any]:
     """Encrypt the compressed stream with a new data key before it leaves the machine."""
-    try:
+    with stage(source, sink):
         settings = runtime.settings()
         # A new data key per object: one leaked key exposes one backup, never the history.
         data_key = runtime.key_provider(settings).new_data_key()
         plain, sealed = encrypt_stream(
             source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024, {"content": content}
         )
-    except BaseException as exc:
-        sink.fail(exc)
-        raise
-    finally:
-        source.close_read()
-    sink.succeed()
-    sink.close_write()
     return {
         "format": "LXB1", "chunk_size": settings.keys.chunk_kib * 1024,
         "key": data_key.wrapped.to_json(), "plain_bytes": plain.size,

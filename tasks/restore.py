@@ -7,6 +7,7 @@ created by the restore are ever dropped; a replaced database is renamed aside, n
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from typing import Any
@@ -116,6 +117,13 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
                 while drain.read(1 << 20):
                     pass
         process.check(rc)
+    except ToolError as exc:
+        if process is not None:
+            process.kill()
+        if re.search(r'role "[^"]+" does not exist', str(exc)):
+            raise ToolError(exc.message, hint="the backup's roles are missing on the target: restore with "
+                            "restore_globals_first (roles from the backup) or no_owner (no ownership or grants)") from None
+        raise
     except BaseException:
         if process is not None:
             process.kill()

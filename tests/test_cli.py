@@ -102,3 +102,57 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert summary["size_encrypted"] > 0
     leftovers = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_break_glass_without_a_prefect_server(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+    write_settings: Any, key_file: Path, source: dict[str, int], tmp_path: Path,
+) -> None:
+    """list, show, decrypt and restore db from the manifests alone, with Prefect in ephemeral mode."""
+    import hashlib
+
+    config = write_settings(database, bucket, file_keys(key_file))
+    env = {"PREFECT_API_URL": prefect_server.api_url, "LUXIMA_TEST_DB_PASSWORD": DB_PASSWORD}
+    done = cli("backup", "db", "--config", str(config), "--no-deep-verify", env=env)
+    assert done.returncode == 0, done.stderr
+    backup_id = json.loads(done.stdout)["backup_id"]
+
+    # Everything is down but storage and the key: no Prefect server, no log database.
+    alone = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LUXIMA_BACKUP"))}
+    alone.update(PREFECT_HOME=str(tmp_path / "prefect-home"), LUXIMA_TEST_DB_PASSWORD=DB_PASSWORD,
+                 LUXIMA_BACKUP__LOG__ENABLED="false")
+    run = lambda *a: subprocess.run([CLI, *a], capture_output=True, text=True, env=alone, timeout=300, cwd=ROOT)  # noqa: E731
+
+    done = run("list", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert backup_id in done.stdout and "verified" in done.stdout
+    done = run("show", "latest", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["backup_id"] == backup_id and doc["row_counts"] == source
+
+    out = tmp_path / "db.dump"
+    done = run("decrypt", doc["dump"]["key"], "--decompress", "-o", str(out), "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == doc["dump"]["sha256_plain"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+    # A local copy and the key file alone, no settings at all; a wrong key file is refused.
+    copy = tmp_path / "copy.enc"
+    copy.write_bytes(s3_server.client().get_object(Bucket=bucket, Key=doc["dump"]["key"])["Body"].read())
+    raw = subprocess.run([CLI, "decrypt", "--input", str(copy), "--key-file", str(key_file), "--decompress", "-o", "-"],
+                         capture_output=True, env=alone, timeout=300, cwd=ROOT)
+    assert raw.returncode == 0 and hashlib.sha256(raw.stdout).hexdigest() == doc["dump"]["sha256_plain"]
+    other = tmp_path / "other.key"
+    assert cli("keys", "generate", str(other)).returncode == 0
+    done = run("decrypt", "--input", str(copy), "--key-file", str(other), "-o", str(tmp_path / "x"))
+    assert done.returncode == 1 and "encrypted with key file" in done.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+    done = run("restore", "db", "--target-database", f"{database}_bg", "--config", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["database"] == f"{database}_bg" and summary["backup_id"] == backup_id
+    with pg_cluster.connect(f"{database}_bg") as conn:
+        assert conn.execute("SELECT count(*) FROM app.users").fetchone()[0] == source["app.users"]

@@ -207,3 +207,89 @@ def test_restore_from_manifests_alone_when_the_source_and_its_log_are_gone(
     assert state.is_completed(), state.message
     assert digest(pg_cluster, f"{database}_dr") == backed_up["digest"]
     assert backed_up["summary"]["manifest_key"] in s3_keys(s3_server, bucket)
+
+
+def test_application_login_and_queries_are_checked(
+    prefect_server: Any, pg_cluster: PostgresCluster, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import secrets as pysecrets
+
+    from tests.simulators.supabase_auth import SupabaseAuthSimulator
+
+    role, password = f"app_{database}", pysecrets.token_urlsafe(12)
+    with pg_cluster.connect(database) as conn:  # the application's role and grants travel in the dump
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute(f"GRANT USAGE ON SCHEMA app TO {role}; GRANT SELECT ON app.users TO {role}")
+    monkeypatch.setenv("LUXIMA_TEST_APP_PASSWORD", password)
+    monkeypatch.setenv("LUXIMA_TEST_AUTH_PASSWORD", "user-password-1")
+    monkeypatch.setenv("LUXIMA_TEST_ANON_KEY", "anon-key-123")
+
+    def settings(min_rows: int, auth_url: str) -> None:
+        write_settings(database, bucket, file_keys(key_file), f"""
+            [restore.app_check]
+            user = "{role}"
+            password = "env:LUXIMA_TEST_APP_PASSWORD"
+            queries = [{{ sql = "SELECT id, email FROM app.users ORDER BY id", min_rows = {min_rows} }}]
+            [restore.app_check.http_login]
+            url = "{auth_url}"
+            email = "ops@luxima.id"
+            password = "env:LUXIMA_TEST_AUTH_PASSWORD"
+            apikey = "env:LUXIMA_TEST_ANON_KEY"
+        """)
+
+    try:
+        with SupabaseAuthSimulator("anon-key-123", {"ops@luxima.id": "user-password-1"}) as auth:
+            settings(500, auth.url)
+            assert run_backup(deep_verify=False).is_completed()
+            state = run_restore(target_database=f"{database}_app")
+            assert state.is_completed(), state.message
+            assert auth.logins == ["ops@luxima.id"]
+
+            settings(501, auth.url)  # the application needs more rows than the restore has
+            state = run_restore(target_database=f"{database}_app2")
+            assert state.is_failed() and "query: SELECT id, email FROM app.users" in state.message
+            assert password not in state.message
+
+            auth.users["ops@luxima.id"] = "changed"  # the app's users cannot log in any more
+            settings(1, auth.url)
+            state = run_restore(target_database=f"{database}_app3")
+            assert state.is_failed() and "HTTP login ops@luxima.id" in state.message
+    finally:
+        with pg_cluster.connect() as conn:
+            for db in databases(pg_cluster, database):
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_missing_roles_need_the_globals(
+    prefect_server: Any, pg_cluster: PostgresCluster, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int],
+) -> None:
+    role = f"reader_{database}"
+    with pg_cluster.connect(database) as conn:
+        conn.execute(f"CREATE ROLE {role} NOLOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA app TO {role}; GRANT SELECT ON app.users TO {role}")
+    write_settings(database, bucket, file_keys(key_file))
+    try:
+        assert run_backup(deep_verify=False).is_completed()
+        with pg_cluster.connect(database) as conn:  # the role is lost (a new server, or dropped)
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+        state = run_restore(target_database=f"{database}_ng")
+        assert state.is_failed() and f'role "{role}" does not exist' in state.message
+        assert "restore_globals_first" in state.message
+        assert databases(pg_cluster, database) == [database]  # the failed restore's database is dropped
+
+        state = run_restore(target_database=f"{database}_g", restore_globals_first=True)
+        assert state.is_completed(), state.message
+        with pg_cluster.connect(f"{database}_g") as conn:
+            assert conn.execute("SELECT has_table_privilege(%s, 'app.users', 'SELECT')", (role,)).fetchone()[0]
+        state = run_restore(target_database=f"{database}_no", no_owner=True)
+        assert state.is_completed(), state.message
+    finally:
+        with pg_cluster.connect() as conn:
+            for db in databases(pg_cluster, database):
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
