@@ -17,8 +17,9 @@ from .settings import Settings, load_settings
 from .storage import ObjectStore, store_from_settings
 
 _lock = threading.Lock()
-_stores: dict[int, ObjectStore] = {}
-_providers: dict[int, KeyProvider] = {}
+# Keyed by id() and holding the settings object itself, so an id is never reused while cached.
+_stores: dict[int, tuple[Settings, ObjectStore]] = {}
+_providers: dict[int, tuple[Settings, KeyProvider]] = {}
 
 
 def settings() -> Settings:
@@ -28,17 +29,19 @@ def settings() -> Settings:
 def store(s: Settings | None = None) -> ObjectStore:
     s = s or settings()
     with _lock:
-        if id(s) not in _stores:
-            _stores[id(s)] = store_from_settings(s.storage)
-        return _stores[id(s)]
+        cached = _stores.get(id(s))
+        if cached is None or cached[0] is not s:
+            cached = _stores[id(s)] = (s, store_from_settings(s.storage))
+        return cached[1]
 
 
 def key_provider(s: Settings | None = None) -> KeyProvider:
     s = s or settings()
     with _lock:
-        if id(s) not in _providers:
-            _providers[id(s)] = provider_from_settings(s.keys)
-        return _providers[id(s)]
+        cached = _providers.get(id(s))
+        if cached is None or cached[0] is not s:
+            cached = _providers[id(s)] = (s, provider_from_settings(s.keys))
+        return cached[1]
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

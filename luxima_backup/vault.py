@@ -15,17 +15,18 @@ from .secrets import register
 from .settings import VaultSettings
 
 _lock = threading.Lock()
-_clients: dict[int, hvac.Client] = {}
+# Keyed by id() and holding the settings object itself, so an id is never reused while cached.
+_clients: dict[int, tuple[VaultSettings, hvac.Client]] = {}
 
 
 def client(cfg: VaultSettings) -> hvac.Client:
     """An authenticated hvac client for ``cfg``, made once per process and settings object."""
     with _lock:
         cached = _clients.get(id(cfg))
-        if cached is not None and cached.is_authenticated():
-            return cached
+        if cached is not None and cached[0] is cfg and cached[1].is_authenticated():
+            return cached[1]
         c = _login(cfg)
-        _clients[id(cfg)] = c
+        _clients[id(cfg)] = (cfg, c)
         return c
 
 

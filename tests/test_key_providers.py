@@ -15,7 +15,6 @@ from typing import Any, Callable
 import hvac
 import pytest
 
-from luxima_backup import vault as vault_mod
 from luxima_backup.envelope import WrappedKey
 from luxima_backup.errors import ConfigError, KeyProviderError, WrongKeyError, is_transient
 from luxima_backup.keys import KeyFileProvider, KeyProvider, VaultKVProvider, VaultTransitProvider, new_master_key
@@ -212,7 +211,6 @@ def test_approle_login_with_a_least_privilege_policy(vault: dict[str, Any], admi
     assert not is_transient(err.value) and "policy" in (err.value.hint or "")
 
     monkeypatch.setenv("LUXIMA_TEST_SECRET_ID", str(uuid.uuid4()))
-    vault_mod._clients.clear()
     with pytest.raises(KeyProviderError, match="AppRole") as err:
         VaultTransitProvider(vault_settings(vault, transit_key=name, **approle)).new_data_key()
     assert not is_transient(err.value) and "secret_id" in (err.value.hint or "")
