@@ -19,9 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from luxima_backup import __version__, manifest, runtime
+from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.envelope import encrypt_bytes
-from luxima_backup.errors import BackupError, is_transient
+from luxima_backup.errors import BackupError, VerificationError, is_transient
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
@@ -125,6 +125,8 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
                              globals_info, verification, run_id)
         save_manifest(keys.manifest, document)
     except BaseException as exc:
+        if isinstance(exc, VerificationError):
+            events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
         _discard(uploaded, logger)
         _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
                 {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
@@ -135,6 +137,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
              "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
              "key_id": e["key"]["key_id"]}, skip=entry is None)
+    events.backup_succeeded("db", name, keys.backup_id, object_key=keys.data, size_encrypted=u["bytes"])
     logger.info("backup %s complete: %s (%s bytes encrypted)", keys.backup_id, keys.data, u["bytes"])
     return summary
 

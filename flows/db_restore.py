@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from luxima_backup import catalog, pg, runtime
+from luxima_backup import catalog, events, pg, runtime
 from luxima_backup.catalog import Backup
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import BackupError, ConfigError, VerificationError, is_transient
@@ -219,6 +219,9 @@ def db_restore(
             logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
         outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
     except BaseException as exc:
+        if isinstance(exc, VerificationError):
+            events.verification_failed("restore", "db", plan.source, str(exc), backup_id=plan.backup.backup_id,
+                                       database=plan.restore_into)
         verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings
         if created and not verified_but_wrong:
             _drop_quietly(target_cfg, plan.restore_into, logger)
@@ -228,6 +231,7 @@ def db_restore(
         shutil.rmtree(work, ignore_errors=True)
         _log(settings, plan, started, outcome, timings, checks)
     database = plan.replaces or plan.restore_into
+    events.restore_succeeded("db", plan.source, plan.backup.backup_id, database=database, rto_seconds=outcome["rto_seconds"])
     summary = {
         "backup_id": plan.backup.backup_id, "object_key": dump_info["key"], "database": database,
         "target": plan.target, "mode": plan.mode, "retired_database": plan.retired_as,

@@ -162,6 +162,49 @@ def decrypt_cmd(
         typer.echo(f"wrote {output} ({written} bytes, every chunk authenticated)", err=True)
 
 
+@app.command("deploy")
+def deploy_cmd(config: Optional[Path] = ConfigOpt) -> None:
+    """Register every deployment of prefect.yaml on the Prefect server (idempotent) and its work pool."""
+    _use_config(config)
+    from deployments.deploy import deploy_all
+
+    try:
+        load_settings()
+        names = deploy_all()
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(f"deployed: {', '.join(names)}")
+
+
+@app.command("worker")
+def worker_cmd(pool: str = typer.Option("luxima-backup", help="the process work pool to poll"),
+               limit: Optional[int] = typer.Option(None, help="flow runs at once"),
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Run a process worker for the deployments (flow runs get this settings file and project home)."""
+    _use_config(config)
+    from deployments.deploy import worker_command, worker_env
+
+    try:
+        load_settings()
+    except BackupError as exc:
+        _fail(exc)
+    os.execve(worker_command(pool, limit)[0], worker_command(pool, limit), worker_env())
+
+
+@app.command("serve")
+def serve_cmd(limit: Optional[int] = typer.Option(None, help="flow runs at once"),
+              config: Optional[Path] = ConfigOpt) -> None:
+    """Serve every deployment from this process, with no work pool or worker (small installations)."""
+    _use_config(config)
+    from deployments.serve import serve_all
+
+    try:
+        load_settings()
+        serve_all(limit)
+    except BackupError as exc:
+        _fail(exc)
+
+
 @config_app.command("check")
 def config_check(config: Optional[Path] = ConfigOpt) -> None:
     """Validate the settings and print them (secret references only, never values)."""

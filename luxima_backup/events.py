@@ -1,0 +1,47 @@
+"""Events the flows emit for automations: the RPO watchdog listens for successes, alerts for failed checks.
+
+Resources are named ``luxima.backup.<component>.<target>`` and labelled with the component and
+target, so one automation can watch every target of a component (``for_each`` the resource).
+Emitted inside a flow run, each event is related to that run, its flow and deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+SUCCEEDED = "luxima.backup.succeeded"
+RESTORED = "luxima.restore.succeeded"
+VERIFICATION_FAILED = "luxima.verification.failed"
+
+log = logging.getLogger(__name__)
+
+
+def resource(component: str, target: str) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"luxima.backup.{component}.{target}",
+        "prefect.resource.name": f"{component} backup of {target}",
+        "luxima.component": component,
+        "luxima.target": target,
+    }
+
+
+def _emit(event: str, component: str, target: str, payload: dict[str, Any]) -> None:
+    from prefect.events import emit_event
+
+    try:
+        emit_event(event=event, resource=resource(component, target), payload=payload)
+    except Exception as exc:  # an event that cannot be sent never changes a backup's outcome
+        log.warning("could not emit %s for %s %s: %s", event, component, target, exc)
+
+
+def backup_succeeded(component: str, target: str, backup_id: str, **payload: Any) -> None:
+    _emit(SUCCEEDED, component, target, {"backup_id": backup_id, **payload})
+
+
+def restore_succeeded(component: str, target: str, backup_id: str, **payload: Any) -> None:
+    _emit(RESTORED, component, target, {"backup_id": backup_id, **payload})
+
+
+def verification_failed(kind: str, component: str, target: str, detail: str, **payload: Any) -> None:
+    _emit(VERIFICATION_FAILED, component, target, {"kind": kind, "detail": detail, **payload})

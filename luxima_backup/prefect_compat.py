@@ -1,0 +1,56 @@
+"""A work-around for a Prefect 3.8.8 client call that the pinned server rejects.
+
+``read_workers_for_work_pool`` sends ``"limit": null, "offset": null``; the server's endpoint
+(with fastapi 0.154, the newest Prefect 3.8.8 starts with) validates them as integers and
+answers 422. `prefect deploy`, ``Flow.deploy`` and workers' hints all call it, after the
+deployment is created, so the first deployment registers and the command then fails.
+``apply()`` fills in the server's own defaults; it is a no-op once the call passes them itself.
+Drop this module when Prefect is upgraded past the bug.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+DEFAULT_LIMIT = 200
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    from prefect.client.orchestration._work_pools.client import WorkPoolAsyncClient, WorkPoolClient
+
+    sync_read = WorkPoolClient.read_workers_for_work_pool
+    async_read = WorkPoolAsyncClient.read_workers_for_work_pool
+
+    @functools.wraps(sync_read)
+    def read_sync(self: Any, work_pool_name: str, worker_filter: Any = None, offset: int | None = None,
+                  limit: int | None = None) -> Any:
+        return sync_read(self, work_pool_name, worker_filter, offset or 0, limit or DEFAULT_LIMIT)
+
+    @functools.wraps(async_read)
+    async def read_async(self: Any, work_pool_name: str, worker_filter: Any = None, offset: int | None = None,
+                         limit: int | None = None) -> Any:
+        return await async_read(self, work_pool_name, worker_filter, offset or 0, limit or DEFAULT_LIMIT)
+
+    WorkPoolClient.read_workers_for_work_pool = read_sync  # type: ignore[method-assign]
+    WorkPoolAsyncClient.read_workers_for_work_pool = read_async  # type: ignore[method-assign]
+    _applied = True
+
+
+def run_prefect_cli(args: list[str]) -> int:
+    """Run Prefect's own CLI in this process, with the work-around applied; returns its exit code."""
+    import sys
+
+    apply()
+    from prefect.cli import app
+
+    sys.argv = ["prefect", *args]  # Prefect's CLI entry point reads its arguments from argv
+    try:
+        app()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0

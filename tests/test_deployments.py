@@ -1,0 +1,103 @@
+"""Deployments as operators run them: `prefect deploy --all` + a process worker, and `serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.specs import load_specs
+from tests.conftest import DB_PASSWORD, file_keys
+from tests.helpers import s3_keys
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "luxima-backup")
+
+
+def _env(prefect_server: Any, config: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_server.api_url, "LUXIMA_BACKUP_CONFIG": str(config),
+            "LUXIMA_TEST_DB_PASSWORD": DB_PASSWORD}
+
+
+def _background(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _deployment(name: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def _run(deployment: str, timeout: float = 240) -> Any:
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, timeout=timeout, poll_interval=2)
+
+
+@pytest.fixture
+def configured(write_settings: Any, database: str, bucket: str, key_file: Path, source: dict[str, int]) -> Path:
+    return write_settings(database, bucket, file_keys(key_file))
+
+
+def test_deploy_all_and_a_process_worker_run_a_backup(
+    prefect_server: Any, configured: Path, s3_server: Any, bucket: str, tmp_path: Path,
+) -> None:
+    env = _env(prefect_server, configured)
+    for _ in range(2):  # idempotent: the second run updates, never duplicates
+        done = subprocess.run([CLI, "deploy"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    specs = {s.name: s for s in load_specs()}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import DeploymentSort
+
+    with get_client(sync_client=True) as client:  # (Prefect 3.8.8's client needs limit and sort spelt out)
+        deployed = client.read_deployments(limit=100, offset=0, sort=DeploymentSort.NAME_ASC)
+    assert sorted(d.name for d in deployed if d.name in specs) == sorted(specs)
+    backup = _deployment("db-backup/db-backup")
+    assert backup.work_pool_name == "luxima-backup" and set(backup.tags) == {"backup", "db"}
+    assert backup.global_concurrency_limit is not None and backup.global_concurrency_limit.limit == 1
+    cron = backup.schedules[0].schedule
+    assert (cron.cron, cron.timezone) == ("0 3 * * *", "Asia/Jakarta")
+    assert not _deployment("db-restore/db-restore").schedules  # restores are manual
+
+    worker = _background([CLI, "worker"], env, tmp_path / "worker.log")
+    try:
+        run = _run("db-backup/db-backup")
+        assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+        assert any(k.endswith(".manifest.json") for k in s3_keys(s3_server, bucket))
+    finally:
+        _stop(worker)
+
+
+def test_serve_runs_deployments_without_a_worker(prefect_server: Any, configured: Path, tmp_path: Path) -> None:
+    server = _background([CLI, "serve"], _env(prefect_server, configured), tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "being served" in (tmp_path / "serve.log").read_text(errors="replace"):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("serve did not register its deployments:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        run = _run("db-backup/db-backup")
+        assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-4000:]
+    finally:
+        _stop(server)
