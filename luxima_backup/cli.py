@@ -21,6 +21,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Key management helpers.")
 app.add_typer(backup_app, name="backup")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+alerts_app = typer.Typer(no_args_is_help=True, help="Chat alerts (Prefect automations).")
+app.add_typer(alerts_app, name="alerts")
 restore_app = typer.Typer(no_args_is_help=True, help="Restore a backup (runs with or without a Prefect server).")
 app.add_typer(restore_app, name="restore")
 
@@ -49,9 +51,12 @@ def backup_db(
     _use_config(config)
     try:
         load_settings()  # stop here, before any flow run, if the settings are wrong
+        from prefect import tags
+
         from flows.db_backup import db_backup
 
-        summary = db_backup(database=database, deep_verify=deep_verify)
+        with tags("backup", "db"):  # as the deployment's runs are tagged: alerts match on these
+            summary = db_backup(database=database, deep_verify=deep_verify)
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2))
@@ -79,11 +84,14 @@ def restore_db(
         _fail(ConfigError(f"--mode must be new or replace, not {mode!r}"))
     try:
         load_settings()
+        from prefect import tags
+
         from flows.db_restore import db_restore
 
-        summary = db_restore(backup=backup, as_of=as_of, source=source, target=target, target_database=target_database,
-                             mode=mode, confirm=confirm, schemas=schema, tables=table, jobs=jobs,  # type: ignore[arg-type]
-                             restore_globals_first=restore_globals, no_owner=no_owner)
+        with tags("restore", "db"):
+            summary = db_restore(backup=backup, as_of=as_of, source=source, target=target, target_database=target_database,
+                                 mode=mode, confirm=confirm, schemas=schema, tables=table, jobs=jobs,  # type: ignore[arg-type]
+                                 restore_globals_first=restore_globals, no_owner=no_owner)
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -203,6 +211,24 @@ def serve_cmd(limit: Optional[int] = typer.Option(None, help="flow runs at once"
         serve_all(limit)
     except BackupError as exc:
         _fail(exc)
+
+
+@alerts_app.command("setup")
+def alerts_setup(config: Optional[Path] = ConfigOpt) -> None:
+    """Save the [alerts] channels as notification blocks and create/update the alert automations."""
+    _use_config(config)
+    from deployments.alerts import setup_alerts
+
+    try:
+        settings = load_settings()
+        result = setup_alerts(settings.alerts)
+    except BackupError as exc:
+        _fail(exc)
+    if not result:
+        typer.echo("no [[alerts.channels]] configured: nothing to send alerts to", err=True)
+        raise typer.Exit(2)
+    for name, what in result.items():
+        typer.echo(f"{what:>9}  {name}")
 
 
 @config_app.command("check")

@@ -264,6 +264,9 @@ class PrefectServer:
         env.pop("PREFECT_API_URL")
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.root}/prefect.db"
         env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
+        env["PREFECT_UI_URL"] = self.api_url[: -len("/api")]  # links in alert messages
+        # Proactive automations (the RPO watchdog) are evaluated at this granularity.
+        env.setdefault("PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY", "PT1S")
         prefect = Path(sys.executable).parent / "prefect"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -226,6 +227,42 @@ class RestoreSettings(_Section):
     app_check: AppCheck = Field(default_factory=AppCheck)
 
 
+class AlertChannel(_Section):
+    """One chat or webhook destination, saved as a Prefect notification block."""
+
+    kind: Literal["slack", "teams", "discord", "webhook"]
+    name: str = Field(pattern=r"^[a-z0-9-]+$", description="name of the Prefect block (lowercase, digits, dashes)")
+    url: Secret = Field(description="the webhook URL (Slack, Teams Workflows, Discord, or any HTTP endpoint)")
+    headers: dict[str, str] = Field(default_factory=dict, description="kind = webhook: extra HTTP headers")
+
+
+def _default_rpo() -> dict[str, timedelta]:
+    # The RPO is 24 h; each window adds a margin over the schedule (daily, or weekly).
+    return {"db": timedelta(hours=26), "files": timedelta(hours=26), "configs": timedelta(days=7, hours=2),
+            "vm": timedelta(days=7, hours=2)}
+
+
+class AlertSettings(_Section):
+    """Chat alerts: failed runs, failed verifications, and backups missing for longer than their RPO window."""
+
+    channels: list[AlertChannel] = Field(default_factory=list)
+    rpo: dict[str, timedelta] = Field(
+        default_factory=_default_rpo,
+        description="per component: alert when no successful backup arrived within this window (ISO 8601, e.g. 'PT26H')",
+    )
+    automation_prefix: str = Field("luxima", pattern=r"^[a-z0-9-]+$", description="prefix of the automations' names")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "AlertSettings":
+        short = [k for k, v in self.rpo.items() if v < timedelta(seconds=10)]
+        if short:
+            raise ValueError(f"alerts.rpo windows must be at least 10 seconds (Prefect's minimum): {short}")
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError("alerts.channels names must be unique")
+        return self
+
+
 class LogSettings(_Section):
     """Where runs are recorded (``internal.backup_logs``)."""
 
@@ -247,6 +284,7 @@ class Settings(BaseSettings):
     db_backup: DbBackupSettings = Field(default_factory=DbBackupSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     work_dir: Path = Field(Path("/var/tmp/luxima-backup"), description="private scratch space (mode 0700)")
 
     @model_validator(mode="after")

@@ -1,0 +1,164 @@
+"""Chat alerts as Prefect automations, built from ``[alerts]`` in the settings; idempotent.
+
+Three kinds, each sending to every configured channel (a Prefect notification block):
+  * a flow run tagged ``backup`` or ``restore`` ends Failed, Crashed or TimedOut;
+  * a ``luxima.verification.failed`` event (a backup's read-back or a restore's checks);
+  * the RPO watchdog, per scheduled backup component: no ``luxima.backup.succeeded`` event
+    within its window (``alerts.rpo``; 26 h for the daily database backup).
+Running setup again updates the blocks and automations in place and never duplicates them;
+an automation that is already as wanted is left alone (an update would restart its window).
+Messages carry the flow, deployment, state, error and a link to the run; the error text is
+the flow's own, which the flows scrub of secrets before raising.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from luxima_backup import events
+from luxima_backup.settings import AlertChannel, AlertSettings
+
+from .specs import load_specs
+
+FAILURE_SUBJECT = "[luxima-backup] {{ flow.name }} {{ flow_run.state.name }}: {{ deployment.name | default('no deployment', true) }}"
+FAILURE_BODY = (
+    "Flow: {{ flow.name }} / run {{ flow_run.name }}\n"
+    "Deployment: {{ deployment.name | default('none (run by hand)', true) }}\n"
+    "Tags: {{ flow_run.tags | join(', ') }}\n"
+    "State: {{ flow_run.state.name }} at {{ flow_run.state.timestamp }}\n"
+    "Error: {{ flow_run.state.message | default('n/a', true) | truncate(1500) }}\n"
+    "Run: {{ flow_run|ui_url }}"
+)
+VERIFY_SUBJECT = "[luxima-backup] verification FAILED: {{ event.resource['luxima.component'] }} {{ event.resource['luxima.target'] }}"
+VERIFY_BODY = (
+    "A {{ event.payload.kind }} of {{ event.resource['luxima.component'] }} {{ event.resource['luxima.target'] }} "
+    "failed its verification.\n"
+    "Detail: {{ event.payload.detail | truncate(1500) }}\n"
+    "Backup: {{ event.payload.backup_id }}\n"
+    "Flow: {{ flow.name }} / run {{ flow_run.name }}\n"
+    "Run: {{ flow_run|ui_url }}"
+)
+RPO_SUBJECT = "[luxima-backup] no successful {component} backup for {window}"
+RPO_BODY = (
+    "No successful {component} backup (event luxima.backup.succeeded) arrived within {window}, "
+    "the RPO window of this component. Checked at {{{{ firing.triggered }}}}.\n"
+    "Look at the {component} backup deployment's recent runs in the Prefect UI."
+)
+
+
+def notification_block(channel: AlertChannel) -> Any:
+    """The Prefect notification block for one channel (not yet saved)."""
+    from prefect.blocks.notifications import (
+        CustomWebhookNotificationBlock, DiscordWebhook, MicrosoftTeamsWebhook, SlackWebhook,
+    )
+
+    url = channel.url.resolve()
+    if channel.kind == "slack":
+        return SlackWebhook(url=url, notify_type="failure")
+    if channel.kind == "teams":
+        return MicrosoftTeamsWebhook(url=url, notify_type="failure")
+    if channel.kind == "discord":
+        # https://discord.com/api/webhooks/<id>/<token>
+        parts = url.rstrip("/").split("/")
+        return DiscordWebhook(webhook_id=parts[-2], webhook_token=parts[-1], notify_type="failure")
+    return CustomWebhookNotificationBlock(
+        name=channel.name, url=url, method="POST", headers=channel.headers or None,
+        json_data={"source": "luxima-backup", "subject": "{{subject}}", "body": "{{body}}"},
+    )
+
+
+def save_blocks(cfg: AlertSettings) -> dict[str, UUID]:
+    """Create or update one notification block per channel; returns their ids by channel name."""
+    return {c.name: notification_block(c).save(c.name, overwrite=True) for c in cfg.channels}
+
+
+def watched_components() -> list[str]:
+    """Backup components that run on a schedule (prefect.yaml): each gets an RPO watchdog."""
+    found: list[str] = []
+    for spec in load_specs():
+        if spec.schedules and "backup" in spec.tags:
+            found += [t for t in spec.tags if t != "backup" and t not in found]
+    return found
+
+
+def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]) -> list[Any]:
+    """The automations wanted for these settings (not yet saved)."""
+    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+
+    def notify(subject: str, body: str) -> list[Any]:
+        return [SendNotification(block_document_id=b, subject=subject, body=body) for b in block_ids]
+
+    p = cfg.automation_prefix
+    wanted = [
+        Automation(
+            name=f"{p}: backup or restore run failed",
+            description="A flow run tagged backup or restore ended Failed, Crashed or TimedOut.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "tag",
+                               "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore"]},
+                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
+            ),
+            actions=notify(FAILURE_SUBJECT, FAILURE_BODY),
+        ),
+        Automation(
+            name=f"{p}: verification failed",
+            description="A backup's read-back or a restore's checks failed.",
+            trigger=EventTrigger(
+                expect={events.VERIFICATION_FAILED}, match={"prefect.resource.id": "luxima.backup.*"},
+                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
+            ),
+            actions=notify(VERIFY_SUBJECT, VERIFY_BODY),
+        ),
+    ]
+    for component in components:
+        window = cfg.rpo.get(component)
+        if window is None:
+            continue
+        wanted.append(Automation(
+            name=f"{p}: RPO {component}",
+            description=f"No successful {component} backup within {window}.",
+            # No for_each and no `after`: fixed windows from when the automation is loaded, so a
+            # component that never succeeded alerts too; it repeats every window until one does.
+            trigger=EventTrigger(
+                expect={events.SUCCEEDED}, match={"luxima.component": component},
+                posture=Posture.Proactive, threshold=1, within=window,
+            ),
+            actions=notify(RPO_SUBJECT.format(component=component, window=window),
+                           RPO_BODY.format(component=component, window=window)),
+        ))
+    return wanted
+
+
+def upsert(desired: Any) -> tuple[Any, str]:
+    """Create ``desired`` or update the automation of the same name; extra duplicates are removed."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(desired.name)  # newest first
+        if not existing:
+            return desired.create(), "created"
+        current, *duplicates = existing
+        for extra in duplicates:
+            client.delete_automation(extra.id)
+    keep = {"id", "owner_resource"}
+    if current.model_dump(exclude=keep) == desired.model_dump(exclude=keep):
+        return current, "unchanged"
+    desired.id = current.id
+    desired.update()
+    return desired, "updated"
+
+
+def setup_alerts(cfg: AlertSettings, components: list[str] | None = None) -> dict[str, str]:
+    """Save the channels' blocks and upsert the automations; returns what happened to each."""
+    if not cfg.channels:
+        return {}
+    block_ids = list(save_blocks(cfg).values())
+    result: dict[str, str] = {}
+    for automation in automations(cfg, block_ids, watched_components() if components is None else components):
+        _, what = upsert(automation)
+        result[automation.name] = what
+    return result

@@ -1,0 +1,117 @@
+"""Chat alerts through a real Prefect server: automations fire, a local webhook receiver gets the message."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from deployments.alerts import setup_alerts
+from luxima_backup.settings import AlertSettings
+from tests.conftest import DB_PASSWORD, file_keys
+
+pytestmark = pytest.mark.slow
+
+
+class Receiver:
+    """An HTTP endpoint standing in for a chat webhook; keeps every JSON body it is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.messages.append(json.loads(raw or b"{}"))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in list(self.messages):
+                if predicate(m):
+                    return m
+            time.sleep(0.5)
+        return None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def alert_settings(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str, **rpo: float) -> AlertSettings:
+    monkeypatch.setenv("LUXIMA_TEST_WEBHOOK_URL", receiver.url)
+    return AlertSettings.model_validate({
+        "channels": [{"kind": "webhook", "name": f"{prefix}-hook", "url": "env:LUXIMA_TEST_WEBHOOK_URL"}],
+        "rpo": {k: timedelta(seconds=v) for k, v in rpo.items()}, "automation_prefix": prefix,
+    })
+
+
+def test_failed_backup_alerts_with_flow_state_error_and_link(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any,
+    database: str, bucket: str, key_file: Path, source: Any,
+) -> None:
+    from prefect import tags
+
+    from flows.db_backup import db_backup
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    cfg = alert_settings(receiver, monkeypatch, prefix)
+    assert set(setup_alerts(cfg, components=[]).values()) == {"created"}
+    assert set(setup_alerts(cfg, components=[]).values()) == {"unchanged"}  # idempotent
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert len(client.read_automations_by_name(f"{prefix}: backup or restore run failed")) == 1
+
+    monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "wrong-" + DB_PASSWORD)
+    write_settings(database, bucket, file_keys(key_file), password_env="LUXIMA_TEST_WRONG_PASSWORD")
+    with tags("backup", "db"):
+        state = db_backup(return_state=True)
+    assert state.is_failed()
+    run_id = str(state.state_details.flow_run_id)
+    message = receiver.wait_for(lambda m: run_id in m.get("body", ""), timeout=90)
+    assert message is not None, f"no alert for run {run_id}; received: {receiver.messages}"
+    assert "db-backup" in message["subject"] and "Failed" in message["subject"]
+    body = message["body"]
+    assert "State: Failed" in body and "password authentication failed" in body
+    assert f"/runs/flow-run/{run_id}" in body and body.count("http://127.0.0.1:") >= 1
+    assert DB_PASSWORD not in json.dumps(message)
+
+
+def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from luxima_backup import events
+
+    silent, healthy = f"silent{uuid.uuid4().hex[:6]}", f"healthy{uuid.uuid4().hex[:6]}"
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    cfg = alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 10})
+    setup_alerts(cfg, components=[silent, healthy])
+    deadline = time.monotonic() + 35
+    while time.monotonic() < deadline:  # the healthy component succeeds every few seconds
+        events.backup_succeeded(healthy, "main", "db-test")
+        time.sleep(2)
+    fired = receiver.wait_for(lambda m: f"no successful {silent} backup" in m.get("subject", ""), timeout=30)
+    assert fired is not None, f"the RPO watchdog did not fire; received: {receiver.messages}"
+    assert "0:00:10" in fired["body"]
+    assert not [m for m in receiver.messages if healthy in m.get("subject", "")]
