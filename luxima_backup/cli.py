@@ -171,17 +171,44 @@ def decrypt_cmd(
 
 
 @app.command("deploy")
-def deploy_cmd(config: Optional[Path] = ConfigOpt) -> None:
-    """Register every deployment of prefect.yaml on the Prefect server (idempotent) and its work pool."""
+def deploy_cmd(alerts: bool = typer.Option(True, "--alerts/--no-alerts", help="also set up the chat alerts"),
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Register everything on the Prefect server (idempotent): the S3 bucket block, the work pool,
+    every deployment of prefect.yaml, and the alert automations."""
     _use_config(config)
+    from deployments.alerts import setup_alerts
+    from deployments.blocks import register_storage
     from deployments.deploy import deploy_all
 
     try:
-        load_settings()
+        settings = load_settings()
+        storage = register_storage(settings)
         names = deploy_all()
+        result = setup_alerts(settings.alerts) if alerts else {}
     except BackupError as exc:
         _fail(exc)
+    if storage.get("s3_bucket"):
+        typer.echo(f"block: S3Bucket {storage['s3_bucket']}")
     typer.echo(f"deployed: {', '.join(names)}")
+    for name, what in result.items():
+        typer.echo(f"automation {what}: {name}")
+    if alerts and not result:
+        typer.echo("warning: no [[alerts.channels]] configured; failures will not reach chat", err=True)
+
+
+@app.command("secret")
+def secret_cmd(name: str = typer.Argument(..., help="Prefect Secret block name (lowercase, digits, dashes)"),
+               reference: str = typer.Argument(..., help="where the value is now: env:NAME, file:/path or vault:MOUNT/PATH#FIELD"),
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Copy a secret into a Prefect Secret block, so workers can use prefect-secret:NAME."""
+    _use_config(config)
+    from deployments.blocks import register_secret
+
+    try:
+        ref = register_secret(name, reference)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(f"saved; refer to it as {ref!r}")
 
 
 @app.command("worker")

@@ -78,6 +78,20 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     assert (cron.cron, cron.timezone) == ("0 3 * * *", "Asia/Jakarta")
     assert not _deployment("db-restore/db-restore").schedules  # restores are manual
 
+    # The bucket block registered from the settings works as storage on its own.
+    from luxima_backup.secrets import SecretRef
+    from luxima_backup.settings import StorageSettings
+    from luxima_backup.storage import store_from_settings
+
+    store = store_from_settings(StorageSettings(s3_bucket_block="luxima-backups"))
+    store.save_bytes("blocks/probe", b"probe")
+    with store.load("blocks/probe") as body:
+        assert body.read() == b"probe"
+    done = subprocess.run([CLI, "secret", "test-db-password", "env:LUXIMA_TEST_DB_PASSWORD"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and DB_PASSWORD not in done.stdout + done.stderr
+    assert SecretRef.parse("prefect-secret:test-db-password").resolve() == DB_PASSWORD
+
     worker = _background([CLI, "worker"], env, tmp_path / "worker.log")
     try:
         run = _run("db-backup/db-backup")
