@@ -81,7 +81,7 @@ def save_manifest(key: str, document: dict[str, Any]) -> str:
     return key
 
 
-@flow(name="db-backup", validate_parameters=True)
+@flow(name="db-backup", validate_parameters=True, persist_result=True)
 def db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
     """Back up one configured PostgreSQL database to object storage, encrypted, verified and logged.
 

@@ -126,7 +126,7 @@ def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) 
     return {"statements_skipped": len(existing)}
 
 
-@flow(name="db-restore", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True)
+@flow(name="db-restore", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True, persist_result=True)
 def db_restore(
     backup: str = "latest",
     as_of: datetime | None = None,

@@ -303,12 +303,17 @@ def keys_generate(path: Path = typer.Argument(..., help="where to write the new 
 
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path(".local/demo"), help="where the demo keeps its servers and files"),
-         scale: float = typer.Option(1.0, help="sample data size (1 = ~10 MB dump)")) -> None:
-    """Start local servers (PostgreSQL, S3, Prefect), fill a sample database, back it up, and clean up."""
-    from .demo import run_demo
+         scale: float = typer.Option(1.0, help="sample data size (1 = ~10 MB dump)"),
+         wait: bool = typer.Option(True, "--wait/--no-wait", help="stay up until Ctrl-C (default) or clean up at once"),
+         stop: bool = typer.Option(False, "--stop", help="stop a demo running in another shell, and clean up")) -> None:
+    """Everything on local defaults: servers, sample data, deployments, a backup and a verified restore."""
+    from .demo import run_demo, stop_demo
 
+    if stop:
+        typer.echo("stopped the running demo" if stop_demo(workdir.resolve()) else "no demo was running")
+        return
     try:
-        run_demo(workdir.resolve(), scale)
+        run_demo(workdir.resolve(), scale, wait)
     except BackupError as exc:
         _fail(exc)
 

@@ -1,8 +1,12 @@
-"""The README's first command: the main job on embedded local defaults, from nothing to a verified backup.
+"""The README's first command: everything, running, on embedded local defaults.
 
-Starts a throwaway PostgreSQL with a sample Luxima database, an S3 server and a Prefect
-server on loopback, writes a settings file and a demo key file, runs the ``db-backup``
-flow through Prefect, prints what it did, and stops and removes everything it started.
+Starts on loopback a Prefect server (UI at http://127.0.0.1:4200 when the port is free), a
+throwaway PostgreSQL with a sample Luxima database, an S3 server and a local key file; deploys
+everything (bucket block, work pool, deployments, alert automations posting to a local
+receiver that writes them to ``alerts.log``), starts a process worker, runs the database
+backup deployment and then a restore into a scratch database with verification, prints a
+summary and where to look in the UI, and stays up until Ctrl-C or `luxima-backup demo --stop`;
+then stops everything it started and removes what it created.
 """
 
 from __future__ import annotations
@@ -11,12 +15,22 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Callable
 
 from .keys import new_master_key
-from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_orphans
+from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, free_port, reap_orphans
 
 BUCKET = "luxima-backups"
+UI_PORT = 4200
+STATE_FILE = "demo.json"
 
 
 def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path) -> None:
@@ -45,52 +59,185 @@ allow_key_file = true
 [db_backup]
 attempts = 2
 retry_delay_seconds = [2]
+
+[restore.app_check]
+user = "luxima_app"
+password = "env:LUXIMA_DEMO_APP_PASSWORD"
+queries = [{{ sql = "SELECT id, email FROM public.profiles LIMIT 10", min_rows = 1 }}]
+
+[[alerts.channels]]
+kind = "webhook"
+name = "demo-alerts"
+url = "env:LUXIMA_DEMO_ALERT_URL"
 """)
 
 
-def run_demo(workdir: Path, scale: float) -> None:
+class AlertLog:
+    """Stands in for the team chat: alert webhooks are appended to a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        log = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    msg = json.loads(raw)
+                    text = f"== {msg.get('subject')}\n{msg.get('body')}\n\n"
+                except ValueError:
+                    text = raw.decode(errors="replace") + "\n"
+                with open(log.path, "a") as f:
+                    f.write(text)
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cli(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "luxima-backup"), *args]
+
+
+def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
     from . import sample
 
     reap_orphans()
+    if (workdir / STATE_FILE).exists():
+        stop_demo(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, mode=0o700)
-    password = secrets.token_urlsafe(18)
-    os.environ["LUXIMA_DEMO_DB_PASSWORD"] = password
-    servers: list = []
+    os.environ["LUXIMA_DEMO_DB_PASSWORD"] = password = secrets.token_urlsafe(18)
+    os.environ["LUXIMA_DEMO_APP_PASSWORD"] = app_password = secrets.token_urlsafe(12)
+    cleanup: list[Callable[[], Any]] = []
     try:
         print("demo: starting PostgreSQL, S3 (moto) and Prefect servers on 127.0.0.1 ...", flush=True)
         pg = PostgresCluster(password).start()
-        servers.append(pg.destroy)
+        cleanup.append(pg.destroy)
         s3 = MotoS3Server().start()
-        servers.append(s3.stop)
-        prefect = PrefectServer().start()
-        servers.append(prefect.stop)
+        cleanup.append(s3.stop)
+        prefect = PrefectServer(port=UI_PORT if _port_free(UI_PORT) else free_port()).start()
+        cleanup.append(prefect.stop)
+        alerts = AlertLog(workdir / "alerts.log")
+        cleanup.append(alerts.stop)
         os.environ.update(prefect.env())
         os.environ["LUXIMA_DEMO_S3_ACCESS_KEY"], os.environ["LUXIMA_DEMO_S3_SECRET_KEY"] = s3.access_key, s3.secret_key
         s3.create_bucket(BUCKET, versioning=True)
         with pg.connect() as conn:
             conn.execute("CREATE DATABASE luxima")
+            conn.execute(f"CREATE ROLE luxima_app LOGIN PASSWORD '{app_password}'")
         with pg.connect("luxima") as conn:
             counts = sample.populate(conn, scale)
+            conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO luxima_app")
         print(f"demo: sample database 'luxima' ready: {counts}", flush=True)
         key_file = workdir / "master.key"
         key_file.write_text(new_master_key() + "\n")
         key_file.chmod(0o600)
         settings_path = workdir / "luxima-backup.toml"
+        os.environ["LUXIMA_DEMO_ALERT_URL"] = alerts.url
         write_settings(settings_path, pg, s3, key_file, workdir / "work")
         os.environ["LUXIMA_BACKUP_CONFIG"] = str(settings_path)
+        (workdir / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "ui": prefect.api_url[:-4]}))
 
-        from flows.db_backup import db_backup
+        done = subprocess.run(_cli("deploy"), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"deploy failed:\n{done.stdout}{done.stderr}")
+        print("demo: " + done.stdout.strip().replace("\n", "\ndemo: "), flush=True)
+        with open(workdir / "worker.log", "wb") as log:
+            worker = subprocess.Popen(_cli("worker"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cleanup.append(lambda: _stop_group(worker))
 
-        summary = db_backup()
-        print("demo: backup complete:")
-        print(json.dumps(summary, indent=2))
-        print(f"demo: settings were {settings_path}; the Prefect UI ran at {prefect.api_url[:-4]} for this run")
+        backup = _run_deployment("db-backup/db-backup", {})
+        print(f"demo: backup complete: {backup['backup_id']} -> {backup['object_key']} "
+              f"({backup['size_plain']} bytes dumped, {backup['size_encrypted']} stored)", flush=True)
+        restore = _run_deployment("db-restore/db-restore", {"target_database": "luxima_restore_demo"})
+        print(f"demo: restore verified: {restore['database']} from {restore['backup_id']}, "
+              f"{restore['checks_passed']} checks passed, RTO {restore['rto_seconds']:.0f}s "
+              f"(target {restore['rto_target_seconds'] / 60:.0f} min)", flush=True)
+        ui = prefect.api_url[:-4]
+        print(f"""demo: summary
+  Prefect UI         {ui}  (Runs: the two flow runs and their tasks; Artifacts: backup and restore reports;
+                     Deployments: db-backup daily 03:00 Asia/Jakarta, db-restore by hand; Automations: alerts)
+  settings           {settings_path}
+  alerts ("chat")    {workdir / 'alerts.log'}
+  backup             {json.dumps({k: backup[k] for k in ('backup_id', 'object_key', 'row_counts')})}
+  restore            {json.dumps({k: restore[k] for k in ('database', 'checks_passed', 'rto_seconds')})}""", flush=True)
+        if wait:
+            print("demo: running; press Ctrl-C (or run `./run demo --stop`) to stop everything and clean up", flush=True)
+            _wait_for_stop()
     finally:
+        print("demo: stopping and removing everything it started", flush=True)
         _flush_prefect_logs()
-        for stop in reversed(servers):
-            stop()
+        for stop in reversed(cleanup):
+            try:
+                stop()
+            except Exception as exc:  # keep stopping the rest
+                print(f"demo: while stopping: {exc}", file=sys.stderr)
+        (workdir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _run_deployment(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters, timeout=1800, poll_interval=2)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"{name} ended {run.state.name if run.state else 'unknown'}: {run.state.message if run.state else ''}")
+    return run.state.result()
+
+
+def _wait_for_stop() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_demo(workdir: Path) -> bool:
+    """Stop a running demo (from another shell): it cleans up after itself. True if one was running."""
+    state = workdir / STATE_FILE
+    if not state.exists():
+        return False
+    pid = int(json.loads(state.read_text())["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.unlink(missing_ok=True)
+        reap_orphans()
+        return False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and state.exists():
+        time.sleep(0.5)
+    return True
 
 
 def _flush_prefect_logs() -> None:
