@@ -115,3 +115,25 @@ def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
     assert fired is not None, f"the RPO watchdog did not fire; received: {receiver.messages}"
     assert "0:00:10" in fired["body"]
     assert not [m for m in receiver.messages if healthy in m.get("subject", "")]
+
+
+def test_failed_verification_alerts_with_its_detail(prefect_server: Any, receiver: Receiver,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect import flow
+
+    from luxima_backup import events
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    target = f"db{uuid.uuid4().hex[:6]}"
+
+    @flow(name="verification-probe")
+    def probe() -> None:  # the event as db-restore emits it when a check fails
+        events.verification_failed("restore", "db", target, "failed checks: rows in public.events", backup_id="db-x-1")
+
+    run = probe(return_state=True)
+    message = receiver.wait_for(lambda m: target in m.get("subject", ""), timeout=60)
+    assert message is not None, f"no verification alert; received: {receiver.messages}"
+    assert "verification FAILED" in message["subject"]
+    assert "rows in public.events" in message["body"] and "db-x-1" in message["body"]
+    assert f"/runs/flow-run/{run.state_details.flow_run_id}" in message["body"]
