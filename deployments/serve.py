@@ -25,8 +25,36 @@ def runner_deployments(specs: list[DeploymentSpec] | None = None) -> list[Any]:
     return out
 
 
+def take_over_from_work_pools(specs: list[DeploymentSpec]) -> list[str]:
+    """Delete deployments of these names that a work pool runs, so this process can serve them.
+
+    A deployment registered by `luxima-backup deploy` keeps its work pool and pull steps when
+    re-registered by `serve`, and its runs would be set up for a worker. Serving is a choice of
+    how to run them, made by starting this command; the schedules come back with the served
+    deployments. Returns the names replaced.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    replaced = []
+    with get_client(sync_client=True) as client:
+        for spec in specs:
+            name = f"{spec.flow_name}/{spec.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                client.delete_deployment(existing.id)
+                replaced.append(f"{name} (was on work pool {existing.work_pool_name})")
+    return replaced
+
+
 def serve_all(limit: int | None = None) -> None:
     """Register and serve all deployments; blocks until interrupted."""
     from prefect import serve
 
-    serve(*runner_deployments(), limit=limit)
+    specs = load_specs()
+    for name in take_over_from_work_pools(specs):
+        print(f"serve: taking over deployment {name}", flush=True)
+    serve(*runner_deployments(specs), limit=limit)
