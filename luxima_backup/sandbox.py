@@ -96,7 +96,7 @@ def reap_orphans(tmp: Path | None = None) -> list[str]:
                 if "postgres" in _cmdline(pid):
                     os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is throwaway
                     _wait_gone(pid)
-        elif info.get("server") and any(m in _cmdline(int(info["server"])) for m in ("moto.server", "prefect")):
+        elif info.get("server") and any(m in _cmdline(int(info["server"])) for m in ("moto.server", "prefect", "sshd")):
             try:
                 os.killpg(int(info["server"]), signal.SIGKILL)
             except ProcessLookupError:
@@ -283,6 +283,63 @@ class PrefectServer:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class SshServer:
+    """OpenSSH's sshd on loopback with its own host key and one authorized client key (no passwords).
+
+    Logins are as the user running the tests; ``known_hosts_line`` is what a client must trust.
+    """
+
+    def __init__(self, port: int | None = None, root: Path | None = None):
+        self.port = port or free_port()
+        self.root = root or Path(tempfile.mkdtemp(prefix="luxima-sshd-"))
+        self.host_key = self.root / "host_ed25519"
+        self.client_key = self.root / "client_ed25519"
+        self.log = self.root / "sshd.log"
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "SshServer":
+        os.chmod(self.root, 0o700)
+        for key in (self.host_key, self.client_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key.name, "-f", str(key)], check=True)
+        (self.root / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
+        config = self.root / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\nPidFile {self.root}/sshd.pid\n"
+            f"AuthorizedKeysFile {self.root}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
+            "UsePAM no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n"
+        )
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        _claim(self.root, "sshd", self.proc.pid)
+
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(4).startswith(b"SSH-")
+
+        wait_for(listening, 30, "sshd", self.proc, self.log)
+        return self
+
+    @property
+    def known_hosts_line(self) -> str:
+        kind, key = self.host_key.with_suffix(".pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {key}\n"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)

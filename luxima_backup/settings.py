@@ -67,6 +67,17 @@ class PostgresConnection(_Section):
         return info
 
 
+class SshHost(_Section):
+    """A host reached over SSH (files and config backups), with strict host-key checking."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(min_length=1)
+    key: Secret = Field(description="reference to the private key (e.g. 'file:/etc/luxima-backup/id_ed25519' or a vault: path)")
+    known_hosts: Path = Field(description="known_hosts file holding this host's key; unknown hosts are never accepted")
+    connect_timeout: float = Field(15, gt=0)
+
+
 class StorageSettings(_Section):
     """Where backups are stored: S3-compatible object storage (AWS S3, MinIO, Ceph, ...) or a directory."""
 

@@ -10,6 +10,10 @@ ls /usr/lib/postgresql/*/bin/pg_dump >/dev/null 2>&1 || missing+=(postgresql-cli
 command -v zstd >/dev/null || missing+=(zstd)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v runuser >/dev/null || missing+=(util-linux)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)   # the tests' SSH server (files and configs backups)
+command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+command -v rsync >/dev/null || missing+=(rsync)
+command -v git >/dev/null || missing+=(git)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

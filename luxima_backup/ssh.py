@@ -1,0 +1,91 @@
+"""SSH connections (paramiko) with strict host-key checking against a configured known_hosts file.
+
+An unknown host is never accepted (no trust on first use): the operator adds its key to the
+configured known_hosts after checking its fingerprint. A host whose key changed is refused
+as a possible impersonation. Unreachable hosts and dropped connections are transient.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import socket
+import paramiko
+
+from .errors import ConfigError, IntegrityError, StorageError
+from .secrets import register
+from .settings import SshHost
+
+
+class SshError(StorageError):
+    """An SSH connection or command failed."""
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _private_key(text: str, where: str) -> paramiko.PKey:
+    register(text)
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise ConfigError(f"the SSH key at {where} is not an unencrypted OpenSSH/PEM private key (ed25519, ecdsa or rsa)")
+
+
+def _host_label(cfg: SshHost) -> str:
+    return cfg.host if cfg.port == 22 else f"[{cfg.host}]:{cfg.port}"
+
+
+def connect(cfg: SshHost) -> paramiko.SSHClient:
+    """A connected, authenticated client for ``cfg``; the caller closes it."""
+    client = paramiko.SSHClient()
+    try:
+        client.load_host_keys(str(cfg.known_hosts))  # this file only: never ~/.ssh or system keys
+    except FileNotFoundError:
+        raise ConfigError(f"known_hosts file {cfg.known_hosts} does not exist",
+                          hint=f"create it with the host's verified key: ssh-keyscan -p {cfg.port} {cfg.host}") from None
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    pkey = _private_key(cfg.key.resolve(), str(cfg.key))
+    label = f"{cfg.user}@{_host_label(cfg)}"
+    try:
+        client.connect(cfg.host, port=cfg.port, username=cfg.user, pkey=pkey, allow_agent=False,
+                       look_for_keys=False, timeout=cfg.connect_timeout, banner_timeout=cfg.connect_timeout,
+                       auth_timeout=cfg.connect_timeout)
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise IntegrityError(
+            f"the host key of {_host_label(cfg)} has CHANGED: it offers {_fingerprint(exc.key)}, "
+            f"{cfg.known_hosts} expects {_fingerprint(exc.expected_key)}",
+            hint="someone may be impersonating the host; if it was reinstalled, verify and replace its known_hosts line",
+        ) from None
+    except paramiko.SSHException as exc:
+        client.close()
+        text = str(exc)
+        if "not found in known_hosts" in text:
+            raise ConfigError(
+                f"{_host_label(cfg)} is not in {cfg.known_hosts}; unknown hosts are never accepted",
+                hint=f"verify the host's key fingerprint out of band, then add its line (ssh-keyscan -p {cfg.port} {cfg.host})",
+            ) from None
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise SshError(f"{label} refused the key {_fingerprint(pkey)}: {text}",
+                           hint="add the public key to the user's authorized_keys on the host") from None
+        raise SshError(f"SSH to {label} failed: {text}", transient=True) from None
+    except (socket.timeout, TimeoutError, OSError) as exc:
+        client.close()
+        raise SshError(f"cannot reach {label}: {exc}", transient=True) from None
+    return client
+
+
+def run(client: paramiko.SSHClient, command: str, timeout: float = 600) -> tuple[int, bytes, bytes]:
+    """Run ``command`` on the host; returns (exit status, stdout, stderr). For small outputs."""
+    try:
+        _, out, err = client.exec_command(command, timeout=timeout)
+        stdout, stderr = out.read(), err.read()
+        return out.channel.recv_exit_status(), stdout, stderr
+    except (paramiko.SSHException, socket.timeout, OSError) as exc:
+        raise SshError(f"running a command over SSH failed: {exc}", transient=True) from None
