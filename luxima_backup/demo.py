@@ -191,7 +191,8 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
                 stop()
             except Exception as exc:  # keep stopping the rest
                 print(f"demo: while stopping: {exc}", file=sys.stderr)
-        (workdir / STATE_FILE).unlink(missing_ok=True)
+        # Settings, the demo key, logs and spools: all throwaway, like the servers.
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run_deployment(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
