@@ -113,6 +113,25 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
+def _spawn(cmd: list[str], log_path: Path, root: Path, kind: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a server in its own session (Ctrl-C reaches only its owner), logging to ``log_path``."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    _claim(root, kind, proc.pid)
+    return proc
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, root: Path, grace: float) -> None:
+    """Stop a server started by ``_spawn`` (its whole process group) and remove its directory."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def pg_bin_dir() -> Path:
     """The newest installed PostgreSQL server's bin directory."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
@@ -208,12 +227,8 @@ class MotoS3Server:
 
     def start(self) -> "MotoS3Server":
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        _claim(self.root, "s3", self.proc.pid)
+        self.proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                           self.log, self.root, "s3", env)
         wait_for(lambda: urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2).status == 200, 60,
                  "moto S3 server", self.proc, self.log)
         return self
@@ -231,13 +246,7 @@ class MotoS3Server:
             c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+        _terminate(self.proc, self.root, 10)
 
 
 class PrefectServer:
@@ -268,24 +277,14 @@ class PrefectServer:
         # Proactive automations (the RPO watchdog) are evaluated at this granularity.
         env.setdefault("PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY", "PT1S")
         prefect = Path(sys.executable).parent / "prefect"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        _claim(self.root, "prefect", self.proc.pid)
+        self.proc = _spawn([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                           self.log, self.root, "prefect", env)
         wait_for(lambda: urllib.request.urlopen(f"{self.api_url}/health", timeout=2).status == 200, 180,
                  "Prefect server", self.proc, self.log)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+        _terminate(self.proc, self.root, 20)
 
 
 class SshServer:
@@ -318,10 +317,7 @@ class SshServer:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        _claim(self.root, "sshd", self.proc.pid)
+        self.proc = _spawn([sshd, "-D", "-e", "-f", str(config)], self.log, self.root, "sshd")
 
         def listening() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -336,10 +332,4 @@ class SshServer:
         return f"[127.0.0.1]:{self.port} {kind} {key}\n"
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+        _terminate(self.proc, self.root, 10)
