@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .keys import new_master_key
-from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, free_port, reap_orphans
+from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, free_port, reap_orphans, stop_group
 
 BUCKET = "luxima-backups"
 UI_PORT = 4200
@@ -163,7 +163,7 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         print("demo: " + done.stdout.strip().replace("\n", "\ndemo: "), flush=True)
         with open(workdir / "worker.log", "wb") as log:
             worker = subprocess.Popen(_cli("worker"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        cleanup.append(lambda: _stop_group(worker))
+        cleanup.append(lambda: stop_group(worker, 20, signal.SIGINT))
 
         backup = _run_deployment("db-backup/db-backup", {})
         print(f"demo: backup complete: {backup['backup_id']} -> {backup['object_key']} "
@@ -212,15 +212,6 @@ def _wait_for_stop() -> None:
             pass
     except KeyboardInterrupt:
         pass
-
-
-def _stop_group(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def stop_demo(workdir: Path) -> bool:

@@ -121,14 +121,19 @@ def _spawn(cmd: list[str], log_path: Path, root: Path, kind: str, env: dict[str,
     return proc
 
 
-def _terminate(proc: subprocess.Popen[bytes] | None, root: Path, grace: float) -> None:
-    """Stop a server started by ``_spawn`` (its whole process group) and remove its directory."""
+def stop_group(proc: subprocess.Popen[Any] | None, grace: float, sig: int = signal.SIGTERM) -> None:
+    """Signal a process started in its own session (its whole group), then kill it after ``grace`` seconds."""
     if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, root: Path, grace: float) -> None:
+    """Stop a server started by ``_spawn`` and remove its directory."""
+    stop_group(proc, grace)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from deployments.specs import load_specs
+from luxima_backup.sandbox import stop_group
 from tests.conftest import DB_PASSWORD, file_keys
 from tests.helpers import s3_keys
 
@@ -28,15 +29,6 @@ def _env(prefect_server: Any, config: Path) -> dict[str, str]:
 def _background(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _deployment(name: str) -> Any:
@@ -98,7 +90,7 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
         assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
         assert any(k.endswith(".manifest.json") for k in s3_keys(s3_server, bucket))
     finally:
-        _stop(worker)
+        stop_group(worker, 30, signal.SIGINT)
 
 
 def test_serve_runs_deployments_without_a_worker(prefect_server: Any, configured: Path, tmp_path: Path) -> None:
@@ -114,4 +106,4 @@ def test_serve_runs_deployments_without_a_worker(prefect_server: Any, configured
         run = _run("db-backup/db-backup")
         assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-4000:]
     finally:
-        _stop(server)
+        stop_group(server, 30, signal.SIGINT)
