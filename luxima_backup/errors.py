@@ -72,6 +72,10 @@ class VerificationError(BackupError):
     """A backup or restore did not match what was recorded for it."""
 
 
+class SourceError(BackupError):
+    """What a backup reads is missing, empty, or shrank beyond its threshold: worth an alert, never an empty backup."""
+
+
 class StageAborted(BackupError):
     """A streaming stage stopped because a neighbouring stage failed; never the root cause."""
 

@@ -46,6 +46,28 @@ def db_keys(prefix: str, dbname: str, started: datetime, codec_suffix: str) -> B
     )
 
 
+@dataclass(frozen=True)
+class FilesKeys:
+    """Where one file backup's objects go."""
+
+    backup_id: str
+    archive: str
+    index: str
+    manifest: str
+
+
+def files_keys(prefix: str, source: str, started: datetime, codec_suffix: str) -> FilesKeys:
+    """``<prefix>/files/<source>/<YYYY>/<MM>/<DD>/<UTC timestamp>.tar.<gz|zst>.enc`` and siblings."""
+    ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{prefix}/files/{safe_name(source)}/{started:%Y/%m/%d}/{ts}"
+    return FilesKeys(
+        backup_id=f"files-{safe_name(source)}-{ts}",
+        archive=f"{base}.tar.{codec_suffix}.enc",
+        index=f"{base}.index.jsonl.{codec_suffix}.enc",
+        manifest=f"{base}{MANIFEST_SUFFIX}",
+    )
+
+
 def manifest_key_for(object_key: str) -> str:
     """The manifest beside one of a backup's objects (``<base>.<anything>`` -> ``<base>.manifest.json``)."""
     directory, _, name = object_key.rpartition("/")

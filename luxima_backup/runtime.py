@@ -44,6 +44,18 @@ def key_provider(s: Settings | None = None) -> KeyProvider:
         return cached[1]
 
 
+def secret(ref: Any, s: Settings | None = None) -> str:
+    """Resolve a secret reference, with Vault (``vault:`` references) when [keys.vault] is configured."""
+    s = s or settings()
+    reader = None
+    if s.keys.vault is not None:
+        from .vault import read_kv
+
+        vault_cfg = s.keys.vault
+        reader = lambda path, field: read_kv(vault_cfg, path, field)[0]  # noqa: E731
+    return str(ref.resolve(reader))
+
+
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a task only when its error says it is transient."""
     try:

@@ -196,6 +196,68 @@ class DbBackupSettings(_Section):
         return self.level if self.level is not None else (3 if self.compression == "zstd" else 6)
 
 
+class FileSource(_Section):
+    """One tree of user files to back up: a directory here, a directory on a host (rsync over SSH), or a bucket."""
+
+    kind: Literal["local", "ssh", "s3"] = Field(description="local directory, directory on an [hosts.NAME] over SSH, or an S3 bucket")
+    path: str = Field("", description="local or remote directory (absolute); for s3: the key prefix (a folder, may be empty)")
+    host: str | None = Field(None, description="kind = ssh: which [hosts.NAME] to reach")
+    bucket: str | None = Field(None, min_length=3, max_length=63, description="kind = s3: the bucket (e.g. a Supabase Storage bucket)")
+    endpoint_url: str | None = Field(None, pattern=r"^https?://", description="kind = s3: the S3 endpoint (e.g. https://PROJECT.supabase.co/storage/v1/s3)")
+    region: str = "us-east-1"
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    exclude: list[str] = Field(default_factory=list, description="patterns left out (rsync --exclude syntax; fnmatch on the key for s3)")
+    min_files: int = Field(1, ge=0, description="fewer files than this fails the backup (0 allows an empty source)")
+    max_shrink_percent: float = Field(
+        50, ge=0, le=100,
+        description="fail, keeping the mirror as it was, when the source lost more than this share of the last backup's files",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> "FileSource":
+        if self.kind in ("local", "ssh") and not self.path.startswith("/"):
+            raise ValueError(f"a {self.kind} file source needs path, an absolute directory")
+        if self.kind == "ssh" and not self.host:
+            raise ValueError("a ssh file source needs host, the name of a [hosts.NAME] section")
+        if self.kind == "s3":
+            if not self.bucket:
+                raise ValueError("a s3 file source needs bucket")
+            if (self.access_key_id is None) != (self.secret_access_key is None):
+                raise ValueError("set both access_key_id and secret_access_key, or neither (AWS default chain)")
+        return self
+
+
+class FilesBackupSettings(_Section):
+    """The file-storage backup: which trees, how archived and compressed, how often a full archive."""
+
+    sources: dict[str, FileSource] = Field(default_factory=dict, description="one backup per source per run; the name is used in object keys")
+    mirror_dir: Path | None = Field(None, description="persistent staging mirror, one folder per source (default: work_dir/files-mirror)")
+    compression: Literal["gzip", "zstd"] = Field("gzip", description="gzip (tar.gz, as the procedure says) or zstd (faster)")
+    level: int | None = Field(None, ge=1, le=22, description="zstd 1-22 (default 3), gzip 1-9 (default 6)")
+    threads: int = Field(0, ge=0, le=64, description="zstd worker threads; 0 = one per core")
+    full_every_days: int = Field(
+        7, ge=0,
+        description="a full archive when the last full one is this old (0: every backup is full); in between, "
+        "archives hold only new and changed files and restores read the chain back to the full one",
+    )
+    deep_verify: bool = Field(True, description="after upload, read the archive back, decrypt and parse every member")
+    attempts: int = Field(3, ge=1, le=10, description="attempts of the archive-to-storage stream on transient failures")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
+    rsync_timeout: int = Field(600, ge=10, description="rsync --timeout: seconds of no I/O before it gives up")
+    retention_days: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _level_in_range(self) -> "FilesBackupSettings":
+        if self.compression == "gzip" and self.level is not None and self.level > 9:
+            raise ValueError("files_backup.level for gzip must be 1-9")
+        return self
+
+    @property
+    def effective_level(self) -> int:
+        return self.level if self.level is not None else (3 if self.compression == "zstd" else 6)
+
+
 class AppQuery(_Section):
     """A query the application depends on; after a restore it must succeed and return rows."""
 
@@ -293,6 +355,8 @@ class Settings(BaseSettings):
     storage: StorageSettings
     keys: KeySettings
     db_backup: DbBackupSettings = Field(default_factory=DbBackupSettings)
+    hosts: dict[str, SshHost] = Field(default_factory=dict, description="hosts reached over SSH (files sources, configs)")
+    files_backup: FilesBackupSettings = Field(default_factory=FilesBackupSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
@@ -307,7 +371,21 @@ class Settings(BaseSettings):
             raise ValueError(f"log.database = {self.log.database!r} is not one of [databases.*]: {names}")
         if self.restore.target is not None and self.restore.target not in self.databases:
             raise ValueError(f"restore.target = {self.restore.target!r} is not one of [databases.*]: {names}")
+        for name, src in self.files_backup.sources.items():
+            if src.host is not None and src.host not in self.hosts:
+                raise ValueError(f"files_backup.sources.{name}.host = {src.host!r} is not one of [hosts.*]: {sorted(self.hosts)}")
         return self
+
+    def file_source(self, name: str) -> FileSource:
+        try:
+            return self.files_backup.sources[name]
+        except KeyError:
+            raise ConfigError(f"no file source named {name!r} in the settings",
+                              hint=f"use one of {sorted(self.files_backup.sources)} ([files_backup.sources.NAME])") from None
+
+    @property
+    def mirror_dir(self) -> Path:
+        return self.files_backup.mirror_dir or self.work_dir / "files-mirror"
 
     def database(self, name: str | None = None) -> PostgresConnection:
         name = name or self.db_backup.database

@@ -22,6 +22,21 @@ class SshError(StorageError):
     """An SSH connection or command failed."""
 
 
+def ssh_command(cfg: SshHost, key_file: str) -> list[str]:
+    """The OpenSSH client command (for rsync -e) with the same strictness as ``connect``.
+
+    Only the configured known_hosts file is consulted and unknown or changed host keys are
+    refused; no user or system ssh_config, agent or other identity takes part.
+    """
+    return [
+        "ssh", "-F", "/dev/null", "-i", key_file, "-p", str(cfg.port), "-l", cfg.user,
+        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={cfg.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no",
+        "-o", f"ConnectTimeout={int(cfg.connect_timeout)}", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+    ]
+
+
 def _fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
@@ -41,8 +56,12 @@ def _host_label(cfg: SshHost) -> str:
     return cfg.host if cfg.port == 22 else f"[{cfg.host}]:{cfg.port}"
 
 
-def connect(cfg: SshHost) -> paramiko.SSHClient:
-    """A connected, authenticated client for ``cfg``; the caller closes it."""
+def connect(cfg: SshHost, key_text: str | None = None) -> paramiko.SSHClient:
+    """A connected, authenticated client for ``cfg``; the caller closes it.
+
+    ``key_text`` is the private key already resolved (``runtime.secret``, which reaches Vault);
+    without it the key reference is resolved here (env: and file: references only).
+    """
     client = paramiko.SSHClient()
     try:
         client.load_host_keys(str(cfg.known_hosts))  # this file only: never ~/.ssh or system keys
@@ -50,7 +69,7 @@ def connect(cfg: SshHost) -> paramiko.SSHClient:
         raise ConfigError(f"known_hosts file {cfg.known_hosts} does not exist",
                           hint=f"create it with the host's verified key: ssh-keyscan -p {cfg.port} {cfg.host}") from None
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    pkey = _private_key(cfg.key.resolve(), str(cfg.key))
+    pkey = _private_key(key_text if key_text is not None else cfg.key.resolve(), str(cfg.key))
     label = f"{cfg.user}@{_host_label(cfg)}"
     try:
         client.connect(cfg.host, port=cfg.port, username=cfg.user, pkey=pkey, allow_agent=False,

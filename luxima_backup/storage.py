@@ -60,7 +60,10 @@ _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "4
 def translate_errors(action: str) -> Iterator[None]:
     """botocore/s3transfer failures as ``StorageError``s, transient or not."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+    from botocore.exceptions import (
+        BotoCoreError, ClientError, ConnectionError as BotoConnectionError, IncompleteReadError, ReadTimeoutError,
+        ResponseStreamingError,
+    )
 
     try:
         yield
@@ -73,6 +76,8 @@ def translate_errors(action: str) -> Iterator[None]:
         raise StorageError(f"upload failed while {action}: {text}", transient=transient) from None
     except (BotoConnectionError, ReadTimeoutError) as exc:
         raise StorageError(f"cannot reach object storage while {action}: {exc}", transient=True) from None
+    except (IncompleteReadError, ResponseStreamingError) as exc:  # a connection cut mid-body
+        raise StorageError(f"connection lost while {action}: {exc}", transient=True) from None
     except BotoCoreError as exc:
         raise StorageError(f"object storage error while {action}: {exc}") from None
 

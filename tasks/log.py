@@ -51,7 +51,11 @@ def migrate(conn: psycopg.Connection) -> list[str]:
 
 
 def log_database(settings: Settings, target: str) -> PostgresConnection:
-    return settings.database(settings.log.database or target)
+    """The database holding the log: log.database, else the database backed up (or, for files and
+    configs, whose targets are not databases, the default database)."""
+    if settings.log.database:
+        return settings.database(settings.log.database)
+    return settings.database(target if target in settings.databases else settings.db_backup.database)
 
 
 def _connect_as_admin(cfg: PostgresConnection) -> psycopg.Connection:

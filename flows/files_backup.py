@@ -1,0 +1,339 @@
+"""The file-storage backup flow: sync → archive → compress → encrypt → upload → verify → manifest, logged.
+
+Each source is first brought into a persistent local staging mirror (rsync, or a bucket sync), so
+a day moves only what changed. The mirror is then archived as tar; archive | compress | encrypt |
+upload stream concurrently through OS pipes, retried together (``files-backup-stream``) on
+transient errors only. Full archives alternate with incremental ones that hold only new and
+changed files; every backup's index lists every file (path, size, mtime, mode, md5, sha256) and
+which archive holds it, and its manifest names every archive a restore needs.
+
+A source that vanished, came back empty, or lost more files than its threshold fails the run
+(an alert), and the mirror keeps what it had.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from luxima_backup import __version__, catalog, events, manifest, runtime
+from luxima_backup.compression import SUFFIX
+from luxima_backup.errors import BackupError, SourceError, VerificationError, is_transient
+from luxima_backup.pipes import Link
+from luxima_backup.secrets import install_log_redaction, redact
+from luxima_backup.settings import FileSource, Settings
+from luxima_backup.stages import run_linked
+from tasks.archive import archive
+from tasks.compress import compress
+from tasks.download import download
+from tasks.encrypt import encrypt
+from tasks.log import log_finish, log_start
+from tasks.sync import sync
+from tasks.upload import upload
+from tasks.verify import read_back, verify_files
+
+
+@flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool: str,
+                       previous_index: dict[str, Any] | None, full: bool, attempt: int = 1) -> dict[str, Any]:
+    """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload."""
+    cfg = runtime.settings().files_backup
+    links = tarred, packed, sealed = Link("archive→compress"), Link("compress→encrypt"), Link("encrypt→upload")
+    Path(index_spool).unlink(missing_ok=True)  # left by a failed attempt
+
+    def submit(futures: list[Any]) -> None:
+        futures.append(archive.submit(source, tarred, backup_id, index_spool, previous_index, full))
+        futures.append(compress.submit(tarred, packed, cfg.compression, cfg.effective_level, cfg.threads))
+        futures.append(encrypt.submit(packed, sealed, "tar archive of files"))
+        futures.append(upload.submit(sealed, object_key))
+
+    a, c, e, u = run_linked(submit, list(links))
+    return {"archive": a, "compress": c, "encrypt": e, "upload": u}
+
+
+@task(name="upload-index", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> dict[str, Any]:
+    """Upload the encrypted file index and read it back."""
+    store = runtime.store()
+    with open(index_spool, "rb") as f:
+        info = store.save(object_key, f)  # type: ignore[arg-type]
+    if info.size != size:
+        raise VerificationError(f"storage reports {info.size} bytes for {object_key}, {size} were written")
+    return read_back(store, object_key, size, sha256)
+
+
+@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def save_manifest(key: str, document: dict[str, Any]) -> str:
+    """Write the manifest, last: from now on the backup exists."""
+    manifest.save(runtime.store(), key, document)
+    return key
+
+
+def previous_backup(settings: Settings, source: str) -> catalog.Backup | None:
+    """The newest verified backup of ``source``: the base of an incremental, and what 'changed' is measured against."""
+    found = [b for b in catalog.list_backups(runtime.store(settings), settings.storage.prefix, "files", source) if b.verified]
+    return found[-1] if found else None
+
+
+def wants_full(settings: Settings, previous: catalog.Backup | None, now: datetime, forced: bool) -> tuple[bool, str]:
+    every = settings.files_backup.full_every_days
+    if forced:
+        return True, "full requested"
+    if previous is None:
+        return True, "no earlier verified backup"
+    if every == 0:
+        return True, "files_backup.full_every_days = 0"
+    if previous.doc.get("archive", {}).get("compression", {}).get("codec") != settings.files_backup.compression:
+        return True, "compression changed"
+    full_at = catalog._parse_time(previous.doc["full_completed_at"])
+    if now - full_at >= timedelta(days=every):
+        return True, f"the last full archive is older than {every} days"
+    return False, f"incremental on {previous.backup_id}"
+
+
+def check_counts(name: str, source: FileSource, files: int, previous_files: int | None, allow_shrink: bool) -> None:
+    """A vanished or emptied source is a failure worth an alert, never an empty "successful" backup."""
+    if files < source.min_files:
+        raise SourceError(f"source {name} has {files} files, fewer than its min_files = {source.min_files}",
+                          hint="check the source (an unmounted volume? a wrong path?); set min_files = 0 if empty is expected")
+    if previous_files and not allow_shrink:
+        floor = previous_files * (1 - source.max_shrink_percent / 100)
+        if files < floor:
+            raise SourceError(
+                f"source {name} has {files} files, the last backup had {previous_files}: more than "
+                f"{source.max_shrink_percent:g}% are gone",
+                hint="if they were removed on purpose, run once with allow_shrink = true",
+            )
+
+
+@flow(name="files-backup-source", validate_parameters=False)
+def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
+    """Back up one file source: sync into its mirror, archive, encrypt, upload, verify, manifest, log."""
+    settings = runtime.settings()
+    install_log_redaction()
+    logger = get_run_logger()
+    cfg = settings.files_backup
+    source = settings.file_source(name)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    keys = manifest.files_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
+    run_id = str(flow_run.id) if flow_run.id else None
+    previous = previous_backup(settings, name)
+    is_full, why = wants_full(settings, previous, started, full)
+    previous_files = int(previous.doc["totals"]["files"]) if previous else None
+    logger.info("backing up %s (%s): %s", name, "full" if is_full else "incremental", why)
+
+    entry = None
+    if settings.log.enabled:
+        entry = _logged(log_start, "start", "backup", "files", name, keys.backup_id, keys.archive, run_id)
+    uploaded: list[str] = []
+    work = _private_dir(settings.work_dir)
+    try:
+        synced = sync(name, previous_files, allow_shrink)
+        check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
+        previous_index = None
+        if previous is not None:
+            idx = previous.doc["index"]
+            spool = str(work / "previous-index.enc")
+            download(idx["key"], spool, idx["size_encrypted"], idx["sha256_encrypted"])
+            previous_index = {"spool": spool, "codec": idx["compression"]["codec"]}
+        index_spool = str(work / "index.enc")
+        stream = _stream_with_retries(name, keys.backup_id, keys.archive, index_spool, previous_index, is_full,
+                                      cfg.attempts, cfg.retry_delay_seconds)
+        uploaded.append(keys.archive)
+        a, c, e, u = stream["archive"], stream["compress"], stream["encrypt"], stream["upload"]
+        if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
+            raise BackupError("the bytes uploaded differ from the bytes encrypted")
+        check_counts(name, source, a["totals"]["files"], previous_files, allow_shrink)
+        index_info = {"key": keys.index, **a["index"]}
+        uploaded.append(keys.index)
+        upload_index(index_spool, keys.index, index_info["size_encrypted"], index_info["sha256_encrypted"])
+        this_archive = {
+            "key": keys.archive, "format": "tar-pax", "compression": {"codec": c["codec"], "level": c["level"]},
+            "encryption": {"format": e["format"], "version": 1, "chunk_size": e["chunk_size"],
+                           **{k: v for k, v in e["key"].items() if k != "wrapped"}},
+            "size_plain": c["plain_bytes"], "size_compressed": c["compressed_bytes"], "size_encrypted": u["bytes"],
+            "sha256_plain": c["plain_sha256"], "sha256_encrypted": u["sha256"],
+            "files": a["stored"]["files"], "bytes": a["stored"]["bytes"],
+        }
+        older = _older_archives(previous, is_full)
+        verification = verify_files(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
+        finished = datetime.now(timezone.utc)
+        document = {
+            "manifest_version": manifest.MANIFEST_VERSION, "backup_id": keys.backup_id, "component": "files",
+            "status": "verified", "started_at": started.isoformat(), "completed_at": finished.isoformat(),
+            "source": {"name": name, "kind": source.kind, "host": source.host, "path": source.path, "bucket": source.bucket},
+            "tool": {"luxima_backup": __version__},
+            "type": "full" if is_full else "incremental", "reason": why,
+            "previous": previous.backup_id if previous else None,
+            "full_completed_at": finished.isoformat() if is_full or previous is None else previous.doc["full_completed_at"],
+            "archive": this_archive, "index": index_info,
+            # every archive a restore of this backup reads, oldest first: the chain back to the full one
+            "archives": {**older, keys.backup_id: {k: this_archive[k] for k in ("key", "compression", "size_encrypted", "sha256_encrypted")}},
+            "totals": a["totals"], "changes": a["changes"], "sync": synced,
+            "verification": {**verification, "verified_at": finished.isoformat()},
+            "timings": {"sync": synced["seconds"], "archive": round(a.get("seconds", c["seconds"]), 3),
+                        "compress": round(c["seconds"], 3), "encrypt": round(e["seconds"], 3),
+                        "upload": round(u["seconds"], 3), "total": round((finished - started).total_seconds(), 3)},
+            "flow_run_id": run_id,
+        }
+        save_manifest(keys.manifest, document)
+    except BaseException as exc:
+        if isinstance(exc, (VerificationError, SourceError)):
+            events.verification_failed("backup", "files", name, str(exc), backup_id=keys.backup_id)
+        _discard(uploaded, logger)
+        _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
+                {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.monotonic() - t0
+    _publish(document, seconds)
+    _logged(log_finish, "finish", entry, name, "success", None,
+            {"type": document["type"], "totals": document["totals"], "changes": _counts(document["changes"]),
+             "sync": synced, "timings": document["timings"]},
+            {"object_key": keys.archive, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
+             "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
+             "key_id": e["key"]["key_id"]}, skip=entry is None)
+    events.backup_succeeded("files", name, keys.backup_id, object_key=keys.archive, size_encrypted=u["bytes"])
+    logger.info("backup %s complete: %d files, %s (%d bytes encrypted)", keys.backup_id, document["totals"]["files"],
+                keys.archive, u["bytes"])
+    return {"backup_id": keys.backup_id, "type": document["type"], "manifest_key": keys.manifest,
+            "object_key": keys.archive, "totals": document["totals"], "changes": _counts(document["changes"]),
+            "stored": a["stored"], "transferred_files": synced["transferred_files"],
+            "transferred_bytes": synced["transferred_bytes"], "size_encrypted": u["bytes"], "seconds": round(seconds, 3)}
+
+
+@flow(name="files-backup", validate_parameters=True, persist_result=True)
+def files_backup(sources: list[str] | None = None, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
+    """Back up the configured file sources (object-storage files, directories on hosts) to storage, encrypted and verified.
+
+    Args:
+        sources: which [files_backup.sources.NAME] to back up (default: all of them).
+        full: write a full archive even when an incremental one is due.
+        allow_shrink: accept a source that lost more files than its max_shrink_percent (files removed on purpose).
+    """
+    settings = runtime.settings()
+    names = list(sources or settings.files_backup.sources)
+    if not names:
+        from luxima_backup.errors import ConfigError
+
+        raise ConfigError("no file sources configured", hint="add [files_backup.sources.NAME] sections to the settings")
+    for n in names:
+        settings.file_source(n)  # every name checked before any work starts
+    results: dict[str, Any] = {}
+    failures: dict[str, BaseException] = {}
+    for n in names:
+        state = backup_source(n, full, allow_shrink, return_state=True)
+        if state.is_completed():
+            results[n] = state.result()
+        else:
+            exc = state.result(raise_on_failure=False)
+            failures[n] = exc if isinstance(exc, BaseException) else BackupError(str(state.message))
+    if failures:
+        detail = "; ".join(f"{n}: {redact(str(exc))}" for n, exc in failures.items())
+        first = next(iter(failures.values()))
+        raise type(first)(f"file backup failed for {', '.join(failures)}: {detail}") if isinstance(first, BackupError) \
+            else BackupError(f"file backup failed for {', '.join(failures)}: {detail}")
+    return results
+
+
+def _stream_with_retries(name: str, backup_id: str, key: str, index_spool: str, previous_index: dict[str, Any] | None,
+                         full: bool, attempts: int, delays: list[float]) -> dict[str, Any]:
+    logger = get_run_logger()
+    for attempt in range(1, attempts + 1):
+        state = archive_to_storage(name, backup_id, key, index_spool, previous_index, full, attempt, return_state=True)
+        if state.is_completed():
+            return state.result()
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
+        if attempt == attempts or not is_transient(exc):
+            raise exc
+        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
+        logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, dict[str, Any]]:
+    """The archives of earlier backups an incremental one still reads (all of the previous chain; a superset is safe)."""
+    if full or previous is None:
+        return {}
+    return dict(previous.doc["archives"])
+
+
+def _counts(changes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in changes.items() if k != "examples"}
+
+
+def _private_dir(work_dir: Path) -> Path:
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Path(tempfile.mkdtemp(prefix="files-backup-", dir=work_dir))
+
+
+def _logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
+    """Run a log task; its failure is a warning and never the backup's outcome."""
+    if skip:
+        return None
+    state = fn(*args, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("backup log %s not written: %s", what, redact(str(state.result(raise_on_failure=False))))
+    return None
+
+
+def _discard(keys: list[str], logger: Any) -> None:
+    """Remove objects of a failed run so nothing that looks like a backup is left."""
+    store = runtime.store()
+    for key in keys:
+        try:
+            store.remove(key)
+            logger.info("removed %s of the failed run", key)
+        except Exception as exc:  # best effort; retention sweeps what is left
+            logger.warning("could not remove %s of the failed run: %s", key, exc)
+
+
+def _publish(doc: dict[str, Any], seconds: float) -> None:
+    """The run's artifact: counts, sizes, throughput, and what changed since the last backup."""
+    a, t, ch, sy = doc["archive"], doc["totals"], doc["changes"], doc["sync"]
+    mib = 1024 * 1024
+    lines = [
+        f"## File backup `{doc['backup_id']}` ({doc['type']})",
+        "",
+        f"Source `{doc['source']['name']}` ({doc['source']['kind']}): **{t['files']} files**, {t['dirs']} folders, "
+        f"{t['symlinks']} symlinks, {t['bytes'] / mib:.1f} MiB" + (f"; {t['skipped_special']} special files skipped" if t["skipped_special"] else ""),
+        "",
+        f"Sync ({sy['tool']}): {sy['transferred_files']} files transferred ({sy['transferred_bytes'] / mib:.1f} MiB), "
+        f"{sy['deleted_files']} deleted, in {sy['seconds']:.1f}s",
+        "",
+        f"Archive `{a['key']}`: {a['files']} files stored ({a['bytes'] / mib:.1f} MiB); tar {a['size_plain']} bytes → "
+        f"{a['compression']['codec']} {a['size_compressed']} → encrypted {a['size_encrypted']} bytes, key `{a['encryption']['key_id']}`",
+        "",
+        f"Restores read {len(doc['archives'])} archive(s). Took {seconds:.1f}s "
+        f"({a['size_plain'] / mib / seconds if seconds else 0:.1f} MiB/s of tar).",
+        "",
+        "### Changes since the previous backup" + (f" `{doc['previous']}`" if doc["previous"] else " (none: everything is new)"),
+        "",
+        "| change | entries | bytes |",
+        "|---|---:|---:|",
+        f"| added | {ch['added']} | {ch['added_bytes']} |",
+        f"| changed | {ch['changed']} | {ch['changed_bytes']} |",
+        f"| removed | {ch['removed']} | |",
+        f"| unchanged | {ch['unchanged']} | |",
+    ]
+    for kind, names in ch["examples"].items():
+        if names:
+            lines += ["", f"{kind} (first {len(names)}): " + ", ".join(f"`{n}`" for n in names)]
+    key = "".join(ch_ if ch_.isalnum() else "-" for ch_ in f"files-backup-{doc['source']['name']}".lower())
+    create_markdown_artifact(key=key, markdown=redact("\n".join(lines)), description=f"Backup {doc['backup_id']}")

@@ -1,0 +1,187 @@
+"""Archive stage: the staging mirror as a tar stream, with its file index written encrypted beside it.
+
+Each file's md5 and sha256 are taken as its bytes go into the tar, so the index describes exactly
+what was archived. A full archive holds every entry. An incremental one holds the files that are
+new or changed since the previous backup (size or mtime differ: rsync's own test), plus
+directories and symlinks; the index records, for every file, which backup's archive holds its
+content. The index is compressed and encrypted as it is written: file names are user data too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import runtime
+from luxima_backup.compression import DecompressingReader, compressor
+from luxima_backup.envelope import DecryptingReader, Encryptor, UnwrapFn
+from luxima_backup.filetree import (
+    DIR, FILE, SYMLINK, Entry, add_file, entry_of, index_line, open_tar_writer, read_index, tarinfo, walk,
+)
+from luxima_backup.keys import DataKey
+from luxima_backup.pipes import Link, Meter, stage
+from tasks.sync import mirror_path
+
+EXAMPLES = 20  # names of changed files shown per kind of change
+
+
+class IndexWriter:
+    """Index lines → compressor → AES-256-GCM chunks → a private file (ciphertext only on disk)."""
+
+    def __init__(self, path: str, codec: str, level: int, data_key: DataKey, chunk_size: int):
+        self._out = open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600))
+        self._comp = compressor(codec, level, 1)
+        self._enc = Encryptor(data_key.plaintext, data_key.wrapped, chunk_size, {"content": "file index"})
+        self.codec, self.level, self.chunk_size = codec, level, chunk_size
+        self.key = data_key.wrapped.to_json()
+        self.plain, self.sealed = Meter(), Meter()
+        self.entries = 0
+        self._emit(self._enc.header())
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.sealed.update(data)
+            self._out.write(data)
+
+    def add(self, entry: Entry) -> None:
+        line = index_line(entry)
+        self.plain.update(line)
+        self.entries += 1
+        packed = self._comp.compress(line)
+        if packed:
+            self._emit(self._enc.update(packed))
+
+    def close(self) -> dict[str, Any]:
+        self._emit(self._enc.update(self._comp.flush()))
+        self._emit(self._enc.finalize())
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        return {"entries": self.entries, "size_plain": self.plain.size, "sha256_plain": self.plain.hexdigest,
+                "size_encrypted": self.sealed.size, "sha256_encrypted": self.sealed.hexdigest,
+                "compression": {"codec": self.codec, "level": self.level},
+                "encryption": {"format": "LXB1", "chunk_size": self.chunk_size,
+                               **{k: v for k, v in self.key.items() if k != "wrapped"}}}
+
+    def abort(self) -> None:
+        self._out.close()
+
+
+def load_index(path: str, codec: str, unwrap: UnwrapFn) -> Iterator[Entry]:
+    """Entries of an encrypted index file; every chunk authenticates before its entries are used."""
+    with open(path, "rb") as f:
+        yield from read_index(DecompressingReader(DecryptingReader(f, unwrap), codec))
+
+
+@dataclass
+class Changes:
+    """What changed since the previous backup: counts, bytes, and the first few names of each kind."""
+
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    added_bytes: int = 0
+    changed_bytes: int = 0
+    examples: dict[str, list[str]] = field(default_factory=lambda: {"added": [], "changed": [], "removed": []})
+
+    def note(self, kind: str, entry: Entry) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if kind in ("added", "changed"):
+            setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + entry.size)
+        if kind in self.examples and len(self.examples[kind]) < EXAMPLES:
+            self.examples[kind].append(entry.name + ("/" if entry.type == DIR else ""))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "changed": self.changed, "removed": self.removed, "unchanged": self.unchanged,
+                "added_bytes": self.added_bytes, "changed_bytes": self.changed_bytes, "examples": self.examples}
+
+
+def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, previous: Iterator[Entry] | None,
+                 full: bool) -> dict[str, Any]:
+    """Write ``root`` as a tar stream into ``sink`` and every entry into ``index``; returns totals and changes.
+
+    ``previous`` is the last backup's index (sorted as the walk is), merged with the walk to
+    find what changed; without it every entry counts as added.
+    """
+    tar = open_tar_writer(sink)
+    prev_iter = iter(previous or ())
+    prev = next(prev_iter, None)
+    changes = Changes()
+    totals = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "skipped_special": 0}
+    stored = {"files": 0, "bytes": 0}
+    for rel, st in walk(root):
+        entry = entry_of(rel, st, root)
+        if entry is None:
+            totals["skipped_special"] += 1  # sockets, fifos, devices: not user data
+            continue
+        key = entry.key
+        while prev is not None and prev.key < key:
+            changes.note("removed", prev)
+            prev = next(prev_iter, None)
+        old = None
+        if prev is not None and prev.key == key:
+            old, prev = prev, next(prev_iter, None)
+        quick_same = (old is not None and old.type == FILE == entry.type and old.size == entry.size
+                      and old.mtime_ns == entry.mtime_ns and old.archive is not None)
+        if entry.type == FILE:
+            totals["files"] += 1
+            totals["bytes"] += entry.size
+            if quick_same and not full:
+                assert old is not None
+                entry.md5, entry.sha256, entry.archive = old.md5, old.sha256, old.archive
+            else:
+                add_file(tar, root, entry)
+                entry.archive = backup_id
+                stored["files"] += 1
+                stored["bytes"] += entry.size
+        else:
+            totals["dirs" if entry.type == DIR else "symlinks"] += 1
+            tar.addfile(tarinfo(entry))
+        if old is None:
+            changes.note("added", entry)
+        elif old.type != entry.type or (entry.type == FILE and not quick_same) \
+                or (entry.type == FILE and entry.sha256 != old.sha256) \
+                or (entry.type == SYMLINK and entry.target != old.target) or old.mode != entry.mode:
+            changes.note("changed", entry)
+        else:
+            changes.unchanged += 1
+        index.add(entry)
+    while prev is not None:
+        changes.note("removed", prev)
+        prev = next(prev_iter, None)
+    tar.close()
+    return {"totals": totals, "stored": stored, "changes": changes.as_dict()}
+
+
+@task(name="archive", cache_policy=NO_CACHE)
+def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_index: dict[str, Any] | None,
+            full: bool) -> dict[str, Any]:
+    """Tar the source's staging mirror into the pipeline, writing the encrypted file index beside it."""
+    settings = runtime.settings()
+    cfg = settings.files_backup
+    root = mirror_path(settings, source)
+    provider = runtime.key_provider(settings)
+    with stage(None, sink):
+        # The index gets its own data key: it is a separate object, readable without the archive.
+        index = IndexWriter(index_spool, cfg.compression, cfg.effective_level, provider.new_data_key(),
+                            settings.keys.chunk_kib * 1024)
+        try:
+            previous = None
+            if previous_index is not None:
+                previous = load_index(previous_index["spool"], previous_index["codec"], provider.unwrap)
+            result = archive_tree(root, sink.writer(), index, backup_id, previous, full)
+        except BaseException:
+            index.abort()
+            raise
+        result["index"] = index.close()
+    s = result["stored"]
+    get_run_logger().info("archived %s (%s): %d of %d files stored (%d bytes), %d in the index", source,
+                          "full" if full else "incremental", s["files"], result["totals"]["files"], s["bytes"],
+                          result["index"]["entries"])
+    return result
