@@ -108,3 +108,28 @@ def run(client: paramiko.SSHClient, command: str, timeout: float = 600) -> tuple
         return out.channel.recv_exit_status(), stdout, stderr
     except (paramiko.SSHException, socket.timeout, OSError) as exc:
         raise SshError(f"running a command over SSH failed: {exc}", transient=True) from None
+
+
+def run_with_input(client: paramiko.SSHClient, command: str, data: bytes, timeout: float = 600) -> bytes:
+    """Run ``command`` with ``data`` on its stdin; returns its stdout. A non-zero exit is an ``SshError``."""
+    import threading
+
+    try:
+        stdin, out, err = client.exec_command(command, timeout=timeout)
+
+        def feed() -> None:  # in a thread: a full stdout window would otherwise block our writes forever
+            try:
+                stdin.write(data)
+            finally:
+                stdin.channel.shutdown_write()
+
+        writer = threading.Thread(target=feed, daemon=True)
+        writer.start()
+        stdout, stderr = out.read(), err.read()
+        writer.join()
+        status = out.channel.recv_exit_status()
+    except (paramiko.SSHException, socket.timeout, OSError) as exc:
+        raise SshError(f"running a command over SSH failed: {exc}", transient=True) from None
+    if status != 0:
+        raise SshError(f"command on the host failed (exit {status}): {stderr.decode(errors='replace').strip()[-500:]}")
+    return stdout
