@@ -163,7 +163,8 @@ def deliver_host(settings: Settings, dest: Destination, staging: Path, confirmed
         base = ["rsync", "--archive", "--protect-args", "--numeric-ids", "-e", shlex.join(ssh.ssh_command(host, key_file))]
         if not confirmed:
             probe = _rsync([*base, "--dry-run", "--existing", "--itemize-changes", f"{staging}/", remote])
-            changed = [line for line in probe.splitlines() if line[:1] in (">", "c") or line[:2] == "*d"]
+            # "<f" a file that would be sent over an existing one (itemize: "<" = to the remote)
+            changed = [line for line in probe.splitlines() if line[:2] in ("<f", "<L", "cL", "cd", "cf") or line.startswith("*deleting")]
             if changed:
                 raise ConfigError(f"restoring into {dest.label} would overwrite {len(changed)} existing entries, e.g. {changed[:3]}",
                                   hint=f"set confirm = {dest.label!r} to overwrite them (each is kept in a backup folder on the host)")

@@ -79,7 +79,8 @@ class Entry:
 
     @property
     def name(self) -> str:
-        return os.fsdecode(self.path)
+        """The path for people (logs, artifacts, errors): undecodable bytes shown as \\xNN."""
+        return self.path.decode("utf-8", "backslashreplace")
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {**_text(self.path, "path"), "type": self.type, "mode": self.mode,

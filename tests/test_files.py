@@ -1,0 +1,450 @@
+"""The files backup and restore flows end to end: a real sshd, rsync, the S3 server, PostgreSQL for the log, Prefect."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from luxima_backup.envelope import DecryptingReader, encrypt_bytes
+from luxima_backup.errors import ConfigError, IntegrityError, SourceError, VerificationError
+from luxima_backup.keys import KeyFileProvider
+from luxima_backup.sandbox import PostgresCluster, SshServer
+from tests.conftest import file_keys
+from tests.helpers import log_rows, s3_get, s3_keys
+
+pytestmark = pytest.mark.slow
+
+MARKER = b"LUXIMA-FILE-PLAINTEXT-MARKER-51c0"
+ODD_NAMES = [b"with space.txt", b"new\nline.txt", b"latin1-caf\xe9.bin", "unicode-ファイル.txt".encode(), b"-starts-with-dash",
+             b"back\\slash", b"quote'and\"double"]
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = SshServer().start()
+    yield server
+    server.stop()
+
+
+def make_tree(root: Path) -> None:
+    """Odd names, nested folders, an empty folder and file, a 3 MB file, symlinks, several modes and exact mtimes."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = os.fsencode(root)
+    for i, name in enumerate(ODD_NAMES):
+        with open(os.path.join(base, name), "wb") as f:
+            f.write(MARKER + b" odd %d" % i)
+    (root / "dir with spaces" / "sub").mkdir(parents=True)
+    (root / "dir with spaces" / "sub" / "deep.txt").write_bytes(MARKER + b" deep")
+    (root / "dir with spaces" / "a.txt").write_bytes(b"a" * 100)
+    (root / "photos" / "2026").mkdir(parents=True)
+    (root / "photos" / "2026" / "big.bin").write_bytes(os.urandom(3 << 20) + MARKER)
+    (root / "photos" / "2026" / "small.jpg").write_bytes(b"\xff\xd8" + MARKER)
+    (root / "empty-dir").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "script.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    os.chmod(root / "script.sh", 0o750)
+    (root / "secret.txt").write_bytes(MARKER + b" private")
+    os.chmod(root / "secret.txt", 0o600)
+    os.chmod(root / "photos", 0o711)
+    os.symlink("photos/2026/small.jpg", root / "link-relative")
+    os.symlink("missing-target", root / "link-dangling")
+    for i, (dirpath, dirnames, filenames) in enumerate(sorted(os.walk(base))):
+        for j, name in enumerate(sorted(filenames)):
+            path = os.path.join(dirpath, name)
+            os.utime(path, ns=(1_600_000_000_123_456_789 + i * 1000 + j,) * 2, follow_symlinks=False)
+    os.utime(root / "link-relative", ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001), follow_symlinks=False)
+    for dirpath, _, _ in sorted(os.walk(base), reverse=True):
+        os.utime(dirpath, ns=(1_650_000_000_987_654_321, 1_650_000_000_987_654_321))
+
+
+def snapshot(root: Path) -> dict[bytes, tuple[Any, ...]]:
+    """Every entry under ``root``: type, mode, mtime_ns, and content or link target."""
+    out: dict[bytes, tuple[Any, ...]] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, base)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path), st.st_mtime_ns)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, f.read())
+    return out
+
+
+@pytest.fixture
+def files_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+              write_settings: Callable[..., Path], sshd: SshServer, tmp_path: Path) -> dict[str, Any]:
+    """A source tree served over SSH, settings naming it, and a way to rewrite the settings."""
+    src = tmp_path / "source"
+    make_tree(src)
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+
+    def settings(kind: str = "ssh", extra: str = "", path: Path = src, files_opts: str = "") -> Path:
+        source = f'kind = "ssh"\nhost = "files1"\npath = "{path}"' if kind == "ssh" else f'kind = "local"\npath = "{path}"'
+        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
+            [hosts.files1]
+            host = "127.0.0.1"
+            port = {sshd.port}
+            user = "{sshd.user}"
+            key = "file:{sshd.client_key}"
+            known_hosts = "{known}"
+            connect_timeout = 5
+
+            [files_backup]
+            attempts = 1
+            """) + files_opts + "\n[files_backup.sources.userfiles]\n" + source + "\n" + textwrap.dedent(extra))
+
+    settings()
+    return {"src": src, "known": known, "settings": settings, "bucket": bucket, "s3": s3_server, "db": database,
+            "cluster": pg_cluster, "key_file": key_file, "tmp": tmp_path, "prefect": prefect_server}
+
+
+def backup(**params: Any) -> Any:
+    from flows.files_backup import files_backup
+
+    state = files_backup(**params, return_state=True)
+    return state
+
+
+def backed_up(**params: Any) -> dict[str, Any]:
+    state = backup(**params)
+    assert state.is_completed(), state.message
+    return state.result()["userfiles"]
+
+
+def restore(**params: Any) -> Any:
+    from flows.files_restore import files_restore
+
+    return files_restore(**params, return_state=True)
+
+
+def restored(**params: Any) -> dict[str, Any]:
+    state = restore(**params)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def error_of(state: Any) -> BaseException:
+    assert state.is_failed(), state
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, BaseException)
+    return exc
+
+
+def manifest_doc(env: dict[str, Any], backup_id: str) -> tuple[str, dict[str, Any]]:
+    key = next(k for k in s3_keys(env["s3"], env["bucket"]) if k.endswith(".manifest.json")
+               and json.loads(s3_get(env["s3"], env["bucket"], k))["backup_id"] == backup_id)
+    return key, json.loads(s3_get(env["s3"], env["bucket"], key))
+
+
+# -- backup and restore round trips --
+
+def test_round_trip_over_ssh_keeps_names_links_modes_and_mtimes(files_env: dict[str, Any]) -> None:
+    src = files_env["src"]
+    before = snapshot(src)
+    summary = backed_up()
+    assert summary["type"] == "full"
+    assert summary["totals"]["files"] == len(ODD_NAMES) + 7 and summary["totals"]["symlinks"] == 2
+    assert summary["transferred_files"] == summary["totals"]["files"]
+    # nothing stored in clear: not the contents, not the file names
+    for key in s3_keys(files_env["s3"], files_env["bucket"]):
+        blob = s3_get(files_env["s3"], files_env["bucket"], key)
+        assert MARKER not in blob and b"with space" not in blob or key.endswith(".manifest.json"), key
+        if key.endswith(".manifest.json"):
+            assert MARKER not in blob and b"ODD" not in blob
+
+    out = files_env["tmp"] / "restored"
+    result = restored(destination=str(out))
+    assert result["md5_checked"] == summary["totals"]["files"]
+    assert snapshot(out) == before
+
+    rows = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["component"] == "files"]
+    assert [(r["kind"], r["status"]) for r in rows] == [("backup", "success"), ("restore", "success")]
+    assert rows[0]["target"] == "userfiles" and rows[0]["size_encrypted"] == summary["size_encrypted"]
+
+
+def test_incremental_run_transfers_only_changes_and_both_backups_restore(files_env: dict[str, Any]) -> None:
+    src = files_env["src"]
+    first = backed_up()
+    first_tree = snapshot(src)
+    (src / "dir with spaces" / "a.txt").write_bytes(b"changed content")
+    (src / "photos" / "2026" / "new.jpg").write_bytes(b"new photo")
+    (src / "empty.txt").unlink()
+    second = backed_up()
+    assert second["type"] == "incremental"
+    assert second["transferred_files"] == 2
+    assert second["stored"]["files"] == 2  # the archive holds only what changed
+    assert (second["changes"]["added"], second["changes"]["changed"], second["changes"]["removed"]) == (1, 1, 1)
+    third = backed_up()
+    assert third["transferred_files"] == 0 and third["stored"]["files"] == 0
+
+    latest = files_env["tmp"] / "latest"
+    assert restored(destination=str(latest))["archives_read"] >= 2
+    assert snapshot(latest) == {k: v for k, v in snapshot(src).items() if k != b"."}
+    old = files_env["tmp"] / "old"
+    restored(destination=str(old), backup=first["backup_id"])
+    assert snapshot(old) == first_tree
+
+
+def test_full_archives_when_asked_or_when_due(files_env: dict[str, Any]) -> None:
+    backed_up()
+    assert backed_up()["type"] == "incremental"
+    forced = backed_up(full=True)
+    assert forced["type"] == "full" and forced["stored"]["files"] == len(ODD_NAMES) + 7
+    files_env["settings"](files_opts="full_every_days = 0")
+    assert backed_up()["type"] == "full"
+
+
+def test_restore_of_one_folder(files_env: dict[str, Any]) -> None:
+    backed_up()
+    out = files_env["tmp"] / "one-folder"
+    result = restored(destination=str(out), path="dir with spaces/sub")
+    assert result["files"] == 1
+    assert snapshot(out) == {
+        b"dir with spaces": snapshot(out)[b"dir with spaces"],  # made to hold the folder
+        b"dir with spaces/sub": snapshot(files_env["src"])[b"dir with spaces/sub"],
+        b"dir with spaces/sub/deep.txt": snapshot(files_env["src"])[b"dir with spaces/sub/deep.txt"],
+    }
+    one = files_env["tmp"] / "one-file"
+    assert restored(destination=str(one), path="script.sh")["files"] == 1
+    assert (one / "script.sh").read_bytes() == (files_env["src"] / "script.sh").read_bytes()
+    assert isinstance(error_of(restore(destination=str(files_env["tmp"] / "x"), path="no/such")), ConfigError)
+
+
+def test_existing_files_are_not_overwritten_without_confirm_and_are_kept(files_env: dict[str, Any]) -> None:
+    backed_up()
+    out = files_env["tmp"] / "busy"
+    out.mkdir()
+    (out / "script.sh").write_text("the operator's newer script\n")
+    (out / "unrelated.txt").write_text("stays\n")
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, ConfigError) and "overwrite 1 existing" in str(exc)
+    assert (out / "script.sh").read_text() == "the operator's newer script\n"
+    assert sorted(p.name for p in out.iterdir()) == ["script.sh", "unrelated.txt"]
+    assert isinstance(error_of(restore(destination=str(out), confirm="/somewhere/else")), ConfigError)
+
+    result = restored(destination=str(out), confirm=str(out))
+    assert (out / "script.sh").read_bytes() == (files_env["src"] / "script.sh").read_bytes()
+    assert (out / "unrelated.txt").read_text() == "stays\n"
+    assert result["kept"] == 1 and Path(result["kept_in"], "script.sh").read_text() == "the operator's newer script\n"
+
+
+def test_restore_to_a_host_over_ssh_checks_md5_there(files_env: dict[str, Any]) -> None:
+    backed_up()
+    remote = files_env["tmp"] / "on-host"
+    remote.mkdir()
+    result = restored(destination=f"files1:{remote}")
+    assert result["md5_checked"] == len(ODD_NAMES) + 7
+    assert snapshot(remote) == snapshot(files_env["src"])
+    (remote / "script.sh").write_text("changed on the host\n")
+    exc = error_of(restore(destination=f"files1:{remote}"))
+    assert isinstance(exc, ConfigError) and "overwrite" in str(exc)
+    restored(destination=f"files1:{remote}", confirm=f"files1:{remote}")
+    assert (remote / "script.sh").read_bytes() == (files_env["src"] / "script.sh").read_bytes()
+    kept = list(remote.glob(".luxima-pre-restore-*/script.sh"))
+    assert [p.read_text() for p in kept] == ["changed on the host\n"]
+
+
+def test_links_pointing_outside_are_refused_unless_allowed(files_env: dict[str, Any]) -> None:
+    os.symlink("/etc/hostname", files_env["src"] / "link-absolute")
+    os.symlink("../../outside", files_env["src"] / "photos" / "link-up")
+    backed_up()
+    out = files_env["tmp"] / "links"
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, ConfigError) and "2 symlinks point outside" in str(exc)
+    assert not out.exists()
+    restored(destination=str(out), allow_escaping_links=True)
+    assert os.readlink(out / "link-absolute") == "/etc/hostname"
+    assert os.readlink(out / "photos" / "link-up") == "../../outside"
+
+
+# -- refusals --
+
+def test_unknown_host_key_is_refused_and_nothing_is_stored(files_env: dict[str, Any]) -> None:
+    files_env["known"].write_text("")
+    exc = error_of(backup())
+    assert isinstance(exc, ConfigError) and "never accepted" in str(exc)
+    assert s3_keys(files_env["s3"], files_env["bucket"]) == []
+    assert files_env["known"].read_text() == ""
+    rows = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["component"] == "files"]
+    assert [r["status"] for r in rows] == ["failed"]
+
+
+def test_vanished_or_emptied_source_fails_and_the_mirror_keeps_its_files(files_env: dict[str, Any]) -> None:
+    src = files_env["src"]
+    first = backed_up()
+    keys = s3_keys(files_env["s3"], files_env["bucket"])
+    hidden = files_env["tmp"] / "hidden"
+    src.rename(hidden)
+    exc = error_of(backup())
+    assert isinstance(exc, SourceError) and "does not exist" in str(exc)
+
+    hidden.rename(src)
+    for path in sorted(src.rglob("*"), reverse=True):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    exc = error_of(backup())
+    assert isinstance(exc, SourceError) and "lost more files than allowed" in str(exc)
+    assert s3_keys(files_env["s3"], files_env["bucket"]) == keys  # no new backup, nothing removed
+    mirror = files_env["tmp"] / "work" / "files-mirror" / "userfiles"
+    assert sum(1 for p in mirror.rglob("*") if p.is_file()) >= first["totals"]["files"] // 2
+
+    exc = error_of(backup(allow_shrink=True))  # still: an empty source is below min_files
+    assert isinstance(exc, SourceError) and "fewer than its min_files" in str(exc)
+
+
+def _rewrite_encrypted(env: dict[str, Any], key: str, plain: bytes, info: str) -> tuple[int, str]:
+    """Replace a stored object by ``plain`` compressed and encrypted under the backup's own key file."""
+    import hashlib
+
+    provider = KeyFileProvider(env["key_file"])
+    dk = provider.new_data_key()
+    blob = encrypt_bytes(gzip.compress(plain), dk.plaintext, dk.wrapped, 1 << 20, {"content": info})
+    env["s3"].client().put_object(Bucket=env["bucket"], Key=key, Body=blob)
+    return len(blob), hashlib.sha256(blob).hexdigest()
+
+
+def _read_encrypted(env: dict[str, Any], key: str) -> bytes:
+    blob = s3_get(env["s3"], env["bucket"], key)
+    return gzip.decompress(DecryptingReader(io.BytesIO(blob), KeyFileProvider(env["key_file"]).unwrap).read())  # type: ignore[arg-type]
+
+
+def _save_manifest(env: dict[str, Any], key: str, doc: dict[str, Any]) -> None:
+    env["s3"].client().put_object(Bucket=env["bucket"], Key=key, Body=json.dumps(doc).encode())
+
+
+def test_tampered_archive_is_refused_and_nothing_is_restored(files_env: dict[str, Any]) -> None:
+    summary = backed_up()
+    blob = bytearray(s3_get(files_env["s3"], files_env["bucket"], summary["object_key"]))
+    blob[len(blob) // 2] ^= 0x01
+    files_env["s3"].client().put_object(Bucket=files_env["bucket"], Key=summary["object_key"], Body=bytes(blob))
+    out = files_env["tmp"] / "tampered"
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, IntegrityError)
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if ".restoring-" in p.name] == []
+
+
+def test_path_traversal_archive_is_refused(files_env: dict[str, Any]) -> None:
+    summary = backed_up()
+    key, doc = manifest_doc(files_env, summary["backup_id"])
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("../../evil.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    size, digest = _rewrite_encrypted(files_env, summary["object_key"], evil.getvalue(), "tar archive of files")
+    doc["archives"][summary["backup_id"]].update(size_encrypted=size, sha256_encrypted=digest)
+    _save_manifest(files_env, key, doc)
+    out = files_env["tmp"] / "a" / "b" / "traversal"
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, IntegrityError) and "refused" in str(exc)
+    assert not (files_env["tmp"] / "evil.txt").exists() and not (files_env["tmp"] / "a" / "evil.txt").exists()
+    assert not out.exists()
+
+    # an index naming a path outside the destination is refused as well
+    index = _read_encrypted(files_env, doc["index"]["key"]).replace(b'"path":"script.sh"', b'"path":"../script.sh"')
+    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], index, "file index")
+    doc["index"].update(size_encrypted=size, sha256_encrypted=digest)
+    _save_manifest(files_env, key, doc)
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, IntegrityError) and "unsafe path" in str(exc)
+
+
+def test_md5_mismatch_fails_the_restore_and_is_listed(files_env: dict[str, Any]) -> None:
+    summary = backed_up()
+    key, doc = manifest_doc(files_env, summary["backup_id"])
+    lines = _read_encrypted(files_env, doc["index"]["key"]).split(b"\n")
+    wrong = []
+    for i, line in enumerate(lines):
+        if b'"path":"script.sh"' in line:
+            rec = json.loads(line)
+            rec["md5"] = "0" * 32
+            lines[i] = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode()
+            wrong.append(rec["path"])
+    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], b"\n".join(lines), "file index")
+    doc["index"].update(size_encrypted=size, sha256_encrypted=digest)
+    _save_manifest(files_env, key, doc)
+    out = files_env["tmp"] / "mismatch"
+    state = restore(destination=str(out))
+    exc = error_of(state)
+    assert isinstance(exc, VerificationError) and "1 files" in str(exc)
+    assert not out.exists()
+    run_id = str(state.state_details.flow_run_id)
+    artifacts = httpx.post(f"{files_env['prefect'].api_url}/artifacts/filter",
+                           json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 10, "offset": 0}).json()
+    table = next(a for a in artifacts if a["type"] == "table")
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert [r["path"] for r in rows] == wrong == ["script.sh"]
+    logged = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["kind"] == "restore"]
+    assert logged[-1]["status"] == "failed" and logged[-1]["details"]["mismatches"][0]["path"] == "script.sh"
+
+
+def test_md5_check_reads_restored_files_back(tmp_path: Path) -> None:
+    """The after-restore check itself: a file altered on disk after it was written is reported."""
+    from luxima_backup.filetree import FILE, Entry
+    from tasks.extract import md5_check
+
+    (tmp_path / "a").write_bytes(b"right")
+    (tmp_path / "b").write_bytes(b"right")
+    import hashlib
+
+    good = hashlib.md5(b"right").hexdigest()
+    entries = [Entry(path=b"a", type=FILE, mode=0o644, mtime_ns=0, size=5, md5=good),
+               Entry(path=b"b", type=FILE, mode=0o644, mtime_ns=0, size=5, md5=good),
+               Entry(path=b"c", type=FILE, mode=0o644, mtime_ns=0, size=5, md5=good)]
+    (tmp_path / "b").write_bytes(b"wrong")
+    checked, bad = md5_check(entries, tmp_path)
+    assert checked == 2 and [m["path"] for m in bad] == ["b", "c"]
+
+
+# -- other sources --
+
+def test_local_and_bucket_sources(files_env: dict[str, Any], s3_server: Any) -> None:
+    files_env["settings"](kind="local")
+    assert backed_up()["totals"]["files"] == len(ODD_NAMES) + 7
+
+    source_bucket = files_env["bucket"] + "-src"
+    s3_server.create_bucket(source_bucket)
+    client = s3_server.client()
+    client.put_object(Bucket=source_bucket, Key="avatars/u1/me.png", Body=MARKER + b" avatar")
+    client.put_object(Bucket=source_bucket, Key="avatars/u2/with space.png", Body=b"x" * 1000)
+    client.put_object(Bucket=source_bucket, Key="other/ignored.txt", Body=b"not under the prefix")
+    files_env["settings"](kind="local", extra=f"""
+        [files_backup.sources.storage]
+        kind = "s3"
+        bucket = "{source_bucket}"
+        path = "avatars/"
+        endpoint_url = "{s3_server.url}"
+        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+    """)
+    from flows.files_backup import files_backup
+
+    result = files_backup(sources=["storage"])["storage"]
+    assert result["totals"]["files"] == 2 and result["transferred_files"] == 2
+    out = files_env["tmp"] / "bucket-restore"
+    restored(destination=str(out), source="storage")
+    assert (out / "u1" / "me.png").read_bytes() == MARKER + b" avatar"
+    assert (out / "u2" / "with space.png").read_bytes() == b"x" * 1000
+    again = files_backup(sources=["storage"])["storage"]
+    assert again["transferred_files"] == 0 and again["type"] == "incremental"
+    shutil.rmtree(out)
