@@ -62,6 +62,55 @@ def backup_db(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@backup_app.command("files")
+def backup_files(
+    source: list[str] = typer.Option([], help="which [files_backup.sources.NAME] (repeatable; default: all)"),
+    full: bool = typer.Option(False, "--full", help="write a full archive even when an incremental one is due"),
+    allow_shrink: bool = typer.Option(False, "--allow-shrink", help="accept a source that lost more files than its threshold"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Back up file sources now (the files-backup flow)."""
+    _use_config(config)
+    try:
+        load_settings()
+        from prefect import tags
+
+        from flows.files_backup import files_backup
+
+        with tags("backup", "files"):
+            summary = files_backup(sources=source or None, full=full, allow_shrink=allow_shrink)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@restore_app.command("files")
+def restore_files(
+    destination: str = typer.Argument(..., help="an absolute folder here, or HOST:/folder for a [hosts.HOST]"),
+    backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or an object key"),
+    source: Optional[str] = typer.Option(None, help="[files_backup.sources.NAME] the backup was taken of"),
+    as_of: Optional[datetime] = typer.Option(None, help="with latest: newest verified backup completed by this time (ISO 8601)"),
+    path: Optional[str] = typer.Option(None, help="restore only this folder or file, relative to the source's root"),
+    confirm: Optional[str] = typer.Option(None, help="to overwrite existing files: the destination, repeated exactly"),
+    allow_escaping_links: bool = typer.Option(False, "--allow-escaping-links", help="make symlinks that point outside the destination"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Restore a file backup and check the md5 of every restored file (the files-restore flow; no Prefect server needed)."""
+    _use_config(config)
+    try:
+        load_settings()
+        from prefect import tags
+
+        from flows.files_restore import files_restore
+
+        with tags("restore", "files"):
+            summary = files_restore(destination=destination, backup=backup, source=source, as_of=as_of, path=path,
+                                    confirm=confirm, allow_escaping_links=allow_escaping_links)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 @restore_app.command("db")
 def restore_db(
     backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or an object key"),
@@ -115,16 +164,21 @@ def list_cmd(
         _fail(exc)
     backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
     rows = [{"backup_id": b.backup_id, "completed_at": b.completed_at.isoformat(timespec="seconds"), "status": b.status,
-             "size": b.doc.get("dump", {}).get("size_encrypted"), "key_id": b.doc.get("dump", {}).get("encryption", {}).get("key_id"),
-             "object_key": b.data_key} for b in backups]
+             "type": b.doc.get("type", "full"), "size": _data(b.doc).get("size_encrypted"),
+             "key_id": _data(b.doc).get("encryption", {}).get("key_id"), "object_key": b.data_key} for b in backups]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            typer.echo(f"{r['backup_id']:<40} {r['completed_at']:<26} {r['status']:<9} {r['size'] or '':>14}  {r['object_key']}")
+            typer.echo(f"{r['backup_id']:<40} {r['completed_at']:<26} {r['status']:<9} {r['type']:<11} {r['size'] or '':>14}  {r['object_key']}")
         typer.echo(f"{len(rows)} backup(s)", err=True)
     for err in (e for e in found if not isinstance(e, catalog.Backup)):
         typer.echo(f"warning: {err}", err=True)
+
+
+def _data(doc: dict) -> dict:  # type: ignore[type-arg]
+    """The backup's main object: the dump (db) or the archive (files)."""
+    return dict(doc.get("dump") or doc.get("archive") or {})
 
 
 @app.command("show")

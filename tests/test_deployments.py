@@ -69,6 +69,10 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     cron = backup.schedules[0].schedule
     assert (cron.cron, cron.timezone) == ("0 3 * * *", "Asia/Jakarta")
     assert not _deployment("db-restore/db-restore").schedules  # restores are manual
+    files = _deployment("files-backup/files-backup")
+    assert set(files.tags) == {"backup", "files"} and files.global_concurrency_limit.limit == 1
+    assert (files.schedules[0].schedule.cron, files.schedules[0].schedule.timezone) == ("0 4 * * *", "Asia/Jakarta")
+    assert not _deployment("files-restore/files-restore").schedules
 
     # The bucket block registered from the settings works as storage on its own.
     from luxima_backup.secrets import SecretRef

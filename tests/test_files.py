@@ -448,3 +448,44 @@ def test_local_and_bucket_sources(files_env: dict[str, Any], s3_server: Any) -> 
     again = files_backup(sources=["storage"])["storage"]
     assert again["transferred_files"] == 0 and again["type"] == "incremental"
     shutil.rmtree(out)
+
+
+def test_break_glass_from_the_shell_without_a_prefect_server(files_env: dict[str, Any]) -> None:
+    """backup files from the shell, then list, restore files, and decrypt + tar with the key file alone."""
+    from tests.conftest import DB_PASSWORD
+
+    root = Path(__file__).resolve().parent.parent
+    cli = str(root / ".venv" / "bin" / "luxima-backup")
+    config = files_env["settings"](kind="local")
+    env = {**os.environ, "PREFECT_API_URL": files_env["prefect"].api_url, "LUXIMA_TEST_DB_PASSWORD": DB_PASSWORD}
+    done = subprocess.run([cli, "backup", "files", "--config", str(config)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    backup_id = json.loads(done.stdout)["userfiles"]["backup_id"]
+
+    alone = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LUXIMA_BACKUP"))}
+    alone.update(PREFECT_HOME=str(files_env["tmp"] / "prefect-home"), LUXIMA_BACKUP__LOG__ENABLED="false")
+    run = lambda *a: subprocess.run([cli, *a, "--config", str(config)], capture_output=True, text=True, env=alone,  # noqa: E731
+                                    timeout=300, cwd=root)
+    done = run("list", "--component", "files")
+    assert done.returncode == 0 and backup_id in done.stdout and "full" in done.stdout, done.stderr
+    out = files_env["tmp"] / "break-glass"
+    done = run("restore", "files", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["md5_checked"] == len(ODD_NAMES) + 7
+    assert snapshot(out) == snapshot(files_env["src"])
+    done = run("restore", "files", str(out))
+    assert done.returncode == 2 and "would overwrite" in done.stderr
+
+    # no settings at all: the archive object and the key file, then plain tar
+    _, doc = manifest_doc(files_env, backup_id)
+    copy = files_env["tmp"] / "copy.tar.gz.enc"
+    copy.write_bytes(s3_get(files_env["s3"], files_env["bucket"], doc["archive"]["key"]))
+    tar_file = files_env["tmp"] / "copy.tar"
+    done = subprocess.run([cli, "decrypt", "--input", str(copy), "--key-file", str(files_env["key_file"]), "--decompress",
+                           "-o", str(tar_file)], capture_output=True, text=True, env=alone, timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_tar = files_env["tmp"] / "by-tar"
+    by_tar.mkdir()
+    subprocess.run(["tar", "-xpf", str(tar_file), "-C", str(by_tar)], check=True)
+    assert (by_tar / "photos" / "2026" / "big.bin").read_bytes() == (files_env["src"] / "photos" / "2026" / "big.bin").read_bytes()
+    assert os.readlink(by_tar / "link-relative") == "photos/2026/small.jpg"
