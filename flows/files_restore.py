@@ -48,25 +48,41 @@ EXAMPLES = 10
 
 @dataclass
 class Destination:
-    kind: str                 # local | host
-    path: str                 # the folder (local, or on the host)
-    host: str | None = None   # [hosts.NAME]
+    kind: str                   # local | host | bucket
+    path: str                   # the folder (local, or on the host), or the key prefix in the bucket
+    host: str | None = None     # [hosts.NAME]
+    bucket: str | None = None
+    via: str | None = None      # bucket: the [files_backup.sources.NAME] whose endpoint and credentials reach it
 
     @property
     def label(self) -> str:
+        if self.kind == "bucket":
+            return f"s3://{self.bucket}/{self.path}"
         return f"{self.host}:{self.path}" if self.host else self.path
 
 
-def parse_destination(settings: Settings, text: str) -> Destination:
-    """``/folder`` here, or ``HOST:/folder`` on a [hosts.HOST]."""
+def parse_destination(settings: Settings, text: str, source: str | None) -> Destination:
+    """``/folder`` here, ``HOST:/folder`` on a [hosts.HOST], or ``s3://BUCKET/PREFIX`` of a configured bucket source."""
     text = text.strip()
     if text.startswith("/"):
         return Destination("local", os.path.normpath(text))
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[5:].partition("/")
+        sources = settings.files_backup.sources
+        # the endpoint and credentials of the source being restored if it is that bucket's, else of any source of it
+        names = sorted(sources, key=lambda n: n != source)
+        via = next((n for n in names if sources[n].kind == "s3" and sources[n].bucket == bucket), None)
+        if via is None:
+            raise ConfigError(f"no s3 file source in the settings uses bucket {bucket!r}, so there is no endpoint or credentials for it",
+                              hint="restore into the bucket of a [files_backup.sources.NAME] with kind = 's3'")
+        if prefix and (prefix.startswith("/") or ".." in prefix.split("/")):
+            raise ConfigError(f"invalid prefix {prefix!r} in {text!r}")
+        return Destination("bucket", prefix.strip("/") + "/" if prefix.strip("/") else "", bucket=bucket, via=via)
     host, sep, path = text.partition(":")
     if sep and host in settings.hosts and path.startswith("/"):
         return Destination("host", os.path.normpath(path), host)
-    raise ConfigError(f"destination {text!r} is neither an absolute folder nor HOST:/folder with HOST one of {sorted(settings.hosts)}",
-                      hint="e.g. /srv/restore/userfiles, or files1:/srv/storage")
+    raise ConfigError(f"destination {text!r} is not an absolute folder, HOST:/folder with HOST one of {sorted(settings.hosts)}, "
+                      "or s3://BUCKET/PREFIX", hint="e.g. /srv/restore/userfiles, files1:/srv/storage or s3://avatars/restored/")
 
 
 @dataclass
@@ -85,8 +101,13 @@ class Plan:
     escaping_count: int = 0
 
 
-def scan(plan: Plan, entries: Iterator[Entry], allow_escaping_links: bool) -> Plan:
-    """One pass over the index: what will be restored, from which archives, and what it would overwrite."""
+def scan(plan: Plan, entries: Iterator[Entry], allow_escaping_links: bool,
+         existing_keys: set[str] | None = None) -> Plan:
+    """One pass over the index: what will be restored, from which archives, and what it would overwrite.
+
+    Conflicts are found here for a local folder and (from ``existing_keys``) a bucket; on a host
+    an rsync dry run finds them just before delivery.
+    """
     keep = selector(plan.path_filter)
     needed: set[str] = set()
     dest = os.fsencode(plan.destination.path) if plan.destination.kind == "local" else None
@@ -106,6 +127,16 @@ def scan(plan: Plan, entries: Iterator[Entry], allow_escaping_links: bool) -> Pl
                 plan.escaping_count += 1
                 if len(plan.escaping_links) < EXAMPLES:
                     plan.escaping_links.append(f"{e.name} -> {os.fsdecode(e.target or b'')}")
+        if plan.destination.kind == "bucket" and e.type == FILE:
+            try:
+                key = plan.destination.path + e.path.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{e.name!r} is not a UTF-8 name and cannot be an object key",
+                                  hint="restore into a folder instead") from None
+            if existing_keys is not None and key in existing_keys:
+                plan.conflict_count += 1
+                if len(plan.conflicts) < EXAMPLES:
+                    plan.conflicts.append(key)
         if dest is not None and os.path.lexists(os.path.join(dest, e.path)):
             existing_dir = os.path.isdir(os.path.join(dest, e.path)) and not os.path.islink(os.path.join(dest, e.path))
             if not (e.type == DIR and existing_dir):
@@ -218,7 +249,78 @@ def deliver(plan_dest: Destination, staging: str, index_spool: str, index_codec:
             apply_metadata((e for e in load_index(index_spool, index_codec, unwrap) if keep(e) and e.type == DIR),
                            dest, os.geteuid() == 0)
         return {"kept": kept, "kept_in": str(keep_dir) if kept else None}
+    if plan_dest.kind == "bucket":
+        files = [e.path.decode("utf-8") for e in load_index(index_spool, index_codec, unwrap) if keep(e) and e.type == FILE]
+        return deliver_bucket(settings, plan_dest, Path(staging), files, confirmed, stamp)
     return deliver_host(settings, plan_dest, Path(staging), confirmed, stamp)
+
+
+def _bucket_client(settings: Settings, dest: Destination) -> Any:
+    from tasks.sync import source_client
+
+    assert dest.via is not None
+    return source_client(settings, settings.file_source(dest.via))
+
+
+def existing_objects(settings: Settings, dest: Destination) -> set[str]:
+    """Keys under the destination prefix now (what a restore would overwrite)."""
+    from luxima_backup.storage import translate_errors
+
+    client = _bucket_client(settings, dest)
+    keys: set[str] = set()
+    with translate_errors(f"listing {dest.label}"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=dest.bucket, Prefix=dest.path):
+            keys.update(o["Key"] for o in page.get("Contents", []))
+    return keys
+
+
+def deliver_bucket(settings: Settings, dest: Destination, staging: Path, files: list[str], confirmed: bool,
+                   stamp: str) -> dict[str, Any]:
+    """Upload the checked files; with ``confirmed``, each object they replace is first copied aside in the bucket."""
+    from luxima_backup.bucket_mirror import upload_tree
+    from luxima_backup.storage import translate_errors
+
+    client = _bucket_client(settings, dest)
+    aside = f"{dest.path}.luxima-pre-restore-{stamp}/"
+    kept = 0
+    if confirmed:
+        existing = existing_objects(settings, dest)
+        for rel in files:
+            key = dest.path + rel
+            if key in existing:
+                with translate_errors(f"keeping {key} aside"):
+                    client.copy_object(Bucket=dest.bucket, Key=aside + rel, CopySource={"Bucket": dest.bucket, "Key": key})
+                kept += 1
+    assert dest.bucket is not None
+    upload_tree(client, dest.bucket, dest.path, staging, files, overwrite=confirmed)
+    return {"kept": kept, "kept_in": f"s3://{dest.bucket}/{aside}" if kept else None}
+
+
+def md5_check_bucket(settings: Settings, dest: Destination, entries: Iterator[Entry]) -> tuple[int, list[dict[str, Any]]]:
+    """Read every restored object back from the bucket and compare its md5 with the backup's."""
+    import hashlib
+
+    from luxima_backup.storage import translate_errors
+
+    client = _bucket_client(settings, dest)
+    checked, mismatches = 0, []
+    for e in entries:
+        if e.type != FILE:
+            continue
+        key = dest.path + e.path.decode("utf-8")
+        md5 = hashlib.md5(usedforsecurity=False)
+        try:
+            with translate_errors(f"reading back {key}"):
+                body = client.get_object(Bucket=dest.bucket, Key=key)["Body"]
+                while block := body.read(1 << 20):
+                    md5.update(block)
+        except Exception as exc:  # a missing or unreadable object is a failed check, listed
+            mismatches.append({"path": e.name, "problem": f"cannot read back {key}: {exc}"})
+            continue
+        checked += 1
+        if md5.hexdigest() != e.md5:
+            mismatches.append({"path": e.name, "problem": f"md5 {md5.hexdigest()}, backup says {e.md5}"})
+    return checked, mismatches
 
 
 @task(name="verify", cache_policy=NO_CACHE)
@@ -229,6 +331,8 @@ def verify_restored(plan_dest: Destination, index_spool: str, index_codec: str, 
     entries = (e for e in load_index(index_spool, index_codec, runtime.key_provider(settings).unwrap) if keep(e))
     if plan_dest.kind == "local":
         checked, mismatches = md5_check(entries, Path(plan_dest.path))
+    elif plan_dest.kind == "bucket":
+        checked, mismatches = md5_check_bucket(settings, plan_dest, entries)
     else:
         checked, mismatches = md5_check_host(settings, plan_dest, entries)
     return {"checked": checked, "mismatches": mismatches}
@@ -247,13 +351,15 @@ def files_restore(
     """Restore a file backup into a folder (here or on a host), then check the md5 of every restored file.
 
     Args:
-        destination: an absolute folder here (created if missing), or HOST:/folder for a [hosts.HOST].
+        destination: an absolute folder here (created if missing), HOST:/folder for a [hosts.HOST], or
+            s3://BUCKET/PREFIX of a bucket a [files_backup.sources.NAME] reads (its endpoint and credentials).
         backup: "latest" (newest verified backup of the source), a backup id, or an object key.
         source: which [files_backup.sources.NAME] the backup was taken of (default: the only one).
         as_of: with "latest": the newest verified backup completed at or before this time.
         path: restore only this folder or file (relative to the source's root), e.g. "avatars/2026".
         confirm: needed when existing files would be overwritten: the destination exactly as given.
-            Each overwritten file is kept (beside the destination, or in a backup folder on the host).
+            Each overwritten file is kept (beside the destination, in a backup folder on the host, or
+            copied under PREFIX.luxima-pre-restore-TIME/ in the bucket).
         allow_escaping_links: make symlinks that point outside the destination (refused by default).
     """
     t0 = time.monotonic()
@@ -261,7 +367,7 @@ def files_restore(
     settings = runtime.settings()
     install_log_redaction()
     logger = get_run_logger()
-    dest = parse_destination(settings, destination)
+    dest = parse_destination(settings, destination, source)
     names = list(settings.files_backup.sources)
     if source is None and backup == "latest":
         if len(names) != 1:
@@ -290,7 +396,9 @@ def files_restore(
         dl = download(idx["key"], index_spool, idx["size_encrypted"], idx["sha256_encrypted"])
         timings["index"] = dl["seconds"]
         unwrap = runtime.key_provider(settings).unwrap
-        scan(plan, load_index(index_spool, codec, unwrap), allow_escaping_links)
+        existing = existing_objects(settings, dest) if dest.kind == "bucket" else None
+        # a bucket holds no links: they are counted, not refused
+        scan(plan, load_index(index_spool, codec, unwrap), allow_escaping_links or dest.kind == "bucket", existing)
         if plan.files + plan.dirs + plan.symlinks == 0:
             raise ConfigError(f"nothing in {found.backup_id} matches path {path!r}", hint="paths are relative to the source's root")
         if plan.conflict_count and not confirmed:
@@ -324,7 +432,7 @@ def files_restore(
         checks = [
             _check("files restored", plan.files, verified["checked"]),
             _check("md5 mismatches", 0, len(verified["mismatches"])),
-            _check("symlinks made", plan.symlinks, links["symlinks"]),
+            _check("symlinks made", plan.symlinks if dest.kind != "bucket" else links["symlinks"], links["symlinks"]),
         ]
         rto = time.monotonic() - t0
         _publish(plan, checks, mismatches, rto, settings.restore.rto_target_minutes * 60, timings, delivered)

@@ -447,7 +447,20 @@ def test_local_and_bucket_sources(files_env: dict[str, Any], s3_server: Any) -> 
     assert (out / "u2" / "with space.png").read_bytes() == b"x" * 1000
     again = files_backup(sources=["storage"])["storage"]
     assert again["transferred_files"] == 0 and again["type"] == "incremental"
-    shutil.rmtree(out)
+
+    # back into the bucket, under another prefix; existing objects only with confirm, and kept aside
+    into = f"s3://{source_bucket}/restored/"
+    assert restored(destination=into, source="storage")["md5_checked"] == 2
+    assert s3_get(s3_server, source_bucket, "restored/u1/me.png") == MARKER + b" avatar"
+    client.put_object(Bucket=source_bucket, Key="restored/u1/me.png", Body=b"edited since")
+    exc = error_of(restore(destination=into, source="storage"))
+    assert isinstance(exc, ConfigError) and "overwrite 2 existing" in str(exc)
+    assert s3_get(s3_server, source_bucket, "restored/u1/me.png") == b"edited since"
+    result = restored(destination=into, source="storage", confirm=into)
+    assert s3_get(s3_server, source_bucket, "restored/u1/me.png") == MARKER + b" avatar"
+    assert result["kept"] == 2
+    assert s3_get(s3_server, source_bucket, result["kept_in"][len(f"s3://{source_bucket}/"):] + "u1/me.png") == b"edited since"
+    assert isinstance(error_of(restore(destination="s3://unknown-bucket/x/", source="storage")), ConfigError)
 
 
 def test_break_glass_from_the_shell_without_a_prefect_server(files_env: dict[str, Any]) -> None:
