@@ -138,15 +138,14 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         entry = _logged(log_start, "start", "backup", "files", name, keys.backup_id, keys.archive, run_id)
     uploaded: list[str] = []
     work = _private_dir(settings.work_dir)
+    lock = None
     try:
+        lock = _lock_mirror(settings, name)
         synced = sync(name, previous_files, allow_shrink)
         check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
         previous_index = None
         if previous is not None:
-            idx = previous.doc["index"]
-            spool = str(work / "previous-index.enc")
-            download(idx["key"], spool, idx["size_encrypted"], idx["sha256_encrypted"])
-            previous_index = {"spool": spool, "codec": idx["compression"]["codec"]}
+            previous_index, is_full, why = _previous_index(previous, work, is_full, why)
         index_spool = str(work / "index.enc")
         stream = _stream_with_retries(name, keys.backup_id, keys.archive, index_spool, previous_index, is_full,
                                       cfg.attempts, cfg.retry_delay_seconds)
@@ -197,6 +196,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if lock is not None:
+            lock.close()
     seconds = time.monotonic() - t0
     _publish(document, seconds)
     _logged(log_finish, "finish", entry, name, "success", None,
@@ -264,6 +265,47 @@ def _stream_with_retries(name: str, backup_id: str, key: str, index_spool: str, 
         logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
         time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _lock_mirror(settings: Settings, name: str) -> Any:
+    """Hold the source's mirror for this run: two runs syncing and archiving one mirror would mix their trees."""
+    import fcntl
+
+    from tasks.sync import mirror_path
+
+    path = mirror_path(settings, name).with_suffix(".lock")
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BackupError(f"another backup of {name} is running (it holds {path})",
+                          hint="wait for it to finish; this run changed nothing") from None
+    return f
+
+
+def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: str) -> tuple[dict[str, Any] | None, bool, str]:
+    """Fetch the previous backup's index, to diff against and (incremental) to carry unchanged files over.
+
+    An index that cannot be read (its key retired, the object gone or damaged) makes this run a
+    full one, with a warning, rather than a failure: the new backup does not depend on it then.
+    """
+    from luxima_backup.errors import IntegrityError, KeyProviderError, ObjectNotFound
+
+    from tasks.archive import load_index
+
+    idx = previous.doc["index"]
+    spool = str(work / "previous-index.enc")
+    try:
+        download(idx["key"], spool, idx["size_encrypted"], idx["sha256_encrypted"])
+        codec = idx["compression"]["codec"]
+        next(iter(load_index(spool, codec, runtime.key_provider().unwrap)), None)  # unwraps the key, checks the first chunk
+        return {"spool": spool, "codec": codec}, is_full, why
+    except (IntegrityError, KeyProviderError, ObjectNotFound) as exc:
+        if is_transient(exc):  # Vault down: the next attempt may read it; a full archive is no answer
+            raise
+        get_run_logger().warning("the index of %s cannot be read (%s); writing a full archive", previous.backup_id, exc)
+        return None, True, f"the index of {previous.backup_id} cannot be read"
 
 
 def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, dict[str, Any]]:

@@ -502,3 +502,20 @@ def test_break_glass_from_the_shell_without_a_prefect_server(files_env: dict[str
     subprocess.run(["tar", "-xpf", str(tar_file), "-C", str(by_tar)], check=True)
     assert (by_tar / "photos" / "2026" / "big.bin").read_bytes() == (files_env["src"] / "photos" / "2026" / "big.bin").read_bytes()
     assert os.readlink(by_tar / "link-relative") == "photos/2026/small.jpg"
+
+
+def test_an_unreadable_previous_index_makes_a_full_backup_and_runs_do_not_overlap(files_env: dict[str, Any]) -> None:
+    first = backed_up()
+    _, doc = manifest_doc(files_env, first["backup_id"])
+    files_env["s3"].client().delete_object(Bucket=files_env["bucket"], Key=doc["index"]["key"])
+    second = backed_up()
+    assert second["type"] == "full" and second["stored"]["files"] == first["totals"]["files"]
+
+    import fcntl
+
+    lock = files_env["tmp"] / "work" / "files-mirror" / "userfiles.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        exc = error_of(backup())
+    assert "another backup of userfiles is running" in str(exc)
+    assert backed_up()["type"] == "incremental"
