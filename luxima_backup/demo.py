@@ -4,7 +4,9 @@ Starts on loopback a Prefect server (UI at http://127.0.0.1:4200 when the port i
 throwaway PostgreSQL with a sample Luxima database, an S3 server and a local key file; deploys
 everything (bucket block, work pool, deployments, alert automations posting to a local
 receiver that writes them to ``alerts.log``), starts a process worker, runs the database
-backup deployment and then a restore into a scratch database with verification, prints a
+backup deployment and then a restore into a scratch database with verification, then the
+files backup of a sample user-files tree served over SSH (its own sshd) and its md5-checked
+restore into a folder, prints a
 summary and where to look in the UI, and stays up until Ctrl-C or `luxima-backup demo --stop`;
 then stops everything it started and removes what it created.
 """
@@ -26,14 +28,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .keys import new_master_key
-from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, free_port, reap_orphans, stop_group
+from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, SshServer, free_port, reap_orphans, stop_group
 
 BUCKET = "luxima-backups"
 UI_PORT = 4200
 STATE_FILE = "demo.json"
 
 
-def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path) -> None:
+def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path, sshd: SshServer,
+                   known_hosts: Path, user_files: Path) -> None:
     path.write_text(f"""# Written by `luxima-backup demo`: local servers, a development key file.
 work_dir = "{work}"
 
@@ -59,6 +62,18 @@ allow_key_file = true
 [db_backup]
 attempts = 2
 retry_delay_seconds = [2]
+
+[hosts.storage1]                           # the host holding the user files, reached over SSH
+host = "127.0.0.1"
+port = {sshd.port}
+user = "{sshd.user}"
+key = "file:{sshd.client_key}"
+known_hosts = "{known_hosts}"
+
+[files_backup.sources.userfiles]
+kind = "ssh"
+host = "storage1"
+path = "{user_files}"
 
 [restore.app_check]
 user = "luxima_app"
@@ -129,13 +144,20 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
     os.environ["LUXIMA_DEMO_APP_PASSWORD"] = app_password = secrets.token_urlsafe(12)
     cleanup: list[Callable[[], Any]] = []
     try:
-        print("demo: starting PostgreSQL, S3 (moto) and Prefect servers on 127.0.0.1 ...", flush=True)
+        print("demo: starting PostgreSQL, S3 (moto), sshd and Prefect servers on 127.0.0.1 ...", flush=True)
         pg = PostgresCluster(password).start()
         cleanup.append(pg.destroy)
         s3 = MotoS3Server().start()
         cleanup.append(s3.stop)
         prefect = PrefectServer(port=UI_PORT if _port_free(UI_PORT) else free_port()).start()
         cleanup.append(prefect.stop)
+        sshd = SshServer().start()
+        cleanup.append(sshd.stop)
+        known_hosts = workdir / "known_hosts"
+        known_hosts.write_text(sshd.known_hosts_line)  # the demo host's key, as an operator would add it
+        user_files = workdir / "user-files"
+        file_counts = sample.populate_files(user_files, scale)
+        print(f"demo: sample user files ready in {user_files}: {file_counts}", flush=True)
         alerts = AlertLog(workdir / "alerts.log")
         cleanup.append(alerts.stop)
         os.environ.update(prefect.env())
@@ -153,7 +175,7 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         key_file.chmod(0o600)
         settings_path = workdir / "luxima-backup.toml"
         os.environ["LUXIMA_DEMO_ALERT_URL"] = alerts.url
-        write_settings(settings_path, pg, s3, key_file, workdir / "work")
+        write_settings(settings_path, pg, s3, key_file, workdir / "work", sshd, known_hosts, user_files)
         os.environ["LUXIMA_BACKUP_CONFIG"] = str(settings_path)
         (workdir / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "ui": prefect.api_url[:-4]}))
 
@@ -172,14 +194,24 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         print(f"demo: restore verified: {restore['database']} from {restore['backup_id']}, "
               f"{restore['checks_passed']} checks passed, RTO {restore['rto_seconds']:.0f}s "
               f"(target {restore['rto_target_seconds'] / 60:.0f} min)", flush=True)
+        files = _run_deployment("files-backup/files-backup", {})["userfiles"]
+        print(f"demo: files backup complete: {files['backup_id']} ({files['type']}): {files['totals']['files']} files, "
+              f"{files['transferred_files']} transferred over rsync/SSH, {files['size_encrypted']} bytes stored", flush=True)
+        restored_files = workdir / "restored-files"
+        files_restore = _run_deployment("files-restore/files-restore", {"destination": str(restored_files)})
+        print(f"demo: files restore verified: {files_restore['files']} files in {restored_files}, "
+              f"md5 of {files_restore['md5_checked']} checked", flush=True)
         ui = prefect.api_url[:-4]
         print(f"""demo: summary
-  Prefect UI         {ui}  (Runs: the two flow runs and their tasks; Artifacts: backup and restore reports;
-                     Deployments: db-backup daily 03:00 Asia/Jakarta, db-restore by hand; Automations: alerts)
+  Prefect UI         {ui}  (Runs: the flow runs and their tasks; Artifacts: backup and restore reports;
+                     Deployments: db-backup daily 03:00 and files-backup daily 04:00 Asia/Jakarta, restores by hand;
+                     Automations: alerts)
   settings           {settings_path}
   alerts ("chat")    {workdir / 'alerts.log'}
   backup             {json.dumps({k: backup[k] for k in ('backup_id', 'object_key', 'row_counts')})}
-  restore            {json.dumps({k: restore[k] for k in ('database', 'checks_passed', 'rto_seconds')})}""", flush=True)
+  restore            {json.dumps({k: restore[k] for k in ('database', 'checks_passed', 'rto_seconds')})}
+  files backup       {json.dumps({k: files[k] for k in ('backup_id', 'object_key', 'totals')})}
+  files restore      {json.dumps({k: files_restore[k] for k in ('destination', 'files', 'md5_checked', 'rto_seconds')})}""", flush=True)
         if wait:
             print("demo: running; press Ctrl-C (or run `./run demo --stop`) to stop everything and clean up", flush=True)
             _wait_for_stop()

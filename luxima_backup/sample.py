@@ -100,3 +100,32 @@ def populate(conn: Any, scale: float = 1.0, batch: int = 50_000) -> dict[str, in
         )
     conn.execute("ANALYZE")
     return {"public.profiles": profiles, "public.projects": projects, "public.files": files, "public.audit_log": audit}
+
+
+def populate_files(root: Any, scale: float = 1.0, seed: int = 7) -> dict[str, int]:
+    """A sample of user files as object storage keeps them: avatars, documents and photos in nested
+    folders, text that compresses and image-like bytes that do not (~2 MB and 200 files per scale)."""
+    import os
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    root = Path(root)
+    count = max(10, int(200 * scale))
+    total = 0
+    for i in range(count):
+        kind = rng.choice(("avatars", "documents", "documents", "photos"))
+        if kind == "avatars":
+            path = root / "avatars" / f"user-{i % 50:03d}" / f"avatar-{i}.png"
+            data = rng.randbytes(rng.randint(2_000, 20_000))
+        elif kind == "documents":
+            path = root / "documents" / f"project-{i % 12:02d}" / f"notes {i}.md"
+            data = (" ".join(rng.choice(_VOCABULARY) for _ in range(rng.randint(200, 8000))) + "\n").encode()
+        else:
+            path = root / "photos" / f"2026/{1 + i % 12:02d}" / f"IMG_{i:05d}.jpg"
+            data = b"\xff\xd8\xff\xe0" + rng.randbytes(rng.randint(5_000, 40_000))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        total += len(data)
+    os.symlink("avatars", root / "current-avatars")
+    return {"files": count, "bytes": total}
