@@ -58,3 +58,25 @@ def test_key_file_provider_must_be_enabled_explicitly(tmp_path: Path) -> None:
 def test_missing_settings_file_says_how_to_give_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config PATH"):
         load_settings(tmp_path / "absent.toml", reload=True)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('host = "storage1"\npath', 'host = "nowhere"\npath', r"files_backup.sources.userfiles.host = 'nowhere' is not one of \[hosts.\*\]"),
+    ('path = "/srv/storage/files"', 'path = "srv/storage/files"', r"files_backup.sources.userfiles: .*absolute directory"),
+    ('bucket = "avatars"\n', '', r"files_backup.sources.avatars: .*needs bucket"),
+    ('max_shrink_percent = 50', 'max_shrink_percent = 150', r"files_backup.sources.userfiles.max_shrink_percent"),
+])
+def test_file_sources_are_checked_at_load(tmp_path: Path, old: str, new: str, message: str) -> None:
+    text = EXAMPLE.read_text()
+    assert old in text
+    (tmp_path / "f.toml").write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(tmp_path / "f.toml", reload=True)
+
+
+def test_example_file_sources_load() -> None:
+    s = load_settings(EXAMPLE, reload=True)
+    assert s.file_source("userfiles").kind == "ssh" and s.hosts["storage1"].port == 22
+    assert str(s.file_source("avatars").secret_access_key) == "env:SUPABASE_S3_SECRET_KEY"
+    with pytest.raises(ConfigError, match="no file source named"):
+        s.file_source("nope")
