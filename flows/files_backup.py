@@ -131,6 +131,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     previous = previous_backup(settings, name)
     is_full, why = wants_full(settings, previous, started, full)
     previous_files = int(previous.doc["totals"]["files"]) if previous else None
+    # rsync's --max-delete counts folders and links as well as files
+    previous_entries = sum(int(previous.doc["totals"][k]) for k in ("files", "dirs", "symlinks")) if previous else None
     logger.info("backing up %s (%s): %s", name, "full" if is_full else "incremental", why)
 
     entry = None
@@ -141,7 +143,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     lock = None
     try:
         lock = _lock_mirror(settings, name)
-        synced = sync(name, previous_files, allow_shrink)
+        synced = sync(name, previous_entries, allow_shrink)
         check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
         previous_index = None
         if previous is not None:
@@ -181,7 +183,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             "archives": {**older, keys.backup_id: {k: this_archive[k] for k in ("key", "compression", "size_encrypted", "sha256_encrypted")}},
             "totals": a["totals"], "changes": a["changes"], "sync": synced,
             "verification": {**verification, "verified_at": finished.isoformat()},
-            "timings": {"sync": synced["seconds"], "archive": round(a.get("seconds", c["seconds"]), 3),
+            "timings": {"sync": synced["seconds"], "archive": round(a["seconds"], 3),
                         "compress": round(c["seconds"], 3), "encrypt": round(e["seconds"], 3),
                         "upload": round(u["seconds"], 3), "total": round((finished - started).total_seconds(), 3)},
             "flow_run_id": run_id,
@@ -192,7 +194,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             events.verification_failed("backup", "files", name, str(exc), backup_id=keys.backup_id)
         _discard(uploaded, logger)
         _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
-                {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
+                {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, "files", skip=entry is None)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -205,7 +207,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
              "sync": synced, "timings": document["timings"]},
             {"object_key": keys.archive, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
              "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
-             "key_id": e["key"]["key_id"]}, skip=entry is None)
+             "key_id": e["key"]["key_id"]}, "files", skip=entry is None)
     events.backup_succeeded("files", name, keys.backup_id, object_key=keys.archive, size_encrypted=u["bytes"])
     logger.info("backup %s complete: %d files, %s (%d bytes encrypted)", keys.backup_id, document["totals"]["files"],
                 keys.archive, u["bytes"])

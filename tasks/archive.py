@@ -10,6 +10,7 @@ content. The index is compressed and encrypted as it is written: file names are 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,6 +110,7 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
     ``previous`` is the last backup's index (sorted as the walk is), merged with the walk to
     find what changed; without it every entry counts as added.
     """
+    started = time.monotonic()
     tar = open_tar_writer(sink)
     prev_iter = iter(previous or ())
     prev = next(prev_iter, None)
@@ -156,7 +158,7 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
         changes.note("removed", prev)
         prev = next(prev_iter, None)
     tar.close()
-    return {"totals": totals, "stored": stored, "changes": changes.as_dict()}
+    return {"totals": totals, "stored": stored, "changes": changes.as_dict(), "seconds": time.monotonic() - started}
 
 
 @task(name="archive", cache_policy=NO_CACHE)

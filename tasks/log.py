@@ -50,12 +50,12 @@ def migrate(conn: psycopg.Connection) -> list[str]:
     return applied
 
 
-def log_database(settings: Settings, target: str) -> PostgresConnection:
+def log_database(settings: Settings, target: str, component: str = "db") -> PostgresConnection:
     """The database holding the log: log.database, else the database backed up (or, for files and
-    configs, whose targets are not databases, the default database)."""
+    configs, whose targets are not databases, db_backup.database)."""
     if settings.log.database:
         return settings.database(settings.log.database)
-    return settings.database(target if target in settings.databases else settings.db_backup.database)
+    return settings.database(target if component == "db" else settings.db_backup.database)
 
 
 def _connect_as_admin(cfg: PostgresConnection) -> psycopg.Connection:
@@ -111,7 +111,7 @@ def log_start(kind: str, component: str, target: str, backup_id: str | None, obj
     """Record the run as ``running`` in internal.backup_logs."""
     settings = runtime.settings()
     entry = start_entry(
-        log_database(settings, target), kind=kind, component=component, target=target, backup_id=backup_id,
+        log_database(settings, target, component), kind=kind, component=component, target=target, backup_id=backup_id,
         object_key=object_key, flow_run_id=flow_run_id, apply_migrations=settings.log.apply_migrations,
     )
     get_run_logger().info("backup log entry %d (%s %s %s) started", entry, kind, component, target)
@@ -120,9 +120,9 @@ def log_start(kind: str, component: str, target: str, backup_id: str | None, obj
 
 @task(name="log", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
 def log_finish(entry_id: int, target: str, status: str, error: str | None, details: dict[str, Any],
-               fields: dict[str, Any]) -> None:
+               fields: dict[str, Any], component: str = "db") -> None:
     """Record the run's outcome in internal.backup_logs."""
-    finish_entry(log_database(runtime.settings(), target), entry_id, status=status, error=error, details=details, **fields)
+    finish_entry(log_database(runtime.settings(), target, component), entry_id, status=status, error=error, details=details, **fields)
 
 
 def record_entry(cfg: PostgresConnection, *, kind: str, component: str, target: str, status: str,
@@ -147,7 +147,7 @@ def log_run(kind: str, component: str, target: str, log_target: str, status: str
     """Record a finished run (its outcome, stage timings and checks) in internal.backup_logs."""
     settings = runtime.settings()
     entry = record_entry(
-        log_database(settings, log_target), kind=kind, component=component, target=target, status=status,
+        log_database(settings, log_target, component), kind=kind, component=component, target=target, status=status,
         started_at=started_at, backup_id=backup_id, object_key=object_key, flow_run_id=flow_run_id, error=error,
         details=details, apply_migrations=settings.log.apply_migrations, **fields,
     )

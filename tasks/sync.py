@@ -107,14 +107,19 @@ def _private_key_file(text: str, work_dir: Path) -> Iterator[str]:
         os.rmdir(folder)
 
 
-def sync_source(settings: Settings, name: str, source: FileSource, previous_files: int | None,
+def sync_source(settings: Settings, name: str, source: FileSource, previous_entries: int | None,
                 allow_shrink: bool) -> dict[str, Any]:
-    """Bring ``source`` into its mirror; returns statistics (files, transferred, deleted, seconds)."""
+    """Bring ``source`` into its mirror; returns statistics (files, transferred, deleted, seconds).
+
+    ``previous_entries`` (files, folders and links of the last backup) bounds rsync's deletions
+    by the source's ``max_shrink_percent``, so a source that lost most of its tree cannot empty
+    the mirror before the count check fails the run.
+    """
     mirror = mirror_path(settings, name)
     max_delete = None
-    if previous_files and not allow_shrink and source.max_shrink_percent < 100:
+    if previous_entries and not allow_shrink and source.max_shrink_percent < 100:
         # at least 1: rsync takes --max-delete=0 as "no deletions at all" only in newer versions
-        max_delete = max(1, int(previous_files * source.max_shrink_percent / 100))
+        max_delete = max(1, int(previous_entries * source.max_shrink_percent / 100))
     timeout = settings.files_backup.rsync_timeout
     if source.kind == "local":
         if not Path(source.path).is_dir():
@@ -176,10 +181,10 @@ def source_client(settings: Settings, source: FileSource) -> Any:
 
 
 @task(name="sync", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def sync(source: str, previous_files: int | None, allow_shrink: bool) -> dict[str, Any]:
+def sync(source: str, previous_entries: int | None, allow_shrink: bool) -> dict[str, Any]:
     """Bring the source into its staging mirror (rsync or bucket sync): only what changed moves."""
     settings = runtime.settings()
-    result = sync_source(settings, source, settings.file_source(source), previous_files, allow_shrink)
+    result = sync_source(settings, source, settings.file_source(source), previous_entries, allow_shrink)
     logger = get_run_logger()
     logger.info("synced %s: %d files transferred (%d bytes), %d deleted, in %.1fs", source,
                 result["transferred_files"], result["transferred_bytes"], result["deleted_files"], result["seconds"])
