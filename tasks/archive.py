@@ -22,7 +22,8 @@ from luxima_backup import runtime
 from luxima_backup.compression import DecompressingReader, compressor
 from luxima_backup.envelope import DecryptingReader, Encryptor, UnwrapFn
 from luxima_backup.filetree import (
-    DIR, FILE, SYMLINK, Entry, add_file, entry_of, index_line, open_tar_writer, read_index, tarinfo, walk,
+    DIR, FILE, SYMLINK, Entry, add_file, entry_of, forget_members, index_line, open_tar_writer, read_index, tarinfo,
+    walk,
 )
 from luxima_backup.keys import DataKey
 from luxima_backup.pipes import Link, Meter, stage
@@ -145,6 +146,7 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
         else:
             totals["dirs" if entry.type == DIR else "symlinks"] += 1
             tar.addfile(tarinfo(entry))
+            forget_members(tar)
         if old is None:
             changes.note("added", entry)
         elif old.type != entry.type or (entry.type == FILE and not quick_same) \
