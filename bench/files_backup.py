@@ -10,8 +10,7 @@ machine, with the page cache warmed by one untimed `tar cf - | wc -c` first:
                because GNU tar skips reading file data when its output is /dev/null)
   by_hand      tar czf - TREE | openssl enc -aes-256-cbc -pbkdf2 | wc -c   (what many teams run)
   by_hand_zstd tar cf - TREE | zstd -q -T0 | openssl enc -aes-256-cbc -pbkdf2 | wc -c
-  first        the files-backup flow (there is no `backup files` command yet: a fresh
-               interpreter runs `files_backup()`) through a Prefect server, into a
+  first        `luxima-backup backup files` (the files-backup flow) through a Prefect server, into a
                local-directory store, gzip, with deep verify (the default): rsync of the tree
                into an empty staging mirror (a full copy), tar with per-file md5 and sha256,
                gzip, encrypt, write, the encrypted index, a read-back pass that decrypts,
@@ -68,10 +67,7 @@ TREE_VERSION = 1  # bump when the tree's shape changes, so cached trees are rebu
 SOURCE = "uploads"
 CHANGE_FRACTION = 0.01
 PASSWORD = "bench-not-a-secret"
-# The flow's summary is printed on one line behind this marker: Prefect may print other lines.
-MARKER = "BENCH-RESULT "
-FLOW_CMD = ("import json; from flows.files_backup import files_backup; "
-            f"print({MARKER!r} + json.dumps(files_backup()), flush=True)")
+CLI = str(Path(sys.executable).parent / "luxima-backup")
 
 KB, MB = 1000, 1000 * 1000
 
@@ -276,10 +272,10 @@ def run_timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) ->
 
 def backup_run(env: dict[str, str], store: Path) -> dict[str, Any]:
     """One files backup in a fresh interpreter (so its peak RSS is its own) under the RSS probe."""
-    r = run_timed([sys.executable, str(ROOT / "bench" / "_rss_probe.py"), sys.executable, "-c", FLOW_CMD], env)
+    r = run_timed([sys.executable, str(ROOT / "bench" / "_rss_probe.py"), CLI, "backup", "files"], env)
     lines = r["stdout"].strip().splitlines()
-    probe = json.loads(lines[-1])
-    summary = json.loads(next(line for line in lines if line.startswith(MARKER))[len(MARKER):])[SOURCE]
+    probe = json.loads(lines[-1])  # the probe's line comes last; the command's JSON summary before it
+    summary = json.loads("\n".join(lines[:-1]))[SOURCE]
     doc = json.loads((store / summary["manifest_key"]).read_text())
     a = doc["archive"]
     return {

@@ -21,11 +21,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.envelope import encrypt_bytes
-from luxima_backup.errors import BackupError, VerificationError, is_transient
+from luxima_backup.errors import BackupError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
+from flows.common import discard, logged, stream_with_retries
 from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
@@ -103,10 +104,10 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
 
     entry = None
     if settings.log.enabled:
-        entry = _logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
+        entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
     uploaded: list[str] = []
     try:
-        stream = _stream_with_retries(name, keys.data, cfg.attempts, cfg.retry_delay_seconds)
+        stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds)
         uploaded.append(keys.data)
         d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
         expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
@@ -127,58 +128,19 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
     except BaseException as exc:
         if isinstance(exc, VerificationError):
             events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
-        _discard(uploaded, logger)
-        _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
+        discard(uploaded, logger)
+        logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
                 {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
         raise
     summary = _summary(document, keys.manifest, time.monotonic() - t0)
     _publish(document, summary, name)
-    _logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
+    logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
             {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
              "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
              "key_id": e["key"]["key_id"]}, skip=entry is None)
     events.backup_succeeded("db", name, keys.backup_id, object_key=keys.data, size_encrypted=u["bytes"])
     logger.info("backup %s complete: %s (%s bytes encrypted)", keys.backup_id, keys.data, u["bytes"])
     return summary
-
-
-def _stream_with_retries(name: str, key: str, attempts: int, delays: list[float]) -> dict[str, Any]:
-    logger = get_run_logger()
-    for attempt in range(1, attempts + 1):
-        state = dump_to_storage(name, key, attempt, return_state=True)
-        if state.is_completed():
-            return state.result()
-        exc = state.result(raise_on_failure=False)
-        if not isinstance(exc, BaseException):
-            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
-        if attempt == attempts or not is_transient(exc):
-            raise exc
-        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
-        logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
-    """Run a log task; its failure is a warning and never the backup's outcome."""
-    if skip:
-        return None
-    state = fn(*args, return_state=True)
-    if state.is_completed():
-        return state.result()
-    get_run_logger().warning("backup log %s not written: %s", what, redact(str(state.result(raise_on_failure=False))))
-    return None
-
-
-def _discard(keys: list[str], logger: Any) -> None:
-    """Remove objects of a failed run so nothing that looks like a backup is left."""
-    store = runtime.store()
-    for key in keys:
-        try:
-            store.remove(key)
-            logger.info("removed %s of the failed run", key)
-        except Exception as exc:  # best effort; retention sweeps what is left
-            logger.warning("could not remove %s of the failed run: %s", key, exc)
 
 
 def _manifest(keys: manifest.BackupKeys, name: str, dbname: str, host: str, started: datetime, finished: datetime,

@@ -15,11 +15,9 @@ database, is verified, and only then swapped in, the old one kept beside it unde
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -37,6 +35,7 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import DecompressingReader
+from flows.common import private_dir
 from tasks.compress import decompress
 from tasks.decrypt import decrypt
 from tasks.download import download
@@ -175,7 +174,7 @@ def db_restore(
     timings: dict[str, float] = {}
     checks: list[dict[str, Any]] = []
     created = False
-    work = _private_dir(settings.work_dir)
+    work = private_dir(settings.work_dir, "restore-")
     outcome: dict[str, Any] = {}
     try:
         spool = str(work / "backup.enc")
@@ -268,12 +267,6 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
             drop_database(target_cfg, plan.restore_into)
             create_database(target_cfg, plan.restore_into)
     raise AssertionError("unreachable")
-
-
-def _private_dir(work_dir: Path) -> Path:
-    """A directory only this user can read, for the ciphertext spool and (parallel restores) the dump."""
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix="restore-", dir=work_dir))
 
 
 def _drop_quietly(cfg: Any, dbname: str, logger: Any) -> None:

@@ -14,7 +14,6 @@ A source that vanished, came back empty, or lost more files than its threshold f
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +32,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
+from flows.common import discard, logged, private_dir, stream_with_retries
 from tasks.archive import archive
 from tasks.compress import compress
 from tasks.download import download
@@ -137,9 +137,9 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
 
     entry = None
     if settings.log.enabled:
-        entry = _logged(log_start, "start", "backup", "files", name, keys.backup_id, keys.archive, run_id)
+        entry = logged(log_start, "start", "backup", "files", name, keys.backup_id, keys.archive, run_id)
     uploaded: list[str] = []
-    work = _private_dir(settings.work_dir)
+    work = private_dir(settings.work_dir, "files-backup-")
     lock = None
     try:
         lock = _lock_mirror(settings, name)
@@ -149,8 +149,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         if previous is not None:
             previous_index, is_full, why = _previous_index(previous, work, is_full, why)
         index_spool = str(work / "index.enc")
-        stream = _stream_with_retries(name, keys.backup_id, keys.archive, index_spool, previous_index, is_full,
-                                      cfg.attempts, cfg.retry_delay_seconds)
+        stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, index_spool, previous_index,
+                                                          is_full), cfg.attempts, cfg.retry_delay_seconds)
         uploaded.append(keys.archive)
         a, c, e, u = stream["archive"], stream["compress"], stream["encrypt"], stream["upload"]
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
@@ -192,8 +192,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     except BaseException as exc:
         if isinstance(exc, (VerificationError, SourceError)):
             events.verification_failed("backup", "files", name, str(exc), backup_id=keys.backup_id)
-        _discard(uploaded, logger)
-        _logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
+        discard(uploaded, logger)
+        logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
                 {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, "files", skip=entry is None)
         raise
     finally:
@@ -202,7 +202,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             lock.close()
     seconds = time.monotonic() - t0
     _publish(document, seconds)
-    _logged(log_finish, "finish", entry, name, "success", None,
+    logged(log_finish, "finish", entry, name, "success", None,
             {"type": document["type"], "totals": document["totals"], "changes": _counts(document["changes"]),
              "sync": synced, "timings": document["timings"]},
             {"object_key": keys.archive, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
@@ -249,24 +249,6 @@ def files_backup(sources: list[str] | None = None, full: bool = False, allow_shr
         raise type(first)(f"file backup failed for {', '.join(failures)}: {detail}") if isinstance(first, BackupError) \
             else BackupError(f"file backup failed for {', '.join(failures)}: {detail}")
     return results
-
-
-def _stream_with_retries(name: str, backup_id: str, key: str, index_spool: str, previous_index: dict[str, Any] | None,
-                         full: bool, attempts: int, delays: list[float]) -> dict[str, Any]:
-    logger = get_run_logger()
-    for attempt in range(1, attempts + 1):
-        state = archive_to_storage(name, backup_id, key, index_spool, previous_index, full, attempt, return_state=True)
-        if state.is_completed():
-            return state.result()
-        exc = state.result(raise_on_failure=False)
-        if not isinstance(exc, BaseException):
-            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
-        if attempt == attempts or not is_transient(exc):
-            raise exc
-        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
-        logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _lock_mirror(settings: Settings, name: str) -> Any:
@@ -319,33 +301,6 @@ def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, di
 
 def _counts(changes: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in changes.items() if k != "examples"}
-
-
-def _private_dir(work_dir: Path) -> Path:
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix="files-backup-", dir=work_dir))
-
-
-def _logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
-    """Run a log task; its failure is a warning and never the backup's outcome."""
-    if skip:
-        return None
-    state = fn(*args, return_state=True)
-    if state.is_completed():
-        return state.result()
-    get_run_logger().warning("backup log %s not written: %s", what, redact(str(state.result(raise_on_failure=False))))
-    return None
-
-
-def _discard(keys: list[str], logger: Any) -> None:
-    """Remove objects of a failed run so nothing that looks like a backup is left."""
-    store = runtime.store()
-    for key in keys:
-        try:
-            store.remove(key)
-            logger.info("removed %s of the failed run", key)
-        except Exception as exc:  # best effort; retention sweeps what is left
-            logger.warning("could not remove %s of the failed run: %s", key, exc)
 
 
 def _publish(doc: dict[str, Any], seconds: float) -> None:

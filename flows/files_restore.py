@@ -35,9 +35,10 @@ from prefect.runtime import flow_run
 from luxima_backup import catalog, events, runtime, ssh
 from luxima_backup.catalog import Backup
 from luxima_backup.errors import ConfigError, ToolError, VerificationError
-from luxima_backup.filetree import DIR, FILE, SYMLINK, Entry
+from luxima_backup.filetree import DIR, FILE, Entry
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
+from flows.common import private_dir
 from tasks.archive import load_index
 from tasks.download import download
 from tasks.extract import apply_metadata, extract, link_escapes, make_links_and_dirs, md5_check, selector
@@ -389,7 +390,7 @@ def files_restore(
     checks: list[dict[str, Any]] = []
     mismatches: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
-    work = _private_dir(settings.work_dir)
+    work = private_dir(settings.work_dir, "files-restore-")
     staging: Path | None = None
     try:
         index_spool = str(work / "index.enc")
@@ -470,12 +471,7 @@ def _staging(settings: Settings, dest: Destination, stamp: str) -> Path:
         staging = target.parent / f".{target.name}.restoring-{stamp}"
         staging.mkdir(mode=0o700)
         return staging
-    return Path(tempfile.mkdtemp(prefix="files-restore-staging-", dir=_private_dir(settings.work_dir)))
-
-
-def _private_dir(work_dir: Path) -> Path:
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix="files-restore-", dir=work_dir))
+    return Path(tempfile.mkdtemp(prefix="files-restore-staging-", dir=private_dir(settings.work_dir, "files-restore-")))
 
 
 def _check(name: str, expected: Any, actual: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Iterator
 from .errors import FormatError, IntegrityError
 
 READ_SIZE = 1 << 20
+INDEX_READ = 64 * 1024  # index lines are short: small reads keep the lines in flight few
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 _TAR_KW: dict[str, Any] = {"format": tarfile.PAX_FORMAT, "encoding": "utf-8", "errors": "surrogateescape"}
 
@@ -152,7 +153,7 @@ def read_index(src: Any) -> Iterator[Entry]:
     pending = b""
     last: tuple[bytes, ...] | None = None
     while True:
-        block = src.read(READ_SIZE)
+        block = src.read(INDEX_READ)
         if not block:
             break
         pending += block

@@ -64,7 +64,10 @@ def rsync(src: str, mirror: Path, exclude: list[str], max_delete: int | None, ti
           ssh_cmd: list[str] | None = None) -> dict[str, Any]:
     """``rsync -a --delete src/ mirror/``; returns its statistics. Errors say whether a retry may help."""
     args = ["rsync", "--archive", "--delete", "--delete-excluded", "--numeric-ids", "--protect-args", "--stats",
-            "--no-human-readable", f"--timeout={timeout}"]
+            "--no-human-readable", f"--timeout={timeout}",
+            # compare mtimes to the nanosecond (the default is whole seconds): a folder or file changed
+            # within the second of the last sync would otherwise keep a stale mtime in the mirror
+            "--modify-window=-1"]
     if max_delete is not None:
         args.append(f"--max-delete={max_delete}")
     args += [f"--exclude={pattern}" for pattern in exclude]

@@ -97,14 +97,15 @@ def files_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, 
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts_line)
 
-    def settings(kind: str = "ssh", extra: str = "", path: Path = src, files_opts: str = "") -> Path:
+    def settings(kind: str = "ssh", extra: str = "", path: Path = src, files_opts: str = "",
+                 host_key: str = f"file:{sshd.client_key}", keys: str = file_keys(key_file)) -> Path:
         source = f'kind = "ssh"\nhost = "files1"\npath = "{path}"' if kind == "ssh" else f'kind = "local"\npath = "{path}"'
-        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
+        return write_settings(database, bucket, keys, textwrap.dedent(f"""
             [hosts.files1]
             host = "127.0.0.1"
             port = {sshd.port}
             user = "{sshd.user}"
-            key = "file:{sshd.client_key}"
+            key = "{host_key}"
             known_hosts = "{known}"
             connect_timeout = 5
 
@@ -114,7 +115,7 @@ def files_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, 
 
     settings()
     return {"src": src, "known": known, "settings": settings, "bucket": bucket, "s3": s3_server, "db": database,
-            "cluster": pg_cluster, "key_file": key_file, "tmp": tmp_path, "prefect": prefect_server}
+            "cluster": pg_cluster, "key_file": key_file, "tmp": tmp_path, "prefect": prefect_server, "sshd": sshd}
 
 
 def backup(**params: Any) -> Any:
@@ -274,6 +275,26 @@ def test_links_pointing_outside_are_refused_unless_allowed(files_env: dict[str, 
     restored(destination=str(out), allow_escaping_links=True)
     assert os.readlink(out / "link-absolute") == "/etc/hostname"
     assert os.readlink(out / "photos" / "link-up") == "../../outside"
+
+
+def test_the_ssh_key_can_come_from_vault(files_env: dict[str, Any], vault: dict[str, Any],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    import hvac
+
+    path = f"luxima-test/ssh-{uuid.uuid4().hex[:8]}"
+    admin = hvac.Client(url=vault["url"], token=vault["token"])
+    admin.secrets.kv.v2.create_or_update_secret(path=path, mount_point="secret",
+                                                secret={"private_key": files_env["sshd"].client_key.read_text()})
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    files_env["settings"](host_key=f"vault:secret/{path}#private_key", keys=file_keys(files_env["key_file"]) + f"""
+        [keys.vault]
+        address = "{vault['url']}"
+        token = "env:LUXIMA_TEST_VAULT_TOKEN"
+    """)
+    assert backed_up()["totals"]["files"] == len(ODD_NAMES) + 7
+    assert [p for p in (files_env["tmp"] / "work").iterdir() if p.name.startswith("ssh-")] == []  # the key file is gone
 
 
 # -- refusals --

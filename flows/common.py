@@ -1,0 +1,65 @@
+"""What the flows share: stream attempts retried as a whole, best-effort log tasks, clean-up of failed runs."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger
+
+from luxima_backup import runtime
+from luxima_backup.errors import BackupError, is_transient
+from luxima_backup.secrets import redact
+
+
+def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...], attempts: int,
+                        delays: list[float]) -> dict[str, Any]:
+    """Run a streaming subflow (its last parameter is the attempt number) until it completes.
+
+    Its stages cannot be retried alone once their input stream is consumed, so the whole
+    stream is the unit of retry; only transient errors start another attempt.
+    """
+    logger = get_run_logger()
+    for attempt in range(1, attempts + 1):
+        state = attempt_flow(*args, attempt, return_state=True)
+        if state.is_completed():
+            return state.result()
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
+        if attempt == attempts or not is_transient(exc):
+            raise exc
+        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
+        logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
+    """Run a log task; its failure is a warning and never the backup's outcome."""
+    if skip:
+        return None
+    state = fn(*args, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("backup log %s not written: %s", what, redact(str(state.result(raise_on_failure=False))))
+    return None
+
+
+def discard(keys: list[str], logger: Any) -> None:
+    """Remove objects of a failed run so nothing that looks like a backup is left."""
+    store = runtime.store()
+    for key in keys:
+        try:
+            store.remove(key)
+            logger.info("removed %s of the failed run", key)
+        except Exception as exc:  # best effort; retention sweeps what is left
+            logger.warning("could not remove %s of the failed run: %s", key, exc)
+
+
+def private_dir(work_dir: Path, prefix: str) -> Path:
+    """A new folder only this user can read, under the settings' work_dir, for spools and staging."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
