@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import tarfile

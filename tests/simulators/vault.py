@@ -30,7 +30,9 @@ import re
 import threading
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.quiet_server import QuietHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -116,7 +118,7 @@ class VaultSimulator:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _serve
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

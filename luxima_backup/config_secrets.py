@@ -1,0 +1,418 @@
+"""Config scrubbing: makes a service config safe for the config-backup git repository, secrets replaced by keyed fingerprints.
+
+The config backup commits service configs (Nginx, Coolify's data and ``.env``, Docker Compose
+files) to a git repository that is pushed to a remote. The real files go only to the encrypted
+archive; the git copy goes through ``scrub`` first.
+
+Why fingerprints rather than deletion: the git history is for reading diffs. A secret value is
+replaced by ``luxima-redacted:hmac-sha256:<16 hex>``, so a diff still shows *that* a password
+changed (and which one), equal secrets have equal fingerprints wherever they appear, and the
+file keeps its shape (quotes, comments, indentation, the other lines byte for byte).
+
+Why keyed: an unkeyed hash of a short password is brute-forced in minutes by anyone who can
+read the remote. HMAC-SHA256 under a key the operator holds (at least 16 bytes, never in the
+repository) makes a fingerprint useless without that key. 64 bits of it are shown: enough to
+tell values apart, not meant to authenticate anything.
+
+What is replaced, on bytes (files need not be UTF-8; nothing here decodes them):
+  * a whole file, by a three-line placeholder (fingerprint and size), when its name matches a
+    secret-file glob: ``*.key``, ``*.pem`` only when it holds a private key (a certificate is
+    public), SSH keys (``id_rsa``, ``id_ed25519``, ...), keystores (``*.p12``, ``*.pfx``,
+    ``*.jks``, ``*.keystore``), htpasswd files, Traefik's ``acme.json``, ``.pgpass``,
+    ``.netrc``, ``.git-credentials``, plus the operator's globs. A glob without ``/`` is matched
+    against the file's name, one with ``/`` against the whole path; case is ignored. An empty
+    file stays empty.
+  * a PEM private key block anywhere (``-----BEGIN ... PRIVATE KEY-----`` to its END line, or
+    to the end of the data when the END line is missing), by one line naming its fingerprint.
+  * the password in a URL's credentials anywhere: ``scheme://user:password@host`` keeps
+    ``user`` and the host. (Unescaped ``@`` is not allowed in a password; a URL whose path holds
+    an ``@`` after ``host:port`` may lose a little more than needed, never less.)
+  * the credential of an ``Authorization: Bearer|Basic|Token ...`` header, the scheme kept.
+  * the value of a setting whose *name* is secret, written as: dotenv/shell ``NAME=value``,
+    ``export NAME="value"``, commented-out ``# NAME=value``, INI ``name = value``, Compose list
+    items ``- NAME=value`` / ``- "NAME=value"``, YAML ``name: value`` (quoted, plain, or a ``|``
+    / ``>`` block), JSON ``"name": "value"``, ``name=value`` inside a line (query strings, CLI
+    options, systemd ``Environment=``), CLI options ``--name value``, space-separated directives
+    (``requirepass x`` in redis.conf, ``secure_link_secret x;``) and Nginx
+    ``proxy_set_header``/``add_header``/``fastcgi_param``/``set`` with a secret header or
+    variable name. Quotes and syntax stay; only the value changes.
+  * matches of the operator's own patterns (group 1, or the whole match without a group).
+Binary data (a NUL byte) that is not a secret file is returned unchanged: there is no text
+syntax to find a value in. Positional secrets (``redis-cli -a pw``, ``["--requirepass", "x"]``)
+are not found by name: cover them with patterns.
+
+Secret names (case-insensitive; camelCase and ``-``/``.`` separators count as word breaks):
+  * containing PASSWORD, PASSWD, PASSPHRASE, SECRET, TOKEN, API_KEY/APIKEY, ACCESS_KEY,
+    PRIVATE_KEY, CREDENTIAL(S), ENCRYPTION_KEY, APP_KEY, AUTHORIZATION, BASICAUTH (Traefik's
+    ``basicauth.users`` labels hold htpasswd hashes), REQUIREPASS, MASTERAUTH; DATABASE_URL;
+  * with a word PASS, PWD, DSN, SALT or JWT (``DB_PASS``, ``SENTRY_DSN``; not Nginx's
+    ``proxy_pass``, ``fastcgi_pass_header`` & co.), unless a word says the value is public
+    (PUBLIC, PUB, PUBKEY, PUBLISHABLE);
+  * ending in a word KEY after another word (``*_KEY``, ``ssl_certificate_key``), or in AUTH
+    (``BASIC_AUTH``, Docker's ``"auth"``), with the same public exception.
+  * but not when the last word says the value is about the secret rather than the secret:
+    FILE(S), PATH, DIR, URL, URI, HOST, PORT, USER, USERNAME, NAME, ID, ENABLED/ENABLE,
+    DISABLED/DISABLE, REQUIRED, TTL, EXPIRY, EXPIRES, EXPIRATION, LIFETIME, TIMEOUT, LENGTH,
+    ALGORITHM, ALG, TYPE, METHOD (``DB_PASSWORD_FILE``, ``TOKEN_TTL``, ``AWS_ACCESS_KEY_ID``:
+    a key id is an identifier, and a diff showing which key is in use is worth more). AUTH in
+    another place is not secret (``AUTH_ENABLED``, ``auth_basic "Restricted"``).
+Operator name patterns are searched in the name as written, case-insensitive, and win over
+the exceptions.
+
+Values that stay under a secret name, because they are not secrets and keep the diff readable:
+empty values; ``true``/``false``/``yes``/``no``/``on``/``off``/``null``/``none``/``~``; pure
+references (``${DB_PASSWORD}``, ``$DB_PASSWORD``, ``${X:?message}``, Nginx ``$host$uri``,
+``{{ template }}``, YAML aliases ``*name``, this project's ``env:``/``file:``/``vault:``/
+``prefect-secret:`` references) -- a reference with a default (``${X:-default}``) is replaced,
+the default may be a secret; and file paths (``/etc/ssl/private/x.key``,
+``./certs/x.pem``): a value starting with ``~/``, ``./``, ``../`` or a well-known root
+(``/etc/``, ``/run/``, ``/var/``, ``/data/``, ...), or ending in a key or certificate file
+extension. Random secrets do not look like these (``.`` and ``~`` are not base64 characters).
+
+Scrubbing is deterministic (same data and key, same output) and idempotent: a fingerprint in
+the input is recognised and never fingerprinted again, nor is a whole-file placeholder.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import hashlib
+import hmac
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T", str, bytes)
+
+FINGERPRINT_PREFIX = "luxima-redacted:hmac-sha256:"
+MIN_KEY_BYTES = 16
+WHOLE_FILE_HEADER = b"# luxima-backup: secret file kept only in the encrypted archive\n"
+DEFAULT_SECRET_FILES: tuple[str, ...] = (
+    "*.key", "*.pem", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "*.p12", "*.pfx", "*.jks",
+    "*.keystore", "*.htpasswd", "htpasswd", "acme.json", ".pgpass", ".netrc", ".git-credentials",
+)
+_NEEDS_PRIVATE_KEY = {"*.pem"}  # a certificate-only PEM is public: only its private key makes it secret
+
+_FINGERPRINT_RE = re.compile(rb"luxima-redacted:hmac-sha256:[0-9a-f]{16}")
+_PLACEHOLDER_RE = re.compile(re.escape(WHOLE_FILE_HEADER) + rb"# fingerprint: luxima-redacted:hmac-sha256:[0-9a-f]{16}\n# size: [0-9]+ bytes\n\Z")
+_PEM_BEGIN_RE = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
+
+# --- secret names ----------------------------------------------------------------------
+
+_ALWAYS = ("DATABASE_URL",)
+_STRONG = (
+    "PASSWORD", "PASSWD", "PASSPHRASE", "SECRET", "TOKEN", "API_KEY", "APIKEY", "ACCESS_KEY",
+    "ACCESSKEY", "PRIVATE_KEY", "PRIVATEKEY", "CREDENTIAL", "ENCRYPTION_KEY", "APP_KEY",
+    "AUTHORIZATION", "BASICAUTH", "BASIC_AUTH", "REQUIREPASS", "MASTERAUTH",
+)
+_WEAK_WORDS = {"PASS", "PWD", "DSN", "SALT", "JWT"}
+_PUBLIC_WORDS = {"PUBLIC", "PUB", "PUBKEY", "PUBLISHABLE"}
+_PASS_TO = {"PROXY", "FASTCGI", "UWSGI", "SCGI", "GRPC", "MEMCACHED"}  # nginx's proxy_pass & co. pass requests on
+_PLAIN_LAST = {
+    "FILE", "FILES", "PATH", "DIR", "URL", "URI", "HOST", "PORT", "USER", "USERNAME", "NAME", "ID",
+    "ENABLED", "ENABLE", "DISABLED", "DISABLE", "REQUIRED", "TTL", "EXPIRY", "EXPIRES",
+    "EXPIRATION", "LIFETIME", "TIMEOUT", "LENGTH", "ALGORITHM", "ALG", "TYPE", "METHOD",
+}
+
+
+def _words(name: str) -> str:
+    """``clientSecret`` -> ``CLIENT_SECRET``, ``X-Api-Key`` -> ``X_API_KEY``, ``APIKey`` -> ``API_KEY``."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    name = re.sub(r"([A-Z]{2,})([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").upper()
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether the built-in rules hold a setting called ``name`` to be secret (see the module docstring)."""
+    norm = _words(name)
+    words = [w for w in norm.split("_") if w]
+    if not words:
+        return False
+    if any(s in norm for s in _ALWAYS):
+        return True
+    if words[-1] in _PLAIN_LAST:
+        return False
+    if any(s in norm for s in _STRONG):
+        return True
+    if _PUBLIC_WORDS.intersection(words):
+        return False
+    weak = [w for i, w in enumerate(words) if w in _WEAK_WORDS and not (w == "PASS" and i and words[i - 1] in _PASS_TO)]
+    if weak:
+        return True
+    return words == ["AUTH"] or (len(words) >= 2 and words[-1] in ("KEY", "AUTH"))
+
+
+# --- values that stay ------------------------------------------------------------------
+
+_TRIVIAL = {b"true", b"false", b"yes", b"no", b"on", b"off", b"null", b"none", b"~"}
+_REFERENCE_RE = re.compile(
+    rb"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?\?[^}]*)?\}"  # ${X}, ${X:?message}; not ${X:-default}
+    rb"|\$[A-Za-z_][A-Za-z0-9_]*"                  # $X, nginx $host
+    rb"|\{\{[^{}]*\}\}"                            # {{ template }}
+)
+_WHOLE_REFERENCE_RE = re.compile(rb"(?:\*[\w\-]+|(?:env|file|vault|prefect-secret):\S+)\Z")
+_PATH_RE = re.compile(
+    rb"(?:(?:~|\.{1,2})/|/(?:etc|run|var|usr|opt|srv|home|root|data|certs|ssl|secrets|tmp|app|config|mnt|media)/)[\w.\-/@+]*\Z"
+    rb"|[\w.\-/]*\.(?:key|pem|crt|cer|der|p12|pfx|jks|keystore|htpasswd|pub)\Z"
+)
+
+
+def _is_plain_value(value: bytes) -> bool:
+    """A value under a secret name that is not itself a secret: empty, a flag, a reference, a path."""
+    v = value.strip()
+    if not v or v.lower() in _TRIVIAL or _WHOLE_REFERENCE_RE.match(v) or _PATH_RE.match(v):
+        return True
+    unescaped = v.replace(b"$$", b"X")  # Compose's $$ is a literal $, not a reference
+    rest, n = _REFERENCE_RE.subn(b"", unescaped)
+    return n > 0 and not re.search(rb"[A-Za-z0-9]", rest)
+
+
+# --- the rules -------------------------------------------------------------------------
+
+_NAME = rb"[A-Za-z_][A-Za-z0-9_.\-]*"
+_DQ = rb'"(?P<dq>(?:[^"\\]|\\[\s\S])*)"'            # may span lines
+_DQ_LINE = rb'"(?P<dq>(?:[^"\\\r\n]|\\.)*)"'
+_SQ_LINE = rb"'(?P<sq>[^'\r\n]*)'"
+_EOL = rb"[ \t]*(?:[ \t]\#[^\r\n]*)?(?=\r?\n|\Z)"     # an inline comment needs a blank before its #
+_VALUE_GROUPS = ("v", "dq", "sq", "block", "arr", "bare")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: str
+    regex: re.Pattern[bytes]
+    by_name: bool = True       # the value counts only when the name group is a secret name
+    quote_bare: bool = False   # a bare replacement is quoted (JSON stays JSON)
+
+
+def _rx(pattern: bytes, flags: int = 0) -> re.Pattern[bytes]:
+    return re.compile(pattern, re.MULTILINE | re.VERBOSE | flags)
+
+
+_PEM_RE = re.compile(
+    rb"-----BEGIN (?P<label>[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?)-----(?:.*?-----END (?P=label)-----|.*)", re.DOTALL
+)
+_URL_RE = re.compile(rb"\b(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:/?#@\s\"'<>]*):(?P<v>[^@\s\"'<>]+)@")
+
+# In order: a value found by an earlier rule is not looked at again by a later one, so the
+# narrow rules (the password inside a URL, the credential after "Bearer") come first and a
+# DATABASE_URL keeps its user and host readable.
+_RULES: tuple[_Rule, ...] = (
+    _Rule("header", _rx(rb"""(?<![\w-])(?P<name>(?:proxy-)?authorization)["']?(?:[ \t]*[:=][ \t]*|[ \t]+)["']?
+        (?:bearer|basic|token|bot|apikey|api-key)[ \t]+(?P<v>[^\s"';,]+)""", re.IGNORECASE), by_name=False),
+    _Rule("nginx", _rx(rb"""^[ \t]*(?:proxy_set_header|grpc_set_header|add_header|fastcgi_param|uwsgi_param|scgi_param|set)
+        [ \t]+(?P<name>\$?[A-Za-z_][\w\-]*)[ \t]+(?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s;"'][^\s;]*))
+        (?:[ \t]+always)?[ \t]*;""")),
+    _Rule("env", _rx(rb"""^[ \t]*(?:\#[ \t]*)?-[ \t]+(?P<q>["'])(?P<name>""" + _NAME + rb""")[ \t]*=
+        (?P<v>(?:(?!(?P=q))[^\r\n\\]|\\.)*)(?P=q)""")),
+    _Rule("env", _rx(rb"""^[ \t]*(?:\#[ \t]*)?(?:-[ \t]+)?(?:export[ \t]+)?(?P<name>""" + _NAME + rb""")[ \t]*=[ \t]*
+        (?:""" + _DQ + _EOL + rb"|" + _SQ_LINE + _EOL + rb"|(?P<bare>[^\r\n]*?)" + _EOL + rb")")),
+    _Rule("yaml", _rx(rb"""^(?P<ind>[ \t]*)(?:-[ \t]+)?(?P<name>""" + _NAME + rb""")[ \t]*:[ \t]+(?:[!&]\S*[ \t]+)*
+        (?:""" + _DQ + _EOL + rb"""
+          |'(?P<sq>(?:[^']|'')*)'""" + _EOL + rb"""
+          |[|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?\r?\n
+           (?P<block>(?:[ \t]*\r?\n)*(?P=ind)[ \t]+\S[^\r\n]*(?:(?:\r?\n[ \t]*)*\r?\n(?P=ind)[ \t]+\S[^\r\n]*)*)
+          |(?![|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?(?:\r?\n|\Z))(?P<bare>[^\s\#][^\r\n]*?)""" + _EOL + rb")")),
+    _Rule("json", _rx(rb"""(?P<kq>["'])(?P<name>""" + _NAME + rb""")(?P=kq)[ \t]*:[ \t]*
+        (?:""" + _DQ_LINE + rb"""|(?P<arr>\[[^\[\]{}\r\n]*\])
+          |(?P<bare>[^\s,}\]\["'{][^\r\n,}\]]*?)(?=[ \t]*(?:[,}\]]|[ \t]\#|\r?\n|\Z)))"""), quote_bare=True),
+    _Rule("assignment", _rx(rb"""(?<![\w.$])(?P<name>""" + _NAME + rb""")=(?!=)
+        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s"'&;,<>)}\]]+))""")),
+    _Rule("flag", _rx(rb"""(?<![\w\-])--?(?P<name>[A-Za-z][\w\-]*)[ \t]+
+        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s"'\-;&|][^\s"';&|,\]]*))""")),
+    _Rule("directive", _rx(rb"""^[ \t]*(?P<name>""" + _NAME + rb""")[ \t]+
+        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s;"'\#{][^\s;]*))
+        [ \t]*;?[ \t]*(?:\#[^\r\n]*)?(?=\r?\n|\Z)""")),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One replaced secret: where, what kind, under which name or pattern -- never the value."""
+
+    path: str
+    line: int  # 1-based line of the original data; 0 for a whole file
+    kind: str  # env, yaml, json, assignment, flag, directive, nginx, header, url-credentials, private-key, whole-file, custom
+    name: str
+
+
+@dataclass
+class Rules:
+    """What ``scrub`` replaces: the built-in rules (module docstring) plus the operator's extensions.
+
+    ``name_patterns`` are searched (case-insensitive) in setting names, and a match makes the
+    name secret; ``value_patterns`` are searched in the data, group 1 (or the whole match) being
+    a secret; ``secret_files`` are globs of files that are secret as a whole.
+    """
+
+    name_patterns: list[re.Pattern[str]] = field(default_factory=list)
+    value_patterns: list[re.Pattern[bytes]] = field(default_factory=list)
+    secret_files: list[str] = field(default_factory=lambda: list(DEFAULT_SECRET_FILES))
+
+    @classmethod
+    def default(
+        cls,
+        extra_value_names: Iterable[str] = (),
+        extra_patterns: Iterable[str] = (),
+        extra_secret_files: Iterable[str] = (),
+    ) -> "Rules":
+        """The built-in rules and the operator's; an invalid regex raises ``ConfigError`` naming it."""
+        return cls(
+            name_patterns=[_compile(p, "secret-name", lambda s: re.compile(s, re.IGNORECASE)) for p in extra_value_names],
+            value_patterns=[_compile(p, "secret-value", lambda s: re.compile(s.encode())) for p in extra_patterns],
+            secret_files=[*DEFAULT_SECRET_FILES, *extra_secret_files],
+        )
+
+    def is_secret_name(self, name: str) -> bool:
+        return is_secret_name(name) or any(p.search(name) for p in self.name_patterns)
+
+    def secret_file(self, path: str, data: bytes) -> str | None:
+        """The glob that makes ``path`` a whole-secret file, or None."""
+        base = posixpath.basename(path).lower()
+        for glob in self.secret_files:
+            target = path.lower() if "/" in glob else base
+            if fnmatch.fnmatchcase(target, glob.lower()):
+                if glob in _NEEDS_PRIVATE_KEY and not _PEM_BEGIN_RE.search(data):
+                    continue
+                return glob
+        return None
+
+
+def _compile(pattern: str, what: str, compile_: Callable[[str], re.Pattern[T]]) -> re.Pattern[T]:
+    try:
+        return compile_(pattern)
+    except (re.error, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"invalid {what} pattern {pattern!r}: {exc}",
+            hint="fix or remove it in the config backup's secret rules (Python regular expression syntax)",
+        ) from None
+
+
+# --- scrubbing -------------------------------------------------------------------------
+
+
+def fingerprint(value: bytes, key: bytes) -> str:
+    """``luxima-redacted:hmac-sha256:`` and the first 16 hex digits of HMAC-SHA256(key, value)."""
+    _check_key(key)
+    return FINGERPRINT_PREFIX + hmac.new(key, value, hashlib.sha256).hexdigest()[:16]
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"the config fingerprint key must be at least {MIN_KEY_BYTES} bytes",
+            hint="use a random key (e.g. 32 bytes) that is kept out of the git repository",
+        )
+
+
+def whole_file_placeholder(data: bytes, key: bytes) -> bytes:
+    """What the git copy of a secret file holds: its fingerprint and size."""
+    return WHOLE_FILE_HEADER + b"# fingerprint: %s\n# size: %d bytes\n" % (fingerprint(data, key).encode(), len(data))
+
+
+class _Spans:
+    """Non-overlapping byte ranges already taken, by a replacement or an existing fingerprint."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_left(self._starts, end) - 1
+        return i >= 0 and self._ends[i] > start
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        self._starts.insert(i, start)
+        self._ends.insert(i, end)
+
+
+def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list[Finding]]:
+    """The git-safe copy of the file ``path`` holding ``data``, and what was replaced in it."""
+    _check_key(key)
+    glob = rules.secret_file(path, data)
+    if glob is not None:
+        if not data or _PLACEHOLDER_RE.match(data):
+            return data, []
+        return whole_file_placeholder(data, key), [Finding(path, 0, "whole-file", glob)]
+    if b"\0" in data:
+        return data, []
+    return _Scrub(path, data, key, rules).run()
+
+
+class _Scrub:
+    """One file's scrub: the values found so far, so that no byte is replaced twice."""
+
+    def __init__(self, path: str, data: bytes, key: bytes, rules: Rules):
+        self.path, self.data, self.key, self.rules = path, data, key, rules
+        self.taken = _Spans()
+        for m in _FINGERPRINT_RE.finditer(data):  # already scrubbed: idempotence
+            self.taken.add(*m.span())
+        self.replacements: list[tuple[int, int, bytes]] = []
+        self.findings: list[tuple[int, Finding]] = []
+
+    def run(self) -> tuple[bytes, list[Finding]]:
+        data = self.data
+        for m in _PEM_RE.finditer(data):
+            if not self.taken.overlaps(*m.span()):
+                label = m.group("label")
+                self.replace(m.start(), m.end(), label + b" kept only in the encrypted archive: " + self.fp(m.group()),
+                             "private-key", label.decode())
+        for m in _URL_RE.finditer(data):
+            if not self.taken.overlaps(*m.span("v")):
+                name = (m.group("scheme") + b"://" + m.group("user")).decode("utf-8", "backslashreplace")
+                self.replace(*m.span("v"), self.fp(m.group("v")), "url-credentials", name)
+        for rule in _RULES:
+            pos = 0
+            while (m := rule.regex.search(data, pos)) is not None:
+                pos = self.named_value(rule, m)
+        for pattern in self.rules.value_patterns:
+            g = 1 if pattern.groups else 0
+            for m in pattern.finditer(data):
+                start, end = m.span(g)
+                if start < end and not self.taken.overlaps(start, end):
+                    self.replace(start, end, self.fp(data[start:end]), "custom",
+                                 pattern.pattern.decode("utf-8", "backslashreplace"))
+
+        out, last = [], 0
+        for start, end, new in sorted(self.replacements):
+            out += [data[last:start], new]
+            last = end
+        out.append(data[last:])
+        return b"".join(out), [f for _, f in sorted(self.findings, key=lambda pf: pf[0])]
+
+    def named_value(self, rule: _Rule, m: re.Match[bytes]) -> int:
+        """Replace the value of one match if it is a secret; returns where the search goes on."""
+        # After a match that is not replaced, the search resumes right after its name: the value
+        # it spanned (OPTS="--token=x") may hold a secret of its own.
+        resume = m.end("name")
+        name = m.group("name").decode("ascii", "backslashreplace")
+        group = next(g for g in _VALUE_GROUPS if g in rule.regex.groupindex and m.start(g) >= 0)
+        start, end = m.span(group)
+        if group == "block":
+            start = end - len(self.data[start:end].lstrip())
+        value = self.data[start:end]
+        if rule.by_name and not self.rules.is_secret_name(name.lstrip("$")):
+            return resume
+        if not value or self.taken.overlaps(start, end) or _is_plain_value(value):
+            return resume
+        if rule.kind == "yaml" and group == "bare" and value[:1] in b"[{" and value[-1:] not in b"]}":
+            return resume  # a flow collection that goes on below: its keys are looked at one by one
+        new = self.fp(value)
+        if rule.quote_bare and group in ("bare", "arr"):
+            new = b'"' + new + b'"'
+        self.replace(start, end, new, rule.kind, name)
+        return m.end()
+
+    def fp(self, value: bytes) -> bytes:
+        return fingerprint(value, self.key).encode()
+
+    def replace(self, start: int, end: int, new: bytes, kind: str, name: str) -> None:
+        self.taken.add(start, end)
+        self.replacements.append((start, end, new))
+        line = self.data.count(b"\n", 0, start) + 1
+        self.findings.append((start, Finding(self.path, line, kind, name)))
