@@ -1,4 +1,4 @@
-"""Config scrubbing: makes a service config safe for the config-backup git repository, secrets replaced by keyed fingerprints.
+"""Scrubbing of service configs for the config-backup git repository: secrets become keyed fingerprints.
 
 The config backup commits service configs (Nginx, Coolify's data and ``.env``, Docker Compose
 files) to a git repository that is pushed to a remote. The real files go only to the encrypted
@@ -23,7 +23,8 @@ What is replaced, on bytes (files need not be UTF-8; nothing here decodes them):
     against the file's name, one with ``/`` against the whole path; case is ignored. An empty
     file stays empty.
   * a PEM private key block anywhere (``-----BEGIN ... PRIVATE KEY-----`` to its END line, or
-    to the end of the data when the END line is missing), by one line naming its fingerprint.
+    to the end of the data when the END line is missing), by one line:
+    ``<fingerprint> -----... PRIVATE KEY kept only in the encrypted archive-----``.
   * the password in a URL's credentials anywhere: ``scheme://user:password@host`` keeps
     ``user`` and the host. (Unescaped ``@`` is not allowed in a password; a URL whose path holds
     an ``@`` after ``host:port`` may lose a little more than needed, never less.)
@@ -60,23 +61,29 @@ Operator name patterns are searched in the name as written, case-insensitive, an
 the exceptions.
 
 Values that stay under a secret name, because they are not secrets and keep the diff readable:
-empty values; ``true``/``false``/``yes``/``no``/``on``/``off``/``null``/``none``/``~``; pure
-references (``${DB_PASSWORD}``, ``$DB_PASSWORD``, ``${X:?message}``, Nginx ``$host$uri``,
-``{{ template }}``, YAML aliases ``*name``, this project's ``env:``/``file:``/``vault:``/
-``prefect-secret:`` references) -- a reference with a default (``${X:-default}``) is replaced,
-the default may be a secret; and file paths (``/etc/ssl/private/x.key``,
-``./certs/x.pem``): a value starting with ``~/``, ``./``, ``../`` or a well-known root
-(``/etc/``, ``/run/``, ``/var/``, ``/data/``, ...), or ending in a key or certificate file
-extension. Random secrets do not look like these (``.`` and ``~`` are not base64 characters).
+  * empty values, and ``true``/``false``/``yes``/``no``/``on``/``off``/``null``/``none``/``~``;
+  * references: ``${DB_PASSWORD}``, ``$DB_PASSWORD``, ``${X:?message}``, Nginx ``$host$uri``,
+    ``{{ template }}``, a YAML alias ``*name``, this project's ``env:``/``file:``/``vault:``/
+    ``prefect-secret:`` references, and several of them joined by ``:/@.,_-``. A ``$NAME``
+    counts only in one case (``$DB_PASSWORD``, ``$host``): ``$Xy7q`` is more likely a password.
+    A reference with a default (``${X:-default}``) is replaced: the default may be a secret;
+  * file paths (``/etc/ssl/private/x.key``, ``./certs/x.pem``): a value starting with a
+    well-known root (``/etc/``, ``/run/``, ``/var/``, ``/data/``, ...), or with ``~/``, ``./``
+    or ``../`` and going on with a directory or a file extension, or ending in a key or
+    certificate file extension. Random secrets do not look like these
+    (``.`` and ``~`` are not base64 characters).
 
 Scrubbing is deterministic (same data and key, same output) and idempotent: a fingerprint in
-the input is recognised and never fingerprinted again, nor is a whole-file placeholder.
+the input is never fingerprinted again, nor is a whole-file placeholder, and ``scrub`` repeats
+its pass until a pass finds nothing, so its output is a fixed point.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import fnmatch
+import functools
 import hashlib
 import hmac
 import posixpath
@@ -86,10 +93,11 @@ from typing import Callable, Iterable, TypeVar
 
 from .errors import ConfigError
 
-T = TypeVar("T", str, bytes)
+_T = TypeVar("_T", str, bytes)
 
 FINGERPRINT_PREFIX = "luxima-redacted:hmac-sha256:"
 MIN_KEY_BYTES = 16
+_MAX_PASSES = 16  # a bound that real data never nears (see scrub)
 WHOLE_FILE_HEADER = b"# luxima-backup: secret file kept only in the encrypted archive\n"
 DEFAULT_SECRET_FILES: tuple[str, ...] = (
     "*.key", "*.pem", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "*.p12", "*.pfx", "*.jks",
@@ -126,6 +134,7 @@ def _words(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").upper()
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_name(name: str) -> bool:
     """Whether the built-in rules hold a setting called ``name`` to be secret (see the module docstring)."""
     norm = _words(name)
@@ -150,25 +159,30 @@ def is_secret_name(name: str) -> bool:
 
 _TRIVIAL = {b"true", b"false", b"yes", b"no", b"on", b"off", b"null", b"none", b"~"}
 _REFERENCE_RE = re.compile(
-    rb"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?\?[^}]*)?\}"  # ${X}, ${X:?message}; not ${X:-default}
-    rb"|\$[A-Za-z_][A-Za-z0-9_]*"                  # $X, nginx $host
-    rb"|\{\{[^{}]*\}\}"                            # {{ template }}
+    rb"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?\?[^}]*)?\}"                     # ${X}, ${X:?message}; not ${X:-default}
+    rb"|\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)(?![A-Za-z0-9_])"     # $DB_PASSWORD, nginx $host: one case,
+    rb"|\{\{[^{}]*\}\}"                                               # as a password like $Xy7q seldom is
 )
-_WHOLE_REFERENCE_RE = re.compile(rb"(?:\*[\w\-]+|(?:env|file|vault|prefect-secret):\S+)\Z")
+_BETWEEN_REFERENCES_RE = re.compile(rb"[\s:/@.,_\-]*")               # $host:$port, ${USER}@${HOST}
+_SECRET_REF_RE = re.compile(rb"(?:env|file|vault|prefect-secret):\S+\Z")
+_YAML_ALIAS_RE = re.compile(rb"\*[\w\-]+\Z")
 _PATH_RE = re.compile(
-    rb"(?:(?:~|\.{1,2})/|/(?:etc|run|var|usr|opt|srv|home|root|data|certs|ssl|secrets|tmp|app|config|mnt|media)/)[\w.\-/@+]*\Z"
+    rb"/(?:etc|run|var|usr|opt|srv|home|root|data|certs|ssl|secrets|tmp|app|config|mnt|media)/[\w.\-/@+]*\Z"
+    rb"|(?:~|\.{1,2})/[\w.\-@+]*(?:/[\w.\-/@+]*|\.[A-Za-z]{1,10})\Z"  # ~/x alone may be a password; ~/.ssh/x is not
     rb"|[\w.\-/]*\.(?:key|pem|crt|cer|der|p12|pfx|jks|keystore|htpasswd|pub)\Z"
 )
 
 
-def _is_plain_value(value: bytes) -> bool:
+def _is_plain_value(value: bytes, yaml_plain: bool = False) -> bool:
     """A value under a secret name that is not itself a secret: empty, a flag, a reference, a path."""
     v = value.strip()
-    if not v or v.lower() in _TRIVIAL or _WHOLE_REFERENCE_RE.match(v) or _PATH_RE.match(v):
+    if not v or v.lower() in _TRIVIAL or _SECRET_REF_RE.match(v) or _PATH_RE.match(v):
+        return True
+    if yaml_plain and _YAML_ALIAS_RE.match(v):
         return True
     unescaped = v.replace(b"$$", b"X")  # Compose's $$ is a literal $, not a reference
     rest, n = _REFERENCE_RE.subn(b"", unescaped)
-    return n > 0 and not re.search(rb"[A-Za-z0-9]", rest)
+    return n > 0 and _BETWEEN_REFERENCES_RE.fullmatch(rest) is not None
 
 
 # --- the rules -------------------------------------------------------------------------
@@ -177,56 +191,71 @@ _NAME = rb"[A-Za-z_][A-Za-z0-9_.\-]*"
 _DQ = rb'"(?P<dq>(?:[^"\\]|\\[\s\S])*)"'            # may span lines
 _DQ_LINE = rb'"(?P<dq>(?:[^"\\\r\n]|\\.)*)"'
 _SQ_LINE = rb"'(?P<sq>[^'\r\n]*)'"
+_BRACED = rb"\$\{[^}\r\n]{0,200}\}"  # ${X:?may have blanks}: one word, whatever it holds
+
+
+def _bare(excluded: bytes) -> bytes:
+    """One character of an unquoted word, a ${...} counting as one (and only so: no backtracking to try both)."""
+    return rb"(?:" + _BRACED + rb"|\$(?!\{[^}\r\n]{0,200}\})|[^$" + excluded + rb"])"
+
+
 _EOL = rb"[ \t]*(?:[ \t]\#[^\r\n]*)?(?=\r?\n|\Z)"     # an inline comment needs a blank before its #
 _VALUE_GROUPS = ("v", "dq", "sq", "block", "arr", "bare")
 
 
 @dataclass(frozen=True)
 class _Rule:
+    """A value after a name: ``head`` finds the name (cheaply), ``full`` continues it with the value."""
+
     kind: str
-    regex: re.Pattern[bytes]
+    head: re.Pattern[bytes]
+    full: re.Pattern[bytes]
     by_name: bool = True       # the value counts only when the name group is a secret name
     quote_bare: bool = False   # a bare replacement is quoted (JSON stays JSON)
 
 
-def _rx(pattern: bytes, flags: int = 0) -> re.Pattern[bytes]:
-    return re.compile(pattern, re.MULTILINE | re.VERBOSE | flags)
+def _rule(kind: str, head: bytes, value: bytes, flags: int = 0, **kw: bool) -> _Rule:
+    # The value is only matched after the name passed: matching both at once would scan the
+    # value of every name in a run like a=a=a=..., quadratic in the line's length.
+    flags |= re.MULTILINE | re.VERBOSE
+    return _Rule(kind, re.compile(head, flags), re.compile(head + value, flags), **kw)
 
 
 _PEM_RE = re.compile(
     rb"-----BEGIN (?P<label>[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?)-----(?:.*?-----END (?P=label)-----|.*)", re.DOTALL
 )
-_URL_RE = re.compile(rb"\b(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:/?#@\s\"'<>]*):(?P<v>[^@\s\"'<>]+)@")
+_URL_RE = re.compile(rb"(?<![A-Za-z0-9+.\-])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:/?#@\s\"'<>]*):(?P<v>[^@\s\"'<>]{1,1024})@")
 
 # In order: a value found by an earlier rule is not looked at again by a later one, so the
 # narrow rules (the password inside a URL, the credential after "Bearer") come first and a
 # DATABASE_URL keeps its user and host readable.
 _RULES: tuple[_Rule, ...] = (
-    _Rule("header", _rx(rb"""(?<![\w-])(?P<name>(?:proxy-)?authorization)["']?(?:[ \t]*[:=][ \t]*|[ \t]+)["']?
-        (?:bearer|basic|token|bot|apikey|api-key)[ \t]+(?P<v>[^\s"';,]+)""", re.IGNORECASE), by_name=False),
-    _Rule("nginx", _rx(rb"""^[ \t]*(?:proxy_set_header|grpc_set_header|add_header|fastcgi_param|uwsgi_param|scgi_param|set)
-        [ \t]+(?P<name>\$?[A-Za-z_][\w\-]*)[ \t]+(?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s;"'][^\s;]*))
-        (?:[ \t]+always)?[ \t]*;""")),
-    _Rule("env", _rx(rb"""^[ \t]*(?:\#[ \t]*)?-[ \t]+(?P<q>["'])(?P<name>""" + _NAME + rb""")[ \t]*=
-        (?P<v>(?:(?!(?P=q))[^\r\n\\]|\\.)*)(?P=q)""")),
-    _Rule("env", _rx(rb"""^[ \t]*(?:\#[ \t]*)?(?:-[ \t]+)?(?:export[ \t]+)?(?P<name>""" + _NAME + rb""")[ \t]*=[ \t]*
-        (?:""" + _DQ + _EOL + rb"|" + _SQ_LINE + _EOL + rb"|(?P<bare>[^\r\n]*?)" + _EOL + rb")")),
-    _Rule("yaml", _rx(rb"""^(?P<ind>[ \t]*)(?:-[ \t]+)?(?P<name>""" + _NAME + rb""")[ \t]*:[ \t]+(?:[!&]\S*[ \t]+)*
-        (?:""" + _DQ + _EOL + rb"""
-          |'(?P<sq>(?:[^']|'')*)'""" + _EOL + rb"""
-          |[|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?\r?\n
-           (?P<block>(?:[ \t]*\r?\n)*(?P=ind)[ \t]+\S[^\r\n]*(?:(?:\r?\n[ \t]*)*\r?\n(?P=ind)[ \t]+\S[^\r\n]*)*)
-          |(?![|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?(?:\r?\n|\Z))(?P<bare>[^\s\#][^\r\n]*?)""" + _EOL + rb")")),
-    _Rule("json", _rx(rb"""(?P<kq>["'])(?P<name>""" + _NAME + rb""")(?P=kq)[ \t]*:[ \t]*
-        (?:""" + _DQ_LINE + rb"""|(?P<arr>\[[^\[\]{}\r\n]*\])
-          |(?P<bare>[^\s,}\]\["'{][^\r\n,}\]]*?)(?=[ \t]*(?:[,}\]]|[ \t]\#|\r?\n|\Z)))"""), quote_bare=True),
-    _Rule("assignment", _rx(rb"""(?<![\w.$])(?P<name>""" + _NAME + rb""")=(?!=)
-        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s"'&;,<>)}\]]+))""")),
-    _Rule("flag", _rx(rb"""(?<![\w\-])--?(?P<name>[A-Za-z][\w\-]*)[ \t]+
-        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s"'\-;&|][^\s"';&|,\]]*))""")),
-    _Rule("directive", _rx(rb"""^[ \t]*(?P<name>""" + _NAME + rb""")[ \t]+
-        (?:""" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s;"'\#{][^\s;]*))
-        [ \t]*;?[ \t]*(?:\#[^\r\n]*)?(?=\r?\n|\Z)""")),
+    _rule("header", rb"(?<![\w-])(?P<name>(?:proxy-)?authorization)",
+          rb"""["']?(?:[ \t]*[:=][ \t]*|[ \t]+)["']?(?:bearer|basic|token|bot|apikey|api-key)[ \t]+(?P<v>[^\s"';,]+)""",
+          re.IGNORECASE, by_name=False),
+    _rule("nginx", rb"""^[ \t]*(?:proxy_set_header|grpc_set_header|add_header|fastcgi_param|uwsgi_param|scgi_param|set)
+          [ \t]+(?P<name>\$?[A-Za-z_][\w\-]*)[ \t]+""",
+          rb"(?:" + _DQ_LINE + rb"|" + _SQ_LINE + rb"""|(?P<bare>[^\s;"'][^\s;]*))(?:[ \t]+always)?[ \t]*;"""),
+    _rule("env", rb"""^[ \t]*(?:\#[ \t]*)?-[ \t]+(?P<q>["'])(?P<name>""" + _NAME + rb")[ \t]*=",
+          rb"(?P<v>(?:(?!(?P=q))[^\r\n\\]|\\.)*)(?P=q)"),
+    _rule("env", rb"^[ \t]*(?:\#[ \t]*)?(?:-[ \t]+)?(?:export[ \t]+)?(?P<name>" + _NAME + rb")[ \t]*=[ \t]*",
+          rb"(?:" + _DQ + _EOL + rb"|" + _SQ_LINE + _EOL + rb"|(?P<bare>[^\r\n]*?)" + _EOL + rb")"),
+    _rule("yaml", rb"^(?P<ind>[ \t]*)(?:-[ \t]+)?(?P<name>" + _NAME + rb")[ \t]*:[ \t]+(?:[!&]\S*[ \t]+)*",
+          rb"(?:" + _DQ + _EOL + rb"""
+            |'(?P<sq>(?:[^']|'')*)'""" + _EOL + rb"""
+            |[|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?\r?\n
+             (?P<block>(?:[ \t]*\r?\n)*(?P=ind)[ \t]+\S[^\r\n]*(?:(?:\r?\n[ \t]*)*\r?\n(?P=ind)[ \t]+\S[^\r\n]*)*)
+            |(?![|>][-+0-9]*[ \t]*(?:\#[^\r\n]*)?(?:\r?\n|\Z))(?P<bare>[^\s\#][^\r\n]*?)""" + _EOL + rb")"),
+    _rule("json", rb"""(?P<kq>["'])(?P<name>""" + _NAME + rb")(?P=kq)[ \t]*:[ \t]*",
+          rb"(?:" + _DQ_LINE + rb"""|(?P<arr>\[[^\[\]{}\r\n]*\])
+            |(?P<bare>[^\s,}\]\["'{][^\r\n,}\]]*?)(?=[ \t]*(?:[,}\]]|[ \t]\#|\r?\n|\Z)))""", quote_bare=True),
+    _rule("assignment", rb"(?<![\w.$\-])-{0,2}(?P<name>" + _NAME + rb")=(?!=)",
+          rb"(?:" + _DQ_LINE + rb"|" + _SQ_LINE + rb"|(?P<bare>" + _bare(rb"""\s"'&;,<>)}\]""") + rb"+))"),
+    _rule("flag", rb"(?<![\w\-])--?(?P<name>[A-Za-z][\w\-]*)[ \t]+",
+          rb"(?:" + _DQ_LINE + rb"|" + _SQ_LINE + rb"|(?P<bare>(?!-)" + _bare(rb"""\s"';&|,\]""") + rb"+))"),
+    _rule("directive", rb"^[ \t]*(?P<name>" + _NAME + rb")[ \t]+",
+          rb"(?:" + _DQ_LINE + rb"|" + _SQ_LINE + rb"|(?P<bare>(?![\#{\"'])" + _bare(rb"\s;") + rb"""+))
+            [ \t]*;?[ \t]*(?:\#[^\r\n]*)?(?=\r?\n|\Z)"""),
 )
 
 
@@ -268,6 +297,7 @@ class Rules:
         )
 
     def is_secret_name(self, name: str) -> bool:
+        """Whether a setting called ``name`` holds a secret, by the built-in rules or the operator's."""
         return is_secret_name(name) or any(p.search(name) for p in self.name_patterns)
 
     def secret_file(self, path: str, data: bytes) -> str | None:
@@ -282,7 +312,7 @@ class Rules:
         return None
 
 
-def _compile(pattern: str, what: str, compile_: Callable[[str], re.Pattern[T]]) -> re.Pattern[T]:
+def _compile(pattern: str, what: str, compile_: Callable[[str], re.Pattern[_T]]) -> re.Pattern[_T]:
     try:
         return compile_(pattern)
     except (re.error, TypeError, AttributeError) as exc:
@@ -315,7 +345,7 @@ def whole_file_placeholder(data: bytes, key: bytes) -> bytes:
 
 
 class _Spans:
-    """Non-overlapping byte ranges already taken, by a replacement or an existing fingerprint."""
+    """Non-overlapping byte ranges already judged: replaced, a fingerprint already, or a value that stays."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
@@ -341,7 +371,27 @@ def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list
         return whole_file_placeholder(data, key), [Finding(path, 0, "whole-file", glob)]
     if b"\0" in data:
         return data, []
-    return _Scrub(path, data, key, rules).run()
+    # A fingerprint can change what the text around it looks like to another rule (a name
+    # glued to a replaced value, a ${ whose } was inside a key): scrub again until nothing is
+    # found, so that the result is a fixed point and scrubbing it again finds nothing. Each pass
+    # that finds something turns text that is no fingerprint into fingerprints, so this ends;
+    # real files need a second pass only to confirm.
+    out, findings, shifts = _Scrub(path, data, key, rules).run()
+    maps, more, passes = [shifts], findings, 1
+    while more and passes < _MAX_PASSES:
+        out, more, shifts = _Scrub(path, out, key, rules).run()
+        findings += [dataclasses.replace(f, line=_line_before(f.line, maps)) for f in more]
+        maps.append(shifts)
+        passes += 1
+    return out, sorted(findings, key=lambda f: f.line)
+
+
+def _line_before(line: int, maps: list[list[tuple[int, int]]]) -> int:
+    """The line of the original data that ``line`` of the latest pass's input came from."""
+    for shifts in reversed(maps):
+        i = bisect.bisect_left(shifts, (line, -1))
+        line += shifts[i - 1][1] if i else 0
+    return line
 
 
 class _Scrub:
@@ -350,25 +400,32 @@ class _Scrub:
     def __init__(self, path: str, data: bytes, key: bytes, rules: Rules):
         self.path, self.data, self.key, self.rules = path, data, key, rules
         self.taken = _Spans()
-        for m in _FINGERPRINT_RE.finditer(data):  # already scrubbed: idempotence
-            self.taken.add(*m.span())
         self.replacements: list[tuple[int, int, bytes]] = []
         self.findings: list[tuple[int, Finding]] = []
+        self._newlines: list[int] | None = None
 
-    def run(self) -> tuple[bytes, list[Finding]]:
+    def run(self) -> tuple[bytes, list[Finding], list[tuple[int, int]]]:
         data = self.data
-        for m in _PEM_RE.finditer(data):
+        for m in _PEM_RE.finditer(data):  # first, and whatever it spans: key material never stays
+            # The fingerprint starts where BEGIN was and the line ends in dashes as END did: what
+            # ran into the key on either side meets the same text next time (idempotence).
+            label = m.group("label")
+            self.replace(m.start(), m.end(), self.fp(m.group()) + b" -----" + label + b" kept only in the encrypted archive-----",
+                         "private-key", label.decode())
+        for m in _FINGERPRINT_RE.finditer(data):  # already scrubbed: idempotence
             if not self.taken.overlaps(*m.span()):
-                label = m.group("label")
-                self.replace(m.start(), m.end(), label + b" kept only in the encrypted archive: " + self.fp(m.group()),
-                             "private-key", label.decode())
+                self.taken.add(*m.span())
         for m in _URL_RE.finditer(data):
-            if not self.taken.overlaps(*m.span("v")):
-                name = (m.group("scheme") + b"://" + m.group("user")).decode("utf-8", "backslashreplace")
-                self.replace(*m.span("v"), self.fp(m.group("v")), "url-credentials", name)
+            if self.taken.overlaps(*m.span("v")):
+                continue
+            if _is_plain_value(m.group("v")):  # postgres://app:${DB_PASSWORD}@db: the whole URL stays readable
+                self.taken.add(*m.span("v"))
+                continue
+            name = (m.group("scheme") + b"://" + m.group("user")).decode("utf-8", "backslashreplace")
+            self.replace(*m.span("v"), self.fp(m.group("v")), "url-credentials", name)
         for rule in _RULES:
             pos = 0
-            while (m := rule.regex.search(data, pos)) is not None:
+            while (m := rule.head.search(data, pos)) is not None:
                 pos = self.named_value(rule, m)
         for pattern in self.rules.value_patterns:
             g = 1 if pattern.groups else 0
@@ -378,27 +435,39 @@ class _Scrub:
                     self.replace(start, end, self.fp(data[start:end]), "custom",
                                  pattern.pattern.decode("utf-8", "backslashreplace"))
 
-        out, last = [], 0
+        # shifts: (line of the output, newlines removed up to it), for replacements of several lines
+        out, last, removed, shifts = [], 0, 0, []
         for start, end, new in sorted(self.replacements):
             out += [data[last:start], new]
             last = end
+            if lost := data.count(b"\n", start, end):
+                removed += lost
+                shifts.append((self.line(start) - removed + lost, removed))
         out.append(data[last:])
-        return b"".join(out), [f for _, f in sorted(self.findings, key=lambda pf: pf[0])]
+        return b"".join(out), [f for _, f in sorted(self.findings, key=lambda pf: pf[0])], shifts
 
-    def named_value(self, rule: _Rule, m: re.Match[bytes]) -> int:
-        """Replace the value of one match if it is a secret; returns where the search goes on."""
-        # After a match that is not replaced, the search resumes right after its name: the value
-        # it spanned (OPTS="--token=x") may hold a secret of its own.
-        resume = m.end("name")
-        name = m.group("name").decode("ascii", "backslashreplace")
-        group = next(g for g in _VALUE_GROUPS if g in rule.regex.groupindex and m.start(g) >= 0)
+    def named_value(self, rule: _Rule, head: re.Match[bytes]) -> int:
+        """Replace the value after one name if it is a secret; returns where the search goes on."""
+        # Unless the value is replaced, the search goes on right after the name: the value
+        # (OPTS="--token=x") may hold a secret of its own.
+        resume = head.end("name")
+        name = head.group("name").decode("ascii", "backslashreplace")
+        if rule.by_name and not self.rules.is_secret_name(name.lstrip("$")):
+            return resume
+        m = rule.full.match(self.data, head.start())
+        if m is None:
+            return resume
+        group = next(g for g in _VALUE_GROUPS if g in rule.full.groupindex and m.start(g) >= 0)
         start, end = m.span(group)
         if group == "block":
             start = end - len(self.data[start:end].lstrip())
         value = self.data[start:end]
-        if rule.by_name and not self.rules.is_secret_name(name.lstrip("$")):
+        if not value or self.taken.overlaps(start, end):
             return resume
-        if not value or self.taken.overlaps(start, end) or _is_plain_value(value):
+        if _is_plain_value(value, rule.kind == "yaml" and group == "bare"):
+            # Judged once: a later rule must not take the same ${DB_PASSWORD} or the text around
+            # a kept "Bearer $jwt" for a secret.
+            self.taken.add(start, end)
             return resume
         if rule.kind == "yaml" and group == "bare" and value[:1] in b"[{" and value[-1:] not in b"]}":
             return resume  # a flow collection that goes on below: its keys are looked at one by one
@@ -414,5 +483,9 @@ class _Scrub:
     def replace(self, start: int, end: int, new: bytes, kind: str, name: str) -> None:
         self.taken.add(start, end)
         self.replacements.append((start, end, new))
-        line = self.data.count(b"\n", 0, start) + 1
-        self.findings.append((start, Finding(self.path, line, kind, name)))
+        self.findings.append((start, Finding(self.path, self.line(start), kind, name)))
+
+    def line(self, offset: int) -> int:
+        if self._newlines is None:
+            self._newlines = [m.start() for m in re.finditer(b"\n", self.data)]
+        return bisect.bisect_left(self._newlines, offset) + 1
