@@ -24,6 +24,12 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+def _stem(prefix: str, component: str, name: str, started: datetime) -> tuple[str, str]:
+    """A backup's id and the key every one of its objects starts with: ``<prefix>/<component>/<name>/<YYYY>/<MM>/<DD>/<UTC time>``."""
+    ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{component}-{safe_name(name)}-{ts}", f"{prefix}/{component}/{safe_name(name)}/{started:%Y/%m/%d}/{ts}"
+
+
 @dataclass(frozen=True)
 class BackupKeys:
     """Where one backup's objects go."""
@@ -36,10 +42,9 @@ class BackupKeys:
 
 def db_keys(prefix: str, dbname: str, started: datetime, codec_suffix: str) -> BackupKeys:
     """``<prefix>/db/<database>/<YYYY>/<MM>/<DD>/<UTC timestamp>.dump.<zst|gz>.enc`` and siblings."""
-    ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = f"{prefix}/db/{safe_name(dbname)}/{started:%Y/%m/%d}/{ts}"
+    backup_id, base = _stem(prefix, "db", dbname, started)
     return BackupKeys(
-        backup_id=f"db-{safe_name(dbname)}-{ts}",
+        backup_id=backup_id,
         data=f"{base}.dump.{codec_suffix}.enc",
         globals=f"{base}.globals.sql.{codec_suffix}.enc",
         manifest=f"{base}{MANIFEST_SUFFIX}",
@@ -58,10 +63,9 @@ class FilesKeys:
 
 def files_keys(prefix: str, source: str, started: datetime, codec_suffix: str) -> FilesKeys:
     """``<prefix>/files/<source>/<YYYY>/<MM>/<DD>/<UTC timestamp>.tar.<gz|zst>.enc`` and siblings."""
-    ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = f"{prefix}/files/{safe_name(source)}/{started:%Y/%m/%d}/{ts}"
+    backup_id, base = _stem(prefix, "files", source, started)
     return FilesKeys(
-        backup_id=f"files-{safe_name(source)}-{ts}",
+        backup_id=backup_id,
         archive=f"{base}.tar.{codec_suffix}.enc",
         index=f"{base}.index.jsonl.{codec_suffix}.enc",
         manifest=f"{base}{MANIFEST_SUFFIX}",

@@ -214,6 +214,13 @@ def stage(source: Link | None, sink: Link | None) -> Iterator[None]:
         sink.close_write()
 
 
+def drain(src: Any, block_size: int = 1 << 20) -> None:
+    """Read ``src`` to its end, discarding it: what follows the part a consumer needed must still
+    authenticate (and hash, when ``src`` meters)."""
+    while src.read(block_size):
+        pass
+
+
 def copy(src: Any, dst: Any | None, meter: Meter, block_size: int = 1 << 20) -> Meter:
     """Copy ``src`` to EOF into ``dst`` (or nowhere), metering every byte; returns the finished meter."""
     while True:

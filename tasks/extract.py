@@ -26,7 +26,7 @@ from luxima_backup.filetree import (
     DIR, FILE, SYMLINK, Entry, check_relative, content_mismatch, copy_member, members_for, open_tar_reader,
 )
 from luxima_backup.keys import KeyProvider
-from luxima_backup.pipes import Meter, MeteredReader
+from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.storage import ObjectStore
 from tasks.archive import load_index
 
@@ -102,8 +102,7 @@ def extract_archive(store: ObjectStore, key: str, codec: str, provider: KeyProvi
                 if why:
                     mismatches.append({"path": entry.name, "problem": f"in the archive: {why}"})
                 written += 1
-            while stream.read(READ_SIZE):
-                pass
+            drain(stream)  # the end of the object must authenticate too
     finally:
         os.close(root)
     if sealed.hexdigest != expected_sha256:

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from luxima_backup import pg, runtime
 from luxima_backup.errors import ConfigError, DatabaseError, ToolError
-from luxima_backup.pipes import Link
+from luxima_backup.pipes import Link, drain
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
 
@@ -113,9 +113,7 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
                 # pg_restore may stop early (a selective restore needs only part of the archive);
                 # drain the rest so upstream finishes, and take its verdict: a stream cut short
                 # upstream is a failure, whatever pg_restore said.
-                drain = source.reader()
-                while drain.read(1 << 20):
-                    pass
+                drain(source.reader())
         process.check(rc)
     except ToolError as exc:
         if process is not None:

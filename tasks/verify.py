@@ -21,7 +21,7 @@ from luxima_backup import pg, runtime
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import DatabaseError, VerificationError
 from luxima_backup.keys import KeyProvider
-from luxima_backup.pipes import Meter, MeteredReader
+from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.secrets import redact
 from luxima_backup.settings import AppCheck, HttpLogin, PostgresConnection
 from luxima_backup.storage import ObjectStore
@@ -37,7 +37,7 @@ def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256:
         raise VerificationError(f"{key}: stored size {info.size} != {expected_size} bytes uploaded")
     meter = Meter()
     with store.load(key) as body:
-        _drain(MeteredReader(body, meter))
+        drain(MeteredReader(body, meter))
     _compare(key, "sha256 of the stored object", meter.hexdigest, expected_sha256)
     return {"size": info.size, "sha256": meter.hexdigest}
 
@@ -52,7 +52,7 @@ def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, 
     with store.load(key) as body:
         dump = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
         toc = _restore_list(dump, pg_restore) if pg_restore else None
-        _drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
+        drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
     _compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
     _compare(key, "sha256 of the dump", plain.hexdigest, expected["plain_sha256"])
     if plain.size != expected["plain_bytes"]:
@@ -111,11 +111,6 @@ def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
 def _toc_name(table: str) -> str:
     schema, _, name = table.partition(".")
     return f"{schema} {name} "  # pg_restore --list prints "schema name owner", unquoted
-
-
-def _drain(src: Any) -> None:
-    while src.read(READ_SIZE):
-        pass
 
 
 def _compare(key: str, what: str, actual: str, expected: str) -> None:
@@ -243,7 +238,7 @@ def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: st
             if why:
                 raise VerificationError(f"{key}: {entry.name!r} in the archive: {why}")
             files += 1
-        _drain(tar_stream)  # the end of the archive must authenticate too
+        drain(tar_stream)  # the end of the archive must authenticate too
     _compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
     _compare(key, "sha256 of the tar stream", plain.hexdigest, expected["plain_sha256"])
     return {"size": info.size, "sha256": sealed.hexdigest, "tar_sha256": plain.hexdigest, "files_checked": files,

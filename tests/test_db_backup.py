@@ -325,7 +325,10 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
 
     secrets = [DB_PASSWORD, s3_server.secret_key, vault["token"], "wrong-" + DB_PASSWORD]
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(limit=200, offset=0)
+        # the newest logs: this test's runs, whatever ran in the session before it
+        from prefect.client.schemas.sorting import LogSort
+
+        logs = client.read_logs(limit=200, offset=0, sort=LogSort.TIMESTAMP_DESC)
         texts = [entry.message for entry in logs]
         import httpx
 
