@@ -3,6 +3,7 @@
 Three kinds, each sending to every configured channel (a Prefect notification block):
   * a flow run tagged ``backup`` or ``restore`` ends Failed, Crashed or TimedOut;
   * a ``luxima.verification.failed`` event (a backup's read-back or a restore's checks);
+  * a ``luxima.config.drift`` event: a host's configs changed since the last config backup;
   * the RPO watchdog, per scheduled backup component: no ``luxima.backup.succeeded`` event
     within its window (``alerts.rpo``; 26 h for the daily database backup).
 Running setup again updates the blocks and automations in place and never duplicates them;
@@ -38,6 +39,16 @@ VERIFY_BODY = (
     "Detail: {{ event.payload.detail | truncate(1500) }}\n"
     "Backup: {{ event.payload.backup_id }}\n"
     "Flow: {{ flow.name }} / run {{ flow_run.name }}\n"
+    "Run: {{ flow_run|ui_url }}"
+)
+DRIFT_SUBJECT = "[luxima-backup] config drift on {{ event.resource['luxima.target'] }}"
+DRIFT_BODY = (
+    "The configs of {{ event.resource['luxima.target'] }} changed since the last config backup "
+    "(added {{ event.payload.counts.added }}, changed {{ event.payload.counts.changed }}, "
+    "removed {{ event.payload.counts.removed }}, mode/owner {{ event.payload.counts.metadata }}).\n"
+    "Paths: {{ event.payload.changes | tojson | truncate(1500) }}\n"
+    "Commit: {{ event.payload.commit | default('none', true) }}\n"
+    "If nobody meant to change them, look at the commit's diff in the config repository.\n"
     "Run: {{ flow_run|ui_url }}"
 )
 RPO_SUBJECT = "[luxima-backup] no successful {component} backup for {window}"
@@ -112,6 +123,15 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
                 for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
             ),
             actions=notify(VERIFY_SUBJECT, VERIFY_BODY),
+        ),
+        Automation(
+            name=f"{p}: config drift",
+            description="A host's configs changed since the last config backup (configs.drift_alert).",
+            trigger=EventTrigger(
+                expect={events.CONFIG_DRIFT}, match={"prefect.resource.id": "luxima.backup.configs.*"},
+                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
+            ),
+            actions=notify(DRIFT_SUBJECT, DRIFT_BODY),
         ),
     ]
     for component in components:

@@ -185,13 +185,13 @@ def deliver_local(entries: Iterator[Entry], staging: Path, dest: Path, keep_dir:
 def deliver_host(settings: Settings, dest: Destination, staging: Path, confirmed: bool, stamp: str) -> dict[str, Any]:
     """rsync the staged tree to the host; overwritten files go to rsync's backup folder there. Without
     ``confirmed``, a dry run first refuses if anything existing would change."""
-    from tasks.sync import _private_key_file
+    from luxima_backup.ssh import private_key_file
 
     assert dest.host is not None
     host = settings.hosts[dest.host]
     key_text = runtime.secret(host.key, settings)
     remote = f"{host.host}:{dest.path}/"
-    with _private_key_file(key_text, settings.work_dir) as key_file:
+    with private_key_file(key_text, settings.work_dir) as key_file:
         base = ["rsync", "--archive", "--protect-args", "--numeric-ids", "-e", shlex.join(ssh.ssh_command(host, key_file))]
         if not confirmed:
             probe = _rsync([*base, "--dry-run", "--existing", "--itemize-changes", f"{staging}/", remote])

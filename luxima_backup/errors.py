@@ -68,6 +68,10 @@ class ToolError(BackupError):
     """An external program (pg_dump, pg_restore, ...) is missing, too old, or failed."""
 
 
+class GitError(BackupError):
+    """A git command on the config repository failed (a network failure reaching the remote is transient)."""
+
+
 class VerificationError(BackupError):
     """A backup or restore did not match what was recorded for it."""
 

@@ -13,6 +13,7 @@ from typing import Any
 SUCCEEDED = "luxima.backup.succeeded"
 RESTORED = "luxima.restore.succeeded"
 VERIFICATION_FAILED = "luxima.verification.failed"
+CONFIG_DRIFT = "luxima.config.drift"
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,10 @@ def restore_succeeded(component: str, target: str, backup_id: str, **payload: An
 
 def verification_failed(kind: str, component: str, target: str, detail: str, **payload: Any) -> None:
     _emit(VERIFICATION_FAILED, component, target, {"kind": kind, "detail": detail, **payload})
+
+
+def config_drift(host: str, changes: dict[str, list[str]], commit: str | None) -> None:
+    """A host's configs changed since the last backup (paths only, never content)."""
+    listed = {k: v[:50] for k, v in changes.items() if v}
+    _emit(CONFIG_DRIFT, "configs", host, {"changes": listed, "counts": {k: len(v) for k, v in changes.items()},
+                                           "commit": commit})

@@ -72,6 +72,21 @@ def files_keys(prefix: str, source: str, started: datetime, codec_suffix: str) -
     )
 
 
+@dataclass(frozen=True)
+class ConfigKeys:
+    """Where one host's config backup goes."""
+
+    backup_id: str
+    archive: str
+    manifest: str
+
+
+def config_keys(prefix: str, host: str, started: datetime, codec_suffix: str) -> ConfigKeys:
+    """``<prefix>/configs/<host>/<YYYY>/<MM>/<DD>/<UTC timestamp>.tar.<gz|zst>.enc`` and its manifest."""
+    backup_id, base = _stem(prefix, "configs", host, started)
+    return ConfigKeys(backup_id=backup_id, archive=f"{base}.tar.{codec_suffix}.enc", manifest=f"{base}{MANIFEST_SUFFIX}")
+
+
 def manifest_key_for(object_key: str) -> str:
     """The manifest beside one of a backup's objects (``<base>.<anything>`` -> ``<base>.manifest.json``)."""
     directory, _, name = object_key.rpartition("/")

@@ -20,6 +20,7 @@ _lock = threading.Lock()
 # Keyed by id() and holding the settings object itself, so an id is never reused while cached.
 _stores: dict[int, tuple[Settings, ObjectStore]] = {}
 _providers: dict[int, tuple[Settings, KeyProvider]] = {}
+_config_stores: dict[int, tuple[Settings, ObjectStore]] = {}
 
 
 def settings() -> Settings:
@@ -33,6 +34,23 @@ def store(s: Settings | None = None) -> ObjectStore:
         if cached is None or cached[0] is not s:
             cached = _stores[id(s)] = (s, store_from_settings(s.storage))
         return cached[1]
+
+
+def config_store(s: Settings | None = None) -> ObjectStore:
+    """Where config archives go: [configs.storage] when set (e.g. the Proxmox backup server's disk), else [storage]."""
+    s = s or settings()
+    if s.configs.storage is None:
+        return store(s)
+    with _lock:
+        cached = _config_stores.get(id(s))
+        if cached is None or cached[0] is not s:
+            cached = _config_stores[id(s)] = (s, store_from_settings(s.configs.storage))
+        return cached[1]
+
+
+def config_prefix(s: Settings | None = None) -> str:
+    s = s or settings()
+    return (s.configs.storage or s.storage).prefix
 
 
 def key_provider(s: Settings | None = None) -> KeyProvider:

@@ -258,6 +258,101 @@ class FilesBackupSettings(_Section):
         return self.level if self.level is not None else (3 if self.compression == "zstd" else 6)
 
 
+_HOST_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def _absolute(paths: list[str], what: str) -> list[str]:
+    bad = [p for p in paths if not p.startswith("/") or any(part in (".", "..") for part in p.split("/"))]
+    if bad:
+        raise ValueError(f"{what} must be absolute paths without '.' or '..': {bad}")
+    return paths
+
+
+class ConfigService(_Section):
+    """A service on a config host whose files a restore checks (and may reload) after writing them."""
+
+    paths: list[str] = Field(min_length=1, description="absolute paths or globs; restoring a file under one of them runs this service's commands")
+    validate_command: str | None = Field(None, description="run on the host after a restore, e.g. 'nginx -t'; a failure rolls every file back")
+    reload_command: str | None = Field(None, description="run on the host after a validated restore, e.g. 'systemctl reload nginx'")
+
+    @model_validator(mode="after")
+    def _paths(self) -> "ConfigService":
+        _absolute(self.paths, "services paths")
+        return self
+
+
+class ConfigHost(_Section):
+    """What the config backup fetches from one [hosts.NAME] (the same name)."""
+
+    paths: list[str] = Field(min_length=1, description="absolute paths, globs in any segment (/srv/apps/*/docker-compose.yml); a folder is fetched whole")
+    exclude: list[str] = Field(default_factory=list, description="globs matched against a file's name or its whole path (*.log, /etc/nginx/modules-available/*)")
+    services: dict[str, ConfigService] = Field(default_factory=dict, description="validation and reload commands for restores")
+    drift_ignore: list[str] = Field(default_factory=list, description="globs of paths whose changes are expected: no drift alert for them")
+
+
+class ConfigGit(_Section):
+    """The git repository the scrubbed configs are committed and pushed to."""
+
+    remote: str | None = Field(None, description="URL pushed to (ssh://git@host/ops/configs.git, git@host:ops/configs.git, or a local path); none: commit locally only")
+    branch: str = Field("main", pattern=r"^[A-Za-z0-9._/-]+$")
+    key: Secret | None = Field(None, description="SSH private key for an SSH remote (file: or vault: reference)")
+    known_hosts: Path | None = Field(None, description="known_hosts holding the git server's key (SSH remotes); unknown servers are refused")
+    working_copy: Path | None = Field(None, description="the local clone (default: work_dir/config-repo)")
+    author_name: str = "Luxima Backup"
+    author_email: str = "luxima-backup@localhost"
+    push_attempts: int = Field(3, ge=1, le=10, description="pushes tried, each after rebasing on what someone else pushed")
+    connect_timeout: int = Field(15, ge=1, le=600)
+
+    @property
+    def over_ssh(self) -> bool:
+        r = self.remote or ""
+        return r.startswith("ssh://") or ("://" not in r and ":" in r.split("/", 1)[0])
+
+
+class ConfigSecretRules(_Section):
+    """Extensions of the built-in secret rules (luxima_backup/config_secrets.py)."""
+
+    names: list[str] = Field(default_factory=list, description="regexes searched in setting names; a match makes the value secret")
+    patterns: list[str] = Field(default_factory=list, description="regexes searched in the data; group 1 (or the match) is replaced")
+    files: list[str] = Field(default_factory=list, description="globs of files that are secret as a whole")
+
+
+class ConfigsSettings(_Section):
+    """Weekly config backup: fetched over SSH, scrubbed into git and pushed, archived encrypted for restores."""
+
+    hosts: dict[str, ConfigHost] = Field(default_factory=dict, description="one per [hosts.NAME] to back up, same name")
+    git: ConfigGit = Field(default_factory=ConfigGit)
+    fingerprint_key: Secret | None = Field(None, description="key (>= 16 bytes) of the HMAC fingerprints that replace secrets in git; never in the repository")
+    secrets: ConfigSecretRules = Field(default_factory=ConfigSecretRules)
+    storage: StorageSettings | None = Field(None, description="where the archives go (e.g. a local path on the Proxmox backup server); default: [storage]")
+    compression: Literal["gzip", "zstd"] = "gzip"
+    level: int | None = Field(None, ge=1, le=22)
+    max_file_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger files are left out and reported (logs and dumps do not belong here)")
+    deep_verify: bool = Field(True, description="after upload, read the archive back and check every file's sha256")
+    drift_alert: bool = Field(True, description="emit luxima.config.drift (an alert) when a host's configs changed since the last backup")
+    attempts: int = Field(3, ge=1, le=10, description="attempts of a host's fetch-to-storage stream on transient failures")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
+    retention_days: int = Field(90, ge=1)
+    restore_keep_dir: str = Field("/var/backups/luxima-config-restore", description="folder on the host where a restore keeps the files it overwrote")
+
+    @model_validator(mode="after")
+    def _paths(self) -> "ConfigsSettings":
+        import re as _re
+
+        for name, host in self.hosts.items():
+            if not _re.match(_HOST_NAME, name):
+                raise ValueError(f"configs.hosts.{name}: host names are letters, digits, '.', '_' and '-'")
+            _absolute(host.paths, f"configs.hosts.{name}.paths")
+        _absolute([self.restore_keep_dir], "configs.restore_keep_dir")
+        if self.git.over_ssh and self.git.known_hosts is None:
+            raise ValueError("configs.git.known_hosts is needed for an SSH remote (its server key is checked strictly)")
+        return self
+
+    @property
+    def effective_level(self) -> int:
+        return self.level or (3 if self.compression == "zstd" else 6)
+
+
 class AppQuery(_Section):
     """A query the application depends on; after a restore it must succeed and return rows."""
 
@@ -357,6 +452,7 @@ class Settings(BaseSettings):
     db_backup: DbBackupSettings = Field(default_factory=DbBackupSettings)
     hosts: dict[str, SshHost] = Field(default_factory=dict, description="hosts reached over SSH (files sources, configs)")
     files_backup: FilesBackupSettings = Field(default_factory=FilesBackupSettings)
+    configs: ConfigsSettings = Field(default_factory=ConfigsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
@@ -374,6 +470,9 @@ class Settings(BaseSettings):
         for name, src in self.files_backup.sources.items():
             if src.host is not None and src.host not in self.hosts:
                 raise ValueError(f"files_backup.sources.{name}.host = {src.host!r} is not one of [hosts.*]: {sorted(self.hosts)}")
+        for name in self.configs.hosts:
+            if name not in self.hosts:
+                raise ValueError(f"configs.hosts.{name} has no [hosts.{name}] saying how to reach it: {sorted(self.hosts)}")
         return self
 
     def file_source(self, name: str) -> FileSource:
@@ -382,6 +481,17 @@ class Settings(BaseSettings):
         except KeyError:
             raise ConfigError(f"no file source named {name!r} in the settings",
                               hint=f"use one of {sorted(self.files_backup.sources)} ([files_backup.sources.NAME])") from None
+
+    def config_host(self, name: str) -> ConfigHost:
+        try:
+            return self.configs.hosts[name]
+        except KeyError:
+            raise ConfigError(f"no config host named {name!r} in the settings",
+                              hint=f"use one of {sorted(self.configs.hosts)} ([configs.hosts.NAME])") from None
+
+    @property
+    def config_repo(self) -> Path:
+        return self.configs.git.working_copy or self.work_dir / "config-repo"
 
     @property
     def mirror_dir(self) -> Path:

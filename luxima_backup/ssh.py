@@ -8,9 +8,15 @@ as a possible impersonation. Unreachable hosts and dropped connections are trans
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
+import os
 import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
 import paramiko
 
 from .errors import ConfigError, IntegrityError, StorageError
@@ -28,13 +34,35 @@ def ssh_command(cfg: SshHost, key_file: str) -> list[str]:
     Only the configured known_hosts file is consulted and unknown or changed host keys are
     refused; no user or system ssh_config, agent or other identity takes part.
     """
+    return [*ssh_options(key_file, cfg.known_hosts, cfg.connect_timeout), "-p", str(cfg.port), "-l", cfg.user]
+
+
+def ssh_options(key_file: str | None, known_hosts: Path, connect_timeout: float) -> list[str]:
+    """``ssh`` with one identity and one known_hosts file, unknown or changed host keys refused, never a prompt."""
+    identity = ["-i", key_file, "-o", "IdentitiesOnly=yes"] if key_file else []
     return [
-        "ssh", "-F", "/dev/null", "-i", key_file, "-p", str(cfg.port), "-l", cfg.user,
-        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={cfg.known_hosts}",
+        "ssh", "-F", "/dev/null", *identity, "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no",
-        "-o", f"ConnectTimeout={int(cfg.connect_timeout)}", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+        "-o", f"ConnectTimeout={int(connect_timeout)}", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
     ]
+
+
+@contextlib.contextmanager
+def private_key_file(text: str, work_dir: Path) -> Iterator[str]:
+    """An SSH private key in a 0600 file for OpenSSH (rsync, git), for as long as it runs; removed in all cases."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = tempfile.mkdtemp(prefix="ssh-", dir=work_dir)
+    path = os.path.join(folder, "id")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text.strip() + "\n")  # OpenSSH wants the final newline
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(folder)
 
 
 def _fingerprint(key: paramiko.PKey) -> str:

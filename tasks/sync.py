@@ -8,16 +8,14 @@ paramiko check that gives clear errors for unknown or changed host keys); bucket
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -93,23 +91,6 @@ def rsync(src: str, mirror: Path, exclude: list[str], max_delete: int | None, ti
     return stats
 
 
-@contextlib.contextmanager
-def _private_key_file(text: str, work_dir: Path) -> Iterator[str]:
-    """The SSH private key in a 0600 file for OpenSSH, for as long as rsync runs; removed in all cases."""
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder = tempfile.mkdtemp(prefix="ssh-", dir=work_dir)
-    path = os.path.join(folder, "id")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text.strip() + "\n")  # OpenSSH wants the final newline
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.rmdir(folder)
-
-
 def sync_source(settings: Settings, name: str, source: FileSource, previous_entries: int | None,
                 allow_shrink: bool) -> dict[str, Any]:
     """Bring ``source`` into its mirror; returns statistics (files, transferred, deleted, seconds).
@@ -141,7 +122,7 @@ def sync_source(settings: Settings, name: str, source: FileSource, previous_entr
                     raise SourceError(f"source {name}: {source.path} does not exist on {source.host}",
                                       hint="the source vanished (an unmounted volume?); the mirror and the backups are untouched")
                 raise ConfigError(f"rsync is not installed on {source.host}", hint="install rsync on the host")
-        with _private_key_file(key_text, settings.work_dir) as key_file:
+        with ssh.private_key_file(key_text, settings.work_dir) as key_file:
             return rsync(f"{host.host}:{source.path}", mirror, source.exclude, max_delete, timeout,
                          ssh.ssh_command(host, key_file))
     return _sync_bucket(settings, name, source, mirror)

@@ -25,10 +25,14 @@ def upload_stream(store: ObjectStore, key: str, src: BinaryIO) -> Meter:
 
 
 @task(name="upload", cache_policy=NO_CACHE)
-def upload(source: Link, object_key: str) -> dict[str, Any]:
-    """Upload the encrypted stream; a failed or cut-short stream leaves no object behind."""
+def upload(source: Link, object_key: str, configs: bool = False) -> dict[str, Any]:
+    """Upload the encrypted stream; a failed or cut-short stream leaves no object behind.
+
+    ``configs``: to the config archive storage ([configs.storage], by default the same as [storage]).
+    """
+    store = runtime.config_store() if configs else runtime.store()
     try:
-        meter = upload_stream(runtime.store(), object_key, source.reader())  # type: ignore[arg-type]
+        meter = upload_stream(store, object_key, source.reader())  # type: ignore[arg-type]
     finally:
         source.close_read()
     return {"key": object_key, "bytes": meter.size, "sha256": meter.hexdigest, "seconds": meter.seconds}

@@ -19,7 +19,7 @@ from psycopg import sql as psql
 
 from luxima_backup import pg, runtime
 from luxima_backup.envelope import DecryptingReader
-from luxima_backup.errors import DatabaseError, VerificationError
+from luxima_backup.errors import DatabaseError, IntegrityError, VerificationError
 from luxima_backup.keys import KeyProvider
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.secrets import redact
@@ -268,4 +268,47 @@ def verify_files(backup_id: str, archive: dict[str, Any], index: dict[str, Any],
         result = read_back(store, archive["key"], expected["encrypted_bytes"], expected["encrypted_sha256"])
     result["older_archives_present"] = len(older_archives)
     get_run_logger().info("verified %s (%s)", archive["key"], "deep" if deep else "size and sha256")
+    return result
+
+
+# -- config archives --
+
+def check_config_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any]) -> dict[str, Any]:
+    """Read a stored config archive back: ciphertext sha256, every chunk authenticated, every member against the
+    archive's own index, and the index against what the fetch recorded (host, counts, content digest)."""
+    from luxima_backup.config_archive import read_members
+
+    info = store.stat(key)
+    if info.size != expected["encrypted_bytes"]:
+        raise VerificationError(f"{key}: stored size {info.size} != {expected['encrypted_bytes']} bytes uploaded")
+    sealed, plain = Meter(), Meter()
+    index: dict[str, Any] = {}
+    files = 0
+    with store.load(key) as body:
+        tar_stream = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
+        try:
+            for member in read_members(tar_stream, index):  # type: ignore[arg-type]
+                files += member.data is not None
+        except IntegrityError as exc:
+            raise VerificationError(f"{key}: {exc}") from None
+        drain(tar_stream)
+    _compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
+    _compare(key, "sha256 of the tar stream", plain.hexdigest, expected["plain_sha256"])
+    _compare(key, "host in the index", index.get("host"), expected["host"])
+    _compare(key, "content digest in the index", index.get("content_digest"), expected["content_digest"])
+    if files != expected["files"]:
+        raise VerificationError(f"{key}: {files} files in the archive, the fetch stored {expected['files']}")
+    return {"size": info.size, "sha256": sealed.hexdigest, "tar_sha256": plain.hexdigest, "files_checked": files, "deep": True}
+
+
+@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def verify_configs(object_key: str, codec: str, expected: dict[str, Any], deep: bool) -> dict[str, Any]:
+    """Read the stored config archive back and check it (deep: decrypt, decompress, every file's sha256)."""
+    settings = runtime.settings()
+    store = runtime.config_store(settings)
+    if deep:
+        result = check_config_archive(store, object_key, runtime.key_provider(settings), codec, expected)
+    else:
+        result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
+    get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
     return result

@@ -12,7 +12,7 @@ from luxima_backup import ssh
 from luxima_backup.errors import ConfigError
 from luxima_backup.sandbox import SshServer
 from luxima_backup.settings import SshHost
-from tasks.fetch import fetch_paths
+from tasks.fetch import Fetched, walk_paths
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +51,28 @@ def connect(sshd: SshServer, tmp_path: Path) -> ssh.paramiko.SSHClient:
 
 def test_fetch_globs_folders_links_and_limits(sshd: SshServer, tmp_path: Path, host_tree: Path) -> None:
     r = str(host_tree)
-    dest = tmp_path / "fetched"
+    (host_tree / "etc/nginx/.git").mkdir()
+    (host_tree / "etc/nginx/.git/config").write_text("[core]\n")  # etckeeper's repository: never fetched
+    got = Fetched()
     with connect(sshd, tmp_path) as client, client.open_sftp() as sftp:
-        got = fetch_paths(sftp, [f"{r}/etc/nginx/", f"{r}/data/coolify/source/.env", f"{r}/srv/apps/*/*",
-                                 f"{r}/etc/missing.conf"], ["*.log"], dest, max_file_bytes=1_000_000)
-    base = dest / r.lstrip("/")
-    assert (base / "etc/nginx/nginx.conf").read_text() == "worker_processes auto;\n"
-    assert os.readlink(base / "etc/nginx/sites-enabled/luxima.conf") == "../sites-available/luxima.conf"
-    assert not (base / "etc/nginx/access.log").exists()  # excluded
-    assert (base / "srv/apps/web/docker-compose.yml").exists() and (base / "srv/apps/api/docker-compose.yml").exists()
+        files = {f.path: f for f in walk_paths(sftp, [f"{r}/etc/nginx/", f"{r}/data/coolify/source/.env",
+                                                       f"{r}/srv/apps/*/*", f"{r}/etc/missing.conf"],
+                                                ["*.log"], 1_000_000, got)}
+    assert files[f"{r}/etc/nginx/nginx.conf"].data == b"worker_processes auto;\n"
+    link = files[f"{r}/etc/nginx/sites-enabled/luxima.conf"]
+    assert link.data is None and link.meta["symlink"] == "../sites-available/luxima.conf"
+    assert f"{r}/etc/nginx/access.log" not in files  # excluded
+    assert not any("/.git/" in p for p in files)
+    assert f"{r}/srv/apps/web/docker-compose.yml" in files and f"{r}/srv/apps/api/docker-compose.yml" in files
     assert sorted(got.too_large) == [f"{r}/srv/apps/api/big.sql", f"{r}/srv/apps/web/big.sql"]
     assert got.missing == [f"{r}/etc/missing.conf"]
     assert got.files[f"{r}/data/coolify/source/.env"]["mode"] == 0o600
-    assert got.files[f"{r}/etc/nginx/sites-enabled/luxima.conf"]["symlink"] == "../sites-available/luxima.conf"
-    assert [p.name for p in dest.rglob(".*luxima-partial")] == []
+    assert got.bytes == sum(len(f.data) for f in files.values() if f.data is not None)
+    assert set(got.files) == set(files)
 
 
 def test_relative_or_dotted_paths_are_refused(sshd: SshServer, tmp_path: Path) -> None:
     with connect(sshd, tmp_path) as client, client.open_sftp() as sftp:
         for bad in ("etc/nginx", "/etc/../root"):
             with pytest.raises(ConfigError):
-                fetch_paths(sftp, [bad], [], tmp_path / "d", 1000)
+                list(walk_paths(sftp, [bad], [], 1000, Fetched()))

@@ -1,0 +1,289 @@
+"""The config backup and restore flows end to end: a real sshd, git with a bare remote reached over SSH, the S3
+server, PostgreSQL for the log, Prefect."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from luxima_backup.sandbox import PostgresCluster, SshServer
+from tests.conftest import file_keys
+from tests.helpers import log_rows, s3_get, s3_keys
+
+pytestmark = pytest.mark.slow
+
+DB_SECRET = "Pg-s3cret-Value-7731"
+APP_KEY = "base64:Qm9ndXNBcHBLZXkxMjM0NTY3ODkwYWJjZGVm"
+TOKEN = "ghp_TokenValue0987654321zyxw"
+PRIVATE_KEY = ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7PrivateKeyBody\n"
+               "-----END PRIVATE KEY-----\n")
+SECRETS = [DB_SECRET, APP_KEY, TOKEN, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7PrivateKeyBody"]
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = SshServer().start()
+    yield server
+    server.stop()
+
+
+def make_host(root: Path) -> None:
+    """A host's configs: nginx with a sites-enabled link, Coolify's .env, two compose files, a TLS private key."""
+    (root / "etc/nginx/sites-available").mkdir(parents=True)
+    (root / "etc/nginx/sites-enabled").mkdir()
+    (root / "etc/nginx/nginx.conf").write_text("worker_processes auto;\nevents {}\n")
+    (root / "etc/nginx/sites-available/luxima.conf").write_text(
+        "server {\n  listen 443 ssl;\n  proxy_set_header Authorization \"Bearer " + TOKEN + "\";\n}\n")
+    os.symlink("../sites-available/luxima.conf", root / "etc/nginx/sites-enabled/luxima.conf")
+    (root / "etc/nginx/error.log").write_text("noise\n")
+    (root / "data/coolify/source").mkdir(parents=True)
+    env = root / "data/coolify/source/.env"
+    env.write_text(f"APP_NAME=Coolify\nAPP_KEY={APP_KEY}\nDB_PASSWORD={DB_SECRET}\nDB_HOST=postgres\n")
+    os.chmod(env, 0o600)
+    for app in ("api", "web"):
+        (root / f"srv/apps/{app}").mkdir(parents=True)
+        (root / f"srv/apps/{app}/docker-compose.yml").write_text(
+            f"services:\n  {app}:\n    image: luxima/{app}:1\n    environment:\n      - POSTGRES_PASSWORD={DB_SECRET}\n")
+    (root / "etc/ssl/private").mkdir(parents=True)
+    (root / "etc/ssl/private/luxima.key").write_text(PRIVATE_KEY)
+    os.chmod(root / "etc/ssl/private/luxima.key", 0o600)
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd or "/"), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+           "GIT_AUTHOR_NAME": "Someone Else", "GIT_AUTHOR_EMAIL": "else@example.org",
+           "GIT_COMMITTER_NAME": "Someone Else", "GIT_COMMITTER_EMAIL": "else@example.org"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+            write_settings: Callable[..., Path], sshd: SshServer, tmp_path: Path) -> dict[str, Any]:
+    """A host served over SSH, a bare git remote reached over the same sshd, and settings naming both."""
+    root = tmp_path / "web1"
+    make_host(root)
+    remote = tmp_path / "remote.git"
+    git("init", "--quiet", "--bare", "--initial-branch=main", str(remote))
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+    fp_key = tmp_path / "fingerprint.key"
+    fp_key.write_text("a-fingerprint-key-of-32-bytes-xyz")
+
+    def settings(host_opts: str = "", extra: str = "") -> Path:
+        r = root
+        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
+            [hosts.web1]
+            host = "127.0.0.1"
+            port = {sshd.port}
+            user = "{sshd.user}"
+            key = "file:{sshd.client_key}"
+            known_hosts = "{known}"
+            connect_timeout = 5
+
+            [configs]
+            fingerprint_key = "file:{fp_key}"
+            attempts = 1
+            restore_keep_dir = "{tmp_path / 'kept'}"
+
+            [configs.git]
+            remote = "ssh://{sshd.user}@127.0.0.1:{sshd.port}{remote}"
+            key = "file:{sshd.client_key}"
+            known_hosts = "{known}"
+
+            [configs.hosts.web1]
+            paths = ["{r}/etc/nginx/", "{r}/data/coolify/source/.env", "{r}/srv/apps/*/docker-compose.yml", "{r}/etc/ssl/private/"]
+            exclude = ["*.log"]
+            """) + textwrap.dedent(host_opts) + textwrap.dedent(extra))
+
+    settings()
+    return {"root": root, "remote": remote, "settings": settings, "s3": s3_server, "bucket": bucket, "db": database,
+            "cluster": pg_cluster, "tmp": tmp_path, "known": known, "sshd": sshd, "fp_key": fp_key}
+
+
+def backup(**params: Any) -> Any:
+    from flows.config_backup import config_backup
+
+    return config_backup(**params, return_state=True)
+
+
+def backed_up(**params: Any) -> dict[str, Any]:
+    state = backup(**params)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def error_of(state: Any) -> BaseException:
+    assert state.is_failed(), state
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, BaseException)
+    return exc
+
+
+def remote_log(remote: Path) -> list[str]:
+    return git("--git-dir", str(remote), "log", "--format=%H %an %s", "main").splitlines()
+
+
+def remote_everything(remote: Path) -> str:
+    """Every object ever stored in the remote (all commits, trees, blobs), as text."""
+    out = subprocess.run(["git", "--git-dir", str(remote), "cat-file", "--batch-all-objects", "--batch"], check=True,
+                         capture_output=True).stdout
+    assert len(out) > 1000
+    return out.decode("latin-1")  # trees hold binary ids
+
+
+def host_rel(env: dict[str, Any], path: str) -> str:
+    return f"{env['root']}/{path}"
+
+
+# -- backup --
+
+def test_first_backup_commits_everything_pushes_and_archives(cfg_env: dict[str, Any]) -> None:
+    result = backed_up()
+    web1 = result["hosts"]["web1"]
+    assert web1["totals"]["files"] == 6 and web1["totals"]["symlinks"] == 1
+    assert web1["totals"]["redactions"] >= 5
+    assert result["git"]["commit"] and result["git"]["push"]["pushed"] is True
+    log = remote_log(cfg_env["remote"])
+    assert len(log) == 1 and log[0].split()[0] == result["git"]["commit"]
+    tree = git("--git-dir", str(cfg_env["remote"]), "ls-tree", "-r", "--name-only", "main").split()
+    root = str(cfg_env["root"]).lstrip("/")
+    assert f"web1/{root}/etc/nginx/nginx.conf" in tree and f"web1/{root}/srv/apps/web/docker-compose.yml" in tree
+    assert f"web1/{root}/etc/nginx/error.log" not in tree  # excluded
+    assert "web1/.luxima-meta.json" in tree and "README.md" in tree
+    env_copy = git("--git-dir", str(cfg_env["remote"]), "show", f"main:web1/{root}/data/coolify/source/.env")
+    assert "APP_NAME=Coolify\n" in env_copy and "DB_HOST=postgres\n" in env_copy
+    assert "DB_PASSWORD=luxima-redacted:hmac-sha256:" in env_copy
+    meta = json.loads(git("--git-dir", str(cfg_env["remote"]), "show", "main:web1/.luxima-meta.json"))
+    assert meta["files"][host_rel(cfg_env, "data/coolify/source/.env")]["mode"] == "0600"
+    assert meta["files"][host_rel(cfg_env, "etc/nginx/sites-enabled/luxima.conf")]["symlink"] == "../sites-available/luxima.conf"
+    # the archive and its manifest are in storage, and nothing there is in clear
+    keys = s3_keys(cfg_env["s3"], cfg_env["bucket"])
+    assert [k for k in keys if k.startswith("backups/configs/web1/") and k.endswith(".tar.gz.enc")]
+    manifest_key = next(k for k in keys if k.startswith("backups/configs/web1/") and k.endswith(".manifest.json"))
+    doc = json.loads(s3_get(cfg_env["s3"], cfg_env["bucket"], manifest_key))
+    assert doc["status"] == "verified" and doc["verification"]["files_checked"] == 6
+    assert doc["content_digest"] == meta["content_digest"] and doc["retention_days"] == 90
+    for key in keys:
+        blob = s3_get(cfg_env["s3"], cfg_env["bucket"], key)
+        assert not any(s.encode() in blob for s in SECRETS), key
+        assert b"worker_processes" not in blob, key
+    rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"]
+    assert [(r["kind"], r["target"], r["status"]) for r in rows] == [("backup", "web1", "success")]
+    assert rows[0]["details"]["git"]["commit"] == result["git"]["commit"] and rows[0]["details"]["git"]["pushed"]
+
+
+def test_no_change_no_commit_then_one_commit_with_an_accurate_summary(cfg_env: dict[str, Any]) -> None:
+    first = backed_up()
+    second = backed_up()
+    assert second["git"]["commit"] is None and len(remote_log(cfg_env["remote"])) == 1
+    assert second["drift"] == {}
+    root = cfg_env["root"]
+    (root / "etc/nginx/nginx.conf").write_text("worker_processes 4;\nevents {}\n")
+    (root / "etc/nginx/sites-available/new.conf").write_text("server { listen 80; }\n")
+    (root / "srv/apps/api/docker-compose.yml").unlink()
+    os.chmod(root / "etc/nginx/sites-available/luxima.conf", 0o640)
+    third = backed_up()
+    log = remote_log(cfg_env["remote"])
+    assert len(log) == 2 and log[0].split()[0] == third["git"]["commit"] != first["git"]["commit"]
+    changes = third["changes"]["web1"]
+    assert changes["added"] == [host_rel(cfg_env, "etc/nginx/sites-available/new.conf")]
+    assert changes["changed"] == [host_rel(cfg_env, "etc/nginx/nginx.conf")]
+    assert changes["removed"] == [host_rel(cfg_env, "srv/apps/api/docker-compose.yml")]
+    assert changes["metadata"] == [host_rel(cfg_env, "etc/nginx/sites-available/luxima.conf")]
+    message = git("--git-dir", str(cfg_env["remote"]), "log", "-1", "--format=%B", "main")
+    assert "web1: 1 added, 1 changed, 1 removed, 1 with new mode/owner" in message
+    assert f"  A {host_rel(cfg_env, 'etc/nginx/sites-available/new.conf')}" in message
+    assert f"  M {host_rel(cfg_env, 'etc/nginx/nginx.conf')}" in message
+    assert f"  D {host_rel(cfg_env, 'srv/apps/api/docker-compose.yml')}" in message
+    assert third["drift"]["web1"]["changed"] == [host_rel(cfg_env, "etc/nginx/nginx.conf")]
+    # a secret that changes shows as a changed fingerprint, and stays out of git
+    env_file = root / "data/coolify/source/.env"
+    env_file.write_text(env_file.read_text().replace(DB_SECRET, "Another-Secret-4242"))
+    fourth = backed_up()
+    assert fourth["changes"]["web1"]["changed"] == [host_rel(cfg_env, "data/coolify/source/.env")]
+    diff = git("--git-dir", str(cfg_env["remote"]), "show", "main")
+    assert "-DB_PASSWORD=luxima-redacted:hmac-sha256:" in diff and "+DB_PASSWORD=luxima-redacted:hmac-sha256:" in diff
+    history = remote_everything(cfg_env["remote"])
+    for secret in [*SECRETS, "Another-Secret-4242"]:
+        assert secret not in history
+    assert "BEGIN PRIVATE KEY" not in history.replace("PRIVATE KEY kept only in the encrypted archive", "")
+
+
+def test_drift_ignore_keeps_expected_changes_quiet(cfg_env: dict[str, Any]) -> None:
+    cfg_env["settings"](host_opts=f'drift_ignore = ["{cfg_env["root"]}/srv/apps/*"]\n')
+    backed_up()
+    (cfg_env["root"] / "srv/apps/web/docker-compose.yml").write_text("services: {}\n")
+    quiet = backed_up()
+    assert quiet["git"]["commit"] and quiet["drift"] == {}
+    (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
+    assert list(backed_up()["drift"]) == ["web1"]
+
+
+def test_rejected_push_is_rebased_never_forced(cfg_env: dict[str, Any]) -> None:
+    backed_up()
+    # someone else pushes to the remote (a README edit) between two backups
+    other = cfg_env["tmp"] / "other-clone"
+    git("clone", "--quiet", str(cfg_env["remote"]), str(other))
+    (other / "NOTES.md").write_text("ops notes\n")
+    git("add", "NOTES.md", cwd=other)
+    git("commit", "--quiet", "-m", "ops notes", cwd=other)
+    git("push", "--quiet", "origin", "main", cwd=other)
+    theirs = git("rev-parse", "HEAD", cwd=other).strip()
+    # and again after our working copy fetched, so that our push itself is rejected once
+    from luxima_backup import gitrepo
+
+    real_push = gitrepo.Repo.push
+    pushed_meanwhile: list[str] = []
+
+    def push_after_another(self: Any) -> Any:
+        if not pushed_meanwhile:
+            (other / "MORE.md").write_text("more\n")
+            git("add", "MORE.md", cwd=other)
+            git("commit", "--quiet", "-m", "more notes", cwd=other)
+            git("push", "--quiet", "origin", "main", cwd=other)
+            pushed_meanwhile.append(git("rev-parse", "HEAD", cwd=other).strip())
+        return real_push(self)
+
+    gitrepo.Repo.push = push_after_another  # type: ignore[method-assign]
+    try:
+        (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 2;\n")
+        result = backed_up()
+    finally:
+        gitrepo.Repo.push = real_push  # type: ignore[method-assign]
+    assert result["git"]["push"]["pushed"] and result["git"]["push"]["rebased"] == 1
+    log = [line.split()[0] for line in remote_log(cfg_env["remote"])]
+    assert len(log) == 4 and log[0] == result["git"]["push"]["head"]
+    assert theirs in log and pushed_meanwhile[0] in log  # their commits are kept, ours is on top
+    assert git("--git-dir", str(cfg_env["remote"]), "rev-list", "--merges", "--count", "main").strip() == "0"
+
+
+def test_conflicting_remote_change_fails_clearly_and_keeps_both(cfg_env: dict[str, Any]) -> None:
+    backed_up()
+    root_rel = str(cfg_env["root"]).lstrip("/")
+    other = cfg_env["tmp"] / "other-clone"
+    git("clone", "--quiet", str(cfg_env["remote"]), str(other))
+    (other / f"web1/{root_rel}/etc/nginx/nginx.conf").write_text("edited by hand in git\n")
+    git("commit", "--quiet", "-am", "hand edit", cwd=other)
+    theirs = git("rev-parse", "HEAD", cwd=other).strip()
+    from luxima_backup import gitrepo
+
+    real_catch_up = gitrepo.Repo.catch_up
+    gitrepo.Repo.catch_up = lambda self: None  # type: ignore[method-assign]  # our working copy has not seen it yet
+    try:
+        (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 3;\n")
+        git("push", "--quiet", "origin", "main", cwd=other)
+        exc = error_of(backup())
+    finally:
+        gitrepo.Repo.catch_up = real_catch_up  # type: ignore[method-assign]
+    assert "change the same files" in str(exc) and "nothing was forced" in str(exc)
+    assert "nginx.conf" in str(exc)
+    assert remote_log(cfg_env["remote"])[0].split()[0] == theirs  # the remote is as they left it
+    # the archive of that run is still stored and verified: the backup itself is not lost
+    manifests = [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/") and k.endswith(".manifest.json")]
+    assert len(manifests) == 2
