@@ -40,8 +40,9 @@ def _private(path: str, flags: int) -> int:
 
 
 @task(name="download", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def download(object_key: str, spool: str, expected_size: int, expected_sha256: str) -> dict[str, Any]:
-    """Fetch the encrypted backup into the private spool and check its size and sha256."""
-    meter = download_to_file(runtime.store(), object_key, Path(spool), expected_size, expected_sha256)
+def download(object_key: str, spool: str, expected_size: int, expected_sha256: str, configs: bool = False) -> dict[str, Any]:
+    """Fetch the encrypted backup into the private spool and check its size and sha256 (``configs``: from the config archive storage)."""
+    store = runtime.config_store() if configs else runtime.store()
+    meter = download_to_file(store, object_key, Path(spool), expected_size, expected_sha256)
     get_run_logger().info("downloaded %s (%d bytes, sha256 matches the manifest)", object_key, meter.size)
     return {"key": object_key, "bytes": meter.size, "sha256": meter.hexdigest, "seconds": round(meter.seconds, 3)}

@@ -312,3 +312,39 @@ def verify_configs(object_key: str, codec: str, expected: dict[str, Any], deep: 
         result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
     get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
     return result
+
+
+@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def verify_configs_restored(host: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Read every restored file back from the host: md5, mode and link targets against the backup."""
+    import hashlib
+
+    from luxima_backup import ssh
+    from tasks.fetch import read_remote
+    from tasks.plan import host_entry
+
+    settings = runtime.settings()
+    cfg = settings.hosts[host]
+    mismatches: list[dict[str, Any]] = []
+    checked = 0
+    with ssh.connect(cfg, runtime.secret(cfg.key, settings)) as client, client.open_sftp() as sftp:
+        for s in steps:
+            if s["action"] == "conflict":
+                continue
+            now = host_entry(sftp, s["path"])
+            checked += 1
+            if now is None:
+                mismatches.append({"path": s["path"], "problem": "missing on the host"})
+            elif s["kind"] == "symlink":
+                if now.get("symlink") != s["symlink"]:
+                    mismatches.append({"path": s["path"], "problem": f"links to {now.get('symlink')!r}, not {s['symlink']!r}"})
+            elif now["type"] != "file":
+                mismatches.append({"path": s["path"], "problem": f"is a {now['type']} on the host"})
+            else:
+                md5 = hashlib.md5(read_remote(sftp, s["path"], now["size"])).hexdigest()
+                if md5 != s["md5"]:
+                    mismatches.append({"path": s["path"], "problem": f"md5 {md5}, the backup has {s['md5']}"})
+                elif now["mode"] != s["mode"]:
+                    mismatches.append({"path": s["path"], "problem": f"mode {now['mode']:04o}, the backup has {s['mode']:04o}"})
+    get_run_logger().info("checked %d restored files on %s: %d mismatch(es)", checked, host, len(mismatches))
+    return {"checked": checked, "mismatches": mismatches}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -287,3 +288,153 @@ def test_conflicting_remote_change_fails_clearly_and_keeps_both(cfg_env: dict[st
     # the archive of that run is still stored and verified: the backup itself is not lost
     manifests = [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/") and k.endswith(".manifest.json")]
     assert len(manifests) == 2
+
+
+# -- restore --
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root``: type, mode, owner, and content or link target."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                out[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_uid, st.st_gid, Path(path).read_bytes())
+    return out
+
+
+def restore(**params: Any) -> Any:
+    from flows.config_restore import config_restore
+
+    return config_restore(**params, return_state=True)
+
+
+def artifact_markdown(env: dict[str, Any], state: Any) -> str:
+    from prefect.client.orchestration import get_client
+
+    run_id = str(state.state_details.flow_run_id)
+    with get_client(sync_client=True) as client:
+        r = client._client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 10})
+    return "\n".join(str(a["data"]) for a in r.json() if a["type"] == "markdown")
+
+
+SERVICES = """
+[configs.hosts.web1.services.nginx]
+paths = ["{root}/etc/nginx/"]
+validate_command = "grep -q '^worker_processes' {root}/etc/nginx/nginx.conf"
+reload_command = "touch {root}/nginx-reloaded"
+[configs.hosts.web1.services.coolify]
+paths = ["{root}/data/coolify/"]
+validate_command = "grep -q '^APP_KEY=' {root}/data/coolify/source/.env"
+"""
+
+
+def drift_host(root: Path) -> None:
+    """Changes on the host after the backup: an edit, a changed secret, a removed file, a new mode, a new file."""
+    (root / "etc/nginx/nginx.conf").write_text("worker_processes 4;\nevents {}\n")
+    env = root / "data/coolify/source/.env"
+    env.write_text(env.read_text().replace(DB_SECRET, "Drifted-Secret-5555"))
+    (root / "srv/apps/web/docker-compose.yml").unlink()
+    os.chmod(root / "etc/nginx/sites-available/luxima.conf", 0o600)
+    (root / "etc/nginx/conf.d").mkdir()
+    (root / "etc/nginx/conf.d/extra.conf").write_text("# added by hand\n")
+
+
+def test_dry_run_shows_a_redacted_diff_and_writes_nothing(cfg_env: dict[str, Any]) -> None:
+    backed_up()
+    root = cfg_env["root"]
+    drift_host(root)
+    before = snapshot(root)
+    state = restore(host="web1")
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["dry_run"] and result["counts"] == {"update": 2, "create": 1, "metadata": 1, "same": 3}
+    actions = {s["path"]: s["action"] for s in result["steps"]}
+    assert actions[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
+    assert actions[host_rel(cfg_env, "srv/apps/web/docker-compose.yml")] == "create"
+    assert actions[host_rel(cfg_env, "etc/nginx/sites-available/luxima.conf")] == "metadata"
+    assert snapshot(root) == before  # nothing written
+    md = artifact_markdown(cfg_env, state)
+    assert "DRY RUN" in md and "-worker_processes 4;" in md and "+worker_processes auto;" in md
+    assert "-DB_PASSWORD=luxima-redacted:hmac-sha256:" in md and "+DB_PASSWORD=luxima-redacted:hmac-sha256:" in md
+    assert DB_SECRET not in md and "Drifted-Secret-5555" not in md and APP_KEY not in md
+    rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
+    assert rows[-1]["component"] == "configs" and rows[-1]["status"] == "success" and rows[-1]["details"]["dry_run"]
+
+
+def test_apply_needs_confirm_restores_real_secrets_keeps_copies_validates_and_reloads(cfg_env: dict[str, Any]) -> None:
+    cfg_env["settings"](host_opts=SERVICES.format(root=cfg_env["root"]))
+    backed_up()
+    root = cfg_env["root"]
+    original = snapshot(root)
+    drift_host(root)
+    drifted = snapshot(root)
+    exc = error_of(restore(host="web1", dry_run=False, confirm="web2"))
+    assert "confirm = 'web1'" in str(exc) and snapshot(root) == drifted
+    state = restore(host="web1", dry_run=False, confirm="web1")
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["applied"] == 4 and result["md5_checked"] == 4
+    assert [c["service"] for c in result["validation"]] == ["coolify", "nginx"] and result["reloaded"] == ["nginx"]
+    assert (root / "nginx-reloaded").exists()
+    now = snapshot(root)
+    extra = "etc/nginx/conf.d/extra.conf"
+    assert now[extra] == drifted[extra]  # a restore never deletes what the backup does not have
+    del now[extra], now["etc/nginx/conf.d"], now["nginx-reloaded"]
+    assert now == original  # real secrets back, from the archive, with modes
+    assert f"DB_PASSWORD={DB_SECRET}" in (root / "data/coolify/source/.env").read_text()
+    assert not list(root.rglob(".*.luxima-restore-*"))
+    kept = Path(result["keep_dir"])
+    assert (kept / str(root).lstrip("/") / "etc/nginx/nginx.conf").read_text() == "worker_processes 4;\nevents {}\n"
+    assert "Drifted-Secret-5555" in (kept / str(root).lstrip("/") / "data/coolify/source/.env").read_text()
+    assert (kept / str(root).lstrip("/") / "data/coolify/source/.env").stat().st_mode & 0o777 == 0o600
+    rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
+    assert rows[-1]["status"] == "success" and rows[-1]["details"]["applied"] == 4
+
+
+def test_failing_validation_rolls_every_file_back(cfg_env: dict[str, Any]) -> None:
+    root = cfg_env["root"]
+    services = SERVICES.format(root=root).replace("grep -q '^APP_KEY=' ", "grep -q '^NOT_THERE=' ")
+    cfg_env["settings"](host_opts=services)
+    backed_up()
+    drift_host(root)
+    drifted = snapshot(root)
+    state = restore(host="web1", dry_run=False, confirm="web1")
+    exc = error_of(state)
+    assert "validation of coolify failed" in str(exc) and "every restored file was rolled back" in str(exc)
+    assert snapshot(root) == drifted  # byte for byte, modes too; the created compose file is gone again
+    assert not (root / "nginx-reloaded").exists()
+    assert not list(root.rglob(".*.luxima-restore-*"))
+    rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
+    assert rows[-1]["status"] == "failed" and "validation of coolify failed" in rows[-1]["error"]
+
+
+def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
+    root = cfg_env["root"]
+    first = backed_up()
+    (root / "etc/nginx/nginx.conf").write_text("worker_processes 8;\n")
+    (root / "data/coolify/source/.env").write_text("APP_KEY=second\n")
+    backed_up()
+    # by commit: the archive holding what the first commit recorded
+    plan = restore(host="web1", version=first["git"]["commit"][:10]).result()
+    assert plan["backup_id"] == first["hosts"]["web1"]["backup_id"]
+    assert {s["path"]: s["action"] for s in plan["steps"]}[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
+    # by date: today's newest
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert restore(host="web1", version=today).result()["counts"] == {"same": 7}
+    exc = error_of(restore(host="web1", version="2001-01-01"))
+    assert "no verified configs backup" in str(exc)
+    # one folder of the first backup only
+    state = restore(host="web1", version=first["hosts"]["web1"]["backup_id"], paths=[f"{root}/etc/nginx/"],
+                    dry_run=False, confirm="web1")
+    assert state.is_completed(), state.message
+    assert (root / "etc/nginx/nginx.conf").read_text() == "worker_processes auto;\nevents {}\n"
+    assert (root / "data/coolify/source/.env").read_text() == "APP_KEY=second\n"  # outside the paths: untouched
+    exc = error_of(restore(host="web1", paths=[f"{root}/nowhere/"]))
+    assert "none of" in str(exc)
