@@ -64,10 +64,8 @@ def _source(object_key: str | None, input_file: Path | None) -> Iterator[BinaryI
         except FileNotFoundError:
             raise ConfigError(f"{input_file} does not exist") from None
         return
-    from . import runtime
-
     assert object_key is not None
-    with runtime.store().load(object_key) as body:
+    with _store_of(object_key).load(object_key) as body:
         yield body
 
 
@@ -113,3 +111,13 @@ def decrypt_object(object_key: str | None, input_file: Path | None, output: str,
             out.write(block)
             written += len(block)
     return written
+
+
+def _store_of(object_key: str) -> Any:
+    """Config archives may live in their own storage ([configs.storage]); everything else in [storage]."""
+    from . import runtime  # imported when used: the break-glass path with --key-file needs no settings
+
+    settings = runtime.settings()
+    if settings.configs.storage is not None and object_key.startswith(f"{runtime.config_prefix(settings)}/configs/"):
+        return runtime.config_store(settings)
+    return runtime.store(settings)

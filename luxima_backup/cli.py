@@ -7,12 +7,12 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from .errors import BackupError, ConfigError
-from .settings import CONFIG_ENV, load_settings
+from .settings import CONFIG_ENV, Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Backup, restore and disaster recovery of the Luxima Core Platform.")
 backup_app = typer.Typer(no_args_is_help=True, help="Run a backup now.")
@@ -79,6 +79,52 @@ def backup_files(
 
         with tags("backup", "files"):
             summary = files_backup(sources=source or None, full=full, allow_shrink=allow_shrink)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@backup_app.command("configs")
+def backup_configs(
+    host: list[str] = typer.Option([], help="which [configs.hosts.NAME] (repeatable; default: all)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Back up service configs now: git commit & push (secrets redacted), encrypted archive (the config-backup flow)."""
+    _use_config(config)
+    try:
+        load_settings()
+        from prefect import tags
+
+        from flows.config_backup import config_backup
+
+        with tags("backup", "configs"):
+            summary = config_backup(hosts=host or None)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@restore_app.command("configs")
+def restore_configs(
+    host: str = typer.Argument(..., help="the [configs.hosts.NAME] to restore"),
+    version: str = typer.Option("latest", help="latest, a backup id, a config-repository commit, or a date (2026-11-22) / ISO time"),
+    path: list[str] = typer.Option([], help="restore only this absolute path or glob (repeatable; a folder restores what is under it)"),
+    apply: bool = typer.Option(False, "--apply", help="write the files (default: a dry run that shows the diff)"),
+    confirm: Optional[str] = typer.Option(None, help="with --apply: the host's name, repeated"),
+    no_reload: bool = typer.Option(False, "--no-reload", help="do not run the services' reload commands"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Restore a host's configs from an encrypted archive: a redacted diff, or (--apply) atomic writes, validation, rollback."""
+    _use_config(config)
+    try:
+        load_settings()
+        from prefect import tags
+
+        from flows.config_restore import config_restore
+
+        with tags("restore", "configs"):
+            summary = config_restore(host=host, version=version, paths=path or None, dry_run=not apply, confirm=confirm,
+                                     reload_services=not no_reload)
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -155,11 +201,12 @@ def list_cmd(
 ) -> None:
     """List backups from the manifests in storage alone (no database, no Prefect server)."""
     _use_config(config)
-    from . import catalog, runtime
+    from . import catalog
 
     try:
         settings = load_settings()
-        found = list(catalog.iter_backups(runtime.store(settings), settings.storage.prefix, component, source))
+        store, prefix = _catalog_of(settings, component)
+        found = list(catalog.iter_backups(store, prefix, component, source))
     except BackupError as exc:
         _fail(exc)
     backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
@@ -176,6 +223,15 @@ def list_cmd(
         typer.echo(f"warning: {err}", err=True)
 
 
+def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
+    """Where a component's manifests are: config archives may have their own storage ([configs.storage])."""
+    from . import runtime
+
+    if component == "configs":
+        return runtime.config_store(settings), runtime.config_prefix(settings)
+    return runtime.store(settings), settings.storage.prefix
+
+
 def _data(doc: dict) -> dict:  # type: ignore[type-arg]
     """The backup's main object: the dump (db) or the archive (files)."""
     return dict(doc.get("dump") or doc.get("archive") or {})
@@ -190,11 +246,12 @@ def show_cmd(
 ) -> None:
     """Print a backup's manifest (sizes, checksums, row counts, key id; no secrets)."""
     _use_config(config)
-    from . import catalog, runtime
+    from . import catalog
 
     try:
         settings = load_settings()
-        found = catalog.resolve(runtime.store(settings), settings.storage.prefix, component, backup, source=source)
+        store, prefix = _catalog_of(settings, component)
+        found = catalog.resolve(store, prefix, component, backup, source=source)
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.doc}, indent=2))

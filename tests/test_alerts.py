@@ -139,3 +139,24 @@ def test_failed_verification_alerts_with_its_detail(prefect_server: Any, receive
     assert "verification FAILED" in message["subject"]
     assert "rows in public.events" in message["body"] and "db-x-1" in message["body"]
     assert f"/runs/flow-run/{run.state_details.flow_run_id}" in message["body"]
+
+
+def test_config_drift_alerts_with_the_changed_paths(prefect_server: Any, receiver: Receiver,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect import flow
+
+    from luxima_backup import events
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    host = f"web{uuid.uuid4().hex[:6]}"
+
+    @flow(name="drift-probe")
+    def probe() -> None:  # the event as config-backup emits it for a host whose configs changed
+        events.config_drift(host, {"added": [], "changed": ["/etc/nginx/nginx.conf"], "removed": [], "metadata": []}, "c0ffee1")
+
+    probe()
+    message = receiver.wait_for(lambda m: host in m.get("subject", ""), timeout=60)
+    assert message is not None, f"no drift alert; received: {receiver.messages}"
+    assert "config drift" in message["subject"]
+    assert "/etc/nginx/nginx.conf" in message["body"] and "changed 1" in message["body"] and "c0ffee1" in message["body"]

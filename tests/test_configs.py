@@ -76,8 +76,9 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
     fp_key = tmp_path / "fingerprint.key"
     fp_key.write_text("a-fingerprint-key-of-32-bytes-xyz")
 
-    def settings(host_opts: str = "", extra: str = "") -> Path:
+    def settings(host_opts: str = "", extra: str = "", git_known: Path = known, fingerprint: bool = True) -> Path:
         r = root
+        fp_line = f'fingerprint_key = "file:{fp_key}"' if fingerprint else ""
         return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
             [hosts.web1]
             host = "127.0.0.1"
@@ -88,14 +89,14 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
             connect_timeout = 5
 
             [configs]
-            fingerprint_key = "file:{fp_key}"
+            {fp_line}
             attempts = 1
             restore_keep_dir = "{tmp_path / 'kept'}"
 
             [configs.git]
             remote = "ssh://{sshd.user}@127.0.0.1:{sshd.port}{remote}"
             key = "file:{sshd.client_key}"
-            known_hosts = "{known}"
+            known_hosts = "{git_known}"
 
             [configs.hosts.web1]
             paths = ["{r}/etc/nginx/", "{r}/data/coolify/source/.env", "{r}/srv/apps/*/docker-compose.yml", "{r}/etc/ssl/private/"]
@@ -438,3 +439,69 @@ def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
     assert (root / "data/coolify/source/.env").read_text() == "APP_KEY=second\n"  # outside the paths: untouched
     exc = error_of(restore(host="web1", paths=[f"{root}/nowhere/"]))
     assert "none of" in str(exc)
+
+
+# -- failures --
+
+def test_an_unreachable_host_fails_the_run_but_not_the_others(cfg_env: dict[str, Any]) -> None:
+    from luxima_backup.sandbox import free_port
+
+    web2 = f"""
+    [hosts.web2]
+    host = "127.0.0.1"
+    port = {free_port()}
+    user = "nobody"
+    key = "file:{cfg_env['sshd'].client_key}"
+    known_hosts = "{cfg_env['known']}"
+    connect_timeout = 2
+    [configs.hosts.web2]
+    paths = ["/etc/nginx/"]
+    """
+    cfg_env["settings"](extra=web2)
+    state = backup()
+    exc = error_of(state)
+    assert "web2" in str(exc) and "web1" not in str(exc).split("config backup failed:")[1].split("web2")[0]
+    tree = git("--git-dir", str(cfg_env["remote"]), "ls-tree", "--name-only", "main").split()
+    assert "web1" in tree and "web2" not in tree  # web1 committed and pushed all the same
+    rows = {r["target"]: r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"}
+    assert rows["web1"]["status"] == "success" and rows["web2"]["status"] == "failed"
+    assert [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/web2/")] == []
+
+
+def test_unknown_git_server_key_and_missing_fingerprint_key_are_clear_errors(cfg_env: dict[str, Any]) -> None:
+    other = cfg_env["tmp"] / "other_known_hosts"
+    other.write_text("[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx1eGltYS10ZXN0LW5vdC10aGUtcmVhbC1rZXk=\n")
+    cfg_env["settings"](git_known=other)
+    exc = error_of(backup())
+    assert "host key is unknown or CHANGED" in str(exc)
+    assert remote_log_or_empty(cfg_env["remote"]) == []  # nothing reached the remote
+    cfg_env["settings"](fingerprint=False)
+    exc = error_of(backup())
+    assert "configs.fingerprint_key is not set" in str(exc)
+
+
+def remote_log_or_empty(remote: Path) -> list[str]:
+    try:
+        return remote_log(remote)
+    except subprocess.CalledProcessError:
+        return []
+
+
+def test_cli_backs_up_lists_and_dry_runs_a_restore(cfg_env: dict[str, Any]) -> None:
+    import sys
+
+    cli = str(Path(sys.executable).parent / "luxima-backup")
+    env = {**os.environ}
+    done = subprocess.run([cli, "backup", "configs"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    backup_id = json.loads(done.stdout)["hosts"]["web1"]["backup_id"]
+    listed = subprocess.run([cli, "list", "--component", "configs"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and backup_id in listed.stdout
+    (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 9;\n")
+    done = subprocess.run([cli, "restore", "configs", "web1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(done.stdout)
+    assert plan["dry_run"] and plan["counts"]["update"] == 1
+    assert (cfg_env["root"] / "etc/nginx/nginx.conf").read_text() == "worker_processes 9;\n"
+    refused = subprocess.run([cli, "restore", "configs", "web1", "--apply"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "confirm = 'web1'" in refused.stderr

@@ -73,6 +73,10 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     assert set(files.tags) == {"backup", "files"} and files.global_concurrency_limit.limit == 1
     assert (files.schedules[0].schedule.cron, files.schedules[0].schedule.timezone) == ("0 4 * * *", "Asia/Jakarta")
     assert not _deployment("files-restore/files-restore").schedules
+    configs = _deployment("config-backup/config-backup")
+    assert set(configs.tags) == {"backup", "configs"} and configs.global_concurrency_limit.limit == 1
+    assert (configs.schedules[0].schedule.cron, configs.schedules[0].schedule.timezone) == ("0 2 * * 0", "Asia/Jakarta")
+    assert not _deployment("config-restore/config-restore").schedules
 
     # The bucket block registered from the settings works as storage on its own.
     from luxima_backup.secrets import SecretRef

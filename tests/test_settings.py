@@ -80,3 +80,28 @@ def test_example_file_sources_load() -> None:
     assert str(s.file_source("avatars").secret_access_key) == "env:SUPABASE_S3_SECRET_KEY"
     with pytest.raises(ConfigError, match="no file source named"):
         s.file_source("nope")
+
+
+def test_example_config_hosts_load() -> None:
+    s = load_settings(EXAMPLE, reload=True)
+    app1 = s.config_host("app1")
+    assert "/etc/nginx/" in app1.paths and app1.services["nginx"].validate_command == "nginx -t"
+    assert s.configs.retention_days == 90 and s.configs.git.over_ssh and s.configs.storage is None
+    assert s.config_repo == s.work_dir / "config-repo"
+    with pytest.raises(ConfigError, match="no config host named"):
+        s.config_host("nope")
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('[configs.hosts.app1', '[configs.hosts.app2', r"configs.hosts.app2 has no \[hosts.app2\]"),
+    ('  "/etc/nginx/",\n', '  "etc/nginx/",\n', r"configs.hosts.app1.paths must be absolute"),
+    ('known_hosts = "/etc/luxima-backup/git_known_hosts"', '', r"configs.git.known_hosts is needed for an SSH remote"),
+    ('paths = ["/etc/nginx/"]\nvalidate', 'paths = ["/etc/../nginx/"]\nvalidate', r"services paths must be absolute"),
+    ('drift_alert = true', 'drift_alert = true\nfingerprint = "x"', r"configs.fingerprint\b.*Extra inputs"),
+])
+def test_config_hosts_are_checked_at_load(tmp_path: Path, old: str, new: str, message: str) -> None:
+    text = EXAMPLE.read_text()
+    assert old in text
+    (tmp_path / "c.toml").write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(tmp_path / "c.toml", reload=True)
