@@ -6,7 +6,8 @@ everything (bucket block, work pool, deployments, alert automations posting to a
 receiver that writes them to ``alerts.log``), starts a process worker, runs the database
 backup deployment and then a restore into a scratch database with verification, then the
 files backup of a sample user-files tree served over SSH (its own sshd) and its md5-checked
-restore into a folder, prints a
+restore into a folder, then the config backup of a sample app server's configs (pushed to a
+bare git repository over SSH, secrets redacted) and a config restore dry run, prints a
 summary and where to look in the UI, and stays up until Ctrl-C or `luxima-backup demo --stop`;
 then stops everything it started and removes what it created.
 """
@@ -36,7 +37,7 @@ STATE_FILE = "demo.json"
 
 
 def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path, sshd: SshServer,
-                   known_hosts: Path, user_files: Path) -> None:
+                   known_hosts: Path, user_files: Path, configs: Path, config_remote: Path, fingerprint_key: Path) -> None:
     path.write_text(f"""# Written by `luxima-backup demo`: local servers, a development key file.
 work_dir = "{work}"
 
@@ -74,6 +75,30 @@ known_hosts = "{known_hosts}"
 kind = "ssh"
 host = "storage1"
 path = "{user_files}"
+
+[hosts.app1]                               # the application server (here: the same sshd), for its configs
+host = "127.0.0.1"
+port = {sshd.port}
+user = "{sshd.user}"
+key = "file:{sshd.client_key}"
+known_hosts = "{known_hosts}"
+
+[configs]
+fingerprint_key = "file:{fingerprint_key}"
+restore_keep_dir = "{work}/config-restore-kept"
+
+[configs.git]                              # a bare repository reached over SSH, as a git server would be
+remote = "ssh://{sshd.user}@127.0.0.1:{sshd.port}{config_remote}"
+key = "file:{sshd.client_key}"
+known_hosts = "{known_hosts}"
+
+[configs.hosts.app1]
+paths = ["{configs}/etc/nginx/", "{configs}/data/coolify/source/.env", "{configs}/data/coolify/services/*/docker-compose.yml",
+         "{configs}/etc/ssl/private/"]
+
+[configs.hosts.app1.services.nginx]        # no nginx here: a stand-in check of the main config
+paths = ["{configs}/etc/nginx/"]
+validate_command = "grep -q '^worker_processes' {configs}/etc/nginx/nginx.conf"
 
 [restore.app_check]
 user = "luxima_app"
@@ -158,6 +183,15 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         user_files = workdir / "user-files"
         file_counts = sample.populate_files(user_files, scale)
         print(f"demo: sample user files ready in {user_files}: {file_counts}", flush=True)
+        configs = workdir / "app1"
+        config_counts = sample.populate_configs(configs)
+        config_remote = workdir / "config-repo.git"
+        subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(config_remote)], check=True)
+        fingerprint_key = workdir / "config-fingerprint.key"
+        fingerprint_key.write_text(secrets.token_urlsafe(32) + "\n")
+        fingerprint_key.chmod(0o600)
+        print(f"demo: sample app server configs ready in {configs}: {config_counts}; config git remote {config_remote}",
+              flush=True)
         alerts = AlertLog(workdir / "alerts.log")
         cleanup.append(alerts.stop)
         os.environ.update(prefect.env())
@@ -175,7 +209,8 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         key_file.chmod(0o600)
         settings_path = workdir / "luxima-backup.toml"
         os.environ["LUXIMA_DEMO_ALERT_URL"] = alerts.url
-        write_settings(settings_path, pg, s3, key_file, workdir / "work", sshd, known_hosts, user_files)
+        write_settings(settings_path, pg, s3, key_file, workdir / "work", sshd, known_hosts, user_files, configs,
+                       config_remote, fingerprint_key)
         os.environ["LUXIMA_BACKUP_CONFIG"] = str(settings_path)
         (workdir / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "ui": prefect.api_url[:-4]}))
 
@@ -201,17 +236,31 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         files_restore = _run_deployment("files-restore/files-restore", {"destination": str(restored_files)})
         print(f"demo: files restore verified: {files_restore['files']} files in {restored_files}, "
               f"md5 of {files_restore['md5_checked']} checked", flush=True)
+        cfg = _run_deployment("config-backup/config-backup", {})
+        app1 = cfg["hosts"]["app1"]
+        print(f"demo: config backup complete: {app1['backup_id']}: {app1['totals']['files']} files, "
+              f"{app1['totals']['redactions']} secret values redacted in git; commit {cfg['git']['commit'][:12]} pushed to "
+              f"{config_remote}", flush=True)
+        nginx_conf = configs / "etc/nginx/nginx.conf"
+        nginx_conf.write_text(nginx_conf.read_text().replace("worker_connections 1024", "worker_connections 4096"))
+        cfg_plan = _run_deployment("config-restore/config-restore", {"host": "app1"})
+        print(f"demo: config restore dry run (after editing nginx.conf on the host): {cfg_plan['counts']}; "
+              "the diff is in the run's artifact", flush=True)
         ui = prefect.api_url[:-4]
         print(f"""demo: summary
   Prefect UI         {ui}  (Runs: the flow runs and their tasks; Artifacts: backup and restore reports;
-                     Deployments: db-backup daily 03:00 and files-backup daily 04:00 Asia/Jakarta, restores by hand;
+                     Deployments: db-backup daily 03:00, files-backup daily 04:00, config-backup Sundays
+                     02:00 Asia/Jakarta, restores by hand;
                      Automations: alerts)
   settings           {settings_path}
   alerts ("chat")    {workdir / 'alerts.log'}
   backup             {json.dumps({k: backup[k] for k in ('backup_id', 'object_key', 'row_counts')})}
   restore            {json.dumps({k: restore[k] for k in ('database', 'checks_passed', 'rto_seconds')})}
   files backup       {json.dumps({k: files[k] for k in ('backup_id', 'object_key', 'totals')})}
-  files restore      {json.dumps({k: files_restore[k] for k in ('destination', 'files', 'md5_checked', 'rto_seconds')})}""", flush=True)
+  files restore      {json.dumps({k: files_restore[k] for k in ('destination', 'files', 'md5_checked', 'rto_seconds')})}
+  config backup      {json.dumps({'backup_id': app1['backup_id'], 'commit': cfg['git']['commit'], 'totals': app1['totals']})}
+  config repository  git --git-dir {config_remote} log -p   (secrets are luxima-redacted:hmac-sha256 fingerprints)
+  config restore     dry run: {json.dumps(cfg_plan['counts'])}""", flush=True)
         if wait:
             print("demo: running; press Ctrl-C (or run `./run demo --stop`) to stop everything and clean up", flush=True)
             _wait_for_stop()

@@ -129,3 +129,37 @@ def populate_files(root: Any, scale: float = 1.0, seed: int = 7) -> dict[str, in
         total += len(data)
     os.symlink("avatars", root / "current-avatars")
     return {"files": count, "bytes": total}
+
+
+def populate_configs(root: Any) -> dict[str, int]:
+    """A sample application server's configs under ``root``: Nginx (a site enabled by a link), Coolify's
+    ``.env`` with generated secrets, the Compose files of two services, and a TLS private key."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    root = Path(root)
+    files = {
+        "etc/nginx/nginx.conf": "user www-data;\nworker_processes auto;\nevents { worker_connections 1024; }\n"
+                                "http {\n  include /etc/nginx/conf.d/*.conf;\n  include /etc/nginx/sites-enabled/*;\n}\n",
+        "etc/nginx/sites-available/luxima.conf": "server {\n  listen 443 ssl;\n  server_name luxima.example;\n"
+                                                 "  ssl_certificate_key /etc/ssl/private/luxima.key;\n"
+                                                 "  location /api/ { proxy_pass http://127.0.0.1:8000; }\n}\n",
+        "data/coolify/source/.env": f"APP_ID=luxima\nAPP_KEY=base64:{secrets.token_urlsafe(32)}\n"
+                                    f"DB_USERNAME=coolify\nDB_PASSWORD={secrets.token_urlsafe(18)}\n"
+                                    f"REDIS_PASSWORD={secrets.token_urlsafe(18)}\nPUSHER_APP_SECRET={secrets.token_hex(16)}\n",
+        "data/coolify/services/api/docker-compose.yml": "services:\n  api:\n    image: luxima/api:1.4\n    environment:\n"
+                                                        f"      - DATABASE_URL=postgres://api:{secrets.token_urlsafe(12)}@db:5432/luxima\n"
+                                                        "      - LOG_LEVEL=info\n",
+        "data/coolify/services/web/docker-compose.yml": "services:\n  web:\n    image: luxima/web:2.0\n    ports: ['3000:3000']\n",
+        "etc/ssl/private/luxima.key": "-----BEGIN PRIVATE KEY-----\n" + secrets.token_urlsafe(48) + "\n-----END PRIVATE KEY-----\n",
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for rel in ("data/coolify/source/.env", "etc/ssl/private/luxima.key"):
+        os.chmod(root / rel, 0o600)
+    (root / "etc/nginx/sites-enabled").mkdir(parents=True, exist_ok=True)
+    os.symlink("../sites-available/luxima.conf", root / "etc/nginx/sites-enabled/luxima.conf")
+    return {"files": len(files), "symlinks": 1}

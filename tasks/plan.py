@@ -154,4 +154,4 @@ def diff(host: str, spool: str, codec: str, paths: list[str] | None) -> dict[str
     for s in steps:
         counts[s.action] = counts.get(s.action, 0) + 1
     get_run_logger().info("restore plan for %s: %s", host, ", ".join(f"{n} {a}" for a, n in sorted(counts.items())))
-    return {"steps": [asdict(s) for s in steps], "counts": counts}
+    return {"steps": [asdict(s) for s in steps], "counts": dict(sorted(counts.items()))}
