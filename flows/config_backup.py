@@ -243,7 +243,14 @@ def _publish(names: list[str], results: dict[str, Any], failures: dict[str, Base
              drift: dict[str, Any], seconds: float) -> None:
     """The run's artifact: per host what was archived and what changed since the last backup."""
     push = git.get("push", {})
-    commit_line = (f"Commit `{git['commit'][:12]}`" if git.get("commit") else "No commit (nothing changed)") if "commit" in git else "No commit"
+    if git.get("commit"):
+        commit_line = f"Commit `{git['commit'][:12]}`"
+    elif git.get("error"):
+        commit_line = "NO COMMIT: the commit failed"
+    elif "commit" in git:
+        commit_line = "No commit (nothing changed)"
+    else:
+        commit_line = "No commit (no host came through)"
     push_line = ("pushed" if push.get("pushed") else f"NOT pushed: {push['error']}" if push.get("error")
                  else "nothing to push" if push else "not pushed")
     lines = [f"## Config backup of {len(names)} host(s) in {seconds:.1f}s", "",

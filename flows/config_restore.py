@@ -149,25 +149,31 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
 
 
 def _apply(host: str, spool: str, codec: str, todo: list[dict[str, Any]], stamp: str, reload_services: bool) -> dict[str, Any]:
-    """Write, validate (rolling everything back when validation fails), read back, reload."""
+    """Write, validate and read back, rolling every file back when any of that fails; then reload."""
     logger = get_run_logger()
-    done = apply(host, spool, codec, todo, stamp)
+    done = apply(host, spool, codec, todo, stamp)  # undoes its own writes when one fails
     written = [x["path"] for x in done["applied"]]
-    checks = validate(host, written)
-    failed = [c for c in checks if c["exit"] != 0]
-    if failed:
-        problems = rollback_host(host, done["applied"], stamp)
-        c = failed[0]
-        detail = (f"validation of {c['service']} failed on {host} (`{c['command']}` exit {c['exit']}): {c['output'][-800:]}; "
-                  + ("every restored file was rolled back" if not problems else f"rollback FAILED for: {'; '.join(problems)}"))
-        events.verification_failed("restore", "configs", host, detail)
-        raise VerificationError(detail, hint=f"the files the restore replaced are also kept under {done['keep_dir']}")
-    verified = verify_configs_restored(host, todo)
-    if verified["mismatches"]:
-        detail = f"{len(verified['mismatches'])} restored file(s) on {host} differ from the backup: " + "; ".join(
-            f"{m['path']}: {m['problem']}" for m in verified["mismatches"][:10])
-        events.verification_failed("restore", "configs", host, detail)
-        raise VerificationError(detail, hint=f"the files the restore replaced are kept under {done['keep_dir']}")
+    try:
+        checks = validate(host, written)
+        failed = [c for c in checks if c["exit"] != 0]
+        if failed:
+            c = failed[0]
+            raise VerificationError(f"validation of {c['service']} failed on {host} (`{c['command']}` exit {c['exit']}): "
+                                    f"{c['output'][-800:]}")
+        verified = verify_configs_restored(host, todo)
+        if verified["mismatches"]:
+            raise VerificationError(f"{len(verified['mismatches'])} restored file(s) on {host} differ from the backup: "
+                                    + "; ".join(f"{m['path']}: {m['problem']}" for m in verified["mismatches"][:10]))
+    except BaseException as exc:
+        state = rollback_host(host, done["applied"], stamp, return_state=True)
+        if state.is_completed():
+            problems = state.result()
+        else:
+            problems = [f"the rollback could not run: {state.result(raise_on_failure=False)}"]
+        detail = (f"{exc}; " + ("every restored file was rolled back" if not problems
+                                else f"rollback FAILED for: {'; '.join(problems)}"))
+        events.verification_failed("restore", "configs", host, redact(detail))
+        raise VerificationError(detail, hint=f"the files the restore replaced are also kept under {done['keep_dir']}") from exc
     reloaded = reload(host, written) if reload_services else []
     bad = [r for r in reloaded if r["exit"] != 0]
     if bad:
@@ -176,8 +182,12 @@ def _apply(host: str, spool: str, codec: str, todo: list[dict[str, Any]], stamp:
                           hint="the files stay restored; fix the service and reload it by hand")
     logger.info("restored %d change(s) on %s; validated by %s; md5 of %d files checked", len(written), host,
                 ", ".join(c["service"] for c in checks) or "nothing (no command configured)", verified["checked"])
-    return {"applied": len(written), "keep_dir": done["keep_dir"], "validation": checks, "md5_checked": verified["checked"],
-            "reloaded": [r["service"] for r in reloaded]}
+    return {"applied": len(written), "keep_dir": done["keep_dir"], "validation": [_no_output(c) for c in checks],
+            "md5_checked": verified["checked"], "reloaded": [r["service"] for r in reloaded]}
+
+
+def _no_output(check: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in check.items() if k != "output"}
 
 
 def _brief(step: dict[str, Any]) -> dict[str, Any]:

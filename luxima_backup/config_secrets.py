@@ -38,8 +38,9 @@ What is replaced, on bytes (files need not be UTF-8; nothing here decodes them):
     ``proxy_set_header``/``add_header``/``fastcgi_param``/``set`` with a secret header or
     variable name. Quotes and syntax stay; only the value changes.
   * matches of the operator's own patterns (group 1, or the whole match without a group).
-Binary data (a NUL byte) that is not a secret file is returned unchanged: there is no text
-syntax to find a value in. Positional secrets (``redis-cli -a pw``, ``["--requirepass", "x"]``)
+Binary data (a NUL byte: a database, a keytab, a keystore under another name, UTF-16 text) is
+replaced whole, like a secret file (kind ``binary``): there is no text syntax to find a value
+in, so the only safe choice is to keep it out of git; the archive has it. Positional secrets (``redis-cli -a pw``, ``["--requirepass", "x"]``)
 are not found by name: cover them with patterns.
 
 Secret names (case-insensitive; camelCase and ``-``/``.`` separators count as word breaks):
@@ -369,8 +370,10 @@ def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list
         if not data or _PLACEHOLDER_RE.match(data):
             return data, []
         return whole_file_placeholder(data, key), [Finding(path, 0, "whole-file", glob)]
-    if b"\0" in data:
-        return data, []
+    if b"\0" in data:  # fail closed: no syntax to find secrets in, so none of it goes to git
+        if _PLACEHOLDER_RE.match(data):
+            return data, []
+        return whole_file_placeholder(data, key), [Finding(path, 0, "binary", "binary data")]
     # A fingerprint can change what the text around it looks like to another rule (a name
     # glued to a replaced value, a ${ whose } was inside a key): scrub again until nothing is
     # found, so that the result is a fixed point and scrubbing it again finds nothing. Each pass

@@ -178,7 +178,7 @@ class Repo:
 
     def staged_changes(self, host: str, meta_name: str) -> HostChanges:
         """``git add`` the host folder and say what changed in it since the last commit."""
-        self.git("add", "--all", "--", host)
+        self.git("add", "--all", "--force", "--", host)  # a .gitignore fetched from the host must not hide its files
         base = "HEAD" if self.head() else self._empty_tree()  # the first commit: everything is added
         fields = self.git("diff", "--cached", "--name-status", "-z", "--no-renames", base, "--", host).stdout.split("\0")
         out = HostChanges(host)

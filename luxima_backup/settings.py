@@ -303,10 +303,31 @@ class ConfigGit(_Section):
     push_attempts: int = Field(3, ge=1, le=10, description="pushes tried, each after rebasing on what someone else pushed")
     connect_timeout: int = Field(15, ge=1, le=600)
 
+    @model_validator(mode="after")
+    def _remote(self) -> "ConfigGit":
+        import re as _re
+
+        r = self.remote
+        if not r:
+            return self
+        scheme = _re.match(r"^([a-z][a-z0-9+.-]*)://", r)
+        if scheme and scheme.group(1) not in _SSH_SCHEMES + ("https", "file"):
+            raise ValueError(f"configs.git.remote: the {scheme.group(1)}:// transport is not supported; use ssh://, "
+                             "user@host:path, https:// or a local path")
+        if scheme and scheme.group(1) in ("https", "file") and "@" in r.split("/", 3)[2]:
+            raise ValueError("configs.git.remote must not hold a user, password or token: use an SSH remote and configs.git.key")
+        return self
+
     @property
     def over_ssh(self) -> bool:
         r = self.remote or ""
-        return r.startswith("ssh://") or ("://" not in r and ":" in r.split("/", 1)[0])
+        scheme = r.split("://", 1)[0] if "://" in r else None
+        if scheme is not None:
+            return scheme in _SSH_SCHEMES
+        return not r.startswith(("/", ".")) and ":" in r.split("/", 1)[0]  # scp-like user@host:path
+
+
+_SSH_SCHEMES = ("ssh", "git+ssh", "ssh+git")
 
 
 class ConfigSecretRules(_Section):

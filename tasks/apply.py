@@ -18,13 +18,13 @@ import paramiko
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import runtime, ssh
+from luxima_backup import config_secrets, runtime, ssh
 from luxima_backup.config_archive import Member
 from luxima_backup.errors import BackupError
 from luxima_backup.secrets import redact
 from luxima_backup.settings import Settings
 from luxima_backup.ssh import SshError
-from tasks.fetch import matches, read_remote
+from tasks.fetch import fingerprint_key, matches, read_remote, secret_rules
 from tasks.plan import archive_members
 
 OUTPUT_CHARS = 2000  # of a command's output kept for the artifact and the error
@@ -66,6 +66,7 @@ def write_atomic(sftp: paramiko.SFTPClient, path: str, data: bytes | None, symli
         else:
             assert data is not None
             with sftp.open(tmp, "wbx") as f:  # x: never through something already there
+                f.chmod(0o600)  # private before any byte of a secret is in it; the real mode comes after
                 f.write(data)
             sftp.chmod(tmp, mode)
             _set_owner(sftp, tmp, uid, gid)
@@ -73,13 +74,14 @@ def write_atomic(sftp: paramiko.SFTPClient, path: str, data: bytes | None, symli
     except BaseException:
         try:
             sftp.remove(tmp)
-        except OSError:
+        except Exception:  # the connection may be gone; rollback sweeps temporary names again
             pass
         raise
 
 
-def _mkdirs(sftp: paramiko.SFTPClient, folder: str, mode: int = 0o755) -> list[str]:
-    """Create ``folder`` and missing parents; returns those created, outermost first."""
+def _mkdirs(sftp: paramiko.SFTPClient, folder: str, mode: int = 0o755, created: list[str] | None = None) -> list[str]:
+    """Create ``folder`` and missing parents, outermost first, each appended to ``created`` as soon as it exists."""
+    created = [] if created is None else created
     missing: list[str] = []
     while folder not in ("/", ""):
         try:
@@ -90,7 +92,8 @@ def _mkdirs(sftp: paramiko.SFTPClient, folder: str, mode: int = 0o755) -> list[s
             folder = posixpath.dirname(folder)
     for d in reversed(missing):
         sftp.mkdir(d, mode)
-    return list(reversed(missing))
+        created.append(d)
+    return created
 
 
 def keep_copy(sftp: paramiko.SFTPClient, path: str, before: dict[str, Any], keep_root: str, stamp: str) -> str:
@@ -121,9 +124,9 @@ def apply_members(sftp: paramiko.SFTPClient, members: Iterator[Member], steps: d
         record = Applied(m.path, step["action"], before)
         if before is not None:
             record.kept = keep_copy(sftp, m.path, before, keep_root, stamp)
-        else:
-            record.created_dirs = _mkdirs(sftp, posixpath.dirname(m.path))
-        applied.append(record)
+        applied.append(record)  # before the write: a rollback also sweeps its temporary name
+        if before is None:
+            _mkdirs(sftp, posixpath.dirname(m.path), created=record.created_dirs)
         write_atomic(sftp, m.path, m.data, m.symlink, m.mode, m.uid, m.gid, stamp)
 
 
@@ -131,6 +134,10 @@ def rollback(sftp: paramiko.SFTPClient, applied: list[Applied], stamp: str) -> l
     """Undo ``applied``, newest first; returns what could not be undone (empty when all was)."""
     problems: list[str] = []
     for a in reversed(applied):
+        try:
+            sftp.remove(_tmp_name(a.path, stamp))  # left by a write cut short
+        except Exception:
+            pass
         try:
             b = a.before
             if a.action == "metadata":
@@ -141,7 +148,7 @@ def rollback(sftp: paramiko.SFTPClient, applied: list[Applied], stamp: str) -> l
                 try:
                     sftp.remove(a.path)
                 except FileNotFoundError:
-                    pass
+                    pass  # the write never happened
                 for d in reversed(a.created_dirs):
                     sftp.rmdir(d)
             else:
@@ -156,12 +163,20 @@ def rollback(sftp: paramiko.SFTPClient, applied: list[Applied], stamp: str) -> l
     return problems
 
 
-def run_commands(client: paramiko.SSHClient, commands: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Run (service, command) pairs on the host in order; stops at the first failure."""
+def run_commands(client: paramiko.SSHClient, commands: list[tuple[str, str]], key: bytes,
+                 rules: config_secrets.Rules) -> list[dict[str, Any]]:
+    """Run (service, command) pairs on the host in order; stops at the first failure.
+
+    The output of a command that succeeded is dropped; a failure's last lines are kept, scrubbed
+    like the git copy (``docker compose config`` prints interpolated passwords), for the error.
+    """
     results = []
     for service, command in commands:
         status, out, err = ssh.run(client, command, timeout=600)
-        text = redact((out + err).decode(errors="replace").strip())
+        text = ""
+        if status != 0:
+            tail = (out + err)[-OUTPUT_CHARS * 2:]
+            text = redact(config_secrets.scrub("command-output", tail, key, rules)[0].decode(errors="replace").strip())
         results.append({"service": service, "command": command, "exit": status, "output": text[-OUTPUT_CHARS:]})
         if status != 0:
             break
@@ -191,18 +206,24 @@ def apply(host: str, spool: str, codec: str, steps: list[dict[str, Any]], stamp:
     applied: list[Applied] = []
     by_path = {s["path"]: s for s in steps}
     index: dict[str, Any] = {}
-    with _connect(settings, host) as client, client.open_sftp() as sftp:
-        try:
-            with archive_members(spool, codec, runtime.key_provider(settings).unwrap, index) as members:
-                apply_members(sftp, members, by_path, keep_root, stamp, applied)
-        except BaseException as exc:
-            problems = rollback(sftp, applied, stamp)
-            raise BackupError(
-                f"writing the configs of {host} failed after {len(applied)} change(s) ({exc}); "
-                + ("every change was rolled back" if not problems else f"rollback FAILED for: {'; '.join(problems)}"),
-                hint=f"the replaced files are kept on the host under {keep_root}",
-                transient=False,
-            ) from exc
+    try:
+        with _connect(settings, host) as client, client.open_sftp() as sftp, \
+                archive_members(spool, codec, runtime.key_provider(settings).unwrap, index) as members:
+            apply_members(sftp, members, by_path, keep_root, stamp, applied)
+    except BaseException as exc:
+        problems: list[str] = []
+        if applied:
+            try:  # on a new connection: the failure may have been the connection itself
+                with _connect(settings, host) as client, client.open_sftp() as sftp:
+                    problems = rollback(sftp, applied, stamp)
+            except Exception as again:
+                problems = [f"could not reconnect to roll back: {again}"]
+        raise BackupError(
+            f"writing the configs of {host} failed after {len(applied)} change(s) ({exc}); "
+            + ("every change was rolled back" if not problems else f"rollback FAILED for: {'; '.join(problems)}"),
+            hint=f"the replaced files are kept on the host under {keep_root}",
+            transient=False,
+        ) from exc
     get_run_logger().info("applied %d change(s) on %s; replaced files kept under %s", len(applied), host, keep_root)
     return {"applied": [asdict(a) for a in applied], "keep_dir": keep_root}
 
@@ -216,10 +237,10 @@ def validate(host: str, written: list[str]) -> list[dict[str, Any]]:
         get_run_logger().warning("no validation command configured for what was restored on %s", host)
         return []
     with _connect(settings, host) as client:
-        return run_commands(client, commands)
+        return run_commands(client, commands, fingerprint_key(settings), secret_rules(settings))
 
 
-@task(name="rollback", cache_policy=NO_CACHE)
+@task(name="rollback", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
 def rollback_host(host: str, applied: list[dict[str, Any]], stamp: str) -> list[str]:
     """Put back every file the restore replaced, remove every file it created."""
     settings = runtime.settings()
@@ -238,4 +259,4 @@ def reload(host: str, written: list[str]) -> list[dict[str, Any]]:
     if not commands:
         return []
     with _connect(settings, host) as client:
-        return run_commands(client, commands)
+        return run_commands(client, commands, fingerprint_key(settings), secret_rules(settings))

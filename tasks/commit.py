@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
-from luxima_backup.errors import GitError
+from luxima_backup.errors import BackupError, GitError
 from luxima_backup.gitrepo import HostChanges, Repo
 from luxima_backup.settings import Settings
 from luxima_backup.ssh import private_key_file
@@ -50,13 +50,23 @@ files out of this repository.
 
 @contextlib.contextmanager
 def open_repo(settings: Settings) -> Iterator[Repo]:
-    """The working copy, with the remote's SSH key in a private file for as long as git needs it."""
+    """The working copy, held by this run alone, with the remote's SSH key in a private file while git needs it."""
+    import fcntl
+
     cfg = settings.configs.git
-    if cfg.over_ssh and cfg.key is not None:
-        with private_key_file(runtime.secret(cfg.key, settings), settings.work_dir) as key_file:
-            yield Repo(settings.config_repo, cfg, key_file)
-    else:
-        yield Repo(settings.config_repo, cfg)
+    path = settings.config_repo
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupError(f"another run is using the config working copy {path}",
+                              hint="wait for it to finish (config backups are limited to one at a time)") from None
+        if cfg.over_ssh and cfg.key is not None:
+            with private_key_file(runtime.secret(cfg.key, settings), settings.work_dir) as key_file:
+                yield Repo(path, cfg, key_file)
+        else:
+            yield Repo(path, cfg)
 
 
 def metadata_changes(old_meta: bytes | None, new_meta: Path, changes: HostChanges) -> list[str]:
@@ -108,7 +118,9 @@ def commit_hosts(repo: Repo, staged: dict[str, str], when: datetime) -> dict[str
     try:
         repo.catch_up()
     except GitError as exc:
-        if not exc.transient:
+        # A first commit made without the remote's history would start an unrelated one that
+        # can never be rebased onto it: with no local history yet, wait for the remote.
+        if not exc.transient or repo.head() is None:
             raise
         logger.warning("the config git remote cannot be reached (%s); committing locally, a later run pushes", exc)
     readme = repo.path / "README.md"

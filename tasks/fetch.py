@@ -139,6 +139,9 @@ def _walk(sftp: paramiko.SFTPClient, path: str, exclude: list[str], max_file_byt
             children = sorted(sftp.listdir_attr(path), key=lambda a: a.filename)
         except PermissionError as exc:
             raise _denied(path) from exc
+        except UnicodeDecodeError:
+            raise SshError(f"a file name in {path} on the host is not UTF-8",
+                           hint="rename it, or add the folder (or the file) to the host's exclude") from None
         for child in children:
             yield from _walk(sftp, posixpath.join(path, child.filename), exclude, max_file_bytes, out)
         return
@@ -185,6 +188,12 @@ def write_scrubbed(stage_dir: Path, f: RemoteFile, key: bytes, rules: config_sec
     """Write the git copy of one file under ``stage_dir``; returns what was redacted (never values)."""
     local = stage_dir / f.path.lstrip("/")
     local.parent.mkdir(parents=True, exist_ok=True)
+    # Overlapping paths can reach a file through a folder already fetched as a symlink
+    # (/srv/app and /srv/app/current/app.yml, current -> releases/7): writing it would follow the link.
+    if os.path.realpath(local.parent) != os.path.join(os.path.realpath(stage_dir), f.path.lstrip("/").rpartition("/")[0]).rstrip("/") \
+            or os.path.lexists(local):
+        raise ConfigError(f"{f.path} is reached twice or through a symlink that is itself backed up",
+                          hint="make the configured paths of this host not overlap through symlinks")
     if f.data is None:
         os.symlink(f.meta["symlink"], local)
         return []

@@ -115,8 +115,9 @@ def plan_member(sftp: paramiko.SFTPClient, m: Member, key: bytes, rules: config_
         step.action, step.note = "update", f"a file (host: a link to {now['symlink']!r})"
     else:
         assert m.data is not None
-        if now["size"] > max_bytes:
-            step.action, step.note = "update", f"the host's file is {now['size']} bytes; not compared"
+        if now["size"] > max_bytes:  # a restore keeps a copy of what it replaces, in memory on the way
+            step.action = "conflict"
+            step.note = f"the host's file is {now['size']} bytes, over configs.max_file_bytes; move it aside first"
         else:
             current = read_remote(sftp, m.path, now["size"])
             if current != m.data:

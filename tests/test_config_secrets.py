@@ -16,6 +16,7 @@ from luxima_backup.config_secrets import (
     Finding,
     Rules,
     fingerprint,
+    whole_file_placeholder,
     is_secret_name,
     scrub,
 )
@@ -279,9 +280,14 @@ def test_default_whole_secret_files(path: str, glob: str) -> None:
     assert scrub(path, b"", KEY, RULES) == (b"", [])  # nothing to hide in an empty file
 
 
-def test_binary_data_is_unchanged() -> None:
+def test_binary_data_is_kept_out_whole() -> None:
     data = b"SQLite format 3\x00\x10\x00\x01\x01" + b"DB_PASSWORD=inside-a-database\n" + bytes(range(256))
-    assert scrub("coolify/database.sqlite", data, KEY, RULES) == (data, [])
+    out, findings = scrub("coolify/database.sqlite", data, KEY, RULES)
+    assert b"inside-a-database" not in out and out == whole_file_placeholder(data, KEY)
+    assert findings == [Finding("coolify/database.sqlite", 0, "binary", "binary data")]
+    assert scrub("coolify/database.sqlite", out, KEY, RULES) == (out, [])  # idempotent
+    utf16 = "DB_PASSWORD=utf16-secret\n".encode("utf-16")
+    assert b"u\x00t\x00f\x001\x006" not in scrub("app/.env", utf16, KEY, RULES)[0]
 
 
 def test_text_that_is_not_utf8() -> None:

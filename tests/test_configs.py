@@ -51,6 +51,8 @@ def make_host(root: Path) -> None:
         (root / f"srv/apps/{app}").mkdir(parents=True)
         (root / f"srv/apps/{app}/docker-compose.yml").write_text(
             f"services:\n  {app}:\n    image: luxima/{app}:1\n    environment:\n      - POSTGRES_PASSWORD={DB_SECRET}\n")
+    (root / "data/coolify/source/.gitignore").write_text(".env\n")  # an app checkout's: must not hide .env from git
+    (root / "etc/nginx/GeoIP.dat").write_bytes(b"GEO\x00\x01" + DB_SECRET.encode() + b"\x00" * 20)  # binary
     (root / "etc/ssl/private").mkdir(parents=True)
     (root / "etc/ssl/private/luxima.key").write_text(PRIVATE_KEY)
     os.chmod(root / "etc/ssl/private/luxima.key", 0o600)
@@ -99,7 +101,8 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
             known_hosts = "{git_known}"
 
             [configs.hosts.web1]
-            paths = ["{r}/etc/nginx/", "{r}/data/coolify/source/.env", "{r}/srv/apps/*/docker-compose.yml", "{r}/etc/ssl/private/"]
+            paths = ["{r}/etc/nginx/", "{r}/data/coolify/source/.env", "{r}/data/coolify/source/.gitignore",
+             "{r}/srv/apps/*/docker-compose.yml", "{r}/etc/ssl/private/"]
             exclude = ["*.log"]
             """) + textwrap.dedent(host_opts) + textwrap.dedent(extra))
 
@@ -148,7 +151,7 @@ def host_rel(env: dict[str, Any], path: str) -> str:
 def test_first_backup_commits_everything_pushes_and_archives(cfg_env: dict[str, Any]) -> None:
     result = backed_up()
     web1 = result["hosts"]["web1"]
-    assert web1["totals"]["files"] == 6 and web1["totals"]["symlinks"] == 1
+    assert web1["totals"]["files"] == 8 and web1["totals"]["symlinks"] == 1
     assert web1["totals"]["redactions"] >= 5
     assert result["git"]["commit"] and result["git"]["push"]["pushed"] is True
     log = remote_log(cfg_env["remote"])
@@ -160,7 +163,9 @@ def test_first_backup_commits_everything_pushes_and_archives(cfg_env: dict[str, 
     assert "web1/.luxima-meta.json" in tree and "README.md" in tree
     env_copy = git("--git-dir", str(cfg_env["remote"]), "show", f"main:web1/{root}/data/coolify/source/.env")
     assert "APP_NAME=Coolify\n" in env_copy and "DB_HOST=postgres\n" in env_copy
-    assert "DB_PASSWORD=luxima-redacted:hmac-sha256:" in env_copy
+    assert "DB_PASSWORD=luxima-redacted:hmac-sha256:" in env_copy  # and there despite the host's .gitignore
+    geoip = git("--git-dir", str(cfg_env["remote"]), "show", f"main:web1/{root}/etc/nginx/GeoIP.dat")
+    assert geoip.startswith("# luxima-backup: secret file kept only in the encrypted archive")  # binary: kept out whole
     meta = json.loads(git("--git-dir", str(cfg_env["remote"]), "show", "main:web1/.luxima-meta.json"))
     assert meta["files"][host_rel(cfg_env, "data/coolify/source/.env")]["mode"] == "0600"
     assert meta["files"][host_rel(cfg_env, "etc/nginx/sites-enabled/luxima.conf")]["symlink"] == "../sites-available/luxima.conf"
@@ -169,7 +174,7 @@ def test_first_backup_commits_everything_pushes_and_archives(cfg_env: dict[str, 
     assert [k for k in keys if k.startswith("backups/configs/web1/") and k.endswith(".tar.gz.enc")]
     manifest_key = next(k for k in keys if k.startswith("backups/configs/web1/") and k.endswith(".manifest.json"))
     doc = json.loads(s3_get(cfg_env["s3"], cfg_env["bucket"], manifest_key))
-    assert doc["status"] == "verified" and doc["verification"]["files_checked"] == 6
+    assert doc["status"] == "verified" and doc["verification"]["files_checked"] == 8
     assert doc["content_digest"] == meta["content_digest"] and doc["retention_days"] == 90
     for key in keys:
         blob = s3_get(cfg_env["s3"], cfg_env["bucket"], key)
@@ -214,7 +219,7 @@ def test_no_change_no_commit_then_one_commit_with_an_accurate_summary(cfg_env: d
     history = remote_everything(cfg_env["remote"])
     for secret in [*SECRETS, "Another-Secret-4242"]:
         assert secret not in history
-    assert "BEGIN PRIVATE KEY" not in history.replace("PRIVATE KEY kept only in the encrypted archive", "")
+    assert "BEGIN PRIVATE KEY" not in history
 
 
 def test_drift_ignore_keeps_expected_changes_quiet(cfg_env: dict[str, Any]) -> None:
@@ -355,7 +360,7 @@ def test_dry_run_shows_a_redacted_diff_and_writes_nothing(cfg_env: dict[str, Any
     state = restore(host="web1")
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["dry_run"] and result["counts"] == {"update": 2, "create": 1, "metadata": 1, "same": 3}
+    assert result["dry_run"] and result["counts"] == {"update": 2, "create": 1, "metadata": 1, "same": 5}
     actions = {s["path"]: s["action"] for s in result["steps"]}
     assert actions[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
     assert actions[host_rel(cfg_env, "srv/apps/web/docker-compose.yml")] == "create"
@@ -401,7 +406,9 @@ def test_apply_needs_confirm_restores_real_secrets_keeps_copies_validates_and_re
 
 def test_failing_validation_rolls_every_file_back(cfg_env: dict[str, Any]) -> None:
     root = cfg_env["root"]
-    services = SERVICES.format(root=root).replace("grep -q '^APP_KEY=' ", "grep -q '^NOT_THERE=' ")
+    # the failing command prints the restored .env: its secrets must not reach the error, log or artifact
+    services = SERVICES.format(root=root).replace("grep -q '^APP_KEY=' {root}".format(root=root),
+                                                  "cat {root}/data/coolify/source/.env && grep -q '^NOT_THERE=' {root}".format(root=root))
     cfg_env["settings"](host_opts=services)
     backed_up()
     drift_host(root)
@@ -414,6 +421,9 @@ def test_failing_validation_rolls_every_file_back(cfg_env: dict[str, Any]) -> No
     assert not list(root.rglob(".*.luxima-restore-*"))
     rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
     assert rows[-1]["status"] == "failed" and "validation of coolify failed" in rows[-1]["error"]
+    assert "DB_PASSWORD=luxima-redacted:hmac-sha256:" in str(exc)  # the output is there, scrubbed
+    shown = str(exc) + json.dumps(rows[-1], default=str) + artifact_markdown(cfg_env, state)
+    assert DB_SECRET not in shown and APP_KEY not in shown and "Drifted-Secret-5555" not in shown
 
 
 def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
@@ -428,7 +438,7 @@ def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
     assert {s["path"]: s["action"] for s in plan["steps"]}[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
     # by date: today's newest
     today = datetime.now(timezone.utc).date().isoformat()
-    assert restore(host="web1", version=today).result()["counts"] == {"same": 7}
+    assert restore(host="web1", version=today).result()["counts"] == {"same": 9}
     exc = error_of(restore(host="web1", version="2001-01-01"))
     assert "no verified configs backup" in str(exc)
     # one folder of the first backup only
@@ -460,7 +470,7 @@ def test_an_unreachable_host_fails_the_run_but_not_the_others(cfg_env: dict[str,
     cfg_env["settings"](extra=web2)
     state = backup()
     exc = error_of(state)
-    assert "web2" in str(exc) and "web1" not in str(exc).split("config backup failed:")[1].split("web2")[0]
+    assert "web2:" in str(exc) and "web1:" not in str(exc)
     tree = git("--git-dir", str(cfg_env["remote"]), "ls-tree", "--name-only", "main").split()
     assert "web1" in tree and "web2" not in tree  # web1 committed and pushed all the same
     rows = {r["target"]: r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"}
@@ -475,6 +485,13 @@ def test_unknown_git_server_key_and_missing_fingerprint_key_are_clear_errors(cfg
     exc = error_of(backup())
     assert "host key is unknown or CHANGED" in str(exc)
     assert remote_log_or_empty(cfg_env["remote"]) == []  # nothing reached the remote
+    impostor = cfg_env["tmp"] / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    changed = cfg_env["tmp"] / "changed_known_hosts"  # the same host and port, another key
+    changed.write_text(f"[127.0.0.1]:{cfg_env['sshd'].port} " + " ".join(impostor.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    cfg_env["settings"](git_known=changed)
+    exc = error_of(backup())
+    assert "host key is unknown or CHANGED" in str(exc) and remote_log_or_empty(cfg_env["remote"]) == []
     cfg_env["settings"](fingerprint=False)
     exc = error_of(backup())
     assert "configs.fingerprint_key is not set" in str(exc)
@@ -505,3 +522,51 @@ def test_cli_backs_up_lists_and_dry_runs_a_restore(cfg_env: dict[str, Any]) -> N
     assert (cfg_env["root"] / "etc/nginx/nginx.conf").read_text() == "worker_processes 9;\n"
     refused = subprocess.run([cli, "restore", "configs", "web1", "--apply"], env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "confirm = 'web1'" in refused.stderr
+
+
+def test_archive_round_trips_break_glass_with_only_the_key_file(cfg_env: dict[str, Any], key_file: Path) -> None:
+    import sys
+    import tarfile
+
+    result = backed_up()
+    key = result["hosts"]["web1"]["object_key"]
+    copy = cfg_env["tmp"] / "copy.tar.gz.enc"
+    copy.write_bytes(s3_get(cfg_env["s3"], cfg_env["bucket"], key))
+    out = cfg_env["tmp"] / "configs.tar"
+    cli = str(Path(sys.executable).parent / "luxima-backup")
+    env = {k: v for k, v in os.environ.items() if k != "LUXIMA_BACKUP_CONFIG"}  # no settings at all
+    done = subprocess.run([cli, "decrypt", "--input", str(copy), "--key-file", str(key_file), "--decompress", "-o", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    root = cfg_env["root"]
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        env_member = tar.getmember(f"{str(root).lstrip('/')}/data/coolify/source/.env")
+        assert env_member.mode == 0o600
+        assert tar.extractfile(env_member).read() == (root / "data/coolify/source/.env").read_bytes()  # type: ignore[union-attr]
+        link = tar.getmember(f"{str(root).lstrip('/')}/etc/nginx/sites-enabled/luxima.conf")
+        assert link.issym() and link.linkname == "../sites-available/luxima.conf"
+        index = json.loads(tar.extractfile(".luxima-index.json").read())  # type: ignore[union-attr]
+    assert names[-1] == ".luxima-index.json" and len(index["files"]) == 9
+    assert PRIVATE_KEY.encode() in out.read_bytes()  # the real files, secrets and all, only in here
+
+
+def test_archives_to_a_separate_local_target_with_extended_secret_rules(cfg_env: dict[str, Any]) -> None:
+    target = cfg_env["tmp"] / "pbs-datastore"
+    (cfg_env["root"] / "data/coolify/source/.env").write_text("APP_NAME=x\nLUXIMA_SEAL=sealvalue-0123456789\n")
+    cfg_env["settings"](extra=f"""
+    [configs.storage]
+    kind = "local"
+    path = "{target}"
+    [configs.secrets]
+    names = ["_SEAL$"]
+    """)
+    result = backed_up()
+    key = result["hosts"]["web1"]["object_key"]
+    assert (target / key).is_file() and (target / key.replace(".tar.gz.enc", ".manifest.json")).is_file()
+    assert not [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if "/configs/" in k]  # not in [storage]
+    history = remote_everything(cfg_env["remote"])
+    assert "sealvalue-0123456789" not in history and "LUXIMA_SEAL=luxima-redacted:hmac-sha256:" in history
+    (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 5;\n")
+    plan = restore(host="web1").result()
+    assert plan["object_key"] == key and plan["counts"]["update"] == 1

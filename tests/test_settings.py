@@ -98,6 +98,9 @@ def test_example_config_hosts_load() -> None:
     ('known_hosts = "/etc/luxima-backup/git_known_hosts"', '', r"configs.git.known_hosts is needed for an SSH remote"),
     ('paths = ["/etc/nginx/"]\nvalidate', 'paths = ["/etc/../nginx/"]\nvalidate', r"services paths must be absolute"),
     ('drift_alert = true', 'drift_alert = true\nfingerprint = "x"', r"configs.fingerprint\b.*Extra inputs"),
+    ('remote = "ssh://git@git.internal/', 'remote = "https://bot:ghp_abcdef@git.internal/', r"must not hold a user, password or token"),
+    ('remote = "ssh://git@git.internal/', 'remote = "https://ghp_abcdef@git.internal/', r"must not hold a user, password or token"),
+    ('remote = "ssh://git@git.internal/', 'remote = "git://git.internal/', r"git:// transport is not supported"),
 ])
 def test_config_hosts_are_checked_at_load(tmp_path: Path, old: str, new: str, message: str) -> None:
     text = EXAMPLE.read_text()
@@ -105,3 +108,12 @@ def test_config_hosts_are_checked_at_load(tmp_path: Path, old: str, new: str, me
     (tmp_path / "c.toml").write_text(text.replace(old, new))
     with pytest.raises(ConfigError, match=message):
         load_settings(tmp_path / "c.toml", reload=True)
+
+
+@pytest.mark.parametrize("remote,ssh", [("ssh://git@h/x.git", True), ("git+ssh://git@h/x.git", True), ("git@h:ops/x.git", True),
+                                        ("/srv/git/x.git", False), ("https://h/x.git", False), ("file:///srv/x.git", False),
+                                        ("./x.git", False)])
+def test_git_remote_transport(remote: str, ssh: bool) -> None:
+    from luxima_backup.settings import ConfigGit
+
+    assert ConfigGit(remote=remote, known_hosts=Path("/k")).over_ssh is ssh
