@@ -116,6 +116,9 @@ def restore_configs(
 ) -> None:
     """Restore a host's configs from an encrypted archive: a redacted diff, or (--apply) atomic writes, validation, rollback."""
     _use_config(config)
+    if apply and confirm != host:  # the flow refuses too; saying so here spares a failed run for a missing option
+        _fail(ConfigError(f"writing configs on {host} needs confirm = {host!r}",
+                          hint=f"run without --apply first and read the diff; then add --confirm {host}"))
     try:
         load_settings()
         from prefect import tags

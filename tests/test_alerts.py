@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from uuid import UUID
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 
@@ -71,6 +72,22 @@ def receiver() -> Iterator[Receiver]:
     r.server.shutdown()
 
 
+@pytest.fixture
+def prefix(prefect_server: Any) -> Iterator[str]:
+    """A name prefix for this test's automations, which are deleted after it: left behind, they would
+    go on firing at a receiver that is gone (the RPO watchdog every window) and slow the server's
+    actions for the tests after."""
+    name = f"t{uuid.uuid4().hex[:6]}"
+    yield name
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # (3.8.8's read_automations sends no limit; the API wants one)
+        found = client._client.post("/automations/filter", json={"sort": "NAME_ASC", "limit": 200, "offset": 0}).json()
+        for automation in found:
+            if automation["name"].startswith(f"{name}:"):
+                client.delete_automation(UUID(automation["id"]))
+
+
 def alert_settings(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str, **rpo: float) -> AlertSettings:
     monkeypatch.setenv("LUXIMA_TEST_WEBHOOK_URL", receiver.url)
     return AlertSettings.model_validate({
@@ -80,14 +97,13 @@ def alert_settings(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: 
 
 
 def test_failed_backup_alerts_with_flow_state_error_and_link(
-    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any,
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
     database: str, bucket: str, key_file: Path, source: Any,
 ) -> None:
     from prefect import tags
 
     from flows.db_backup import db_backup
 
-    prefix = f"t{uuid.uuid4().hex[:6]}"
     cfg = alert_settings(receiver, monkeypatch, prefix)
     assert set(setup_alerts(cfg, components=[]).values()) == {"created"}
     assert set(setup_alerts(cfg, components=[]).values()) == {"unchanged"}  # idempotent
@@ -112,12 +128,11 @@ def test_failed_backup_alerts_with_flow_state_error_and_link(
 
 
 def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
-    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str,
 ) -> None:
     from luxima_backup import events
 
     silent, healthy = f"silent{uuid.uuid4().hex[:6]}", f"healthy{uuid.uuid4().hex[:6]}"
-    prefix = f"t{uuid.uuid4().hex[:6]}"
     cfg = alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 10})
     setup_alerts(cfg, components=[silent, healthy])
     deadline = time.monotonic() + 35
@@ -131,12 +146,11 @@ def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
 
 
 def test_failed_verification_alerts_with_its_detail(prefect_server: Any, receiver: Receiver,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
     from prefect import flow
 
     from luxima_backup import events
 
-    prefix = f"t{uuid.uuid4().hex[:6]}"
     setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
     target = f"db{uuid.uuid4().hex[:6]}"
 
@@ -154,12 +168,11 @@ def test_failed_verification_alerts_with_its_detail(prefect_server: Any, receive
 
 
 def test_config_drift_alerts_with_the_changed_paths(prefect_server: Any, receiver: Receiver,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
     from prefect import flow
 
     from luxima_backup import events
 
-    prefix = f"t{uuid.uuid4().hex[:6]}"
     setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
     host = f"web{uuid.uuid4().hex[:6]}"
 

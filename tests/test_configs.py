@@ -513,7 +513,7 @@ def test_cli_backs_up_lists_and_dry_runs_a_restore(cfg_env: dict[str, Any]) -> N
     assert done.returncode == 0, done.stderr[-2000:]
     backup_id = json.loads(done.stdout)["hosts"]["web1"]["backup_id"]
     listed = subprocess.run([cli, "list", "--component", "configs"], env=env, capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0 and backup_id in listed.stdout
+    assert listed.returncode == 0 and backup_id in listed.stdout  # from the manifests alone
     (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 9;\n")
     done = subprocess.run([cli, "restore", "configs", "web1"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
