@@ -48,9 +48,17 @@ def logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:
     return None
 
 
-def discard(keys: list[str], logger: Any) -> None:
-    """Remove objects of a failed run so nothing that looks like a backup is left."""
-    store = runtime.store()
+def outcome(state: Any) -> tuple[Any, BaseException | None]:
+    """A subflow's result, or the exception it ended with (one failing target must not stop the others)."""
+    if state.is_completed():
+        return state.result(), None
+    exc = state.result(raise_on_failure=False)
+    return None, exc if isinstance(exc, BaseException) else BackupError(str(state.message))
+
+
+def discard(keys: list[str], logger: Any, store: Any = None) -> None:
+    """Remove objects of a failed run (from ``store``, default [storage]) so nothing that looks like a backup is left."""
+    store = store or runtime.store()
     for key in keys:
         try:
             store.remove(key)

@@ -32,7 +32,7 @@ from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
-from flows.common import logged, private_dir, stream_with_retries
+from flows.common import discard, logged, outcome, private_dir, stream_with_retries
 from tasks.commit import commit
 from tasks.compress import compress
 from tasks.encrypt import encrypt
@@ -119,7 +119,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     except BaseException as exc:
         if isinstance(exc, VerificationError):
             events.verification_failed("backup", "configs", host, str(exc), backup_id=keys.backup_id)
-        _discard(uploaded, logger)
+        discard(uploaded, logger, runtime.config_store())
         raise
     logger.info("config backup %s of %s: %d files, %s (%d bytes encrypted)", keys.backup_id, host, f["files"],
                 keys.archive, u["bytes"])
@@ -128,16 +128,6 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
             "too_large": f["too_large"], "content_digest": f["content_digest"],
             "sizes": {"size_raw": a["plain_bytes"], "size_compressed": a["compressed_bytes"], "size_encrypted": u["bytes"],
                       "sha256_raw": a["plain_sha256"], "sha256_encrypted": u["sha256"], "key_id": e["key"]["key_id"]}}
-
-
-def _discard(keys: list[str], logger: Any) -> None:
-    store = runtime.config_store()
-    for key in keys:
-        try:
-            store.remove(key)
-            logger.info("removed %s of the failed run", key)
-        except Exception as exc:  # best effort
-            logger.warning("could not remove %s of the failed run: %s", key, exc)
 
 
 @flow(name="config-backup", validate_parameters=True, persist_result=True)
@@ -166,12 +156,11 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     push_error: BaseException | None = None
     try:
         for n in names:
-            state = backup_host(n, str(work / n), return_state=True)
-            if state.is_completed():
-                results[n] = state.result()
+            result, exc = outcome(backup_host(n, str(work / n), return_state=True))
+            if exc is None:
+                results[n] = result
             else:
-                exc = state.result(raise_on_failure=False)
-                failures[n] = exc if isinstance(exc, BaseException) else BackupError(str(state.message))
+                failures[n] = exc
         if results:
             state = commit({n: r["stage_dir"] for n, r in results.items()}, started.isoformat(), return_state=True)
             if state.is_completed():

@@ -32,7 +32,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, private_dir, stream_with_retries
+from flows.common import discard, logged, outcome, private_dir, stream_with_retries
 from tasks.archive import archive
 from tasks.compress import compress
 from tasks.download import download
@@ -237,12 +237,11 @@ def files_backup(sources: list[str] | None = None, full: bool = False, allow_shr
     results: dict[str, Any] = {}
     failures: dict[str, BaseException] = {}
     for n in names:
-        state = backup_source(n, full, allow_shrink, return_state=True)
-        if state.is_completed():
-            results[n] = state.result()
+        result, exc = outcome(backup_source(n, full, allow_shrink, return_state=True))
+        if exc is None:
+            results[n] = result
         else:
-            exc = state.result(raise_on_failure=False)
-            failures[n] = exc if isinstance(exc, BaseException) else BackupError(str(state.message))
+            failures[n] = exc
     if failures:
         detail = "; ".join(f"{n}: {redact(str(exc))}" for n, exc in failures.items())
         first = next(iter(failures.values()))

@@ -68,3 +68,11 @@ def subflow_runs(parent_state: Any) -> list[Any]:
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_state.state_details.flow_run_id])),
             sort=FlowRunSort.START_TIME_ASC, limit=50,
         )
+
+
+def error_of(state: Any) -> BaseException:
+    """The exception a failed flow run ended with."""
+    assert state.is_failed(), state
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, BaseException)
+    return exc

@@ -15,7 +15,7 @@ import pytest
 
 from luxima_backup.sandbox import PostgresCluster, SshServer
 from tests.conftest import file_keys
-from tests.helpers import log_rows, s3_get, s3_keys
+from tests.helpers import error_of, log_rows, s3_get, s3_keys
 
 pytestmark = pytest.mark.slow
 
@@ -121,13 +121,6 @@ def backed_up(**params: Any) -> dict[str, Any]:
     state = backup(**params)
     assert state.is_completed(), state.message
     return state.result()
-
-
-def error_of(state: Any) -> BaseException:
-    assert state.is_failed(), state
-    exc = state.result(raise_on_failure=False)
-    assert isinstance(exc, BaseException)
-    return exc
 
 
 def remote_log(remote: Path) -> list[str]:

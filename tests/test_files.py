@@ -21,7 +21,7 @@ from luxima_backup.errors import ConfigError, IntegrityError, SourceError, Verif
 from luxima_backup.keys import KeyFileProvider
 from luxima_backup.sandbox import PostgresCluster, SshServer
 from tests.conftest import file_keys
-from tests.helpers import log_rows, s3_get, s3_keys
+from tests.helpers import error_of, log_rows, s3_get, s3_keys
 
 pytestmark = pytest.mark.slow
 
@@ -140,13 +140,6 @@ def restored(**params: Any) -> dict[str, Any]:
     state = restore(**params)
     assert state.is_completed(), state.message
     return state.result()
-
-
-def error_of(state: Any) -> BaseException:
-    assert state.is_failed(), state
-    exc = state.result(raise_on_failure=False)
-    assert isinstance(exc, BaseException)
-    return exc
 
 
 def manifest_doc(env: dict[str, Any], backup_id: str) -> tuple[str, dict[str, Any]]:
