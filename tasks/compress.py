@@ -9,18 +9,22 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup.compression import READ_SIZE, DecompressingReader, compressor
-from luxima_backup.pipes import Link, Meter, copy, stage
+from luxima_backup.pipes import TRIM_EVERY, Link, Meter, copy, release_free_memory, stage
 
 
 def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0) -> tuple[Meter, Meter]:
     """Compress ``src`` to EOF into ``dst``; returns meters of the plain input and compressed output."""
     plain, packed = Meter(), Meter()
     comp = compressor(codec, level, threads)
+    trim_at = TRIM_EVERY
     while True:
         block = src.read(READ_SIZE)
         if not block:
             break
         plain.update(block)
+        if plain.size >= trim_at:
+            release_free_memory()
+            trim_at += TRIM_EVERY
         out = comp.compress(block)
         if out:
             packed.update(out)
