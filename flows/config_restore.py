@@ -86,7 +86,7 @@ def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
 
 @flow(name="config-restore", validate_parameters=True, persist_result=True)
 def config_restore(host: str, version: str = "latest", paths: list[str] | None = None, dry_run: bool = True,
-                   confirm: str | None = None, reload_services: bool = True) -> dict[str, Any]:
+                   confirm: str | None = None, reload_services: bool = True, remove_extra: bool = False) -> dict[str, Any]:
     """Restore a host's service configs from an encrypted config archive; a dry run (default) shows the diff.
 
     Args:
@@ -96,6 +96,8 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
         dry_run: only show what would change (the default). Set false to write.
         confirm: must repeat the host's name to write (dry_run false).
         reload_services: after a validated restore, run the reload command of the services whose files were written.
+        remove_extra: also remove files under the host's configured paths that the backup does not have (each kept
+            first, put back on rollback); by default they are listed and left alone.
     """
     settings = runtime.settings()
     install_log_redaction()
@@ -117,14 +119,14 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
     try:
         spool = str(work / "archive.enc")
         download(a["key"], spool, a["size_encrypted"], a["sha256_encrypted"], True)
-        plan = diff(host, spool, a["compression"]["codec"], paths)
+        plan = diff(host, spool, a["compression"]["codec"], paths, remove_extra)
         outcome.update(counts=plan["counts"], steps=[_brief(s) for s in plan["steps"]])
         conflicts = [s for s in plan["steps"] if s["action"] == "conflict"]
         if conflicts and not dry_run:
             raise ConfigError(f"{len(conflicts)} path(s) cannot be restored: "
                               + "; ".join(f"{s['path']}: {s['note']}" for s in conflicts[:5]),
                               hint="move them aside on the host, or restore other paths")
-        todo = [s for s in plan["steps"] if s["action"] in ("create", "update", "metadata")]
+        todo = [s for s in plan["steps"] if s["action"] in ("create", "update", "metadata", "remove")]
         if not dry_run and todo:
             outcome.update(_apply(host, spool, a["compression"]["codec"], todo, stamp, reload_services))
         elif not dry_run:

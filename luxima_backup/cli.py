@@ -112,6 +112,7 @@ def restore_configs(
     apply: bool = typer.Option(False, "--apply", help="write the files (default: a dry run that shows the diff)"),
     confirm: Optional[str] = typer.Option(None, help="with --apply: the host's name, repeated"),
     no_reload: bool = typer.Option(False, "--no-reload", help="do not run the services' reload commands"),
+    remove_extra: bool = typer.Option(False, "--remove-extra", help="also remove files the backup does not have (kept first)"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Restore a host's configs from an encrypted archive: a redacted diff, or (--apply) atomic writes, validation, rollback."""
@@ -127,7 +128,7 @@ def restore_configs(
 
         with tags("restore", "configs"):
             summary = config_restore(host=host, version=version, paths=path or None, dry_run=not apply, confirm=confirm,
-                                     reload_services=not no_reload)
+                                     reload_services=not no_reload, remove_extra=remove_extra)
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

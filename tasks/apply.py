@@ -35,7 +35,7 @@ class Applied:
     """One change made on the host, with what undoing it needs."""
 
     path: str
-    action: str                       # create | update | metadata
+    action: str                       # create | update | metadata | remove
     before: dict[str, Any] | None     # the host's entry before (type, mode, uid, gid, symlink)
     kept: str | None = None           # where its previous content was kept on the host
     created_dirs: list[str] = field(default_factory=list)
@@ -111,6 +111,12 @@ def keep_copy(sftp: paramiko.SFTPClient, path: str, before: dict[str, Any], keep
 def apply_members(sftp: paramiko.SFTPClient, members: Iterator[Member], steps: dict[str, dict[str, Any]],
                   keep_root: str, stamp: str, applied: list[Applied]) -> None:
     """Make the planned changes, appending each to ``applied`` as soon as it is made (for a rollback)."""
+    for step in steps.values():  # extra files the operator asked to remove: kept first, like a replaced file
+        if step["action"] == "remove":
+            record = Applied(step["path"], "remove", step["before"])
+            record.kept = keep_copy(sftp, step["path"], step["before"], keep_root, stamp)
+            applied.append(record)
+            sftp.remove(step["path"])
     for m in members:
         step = steps.get(m.path)
         if step is None or step["action"] not in ("create", "update", "metadata"):

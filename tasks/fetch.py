@@ -107,13 +107,14 @@ def expand(sftp: paramiko.SFTPClient, pattern: str) -> Iterator[str]:
 
 
 def walk_paths(sftp: paramiko.SFTPClient, patterns: list[str], exclude: list[str], max_file_bytes: int,
-               out: Fetched) -> Iterator[RemoteFile]:
-    """Every file and symlink under the paths matching ``patterns``, read; ``out`` collects what was found and not."""
+               out: Fetched, read: bool = True) -> Iterator[RemoteFile]:
+    """Every file and symlink under the paths matching ``patterns``, read (``read``: else only listed, ``data`` None);
+    ``out`` collects what was found and not."""
     for pattern in patterns:
         matched = False
         for path in expand(sftp, pattern):
             matched = True
-            yield from _walk(sftp, path, exclude, max_file_bytes, out)
+            yield from _walk(sftp, path, exclude, max_file_bytes, out, read)
         if not matched:
             out.missing.append(pattern)
 
@@ -124,7 +125,7 @@ def _denied(path: str) -> SshError:
 
 
 def _walk(sftp: paramiko.SFTPClient, path: str, exclude: list[str], max_file_bytes: int,
-          out: Fetched) -> Iterator[RemoteFile]:
+          out: Fetched, read: bool = True) -> Iterator[RemoteFile]:
     if path in out.files or _excluded(path, exclude):
         return
     try:
@@ -143,7 +144,7 @@ def _walk(sftp: paramiko.SFTPClient, path: str, exclude: list[str], max_file_byt
             raise SshError(f"a file name in {path} on the host is not UTF-8",
                            hint="rename it, or add the folder (or the file) to the host's exclude") from None
         for child in children:
-            yield from _walk(sftp, posixpath.join(path, child.filename), exclude, max_file_bytes, out)
+            yield from _walk(sftp, posixpath.join(path, child.filename), exclude, max_file_bytes, out, read)
         return
     meta: dict[str, Any] = {"mode": stat.S_IMODE(mode), "uid": attr.st_uid, "gid": attr.st_gid,
                             "mtime": int(attr.st_mtime or 0)}
@@ -157,6 +158,11 @@ def _walk(sftp: paramiko.SFTPClient, path: str, exclude: list[str], max_file_byt
     size = attr.st_size or 0
     if size > max_file_bytes:
         out.too_large.append(path)
+        return
+    if not read:
+        meta["size"] = size
+        out.files[path] = meta
+        yield RemoteFile(path, meta, None)
         return
     data = read_remote(sftp, path, size)
     meta["size"] = len(data)

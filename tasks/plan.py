@@ -5,8 +5,9 @@ read over SFTP: ``create`` (not on the host), ``update`` (content or link target
 ``metadata`` (same content, other mode or owner), ``same``, or ``conflict`` (a folder or special
 file where the backup has a file; a restore never replaces those). The diff shown is between
 the *scrubbed* versions of both sides, so a changed secret appears as a changed fingerprint
-and its value never reaches the artifact or the log. Files on the host that the backup does not
-have are left alone (a restore never deletes).
+and its value never reaches the artifact or the log. Files under the host's configured paths
+that the backup does not have are listed as ``extra`` and left alone, or, when the operator asks
+for it (a site enabled since the backup would otherwise stay enabled), planned as ``remove``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from luxima_backup.compression import DecompressingReader
 from luxima_backup.config_archive import Member, read_members
 from luxima_backup.envelope import DecryptingReader, UnwrapFn
 from luxima_backup.errors import ConfigError
-from tasks.fetch import fingerprint_key, matches, read_remote, secret_rules
+from tasks.fetch import Fetched, fingerprint_key, matches, read_remote, secret_rules, walk_paths
 
 DIFF_LINES = 200          # per file
 DIFF_TOTAL_LINES = 3000   # per restore, in the artifact
@@ -38,7 +39,7 @@ class Step:
     """What a restore does to one path."""
 
     path: str
-    action: str                    # create | update | metadata | same | conflict
+    action: str                    # create | update | metadata | same | conflict | extra | remove
     kind: str                      # file | symlink
     mode: int
     uid: int
@@ -134,9 +135,28 @@ def plan_restore(sftp: paramiko.SFTPClient, members: Iterator[Member], select: C
     return [plan_member(sftp, m, key, rules, max_bytes) for m in members if select(m.path)]
 
 
+def extra_steps(sftp: paramiko.SFTPClient, patterns: list[str], exclude: list[str], max_bytes: int,
+                in_backup: dict[str, Any], select: Callable[[str], bool], remove: bool) -> list[Step]:
+    """Files and links under the configured paths on the host that the backup does not have."""
+    listed = Fetched()
+    found = []
+    for f in walk_paths(sftp, patterns, exclude, max_bytes, listed, read=False):
+        if f.path in in_backup or not select(f.path):
+            continue
+        m = f.meta
+        kind = "symlink" if "symlink" in m else "file"
+        before = {"type": kind, "mode": m["mode"], "uid": m["uid"], "gid": m["gid"], "size": m["size"]}
+        if kind == "symlink":
+            before["symlink"] = m["symlink"]
+        found.append(Step(f.path, "remove" if remove else "extra", kind, m["mode"], m["uid"], m["gid"], m["size"], None,
+                          m.get("symlink"), before, note="not in the backup: " + ("removed (a copy is kept)" if remove
+                                                                                   else "left alone")))
+    return found
+
+
 @task(name="diff", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def diff(host: str, spool: str, codec: str, paths: list[str] | None) -> dict[str, Any]:
-    """Compare the archive with the host, file by file (secrets shown only as fingerprints)."""
+def diff(host: str, spool: str, codec: str, paths: list[str] | None, remove_extra: bool = False) -> dict[str, Any]:
+    """Compare the archive with the host, file by file (secrets shown only as fingerprints), and list the host's extra files."""
     settings = runtime.settings()
     key = fingerprint_key(settings)
     rules = secret_rules(settings)
@@ -146,6 +166,9 @@ def diff(host: str, spool: str, codec: str, paths: list[str] | None) -> dict[str
     with ssh.connect(host_cfg, runtime.secret(host_cfg.key, settings)) as client, client.open_sftp() as sftp, \
             archive_members(spool, codec, runtime.key_provider(settings).unwrap, index) as members:
         steps = plan_restore(sftp, members, select, key, rules, settings.configs.max_file_bytes)
+        cfg = settings.config_host(host)
+        steps += extra_steps(sftp, cfg.paths, cfg.exclude, settings.configs.max_file_bytes, index.get("files", {}), select,
+                             remove_extra)
     if index.get("host") != host:
         raise ConfigError(f"the archive is of host {index.get('host')!r}, not {host!r}")
     if paths and not steps:

@@ -333,7 +333,10 @@ def verify_configs_restored(host: str, steps: list[dict[str, Any]]) -> dict[str,
                 continue
             now = host_entry(sftp, s["path"])
             checked += 1
-            if now is None:
+            if s["action"] == "remove":
+                if now is not None:
+                    mismatches.append({"path": s["path"], "problem": "still on the host after its removal"})
+            elif now is None:
                 mismatches.append({"path": s["path"], "problem": "missing on the host"})
             elif s["kind"] == "symlink":
                 if now.get("symlink") != s["symlink"]:

@@ -353,11 +353,12 @@ def test_dry_run_shows_a_redacted_diff_and_writes_nothing(cfg_env: dict[str, Any
     state = restore(host="web1")
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["dry_run"] and result["counts"] == {"update": 2, "create": 1, "metadata": 1, "same": 5}
+    assert result["dry_run"] and result["counts"] == {"update": 2, "create": 1, "metadata": 1, "same": 5, "extra": 1}
     actions = {s["path"]: s["action"] for s in result["steps"]}
     assert actions[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
     assert actions[host_rel(cfg_env, "srv/apps/web/docker-compose.yml")] == "create"
     assert actions[host_rel(cfg_env, "etc/nginx/sites-available/luxima.conf")] == "metadata"
+    assert actions[host_rel(cfg_env, "etc/nginx/conf.d/extra.conf")] == "extra"  # listed, left alone
     assert snapshot(root) == before  # nothing written
     md = artifact_markdown(cfg_env, state)
     assert "DRY RUN" in md and "-worker_processes 4;" in md and "+worker_processes auto;" in md
@@ -395,6 +396,13 @@ def test_apply_needs_confirm_restores_real_secrets_keeps_copies_validates_and_re
     assert (kept / str(root).lstrip("/") / "data/coolify/source/.env").stat().st_mode & 0o777 == 0o600
     rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
     assert rows[-1]["status"] == "success" and rows[-1]["details"]["applied"] == 4
+    # asked to, it also removes what the backup does not have, keeping a copy
+    state = restore(host="web1", dry_run=False, confirm="web1", remove_extra=True)
+    assert state.is_completed(), state.message
+    again = state.result()
+    assert again["applied"] == 1 and not (root / extra).exists()
+    assert (Path(again["keep_dir"]) / str(root).lstrip("/") / extra).read_text() == "# added by hand\n"
+    assert restore(host="web1").result()["counts"] == {"same": 9}
 
 
 def test_failing_validation_rolls_every_file_back(cfg_env: dict[str, Any]) -> None:
@@ -406,10 +414,10 @@ def test_failing_validation_rolls_every_file_back(cfg_env: dict[str, Any]) -> No
     backed_up()
     drift_host(root)
     drifted = snapshot(root)
-    state = restore(host="web1", dry_run=False, confirm="web1")
+    state = restore(host="web1", dry_run=False, confirm="web1", remove_extra=True)
     exc = error_of(state)
     assert "validation of coolify failed" in str(exc) and "every restored file was rolled back" in str(exc)
-    assert snapshot(root) == drifted  # byte for byte, modes too; the created compose file is gone again
+    assert snapshot(root) == drifted  # byte for byte, modes too; the created compose file gone, the removed extra back
     assert not (root / "nginx-reloaded").exists()
     assert not list(root.rglob(".*.luxima-restore-*"))
     rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
