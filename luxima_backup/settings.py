@@ -337,6 +337,18 @@ class ConfigSecretRules(_Section):
     patterns: list[str] = Field(default_factory=list, description="regexes searched in the data; group 1 (or the match) is replaced")
     files: list[str] = Field(default_factory=list, description="globs of files that are secret as a whole")
 
+    @model_validator(mode="after")
+    def _compiles(self) -> "ConfigSecretRules":
+        import re as _re
+
+        for what, patterns in (("names", self.names), ("patterns", self.patterns)):
+            for pattern in patterns:
+                try:
+                    _re.compile(pattern)
+                except _re.error as exc:
+                    raise ValueError(f"configs.secrets.{what}: {pattern!r} is not a valid regular expression: {exc}") from None
+        return self
+
 
 class ConfigsSettings(_Section):
     """Weekly config backup: fetched over SSH, scrubbed into git and pushed, archived encrypted for restores."""

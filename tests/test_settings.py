@@ -101,6 +101,7 @@ def test_example_config_hosts_load() -> None:
     ('remote = "ssh://git@git.internal/', 'remote = "https://bot:ghp_abcdef@git.internal/', r"must not hold a user, password or token"),
     ('remote = "ssh://git@git.internal/', 'remote = "https://ghp_abcdef@git.internal/', r"must not hold a user, password or token"),
     ('remote = "ssh://git@git.internal/', 'remote = "git://git.internal/', r"git:// transport is not supported"),
+    ('names = ["^LUXIMA_.*_SEAL$"]', 'names = ["(unclosed"]', r"configs.secrets.names: '\(unclosed' is not a valid regular expression"),
 ])
 def test_config_hosts_are_checked_at_load(tmp_path: Path, old: str, new: str, message: str) -> None:
     text = EXAMPLE.read_text()
