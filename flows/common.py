@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import runtime
+from luxima_backup import manifest, runtime
 from luxima_backup.errors import BackupError, is_transient
 from luxima_backup.secrets import redact
 
@@ -54,6 +55,13 @@ def outcome(state: Any) -> tuple[Any, BaseException | None]:
         return state.result(), None
     exc = state.result(raise_on_failure=False)
     return None, exc if isinstance(exc, BaseException) else BackupError(str(state.message))
+
+
+@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+def save_manifest(key: str, document: dict[str, Any], configs: bool = False) -> str:
+    """Write the manifest, last: from now on the backup exists (``configs``: in the config archive storage)."""
+    manifest.save(runtime.config_store() if configs else runtime.store(), key, document)
+    return key
 
 
 def discard(keys: list[str], logger: Any, store: Any = None) -> None:

@@ -20,9 +20,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -32,7 +31,7 @@ from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, private_dir, stream_with_retries
+from flows.common import discard, logged, outcome, private_dir, save_manifest, stream_with_retries
 from tasks.commit import commit
 from tasks.compress import compress
 from tasks.encrypt import encrypt
@@ -63,13 +62,6 @@ def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 
 
     f, a, e, u = run_linked(submit, list(links))
     return {"fetch": f, "archive": a, "encrypt": e, "upload": u}
-
-
-@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def save_manifest(key: str, document: dict[str, Any]) -> str:
-    """Write the manifest, last: from now on the backup exists."""
-    manifest.save(runtime.config_store(), key, document)
-    return key
 
 
 @flow(name="config-backup-host", validate_parameters=False)
@@ -115,7 +107,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
             "timings": {"fetch": f["seconds"], "total": round((finished - started).total_seconds(), 3)},
             "flow_run_id": str(flow_run.id) if flow_run.id else None,
         }
-        save_manifest(keys.manifest, document)
+        save_manifest(keys.manifest, document, True)
     except BaseException as exc:
         if isinstance(exc, VerificationError):
             events.verification_failed("backup", "configs", host, str(exc), backup_id=keys.backup_id)
@@ -139,7 +131,6 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     """
     settings = runtime.settings()
     install_log_redaction()
-    logger = get_run_logger()
     names = list(hosts or settings.configs.hosts)
     if not names:
         raise ConfigError("no config hosts configured", hint="add [configs.hosts.NAME] sections (and [hosts.NAME]) to the settings")
@@ -178,7 +169,7 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
     for n in names:
-        _record(n, results.get(n), failures.get(n), git, started, run_id, logger)
+        _record(n, results.get(n), failures.get(n), git, started, run_id)
     drift = _drift(settings, git, results)
     _publish(names, results, failures, git, drift, time.monotonic() - t0)
 
@@ -194,7 +185,7 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
 
 
 def _record(host: str, result: dict[str, Any] | None, failure: BaseException | None, git: dict[str, Any],
-            started: datetime, run_id: str | None, logger: Any) -> None:
+            started: datetime, run_id: str | None) -> None:
     """The host's row in internal.backup_logs, and the success event the RPO watchdog waits for."""
     settings = runtime.settings()
     changes = git.get("hosts", {}).get(host)

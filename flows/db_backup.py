@@ -26,7 +26,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
-from flows.common import discard, logged, stream_with_retries
+from flows.common import discard, logged, save_manifest, stream_with_retries
 from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
@@ -73,13 +73,6 @@ def backup_globals(database: str, server_major: int, object_key: str) -> dict[st
         get_run_logger().warning("%s", warning)
         result["warning"] = warning
     return result
-
-
-@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def save_manifest(key: str, document: dict[str, Any]) -> str:
-    """Write the manifest, last: from now on the backup exists."""
-    manifest.save(runtime.store(), key, document)
-    return key
 
 
 @flow(name="db-backup", validate_parameters=True, persist_result=True)

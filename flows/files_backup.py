@@ -32,7 +32,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, private_dir, stream_with_retries
+from flows.common import discard, logged, outcome, private_dir, save_manifest, stream_with_retries
 from tasks.archive import archive
 from tasks.compress import compress
 from tasks.download import download
@@ -70,13 +70,6 @@ def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> d
     if info.size != size:
         raise VerificationError(f"storage reports {info.size} bytes for {object_key}, {size} were written")
     return read_back(store, object_key, size, sha256)
-
-
-@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def save_manifest(key: str, document: dict[str, Any]) -> str:
-    """Write the manifest, last: from now on the backup exists."""
-    manifest.save(runtime.store(), key, document)
-    return key
 
 
 def previous_backup(settings: Settings, source: str) -> catalog.Backup | None:

@@ -216,9 +216,8 @@ def _rsync(args: list[str]) -> str:
 def md5_check_host(settings: Settings, dest: Destination, entries: Iterator[Entry]) -> tuple[int, list[dict[str, Any]]]:
     """md5sum of every restored file on the host, against the backup's md5."""
     assert dest.host is not None
-    host = settings.hosts[dest.host]
     expected = {e.path: e.md5 for e in entries if e.type == FILE}
-    with ssh.connect(host, runtime.secret(host.key, settings)) as client:
+    with runtime.connect_host(dest.host, settings) as client:
         out = ssh.run_with_input(client, f"cd {shlex.quote(dest.path)} && xargs -0 md5sum --zero --",
                                  b"".join(p + b"\0" for p in expected))
     got: dict[bytes, str] = {}

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from .errors import ConfigError, GitError
 from .secrets import redact
@@ -75,14 +75,16 @@ class Repo:
 
     # -- plumbing --
 
-    def git(self, *args: str, check: bool = True, what: str | None = None) -> subprocess.CompletedProcess[str]:
+    def git(self, *args: str, check: bool = True, what: str | None = None, stdin: str | None = None,
+            text: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[Any]:
+        """Run git in the working copy; with ``check``, a non-zero exit is a ``GitError`` (``text=False``: bytes out)."""
         try:
-            proc = subprocess.run(["git", "-C", str(self.path), *args], env=self.env, capture_output=True, text=True,
-                                  errors="surrogateescape", timeout=600)
+            proc = subprocess.run(["git", "-C", str(self.path), *args], env=self.env, capture_output=True, input=stdin,
+                                  text=text, errors="surrogateescape" if text else None, timeout=timeout)
         except FileNotFoundError:
             raise ConfigError("git is not installed", hint="apt-get install git") from None
         except subprocess.TimeoutExpired:
-            raise GitError(f"git {args[0]} did not finish within 600 s", transient=True) from None
+            raise GitError(f"git {args[0]} did not finish within {timeout:g} s", transient=True) from None
         if check and proc.returncode != 0:
             raise self._error(proc, what or f"git {args[0]}")
         return proc
@@ -194,15 +196,11 @@ class Repo:
 
     def show(self, rev: str, path: str) -> bytes | None:
         """A file's content at ``rev``, or None when it is not there."""
-        proc = subprocess.run(["git", "-C", str(self.path), "show", f"{rev}:{path}"], env=self.env, capture_output=True,
-                              timeout=120)
+        proc = self.git("show", f"{rev}:{path}", check=False, text=False, timeout=120)
         return proc.stdout if proc.returncode == 0 else None
 
     def commit(self, message: str) -> str:
-        proc = subprocess.run(["git", "-C", str(self.path), "commit", "--quiet", "--no-verify", "-F", "-"], env=self.env,
-                              input=message, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise self._error(proc, "git commit")
+        self.git("commit", "--quiet", "--no-verify", "-F", "-", stdin=message, timeout=120)
         head = self.head()
         assert head is not None
         return head
@@ -236,10 +234,3 @@ class Repo:
             rebased += 1
         raise GitError(f"the push to {self.cfg.remote} was rejected {self.cfg.push_attempts} times: others keep pushing",
                        transient=True, hint="the commit stays in the working copy and the next run pushes it")
-
-    def log(self, rev: str = "HEAD", limit: int = 20, path: str | None = None) -> Iterator[tuple[str, str]]:
-        """(sha, subject) of the newest commits, optionally touching ``path``."""
-        args = ["log", f"-{limit}", "--format=%H%x00%s", rev] + (["--", path] if path else [])
-        for line in self.git(*args).stdout.splitlines():
-            sha, _, subject = line.partition("\0")
-            yield sha, subject

@@ -74,6 +74,15 @@ def secret(ref: Any, s: Settings | None = None) -> str:
     return str(ref.resolve(reader))
 
 
+def connect_host(name: str, s: Settings | None = None) -> Any:
+    """A connected SSH client (paramiko) for ``[hosts.NAME]``, its key resolved through ``secret`` (Vault too)."""
+    from . import ssh
+
+    s = s or settings()
+    cfg = s.hosts[name]
+    return ssh.connect(cfg, secret(cfg.key, s))
+
+
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a task only when its error says it is transient."""
     try:

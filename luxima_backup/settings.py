@@ -339,14 +339,15 @@ class ConfigSecretRules(_Section):
 
     @model_validator(mode="after")
     def _compiles(self) -> "ConfigSecretRules":
-        import re as _re
+        from .config_secrets import Rules  # compiled as scrub compiles them: the check cannot drift from the use
 
         for what, patterns in (("names", self.names), ("patterns", self.patterns)):
             for pattern in patterns:
                 try:
-                    _re.compile(pattern)
-                except _re.error as exc:
-                    raise ValueError(f"configs.secrets.{what}: {pattern!r} is not a valid regular expression: {exc}") from None
+                    Rules.default(**{"extra_value_names" if what == "names" else "extra_patterns": [pattern]})
+                except ConfigError as exc:
+                    raise ValueError(f"configs.secrets.{what}: {pattern!r} is not a valid regular expression: "
+                                     f"{exc.message}") from None
         return self
 
 

@@ -96,15 +96,21 @@ def _mkdirs(sftp: paramiko.SFTPClient, folder: str, mode: int = 0o755, created: 
     return created
 
 
+def copy_entry(sftp: paramiko.SFTPClient, src: str, dst: str, entry: dict[str, Any], stamp: str, size: int) -> None:
+    """Put at ``dst``, atomically, the file at ``src`` (``size`` bytes, else a transient error) with ``entry``'s
+    mode and owner, or ``entry``'s symlink."""
+    if entry["type"] == "symlink":
+        write_atomic(sftp, dst, None, entry["symlink"], 0, 0, 0, stamp)
+    else:
+        data = read_remote(sftp, src, size)
+        write_atomic(sftp, dst, data, None, entry["mode"], entry["uid"], entry["gid"], stamp)
+
+
 def keep_copy(sftp: paramiko.SFTPClient, path: str, before: dict[str, Any], keep_root: str, stamp: str) -> str:
     """Copy the host's current file or link at ``path`` under ``keep_root`` (same mode and owner)."""
     kept = posixpath.join(keep_root, path.lstrip("/"))
     _mkdirs(sftp, posixpath.dirname(kept), 0o700)
-    if before["type"] == "symlink":
-        write_atomic(sftp, kept, None, before["symlink"], 0, 0, 0, stamp)
-    else:
-        data = read_remote(sftp, path, before["size"])
-        write_atomic(sftp, kept, data, None, before["mode"], before["uid"], before["gid"], stamp)
+    copy_entry(sftp, path, kept, before, stamp, before["size"])  # as the diff saw it: a file changed since fails
     return kept
 
 
@@ -159,11 +165,7 @@ def rollback(sftp: paramiko.SFTPClient, applied: list[Applied], stamp: str) -> l
                     sftp.rmdir(d)
             else:
                 assert a.kept is not None
-                if b["type"] == "symlink":
-                    write_atomic(sftp, a.path, None, b["symlink"], 0, 0, 0, stamp)
-                else:
-                    data = read_remote(sftp, a.kept, sftp.lstat(a.kept).st_size or 0)
-                    write_atomic(sftp, a.path, data, None, b["mode"], b["uid"], b["gid"], stamp)
+                copy_entry(sftp, a.kept, a.path, b, stamp, sftp.lstat(a.kept).st_size or 0)
         except Exception as exc:  # go on with the others: leave as little as possible half-done
             problems.append(f"{a.path}: {exc}")
     return problems
@@ -199,11 +201,6 @@ def service_commands(settings: Settings, host: str, written: list[str], which: s
     return found
 
 
-def _connect(settings: Settings, host: str) -> paramiko.SSHClient:
-    cfg = settings.hosts[host]
-    return ssh.connect(cfg, runtime.secret(cfg.key, settings))
-
-
 @task(name="apply", cache_policy=NO_CACHE)
 def apply(host: str, spool: str, codec: str, steps: list[dict[str, Any]], stamp: str) -> dict[str, Any]:
     """Write the planned files on the host (atomically, keeping what they replace); undone at once if a write fails."""
@@ -213,14 +210,14 @@ def apply(host: str, spool: str, codec: str, steps: list[dict[str, Any]], stamp:
     by_path = {s["path"]: s for s in steps}
     index: dict[str, Any] = {}
     try:
-        with _connect(settings, host) as client, client.open_sftp() as sftp, \
+        with runtime.connect_host(host, settings) as client, client.open_sftp() as sftp, \
                 archive_members(spool, codec, runtime.key_provider(settings).unwrap, index) as members:
             apply_members(sftp, members, by_path, keep_root, stamp, applied)
     except BaseException as exc:
         problems: list[str] = []
         if applied:
             try:  # on a new connection: the failure may have been the connection itself
-                with _connect(settings, host) as client, client.open_sftp() as sftp:
+                with runtime.connect_host(host, settings) as client, client.open_sftp() as sftp:
                     problems = rollback(sftp, applied, stamp)
             except Exception as again:
                 problems = [f"could not reconnect to roll back: {again}"]
@@ -242,7 +239,7 @@ def validate(host: str, written: list[str]) -> list[dict[str, Any]]:
     if not commands:
         get_run_logger().warning("no validation command configured for what was restored on %s", host)
         return []
-    with _connect(settings, host) as client:
+    with runtime.connect_host(host, settings) as client:
         return run_commands(client, commands, fingerprint_key(settings), secret_rules(settings))
 
 
@@ -250,7 +247,7 @@ def validate(host: str, written: list[str]) -> list[dict[str, Any]]:
 def rollback_host(host: str, applied: list[dict[str, Any]], stamp: str) -> list[str]:
     """Put back every file the restore replaced, remove every file it created."""
     settings = runtime.settings()
-    with _connect(settings, host) as client, client.open_sftp() as sftp:
+    with runtime.connect_host(host, settings) as client, client.open_sftp() as sftp:
         problems = rollback(sftp, [Applied(**a) for a in applied], stamp)
     get_run_logger().warning("rolled back %d change(s) on %s%s", len(applied), host,
                              f"; FAILED for {problems}" if problems else "")
@@ -264,5 +261,5 @@ def reload(host: str, written: list[str]) -> list[dict[str, Any]]:
     commands = service_commands(settings, host, written, "reload")
     if not commands:
         return []
-    with _connect(settings, host) as client:
+    with runtime.connect_host(host, settings) as client:
         return run_commands(client, commands, fingerprint_key(settings), secret_rules(settings))

@@ -29,7 +29,7 @@ import paramiko
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import config_archive, config_secrets, runtime, ssh
+from luxima_backup import config_archive, config_secrets, runtime
 from luxima_backup.errors import ConfigError
 from luxima_backup.pipes import Link, stage
 from luxima_backup.settings import Settings
@@ -228,7 +228,7 @@ def fingerprint_key(settings: Settings) -> bytes:
                           hint="reference a random key of at least 16 bytes, e.g. 'vault:secret/luxima-backup/configs#fingerprint_key' "
                                "(openssl rand -base64 32); it must never be in the repository")
     key = runtime.secret(ref, settings).encode()
-    if len(key) < 16:
+    if len(key) < config_secrets.MIN_KEY_BYTES:
         raise ConfigError(f"configs.fingerprint_key ({ref}) is shorter than 16 bytes", hint="use openssl rand -base64 32")
     return key
 
@@ -284,15 +284,9 @@ def fetch(host: str, sink: Link, stage_dir: str) -> dict[str, Any]:
     settings = runtime.settings()
     logger = get_run_logger()
     key = fingerprint_key(settings)
-    host_cfg = settings.hosts[host]
     started = time.monotonic()
-    with stage(None, sink):
-        client = ssh.connect(host_cfg, runtime.secret(host_cfg.key, settings))
-        try:
-            with client.open_sftp() as sftp:
-                result = fetch_host(sftp, host, settings, sink.writer(), Path(stage_dir), key)
-        finally:
-            client.close()
+    with stage(None, sink), runtime.connect_host(host, settings) as client, client.open_sftp() as sftp:
+        result = fetch_host(sftp, host, settings, sink.writer(), Path(stage_dir), key)
     result["seconds"] = round(time.monotonic() - started, 3)
     for path in result["missing"]:
         logger.warning("%s: configured path %s matches nothing on the host", host, path)

@@ -23,7 +23,7 @@ import paramiko
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import config_secrets, runtime, ssh
+from luxima_backup import config_secrets, runtime
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.config_archive import Member, read_members
 from luxima_backup.envelope import DecryptingReader, UnwrapFn
@@ -161,9 +161,8 @@ def diff(host: str, spool: str, codec: str, paths: list[str] | None, remove_extr
     key = fingerprint_key(settings)
     rules = secret_rules(settings)
     select = selector(paths)
-    host_cfg = settings.hosts[host]
     index: dict[str, Any] = {}
-    with ssh.connect(host_cfg, runtime.secret(host_cfg.key, settings)) as client, client.open_sftp() as sftp, \
+    with runtime.connect_host(host, settings) as client, client.open_sftp() as sftp, \
             archive_members(spool, codec, runtime.key_provider(settings).unwrap, index) as members:
         steps = plan_restore(sftp, members, select, key, rules, settings.configs.max_file_bytes)
         cfg = settings.config_host(host)

@@ -319,15 +319,12 @@ def verify_configs_restored(host: str, steps: list[dict[str, Any]]) -> dict[str,
     """Read every restored file back from the host: md5, mode and link targets against the backup."""
     import hashlib
 
-    from luxima_backup import ssh
     from tasks.fetch import read_remote
     from tasks.plan import host_entry
 
-    settings = runtime.settings()
-    cfg = settings.hosts[host]
     mismatches: list[dict[str, Any]] = []
     checked = 0
-    with ssh.connect(cfg, runtime.secret(cfg.key, settings)) as client, client.open_sftp() as sftp:
+    with runtime.connect_host(host) as client, client.open_sftp() as sftp:
         for s in steps:
             if s["action"] == "conflict":
                 continue
