@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
@@ -57,25 +55,31 @@ def outcome(state: Any) -> tuple[Any, BaseException | None]:
     return None, exc if isinstance(exc, BaseException) else BackupError(str(state.message))
 
 
-@task(name="manifest", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="manifest", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def save_manifest(key: str, document: dict[str, Any], configs: bool = False) -> str:
     """Write the manifest, last: from now on the backup exists (``configs``: in the config archive storage)."""
     manifest.save(runtime.config_store() if configs else runtime.store(), key, document)
     return key
 
 
-def discard(keys: list[str], logger: Any, store: Any = None) -> None:
-    """Remove objects of a failed run (from ``store``, default [storage]) so nothing that looks like a backup is left."""
+def discard(keys: list[str], logger: Any, store: Any = None, manifest_key: str | None = None) -> None:
+    """Remove objects of a failed run (from ``store``, default [storage]) so nothing that looks like a backup is left.
+
+    ``manifest_key``: the run's manifest, whose write may have landed though the call reported a failure. It goes
+    first, so the catalog stops offering the backup before its data goes; if it cannot be removed, the data stays
+    too: a manifest must never point at nothing (the sweeper of retention removes what is left).
+    """
     store = store or runtime.store()
+    if manifest_key is not None:
+        try:
+            store.remove(manifest_key)
+        except Exception as exc:
+            logger.error("could not remove the manifest %s of the failed run (%s); its objects are kept so that it "
+                         "does not point at nothing: %s", manifest_key, redact(str(exc)), ", ".join(keys))
+            return
     for key in keys:
         try:
             store.remove(key)
             logger.info("removed %s of the failed run", key)
         except Exception as exc:  # best effort; retention sweeps what is left
             logger.warning("could not remove %s of the failed run: %s", key, exc)
-
-
-def private_dir(work_dir: Path, prefix: str) -> Path:
-    """A new folder only this user can read, under the settings' work_dir, for spools and staging."""
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))

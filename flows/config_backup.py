@@ -31,7 +31,8 @@ from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, private_dir, save_manifest, stream_with_retries
+from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
+from luxima_backup.workdir import private_dir
 from tasks.commit import commit
 from tasks.compress import compress
 from tasks.encrypt import encrypt
@@ -45,7 +46,7 @@ from tasks.verify import verify_configs
 archive = compress.with_options(name="archive")
 
 
-@flow(name="config-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+@flow(name="config-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming a host's configs to storage: fetch | archive | encrypt | upload."""
     settings = runtime.settings()
@@ -64,7 +65,7 @@ def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 
     return {"fetch": f, "archive": a, "encrypt": e, "upload": u}
 
 
-@flow(name="config-backup-host", validate_parameters=False)
+@flow(name="config-backup-host", validate_parameters=False, persist_result=False)
 def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     """Back up one host's configs: the archive stored, read back and checked, its manifest written; the git copy staged."""
     settings = runtime.settings()
@@ -111,7 +112,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     except BaseException as exc:
         if isinstance(exc, VerificationError):
             events.verification_failed("backup", "configs", host, str(exc), backup_id=keys.backup_id)
-        discard(uploaded, logger, runtime.config_store())
+        discard(uploaded, logger, runtime.config_store(), manifest_key=keys.manifest)
         raise
     logger.info("config backup %s of %s: %d files, %s (%d bytes encrypted)", keys.backup_id, host, f["files"],
                 keys.archive, u["bytes"])

@@ -23,7 +23,8 @@ from luxima_backup import catalog, events, runtime
 from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
-from flows.common import logged, private_dir
+from flows.common import logged
+from luxima_backup.workdir import private_dir
 from tasks.apply import apply, reload, rollback_host, validate
 from tasks.download import download
 from tasks.log import log_run
@@ -182,10 +183,10 @@ def _apply(host: str, spool: str, codec: str, todo: list[dict[str, Any]], stamp:
         raise BackupError(f"the configs of {host} were restored and validated, but `{bad[0]['command']}` failed "
                           f"(exit {bad[0]['exit']}): {bad[0]['output'][-800:]}",
                           hint="the files stay restored; fix the service and reload it by hand")
-    logger.info("restored %d change(s) on %s; validated by %s; md5 of %d files checked", len(written), host,
+    logger.info("restored %d change(s) on %s; validated by %s; content of %d files checked", len(written), host,
                 ", ".join(c["service"] for c in checks) or "nothing (no command configured)", verified["checked"])
     return {"applied": len(written), "keep_dir": done["keep_dir"], "validation": [_no_output(c) for c in checks],
-            "md5_checked": verified["checked"], "reloaded": [r["service"] for r in reloaded]}
+            "files_checked": verified["checked"], "reloaded": [r["service"] for r in reloaded]}
 
 
 def _no_output(check: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from luxima_backup.envelope import encrypt_bytes
 from luxima_backup.errors import BackupError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
+from luxima_backup.settings import PostgresConnection
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
 from flows.common import discard, logged, save_manifest, stream_with_retries
@@ -35,7 +36,7 @@ from tasks.upload import upload
 from tasks.verify import read_back, verify
 
 
-@flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+@flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming the database to storage: dump | compress | encrypt | upload."""
     settings = runtime.settings()
@@ -52,7 +53,7 @@ def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[st
     return {"dump": d, "compress": c, "encrypt": e, "upload": u}
 
 
-@task(name="dump-globals", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="dump-globals", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def backup_globals(database: str, server_major: int, object_key: str) -> dict[str, Any]:
     """Dump roles and tablespaces (pg_dumpall --globals-only), encrypted, beside the backup."""
     settings = runtime.settings()
@@ -92,7 +93,8 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
     deep = cfg.deep_verify if deep_verify is None else deep_verify
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    keys = manifest.db_keys(settings.storage.prefix, target.dbname, started, SUFFIX[cfg.compression])
+    # Named by the settings' section, not the database: every Supabase project's database is called postgres.
+    keys = manifest.db_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
     run_id = str(flow_run.id) if flow_run.id else None
 
     entry = None
@@ -113,15 +115,14 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             if "key" in globals_info:
                 uploaded.append(keys.globals)
         verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
-                              list(d["row_counts"]))
+                              d["tables"], d["large_objects"])
         finished = datetime.now(timezone.utc)
-        document = _manifest(keys, name, target.dbname, target.host, started, finished, d, c, e, u,
-                             globals_info, verification, run_id)
+        document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
         save_manifest(keys.manifest, document)
     except BaseException as exc:
         if isinstance(exc, VerificationError):
             events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
-        discard(uploaded, logger)
+        discard(uploaded, logger, manifest_key=keys.manifest)
         logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
                 {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
         raise
@@ -136,7 +137,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
     return summary
 
 
-def _manifest(keys: manifest.BackupKeys, name: str, dbname: str, host: str, started: datetime, finished: datetime,
+def _manifest(keys: manifest.BackupKeys, name: str, target: PostgresConnection, started: datetime, finished: datetime,
               d: dict[str, Any], c: dict[str, Any], e: dict[str, Any], u: dict[str, Any], g: dict[str, Any],
               verification: dict[str, Any], run_id: str | None) -> dict[str, Any]:
     return {
@@ -146,8 +147,10 @@ def _manifest(keys: manifest.BackupKeys, name: str, dbname: str, host: str, star
         "status": "verified",
         "started_at": started.isoformat(),
         "completed_at": finished.isoformat(),
-        "source": {"name": name, "database": dbname, "host": host, "server_version": d["server_version"],
-                   "server_version_num": d["server_version_num"], "snapshot": d["snapshot"]},
+        "source": {"name": name, "database": target.dbname, "host": target.host, "port": target.port,
+                   "system_identifier": d["system_identifier"], "server_version": d["server_version"],
+                   "server_version_num": d["server_version_num"], "snapshot": d["snapshot"],
+                   "exclude_schemas": list(target.exclude_schemas)},
         "tool": {"luxima_backup": __version__, "pg_dump_version": d["pg_dump_version"]},
         "dump": {
             "key": keys.data, "format": "pg_dump-custom",
@@ -158,6 +161,11 @@ def _manifest(keys: manifest.BackupKeys, name: str, dbname: str, host: str, star
         },
         "globals": g,
         "row_counts": d["row_counts"],
+        # (schema, name) of each counted table: a key such as "a.b.c" alone cannot say where the schema ends
+        "tables": {f"{t['schema']}.{t['name']}": {"schema": t["schema"], "name": t["name"], "kind": t["kind"],
+                                                   "partitions": len(t["data_oids"]) if t["kind"] == "p" else None}
+                   for t in d["tables"]},
+        "large_objects": d["large_objects"],
         "verification": {**verification, "verified_at": finished.isoformat()},
         "timings": {"dump": round(d["seconds"], 3), "compress": round(c["seconds"], 3),
                     "encrypt": round(e["seconds"], 3), "upload": round(u["seconds"], 3),

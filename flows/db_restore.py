@@ -35,7 +35,7 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import DecompressingReader
-from flows.common import private_dir
+from luxima_backup.workdir import private_dir
 from tasks.compress import decompress
 from tasks.decrypt import decrypt
 from tasks.download import download
@@ -63,6 +63,7 @@ class Plan:
     tables: list[str] = field(default_factory=list)
     jobs: int = 1
     expected_counts: dict[str, int] = field(default_factory=dict)
+    table_names: dict[str, tuple[str, str]] = field(default_factory=dict)  # count key -> (schema, table)
 
     @property
     def selective(self) -> bool:
@@ -77,8 +78,9 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
     source_cfg = settings.database(source_name)
     target_name = target or settings.restore.target or settings.db_backup.database
     target_cfg = settings.database(target_name)
+    # Backups are filed by section; those filed by database name before (db/<dbname>/) are found too.
     found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "db", backup,
-                            source=source_cfg.dbname, as_of=as_of)
+                            source=source_name, as_of=as_of, also_under=[source_cfg.dbname])
     if found.component != "db" or "dump" not in found.doc:
         raise ConfigError(f"{found.manifest_key} is not a database backup")
     stamp = now.strftime("%Y%m%d%H%M%S")
@@ -110,10 +112,11 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
         if unknown:
             get_run_logger().warning("tables not counted at backup time, restored unchecked: %s", ", ".join(unknown))
     plan.expected_counts = counted
+    plan.table_names = {k: (v["schema"], v["name"]) for k, v in found.doc.get("tables", {}).items()}
     return plan
 
 
-@task(name="restore-globals", cache_policy=NO_CACHE)
+@task(name="restore-globals", cache_policy=NO_CACHE, persist_result=False)
 def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) -> dict[str, Any]:
     """Create the roles of the backed-up cluster (pg_dumpall --globals-only) on the target server."""
     settings = runtime.settings()
@@ -203,7 +206,7 @@ def db_restore(
         timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
 
         t = time.monotonic()
-        checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts)
+        checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
         timings["verify"] = round(time.monotonic() - t, 3)
         rto = time.monotonic() - t0
         rto_target = settings.restore.rto_target_minutes * 60

@@ -32,7 +32,8 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, private_dir, save_manifest, stream_with_retries
+from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
+from luxima_backup.workdir import private_dir
 from tasks.archive import archive
 from tasks.compress import compress
 from tasks.download import download
@@ -43,7 +44,7 @@ from tasks.upload import upload
 from tasks.verify import read_back, verify_files
 
 
-@flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+@flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool: str,
                        previous_index: dict[str, Any] | None, full: bool, attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload."""
@@ -61,7 +62,7 @@ def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool
     return {"archive": a, "compress": c, "encrypt": e, "upload": u}
 
 
-@task(name="upload-index", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="upload-index", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> dict[str, Any]:
     """Upload the encrypted file index and read it back."""
     store = runtime.store()
@@ -109,7 +110,7 @@ def check_counts(name: str, source: FileSource, files: int, previous_files: int 
             )
 
 
-@flow(name="files-backup-source", validate_parameters=False)
+@flow(name="files-backup-source", validate_parameters=False, persist_result=False)
 def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
     """Back up one file source: sync into its mirror, archive, encrypt, upload, verify, manifest, log."""
     settings = runtime.settings()
@@ -185,7 +186,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     except BaseException as exc:
         if isinstance(exc, (VerificationError, SourceError)):
             events.verification_failed("backup", "files", name, str(exc), backup_id=keys.backup_id)
-        discard(uploaded, logger)
+        discard(uploaded, logger, manifest_key=keys.manifest)
         logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
                 {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, "files", skip=entry is None)
         raise

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,13 +31,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from luxima_backup import catalog, events, runtime, ssh
+from luxima_backup import catalog, events, procs, runtime, ssh
 from luxima_backup.catalog import Backup
 from luxima_backup.errors import ConfigError, ToolError, VerificationError
 from luxima_backup.filetree import DIR, FILE, Entry
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
-from flows.common import private_dir
+from luxima_backup.workdir import private_dir
 from tasks.archive import load_index
 from tasks.download import download
 from tasks.extract import apply_metadata, extract, link_escapes, make_links_and_dirs, md5_check, selector
@@ -206,7 +205,7 @@ def deliver_host(settings: Settings, dest: Destination, staging: Path, confirmed
 
 
 def _rsync(args: list[str]) -> str:
-    proc = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    proc = procs.run(args)
     if proc.returncode != 0:
         raise ToolError(f"rsync to the host failed (exit {proc.returncode}): {redact(proc.stderr.decode(errors='replace'))[-1000:]}",
                         transient=proc.returncode in {5, 10, 12, 30, 35, 255})
@@ -233,7 +232,7 @@ def md5_check_host(settings: Settings, dest: Destination, entries: Iterator[Entr
     return len(got), mismatches
 
 
-@task(name="deliver", cache_policy=NO_CACHE)
+@task(name="deliver", cache_policy=NO_CACHE, persist_result=False)
 def deliver(plan_dest: Destination, staging: str, index_spool: str, index_codec: str, path_filter: str | None,
             confirmed: bool, stamp: str) -> dict[str, Any]:
     """Put the checked files in place: local folder or host; what they overwrite is kept aside."""
@@ -323,7 +322,7 @@ def md5_check_bucket(settings: Settings, dest: Destination, entries: Iterator[En
     return checked, mismatches
 
 
-@task(name="verify", cache_policy=NO_CACHE)
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify_restored(plan_dest: Destination, index_spool: str, index_codec: str, path_filter: str | None) -> dict[str, Any]:
     """md5 of every restored file where it now lives, against the backup (the procedure's md5sum check)."""
     settings = runtime.settings()

@@ -46,44 +46,63 @@ class Backup:
     def verified(self) -> bool:
         return self.status == "verified"
 
+    @property
+    def source_name(self) -> str | None:
+        """The settings section it was taken of (``[databases.NAME]``, a file source, a config host)."""
+        source = self.doc.get("source")
+        return str(source["name"]) if isinstance(source, dict) and source.get("name") else None
+
 
 def _parse_time(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def list_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None) -> list[Backup]:
+def list_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,
+                 also_under: list[str] | tuple[str, ...] = ()) -> list[Backup]:
     """Every backup of ``component`` (optionally of one source), oldest first.
 
     Manifests that cannot be read are left out; ``iter_backups`` also yields their errors.
     """
-    backups = [b for b in iter_backups(store, prefix, component, source) if isinstance(b, Backup)]
+    backups = [b for b in iter_backups(store, prefix, component, source, also_under) if isinstance(b, Backup)]
     return sorted(backups, key=lambda b: (b.completed_at, b.backup_id))
 
 
-def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None) -> Iterator[Backup | FormatError]:
-    """Each manifest under ``<prefix>/<component>/[<source>/]`` as a ``Backup``, or the error reading it."""
-    where = f"{prefix}/{component}/" + (f"{manifest.safe_name(source)}/" if source else "")
-    for key in manifest.iter_manifest_keys(store, where):
-        try:
-            yield Backup(key, manifest.load(store, key))
-        except FormatError as exc:
-            yield exc
-        except ObjectNotFound:  # removed by retention while listing
-            continue
+def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,
+                 also_under: list[str] | tuple[str, ...] = ()) -> Iterator[Backup | FormatError]:
+    """Each manifest under ``<prefix>/<component>/[<source>/]`` as a ``Backup``, or the error reading it.
+
+    With a ``source``, only backups whose manifest names that source are yielded, also from the folders
+    ``also_under``: database backups were once filed by database name (``db/postgres/``), which several
+    ``[databases.NAME]`` can share, and their manifests say which section each was taken of.
+    """
+    folders = [f"{manifest.safe_name(d)}/" for d in dict.fromkeys([source, *also_under]) if d] if source else [""]
+    for folder in folders:
+        for key in manifest.iter_manifest_keys(store, f"{prefix}/{component}/{folder}"):
+            try:
+                backup = Backup(key, manifest.load(store, key))
+            except FormatError as exc:
+                yield exc
+                continue
+            except ObjectNotFound:  # removed by retention while listing
+                continue
+            if source is None or backup.source_name in (None, source):
+                yield backup
 
 
 def resolve(store: ObjectStore, prefix: str, component: str, spec: str, source: str | None = None,
-            as_of: datetime | None = None) -> Backup:
+            as_of: datetime | None = None, also_under: list[str] | tuple[str, ...] = ()) -> Backup:
     """The backup an operator means by ``spec``: ``latest``, a backup id, or an object key.
 
     ``latest`` is the newest *verified* backup completed at or before ``as_of`` (default now);
-    backups whose manifest says anything but verified are never chosen by ``latest``.
+    backups whose manifest says anything but verified are never chosen by ``latest``. A backup named by id or
+    key that was taken of another source than ``source`` is refused.
     """
     spec = spec.strip()
     if spec == "latest":
         cutoff = as_of.astimezone(timezone.utc) if as_of else datetime.now(timezone.utc)
-        candidates = [b for b in list_backups(store, prefix, component, source) if b.verified and b.completed_at <= cutoff]
+        candidates = [b for b in list_backups(store, prefix, component, source, also_under)
+                      if b.verified and b.completed_at <= cutoff]
         if not candidates:
             scope = f" of {source}" if source else ""
             when = f" completed by {cutoff.isoformat()}" if as_of else ""
@@ -95,12 +114,24 @@ def resolve(store: ObjectStore, prefix: str, component: str, spec: str, source: 
     if "/" in spec:  # an object key: the manifest itself, or one of the backup's objects
         key = spec if spec.endswith(manifest.MANIFEST_SUFFIX) else manifest.manifest_key_for(spec)
         try:
-            return Backup(key, manifest.load(store, key))
+            return _of_source(Backup(key, manifest.load(store, key)), source)
         except ObjectNotFound:
             raise ConfigError(f"no manifest {key} for {spec!r}",
                               hint="a backup without a manifest did not complete; choose another with `luxima-backup list`") from None
-    for backup in list_backups(store, prefix, component, source):
+    for backup in list_backups(store, prefix, component, source, also_under):
         if backup.backup_id == spec:
             return backup
+    for backup in list_backups(store, prefix, component):
+        if backup.backup_id == spec:
+            return _of_source(backup, source)
     raise ConfigError(f"no {component} backup with id {spec!r} under {prefix}/{component}/",
                       hint="use `latest`, an id shown by `luxima-backup list`, or an object key")
+
+
+def _of_source(backup: Backup, source: str | None) -> Backup:
+    """``backup``, unless it was taken of another source than the one asked for."""
+    if source is not None and backup.source_name not in (None, source):
+        raise ConfigError(f"backup {backup.backup_id} was taken of {backup.source_name!r}, not of {source!r}",
+                          hint=f"to restore it, name its source ({backup.source_name!r}); to restore {source!r}, "
+                               f"choose one of its backups with `luxima-backup list --source {source}`")
+    return backup

@@ -63,6 +63,8 @@ class FormatError(IntegrityError):
 class DatabaseError(BackupError):
     """The database refused or failed (connection, authentication, SQL)."""
 
+    sqlstate: str | None = None  # the server's SQLSTATE, when it sent one
+
 
 class ToolError(BackupError):
     """An external program (pg_dump, pg_restore, ...) is missing, too old, or failed."""

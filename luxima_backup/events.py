@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .secrets import redact
+
 SUCCEEDED = "luxima.backup.succeeded"
 RESTORED = "luxima.restore.succeeded"
 VERIFICATION_FAILED = "luxima.verification.failed"
@@ -27,13 +29,24 @@ def resource(component: str, target: str) -> dict[str, str]:
     }
 
 
+def redacted(value: Any) -> Any:
+    """``value`` with every registered secret scrubbed from its strings, as logs are: events reach chat."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(v) for v in value]
+    return value
+
+
 def _emit(event: str, component: str, target: str, payload: dict[str, Any]) -> None:
     from prefect.events import emit_event
 
     try:
-        emit_event(event=event, resource=resource(component, target), payload=payload)
-    except Exception as exc:  # an event that cannot be sent never changes a backup's outcome
-        log.warning("could not emit %s for %s %s: %s", event, component, target, exc)
+        emit_event(event=event, resource=resource(component, target), payload=redacted(payload))
+    except Exception as exc:  # an event that cannot be sent never changes a backup's outcome, but is not hidden
+        log.error("could not emit %s for %s %s: %s", event, component, target, redact(str(exc)))
 
 
 def backup_succeeded(component: str, target: str, backup_id: str, **payload: Any) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import procs
 from .errors import ConfigError, GitError
 from .secrets import redact
 from .settings import ConfigGit
@@ -79,8 +80,8 @@ class Repo:
             text: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[Any]:
         """Run git in the working copy; with ``check``, a non-zero exit is a ``GitError`` (``text=False``: bytes out)."""
         try:
-            proc = subprocess.run(["git", "-C", str(self.path), *args], env=self.env, capture_output=True, input=stdin,
-                                  text=text, errors="surrogateescape" if text else None, timeout=timeout)
+            proc = procs.run(["git", "-C", str(self.path), *args], env=self.env, input=stdin,  # type: ignore[arg-type]
+                             text=text, errors="surrogateescape" if text else None, timeout=timeout)
         except FileNotFoundError:
             raise ConfigError("git is not installed", hint="apt-get install git") from None
         except subprocess.TimeoutExpired:

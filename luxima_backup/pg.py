@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any, Iterator
 import psycopg
 from psycopg import sql
 
-from .errors import ConfigError, DatabaseError, StageAborted, ToolError
+from . import procs
+from .errors import BackupError, ConfigError, DatabaseError, StageAborted, ToolError
 from .secrets import redact
 from .settings import PostgresConnection
 
@@ -41,6 +43,12 @@ def translate_errors(action: str) -> Iterator[None]:
 
 def database_error(exc: psycopg.Error, action: str) -> DatabaseError:
     state = getattr(exc, "sqlstate", None)
+    made = _database_error(exc, action, state)
+    made.sqlstate = state
+    return made
+
+
+def _database_error(exc: psycopg.Error, action: str, state: str | None) -> DatabaseError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if state in {"28P01", "28000"} or "authentication failed" in text or "no pg_hba.conf entry" in text:
         return DatabaseError(f"{action}: {text}", hint="check the user, its password reference and pg_hba.conf")
@@ -59,20 +67,50 @@ def connect(cfg: PostgresConnection, *, autocommit: bool = True, **extra: Any) -
         return psycopg.connect(**cfg.conninfo(), password=password_of(cfg), autocommit=autocommit, **extra)
 
 
-def libpq_env(cfg: PostgresConnection) -> dict[str, str]:
-    """Environment for a libpq client program; the password goes by environment, never argv."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update({
+def libpq_env(cfg: PostgresConnection, passfile: str | None = None) -> dict[str, str]:
+    """What a libpq client program gets on top of ``procs.minimal_env``: where to connect, and the password
+    file; never the password itself (another process of the same user can read an environment)."""
+    env = {
         "PGHOST": cfg.host, "PGPORT": str(cfg.port), "PGDATABASE": cfg.dbname, "PGUSER": cfg.user,
         "PGSSLMODE": cfg.sslmode, "PGCONNECT_TIMEOUT": str(cfg.connect_timeout),
         "PGAPPNAME": "luxima-backup",
-    })
+        # No ~/.pgpass, service file or server-side settings of whoever runs this: only what is configured.
+        "PGPASSFILE": passfile or os.devnull, "PGSERVICEFILE": os.devnull, "PGSYSCONFDIR": os.devnull,
+    }
     if cfg.sslrootcert:
         env["PGSSLROOTCERT"] = str(cfg.sslrootcert)
-    password = password_of(cfg)
-    if password is not None:
-        env["PGPASSWORD"] = password
     return env
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def write_passfile(cfg: PostgresConnection) -> str | None:
+    """A private (0600) password file for one client process, or None without a password; the caller removes it."""
+    password = password_of(cfg)
+    if password is None:
+        return None
+    fd, path = tempfile.mkstemp(prefix="luxima-pgpass-")  # O_EXCL, mode 0600, in a directory of our own choosing
+    with os.fdopen(fd, "w") as f:
+        f.write(f"*:*:*:{_pgpass_field(cfg.user)}:{_pgpass_field(password)}\n")
+    return path
+
+
+def remove_passfile(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def client_env(cfg: PostgresConnection) -> Iterator[dict[str, str]]:
+    """The environment of one libpq client run, its password file removed afterwards."""
+    passfile = write_passfile(cfg)
+    try:
+        yield libpq_env(cfg, passfile)
+    finally:
+        remove_passfile(passfile)
 
 
 @dataclass(frozen=True)
@@ -96,6 +134,16 @@ def server_info(conn: psycopg.Connection) -> ServerInfo:
     return ServerInfo(str(row[0]).split()[0], int(row[1]), bool(row[2]))
 
 
+def system_identifier(conn: psycopg.Connection) -> str | None:
+    """The cluster's unique id (pg_control_system), or None where a managed server does not show it."""
+    try:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    except psycopg.Error:
+        conn.rollback()
+        return None
+    return str(row[0]) if row else None
+
+
 @dataclass(frozen=True)
 class Tool:
     path: str
@@ -108,7 +156,7 @@ _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 def tool_version(path: str) -> Tool | None:
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+        out = procs.run([path, "--version"], text=True, timeout=30).stdout
     except OSError:
         return None
     m = _VERSION_RE.search(out)
@@ -147,38 +195,108 @@ def qualified(schema: str, table: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
 
 
-def main_tables(conn: psycopg.Connection, cfg: PostgresConnection) -> list[tuple[str, str]]:
-    """The (schema, table) pairs counted at backup time: the configured list, or every user table."""
+@dataclass(frozen=True)
+class TableRef:
+    """A table counted at backup time, and where its rows are in a dump."""
+
+    schema: str
+    name: str
+    oid: int
+    kind: str                   # r: table, p: partitioned table, f: foreign table
+    data_oids: tuple[int, ...]  # tables whose TABLE DATA entries hold its rows: itself, or a partitioned table's leaves
+
+    @property
+    def key(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+_TABLES_SQL = """
+SELECT n.nspname, c.relname, c.oid::int8, c.relkind::text,
+       CASE c.relkind
+           WHEN 'r' THEN ARRAY[c.oid::int8]
+           -- a partitioned table holds no rows itself: pg_dump writes the data of its leaf partitions
+           WHEN 'p' THEN ARRAY(SELECT l.oid::int8 FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid
+                               WHERE t.isleaf AND l.relkind = 'r' ORDER BY 1)
+           ELSE '{}'::int8[] END
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'f') AND {where}
+ORDER BY 1, 2
+"""
+
+
+def _tables(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[TableRef]:
     with translate_errors("listing tables"):
-        rows = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%s) AND NOT c.relispartition"
-            " ORDER BY 1, 2",
-            (list(cfg.schemas),),
-        ).fetchall()
-    present = [(str(s), str(t)) for s, t in rows]
+        rows = conn.execute(_TABLES_SQL.replace("{where}", where), params).fetchall()  # type: ignore[arg-type]
+    return [TableRef(str(s), str(t), int(o), str(k), tuple(int(x) for x in d)) for s, t, o, k, d in rows]
+
+
+def main_tables(conn: psycopg.Connection, cfg: PostgresConnection) -> list[TableRef]:
+    """The tables counted at backup time: the configured list, or every table (partitioned ones whole, not their
+    partitions) in ``schemas``; foreign tables are listed too, with no data (a dump holds none of their rows)."""
+    present = _tables(conn, "NOT c.relispartition AND n.nspname = ANY(%s)", (list(cfg.schemas),))
     if not cfg.tables:
         return present
+    by_key = {t.key: t for t in present}
     wanted = []
     for name in cfg.tables:
         schema, _, table = name.rpartition(".")
-        pair = (schema or "public", table)
-        if pair not in present:
-            with translate_errors(f"looking up table {name}"):
-                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{pair[0]}"."{pair[1]}"',)).fetchone()
-            if not exists or not exists[0]:
-                raise ConfigError(f"main table {name} (databases.*.tables) does not exist in {cfg.dbname}", hint="fix the list of tables")
-        wanted.append(pair)
+        found = by_key.get(f"{schema or 'public'}.{table}") or next(
+            iter(_tables(conn, "n.nspname = %s AND c.relname = %s", (schema or "public", table))), None)
+        if found is None:
+            raise ConfigError(f"main table {name} (databases.*.tables) does not exist in {cfg.dbname}", hint="fix the list of tables")
+        wanted.append(found)
     return wanted
 
 
-def count_rows(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> dict[str, int]:
+def large_object_count(conn: psycopg.Connection) -> int:
+    with translate_errors("counting large objects"):
+        row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
+    return int(row[0]) if row else 0
+
+
+def count_rows(conn: psycopg.Connection, tables: list[TableRef], cfg: PostgresConnection | None = None) -> dict[str, int]:
+    """``count(*)`` of every counted table except foreign ones; a lock wait past ``lock_timeout`` names its holder."""
     counts: dict[str, int] = {}
-    for schema, table in tables:
-        with translate_errors(f"counting rows of {schema}.{table}"):
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()
-        counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+    for t in tables:
+        if t.kind == "f":
+            continue
+        try:
+            with translate_errors(f"counting rows of {t.key}"):
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(t.schema, t.name))).fetchone()
+        except DatabaseError as exc:
+            if cfg is not None and exc.sqlstate == "55P03":  # lock_timeout
+                raise lock_wait_error(cfg, qualified(t.schema, t.name).as_string(conn), "counting its rows") from None
+            raise
+        counts[t.key] = int(row[0]) if row else 0
     return counts
+
+
+def lock_wait_error(cfg: PostgresConnection, relation: str, doing: str) -> DatabaseError:
+    """A permanent error naming the sessions that hold ``relation`` locked, from pg_locks and pg_stat_activity."""
+    holders: list[str] = []
+    try:
+        with connect(cfg) as conn:
+            rows = conn.execute(
+                "SELECT l.pid, l.mode, a.usename, a.application_name, a.state, a.xact_start, a.query"
+                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'relation' AND l.relation = to_regclass(%s) AND l.granted"
+                " AND l.mode = 'AccessExclusiveLock' AND l.pid <> pg_backend_pid() ORDER BY a.xact_start",
+                (relation,),
+            ).fetchall()
+        for pid, mode, user, app, state, since, query in rows:
+            started = since.isoformat(timespec="seconds") if since else "?"
+            text = " ".join(str(query or "").split())[:160]
+            holders.append(f"pid {pid} ({mode}, user {user}, application {app or '-'!r}, {state}, transaction since "
+                           f"{started}): {text}")
+    except BackupError as exc:
+        holders.append(f"(the holder could not be read: {exc.message})")
+    held = "; ".join(holders) or "by a session that has since released it"
+    return DatabaseError(
+        redact(f"{relation} stayed locked past db_backup.lock_wait_timeout_seconds while {doing}: held {held}"),
+        hint="let that session finish (a migration, VACUUM FULL, ALTER TABLE) or end it with pg_terminate_backend(pid), "
+             "then back up again; raise db_backup.lock_wait_timeout_seconds if such locks are expected to last",
+        transient=False,
+    )
 
 
 # Client-tool stderr lines that mean the server or network went away: worth another attempt.
@@ -203,16 +321,19 @@ class ClientProcess:
     tool: Tool
     stderr: deque[str]
     _reader: threading.Thread
+    passfile: str | None = None
 
     def wait(self) -> int:
         rc = self.proc.wait()
         self._reader.join()
+        remove_passfile(self.passfile)
         return rc
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        remove_passfile(self.passfile)
 
     def errors(self) -> list[str]:
         return [line for line in self.stderr if ": error:" in line or line.startswith(("ERROR:", "FATAL:"))]
@@ -233,10 +354,13 @@ class ClientProcess:
 def start_client(tool: Tool, cfg: PostgresConnection, args: list[str], *, stdin: int = subprocess.DEVNULL,
                  stdout: int = subprocess.DEVNULL) -> ClientProcess:
     """Start a libpq client tool on file descriptors ``stdin``/``stdout``; stderr is collected."""
-    proc = subprocess.Popen(
-        [tool.path, "--no-password", *args], stdout=stdout, stderr=subprocess.PIPE, stdin=stdin,
-        env=libpq_env(cfg),
-    )
+    passfile = write_passfile(cfg)
+    try:
+        proc = procs.popen([tool.path, "--no-password", *args], stdout=stdout, stderr=subprocess.PIPE, stdin=stdin,
+                           env=libpq_env(cfg, passfile))
+    except BaseException:
+        remove_passfile(passfile)
+        raise
     tail: deque[str] = deque(maxlen=STDERR_KEEP)
 
     def drain() -> None:
@@ -246,4 +370,4 @@ def start_client(tool: Tool, cfg: PostgresConnection, args: list[str], *, stdin:
 
     reader = threading.Thread(target=drain, name=f"{Path(tool.path).name}-stderr", daemon=True)
     reader.start()
-    return ClientProcess(proc, tool, tail, reader)
+    return ClientProcess(proc, tool, tail, reader, passfile)

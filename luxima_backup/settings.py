@@ -54,6 +54,10 @@ class PostgresConnection(_Section):
         default_factory=list,
         description="main tables (schema.table) counted at backup and checked after restore; empty = every user table in `schemas`",
     )
+    exclude_schemas: list[str] = Field(
+        default_factory=list,
+        description="schemas left out of the dump (pg_dump --exclude-schema patterns); the rest of the database is dumped whole",
+    )
 
     def conninfo(self) -> dict[str, Any]:
         """libpq keywords for this connection, without the password."""
@@ -184,6 +188,12 @@ class DbBackupSettings(_Section):
     attempts: int = Field(3, ge=1, le=10, description="attempts of the dump-to-storage stream on transient failures")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0], description="backoff between attempts")
     retention_days: int = Field(30, ge=1)
+    lock_wait_timeout_seconds: float = Field(
+        120, gt=0, le=86400,
+        description="how long pg_dump (and the row counts) wait for a table another session holds locked (ALTER TABLE, "
+        "VACUUM FULL, a migration) before the backup fails, naming that session",
+    )
+    timeout_seconds: float = Field(6 * 3600, gt=0, description="the whole db-backup run, retries included, ends TimedOut after this")
 
     @model_validator(mode="after")
     def _level_in_range(self) -> "DbBackupSettings":
@@ -490,7 +500,11 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
-    work_dir: Path = Field(Path("/var/tmp/luxima-backup"), description="private scratch space (mode 0700)")
+    work_dir: Path = Field(
+        Path("/var/lib/luxima-backup"),
+        description="private scratch space: spools, the files mirror, restore staging (created 0700; one that is a "
+        "symlink, belongs to another user or is group/world-writable is refused)",
+    )
 
     @model_validator(mode="after")
     def _references_exist(self) -> "Settings":

@@ -22,6 +22,7 @@ import paramiko
 from .errors import ConfigError, IntegrityError, StorageError
 from .secrets import register
 from .settings import SshHost
+from .workdir import ensure_private
 
 
 class SshError(StorageError):
@@ -51,8 +52,7 @@ def ssh_options(key_file: str | None, known_hosts: Path, connect_timeout: float)
 @contextlib.contextmanager
 def private_key_file(text: str, work_dir: Path) -> Iterator[str]:
     """An SSH private key in a 0600 file for OpenSSH (rsync, git), for as long as it runs; removed in all cases."""
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder = tempfile.mkdtemp(prefix="ssh-", dir=work_dir)
+    folder = tempfile.mkdtemp(prefix="ssh-", dir=ensure_private(work_dir))
     path = os.path.join(folder, "id")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

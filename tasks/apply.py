@@ -201,7 +201,7 @@ def service_commands(settings: Settings, host: str, written: list[str], which: s
     return found
 
 
-@task(name="apply", cache_policy=NO_CACHE)
+@task(name="apply", cache_policy=NO_CACHE, persist_result=False)
 def apply(host: str, spool: str, codec: str, steps: list[dict[str, Any]], stamp: str) -> dict[str, Any]:
     """Write the planned files on the host (atomically, keeping what they replace); undone at once if a write fails."""
     settings = runtime.settings()
@@ -231,7 +231,7 @@ def apply(host: str, spool: str, codec: str, steps: list[dict[str, Any]], stamp:
     return {"applied": [asdict(a) for a in applied], "keep_dir": keep_root}
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
 def validate(host: str, written: list[str]) -> list[dict[str, Any]]:
     """Run the validation command of every service whose files were written (e.g. nginx -t)."""
     settings = runtime.settings()
@@ -243,7 +243,7 @@ def validate(host: str, written: list[str]) -> list[dict[str, Any]]:
         return run_commands(client, commands, fingerprint_key(settings), secret_rules(settings))
 
 
-@task(name="rollback", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="rollback", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def rollback_host(host: str, applied: list[dict[str, Any]], stamp: str) -> list[str]:
     """Put back every file the restore replaced, remove every file it created."""
     settings = runtime.settings()
@@ -254,7 +254,7 @@ def rollback_host(host: str, applied: list[dict[str, Any]], stamp: str) -> list[
     return problems
 
 
-@task(name="reload", cache_policy=NO_CACHE)
+@task(name="reload", cache_policy=NO_CACHE, persist_result=False)
 def reload(host: str, written: list[str]) -> list[dict[str, Any]]:
     """Run the reload command of every service whose files were written (e.g. systemctl reload nginx)."""
     settings = runtime.settings()

@@ -174,7 +174,7 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
     return {"totals": totals, "stored": stored, "changes": changes.as_dict(), "seconds": time.monotonic() - started}
 
 
-@task(name="archive", cache_policy=NO_CACHE)
+@task(name="archive", cache_policy=NO_CACHE, persist_result=False)
 def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_index: dict[str, Any] | None,
             full: bool) -> dict[str, Any]:
     """Tar the source's staging mirror into the pipeline, writing the encrypted file index beside it."""

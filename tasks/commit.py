@@ -24,6 +24,7 @@ from luxima_backup.errors import BackupError, GitError
 from luxima_backup.gitrepo import HostChanges, Repo
 from luxima_backup.settings import Settings
 from luxima_backup.ssh import private_key_file
+from luxima_backup.workdir import ensure_private
 from tasks.fetch import META_NAME
 
 LISTED = 100  # paths listed per host and kind of change in a commit message
@@ -55,6 +56,8 @@ def open_repo(settings: Settings) -> Iterator[Repo]:
 
     cfg = settings.configs.git
     path = settings.config_repo
+    if cfg.working_copy is None:
+        ensure_private(settings.work_dir)  # the default copy lives in the work dir: it must be ours alone
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         try:
@@ -148,7 +151,7 @@ def commit_hosts(repo: Repo, staged: dict[str, str], when: datetime) -> dict[str
             "unpushed": repo.unpushed()}
 
 
-@task(name="commit", cache_policy=NO_CACHE)
+@task(name="commit", cache_policy=NO_CACHE, persist_result=False)
 def commit(staged: dict[str, str], when: str) -> dict[str, Any]:
     """Commit the hosts' scrubbed configs into the git working copy (no commit when nothing changed)."""
     settings = runtime.settings()

@@ -35,7 +35,7 @@ def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: in
     return plain.finish(), packed.finish()
 
 
-@task(name="compress", cache_policy=NO_CACHE)
+@task(name="compress", cache_policy=NO_CACHE, persist_result=False)
 def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> dict[str, Any]:
     """Compress the dump stream on its way to encryption."""
     with stage(source, sink):
@@ -52,7 +52,7 @@ def decompress_stream(src: Any, dst: Any | None, codec: str) -> Meter:
     return copy(DecompressingReader(src, codec), dst, Meter(), READ_SIZE)
 
 
-@task(name="decompress", cache_policy=NO_CACHE)
+@task(name="decompress", cache_policy=NO_CACHE, persist_result=False)
 def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None) -> dict[str, Any]:
     """Decompress the decrypted stream: into the next stage, into a private file, or only to check it."""
     with stage(source, sink):

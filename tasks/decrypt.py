@@ -25,7 +25,7 @@ def decrypt_stream(src: BinaryIO, dst: Any, unwrap: UnwrapFn) -> tuple[Meter, di
     return copy(reader, dst, Meter(), READ_SIZE), reader.header.key.to_json()
 
 
-@task(name="decrypt", cache_policy=NO_CACHE)
+@task(name="decrypt", cache_policy=NO_CACHE, persist_result=False)
 def decrypt(spool: str, sink: Link) -> dict[str, Any]:
     """Decrypt the spooled backup, authenticating every chunk, into the next stage."""
     with stage(None, sink):

@@ -39,7 +39,7 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-@task(name="download", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="download", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def download(object_key: str, spool: str, expected_size: int, expected_sha256: str, configs: bool = False) -> dict[str, Any]:
     """Fetch the encrypted backup into the private spool and check its size and sha256 (``configs``: from the config archive storage)."""
     store = runtime.config_store() if configs else runtime.store()

@@ -7,26 +7,34 @@ restore can be compared with the counts exactly.
 
 from __future__ import annotations
 
-import subprocess
+import re
 import time
 from typing import Any
 
 from prefect import get_run_logger, task
 from psycopg import IsolationLevel
+from psycopg import sql as psql
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import pg, runtime
+from luxima_backup import pg, procs, runtime
 from luxima_backup.errors import ToolError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
 
-def pg_dump_args(snapshot: str, dbname: str) -> list[str]:
+def pg_dump_args(snapshot: str, dbname: str, lock_wait_seconds: float, exclude_schemas: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     # Custom format: restorable selectively and in parallel. -Z0: we compress, better and faster.
-    return ["--format=custom", "--compress=0", f"--snapshot={snapshot}", f"--dbname={dbname}"]
+    # --create: the archive also carries the database's own properties (owner, ACL, ALTER DATABASE/ROLE ... SET,
+    # comment, connection limit), which pg_restore applies only when asked; a restore uses them (tasks/restore.py).
+    args = ["--format=custom", "--compress=0", "--create", f"--snapshot={snapshot}",
+            f"--lock-wait-timeout={int(lock_wait_seconds * 1000)}", f"--dbname={dbname}"]
+    return args + [f"--exclude-schema={s}" for s in exclude_schemas]
 
 
-def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> dict[str, Any]:
+_LOCK_QUERY_RE = re.compile(r"Query was: LOCK TABLE (.+) IN ACCESS SHARE MODE")
+
+
+def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None, lock_wait_seconds: float = 120) -> dict[str, Any]:
     """Dump ``cfg``'s database into ``sink`` and count its main tables in the same snapshot."""
     started = time.monotonic()
     conn = None
@@ -34,20 +42,25 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> d
     try:
         conn = pg.connect(cfg, autocommit=False)
         info = pg.server_info(conn)
+        system_id = pg.system_identifier(conn)
         tool = pg.find_tool("pg_dump", info.major, bin_dir)
         with pg.translate_errors("exporting a snapshot"):
-            conn.rollback()  # end the transaction the version query opened
+            conn.rollback()  # end the transaction the version queries opened
             conn.isolation_level = IsolationLevel.REPEATABLE_READ  # one snapshot for the whole transaction
             conn.read_only = True
+            # Counting waits for locks as pg_dump does: boundedly (an ALTER TABLE would otherwise hang us forever).
+            conn.execute(psql.SQL("SET lock_timeout = {}").format(psql.Literal(f"{int(lock_wait_seconds * 1000)}ms")))
             row = conn.execute("SELECT pg_export_snapshot()").fetchone()
         assert row is not None
         snapshot = str(row[0])
         tables = pg.main_tables(conn, cfg)
-        process = pg.start_client(tool, cfg, pg_dump_args(snapshot, cfg.dbname), stdout=sink.take_write_fd())
+        large_objects = pg.large_object_count(conn)
+        process = pg.start_client(tool, cfg, pg_dump_args(snapshot, cfg.dbname, lock_wait_seconds, list(cfg.exclude_schemas)),
+                                  stdout=sink.take_write_fd())
         sink.close_write()  # pg_dump alone holds the write end now: its exit is our EOF
-        counts = pg.count_rows(conn, tables)  # runs on the server's other core while pg_dump streams
+        counts = pg.count_rows(conn, tables, cfg)  # runs on the server's other core while pg_dump streams
         rc = process.wait()
-        process.check(rc)
+        _check_dump(process, rc, cfg)
     except BaseException as exc:
         if process is not None:
             process.kill()
@@ -58,10 +71,22 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None) -> d
             conn.close()
     sink.succeed()
     return {
-        "server_version": info.version, "server_version_num": info.version_num,
+        "server_version": info.version, "server_version_num": info.version_num, "system_identifier": system_id,
         "pg_dump": tool.path, "pg_dump_version": tool.version,
         "snapshot": snapshot, "row_counts": counts, "seconds": time.monotonic() - started,
+        "tables": [{"schema": t.schema, "name": t.name, "kind": t.kind, "data_oids": list(t.data_oids)} for t in tables],
+        "large_objects": large_objects,
     }
+
+
+def _check_dump(process: pg.ClientProcess, rc: int, cfg: PostgresConnection) -> None:
+    """pg_dump's exit: a lock it could not get in time becomes an error naming who holds it."""
+    if rc != 0:
+        text = "\n".join(process.stderr)
+        m = _LOCK_QUERY_RE.search(text)
+        if m and "lock timeout" in text:
+            raise pg.lock_wait_error(cfg, m.group(1), "pg_dump waited to lock it")
+    process.check(rc)
 
 
 GLOBALS_LIMIT = 64 * 1024 * 1024  # roles and tablespaces only; far more means something is wrong
@@ -77,10 +102,8 @@ def dump_globals(cfg: PostgresConnection, server_major: int, bin_dir: Any = None
     attempts = [["--globals-only"], ["--globals-only", "--no-role-passwords"]]
     last = ""
     for args in attempts:
-        proc = subprocess.run(
-            [tool.path, "--no-password", f"--database={cfg.dbname}", *args],
-            capture_output=True, env=pg.libpq_env(cfg), stdin=subprocess.DEVNULL, timeout=600, check=False,
-        )
+        with pg.client_env(cfg) as env:
+            proc = procs.run([tool.path, "--no-password", f"--database={cfg.dbname}", *args], env=env, timeout=600)
         if proc.returncode == 0:
             if len(proc.stdout) > GLOBALS_LIMIT:
                 return None, f"pg_dumpall output is over {GLOBALS_LIMIT} bytes; globals not kept"
@@ -92,11 +115,12 @@ def dump_globals(cfg: PostgresConnection, server_major: int, bin_dir: Any = None
     return None, f"globals (roles) not dumped: {last}"
 
 
-@task(name="dump", cache_policy=NO_CACHE)
+@task(name="dump", cache_policy=NO_CACHE, persist_result=False)
 def dump(database: str, sink: Link) -> dict[str, Any]:
     """pg_dump one consistent snapshot of the database into the pipeline."""
     settings = runtime.settings()
-    result = dump_database(settings.database(database), sink, settings.db_backup.pg_bin_dir)
+    result = dump_database(settings.database(database), sink, settings.db_backup.pg_bin_dir,
+                           settings.db_backup.lock_wait_timeout_seconds)
     get_run_logger().info(
         "dumped %s with pg_dump %s (server %s); %d tables counted",
         database, result["pg_dump_version"], result["server_version"], len(result["row_counts"]),

@@ -36,7 +36,7 @@ def encrypt_stream(src: BinaryIO, dst: Any, data_key: DataKey, chunk_size: int, 
     return plain.finish(), sealed.finish()
 
 
-@task(name="encrypt", cache_policy=NO_CACHE)
+@task(name="encrypt", cache_policy=NO_CACHE, persist_result=False)
 def encrypt(source: Link, sink: Link, content: str) -> dict[str, Any]:
     """Encrypt the compressed stream with a new data key before it leaves the machine."""
     with stage(source, sink):

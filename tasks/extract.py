@@ -192,7 +192,7 @@ def md5_check(entries: Iterable[Entry], root: Path) -> tuple[int, list[dict[str,
     return checked, mismatches
 
 
-@task(name="extract", cache_policy=NO_CACHE)
+@task(name="extract", cache_policy=NO_CACHE, persist_result=False)
 def extract(archive_id: str, info: dict[str, Any], index_spool: str, index_codec: str, path_filter: str | None,
             staging: str) -> dict[str, Any]:
     """Stream one archive from storage, authenticating every chunk, and write the selected files it holds."""

@@ -278,7 +278,7 @@ def fetch_host(sftp: paramiko.SFTPClient, host: str, settings: Settings, tar_sin
             "too_large": out.too_large, "redactions": redactions, "content_digest": digest}
 
 
-@task(name="fetch", cache_policy=NO_CACHE)
+@task(name="fetch", cache_policy=NO_CACHE, persist_result=False)
 def fetch(host: str, sink: Link, stage_dir: str) -> dict[str, Any]:
     """Fetch a host's configs over SFTP: real files into the archive stream, scrubbed copies for git."""
     settings = runtime.settings()

@@ -105,7 +105,7 @@ def finish_entry(cfg: PostgresConnection, entry_id: int, *, status: str, error: 
         )
 
 
-@task(name="log", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="log", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def log_start(kind: str, component: str, target: str, backup_id: str | None, object_key: str | None,
               flow_run_id: str | None) -> int:
     """Record the run as ``running`` in internal.backup_logs."""
@@ -118,7 +118,7 @@ def log_start(kind: str, component: str, target: str, backup_id: str | None, obj
     return entry
 
 
-@task(name="log", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="log", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def log_finish(entry_id: int, target: str, status: str, error: str | None, details: dict[str, Any],
                fields: dict[str, Any], component: str = "db") -> None:
     """Record the run's outcome in internal.backup_logs."""
@@ -140,7 +140,7 @@ def record_entry(cfg: PostgresConnection, *, kind: str, component: str, target: 
     return entry
 
 
-@task(name="log", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="log", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def log_run(kind: str, component: str, target: str, log_target: str, status: str, started_at: Any,
             backup_id: str | None, object_key: str | None, flow_run_id: str | None, error: str | None,
             details: dict[str, Any], fields: dict[str, Any]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import hmac
 import stat
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -45,7 +46,7 @@ class Step:
     uid: int
     gid: int
     size: int
-    md5: str | None
+    digest: str | None             # HMAC-SHA256 under the fingerprint key: an unkeyed digest of a short secret file could be brute-forced
     symlink: str | None
     before: dict[str, Any] | None  # the host's entry now: type, mode, uid, gid, size, (symlink)
     diff: str = ""
@@ -95,10 +96,15 @@ def redacted_diff(path: str, old: bytes, new: bytes, key: bytes, rules: config_s
     return text + (f"... {len(lines) - DIFF_LINES} more diff lines\n" if len(lines) > DIFF_LINES else "")
 
 
+def keyed_digest(data: bytes, key: bytes) -> str:
+    """The content digest a restore compares after writing: keyed, so it reveals nothing about secret files."""
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
 def plan_member(sftp: paramiko.SFTPClient, m: Member, key: bytes, rules: config_secrets.Rules, max_bytes: int) -> Step:
     kind = "symlink" if m.symlink is not None else "file"
-    md5 = hashlib.md5(m.data).hexdigest() if m.data is not None else None
-    step = Step(m.path, "same", kind, m.mode, m.uid, m.gid, len(m.data or b""), md5, m.symlink, host_entry(sftp, m.path))
+    digest = keyed_digest(m.data, key) if m.data is not None else None
+    step = Step(m.path, "same", kind, m.mode, m.uid, m.gid, len(m.data or b""), digest, m.symlink, host_entry(sftp, m.path))
     now = step.before
     if now is None:
         step.action = "create"
@@ -154,7 +160,7 @@ def extra_steps(sftp: paramiko.SFTPClient, patterns: list[str], exclude: list[st
     return found
 
 
-@task(name="diff", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="diff", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def diff(host: str, spool: str, codec: str, paths: list[str] | None, remove_extra: bool = False) -> dict[str, Any]:
     """Compare the archive with the host, file by file (secrets shown only as fingerprints), and list the host's extra files."""
     settings = runtime.settings()

@@ -11,7 +11,7 @@ from luxima_backup import runtime
 from tasks.commit import open_repo
 
 
-@task(name="push", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="push", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def push() -> dict[str, Any]:
     """Push the config commits to the remote (a no-op when there is nothing to push)."""
     settings = runtime.settings()

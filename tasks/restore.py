@@ -8,7 +8,6 @@ created by the restore are ever dropped; a replaced database is renamed aside, n
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from luxima_backup import pg, runtime
+from luxima_backup import pg, procs, runtime
 from luxima_backup.errors import ConfigError, DatabaseError, ToolError
 from luxima_backup.pipes import Link, drain
 from luxima_backup.secrets import redact
@@ -133,7 +132,7 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
             "seconds": round(time.monotonic() - started, 3)}
 
 
-@task(name="restore", cache_policy=NO_CACHE)
+@task(name="restore", cache_policy=NO_CACHE, persist_result=False)
 def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[str], tables: list[str],
             no_owner: bool, source: Link | None = None, dump_file: str | None = None) -> dict[str, Any]:
     """pg_restore the authenticated dump into the new database, stopping at the first error."""
@@ -154,10 +153,9 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
 
 def restore_globals_sql(tool: pg.Tool, cfg: PostgresConnection, text: bytes) -> list[str]:
     """Run pg_dumpall's globals script with psql; roles that already exist are expected, not errors."""
-    proc = subprocess.run(
-        [tool.path, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-f", "-", f"--dbname={cfg.dbname}"],
-        input=text, capture_output=True, env=pg.libpq_env(cfg), timeout=600, check=False,
-    )
+    with pg.client_env(cfg) as env:
+        proc = procs.run([tool.path, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-f", "-", f"--dbname={cfg.dbname}"],
+                         input=text, env=env, timeout=600)
     errors = [line for line in proc.stderr.decode(errors="replace").splitlines() if "ERROR:" in line]
     unexpected = [e for e in errors if "already exists" not in e]
     if proc.returncode != 0 or unexpected:

@@ -8,10 +8,8 @@ paramiko check that gives clear errors for unknown or changed host keys); bucket
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import runtime, ssh
+from luxima_backup import procs, runtime, ssh
+from luxima_backup.workdir import ensure_private
 from luxima_backup.errors import ConfigError, SourceError, ToolError
 from luxima_backup.manifest import safe_name
 from luxima_backup.secrets import redact
@@ -44,10 +43,7 @@ _STATS = {
 
 def mirror_path(settings: Settings, source: str) -> Path:
     """The source's folder in the staging mirror; the mirror's root is private (0700)."""
-    root = settings.mirror_dir
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(root, 0o700)
-    return root / safe_name(source)
+    return ensure_private(settings.mirror_dir, "files_backup.mirror_dir") / safe_name(source)
 
 
 def parse_stats(text: str) -> dict[str, int]:
@@ -73,8 +69,7 @@ def rsync(src: str, mirror: Path, exclude: list[str], max_delete: int | None, ti
         args += ["-e", shlex.join(ssh_cmd)]
     mirror.mkdir(exist_ok=True, mode=0o700)
     started = time.monotonic()
-    proc = subprocess.run([*args, src.rstrip("/") + "/", f"{mirror}/"], capture_output=True, stdin=subprocess.DEVNULL,
-                          check=False)
+    proc = procs.run([*args, src.rstrip("/") + "/", f"{mirror}/"])
     out, err = proc.stdout.decode(errors="replace"), redact(proc.stderr.decode(errors="replace").strip())
     stats = parse_stats(out)
     stats.update(seconds=round(time.monotonic() - started, 3), tool="rsync")
@@ -164,7 +159,7 @@ def source_client(settings: Settings, source: FileSource) -> Any:
                                               config=config, **creds)
 
 
-@task(name="sync", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="sync", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def sync(source: str, previous_entries: int | None, allow_shrink: bool) -> dict[str, Any]:
     """Bring the source into its staging mirror (rsync or bucket sync): only what changed moves."""
     settings = runtime.settings()

@@ -24,7 +24,7 @@ def upload_stream(store: ObjectStore, key: str, src: BinaryIO) -> Meter:
     return meter
 
 
-@task(name="upload", cache_policy=NO_CACHE)
+@task(name="upload", cache_policy=NO_CACHE, persist_result=False)
 def upload(source: Link, object_key: str, configs: bool = False) -> dict[str, Any]:
     """Upload the encrypted stream; a failed or cut-short stream leaves no object behind.
 

@@ -9,6 +9,7 @@ data of every counted table.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from typing import Any
@@ -17,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql as psql
 
-from luxima_backup import pg, runtime
+from luxima_backup import pg, procs, runtime
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import DatabaseError, IntegrityError, VerificationError
 from luxima_backup.keys import KeyProvider
@@ -43,7 +44,7 @@ def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256:
 
 
 def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any],
-               pg_restore: pg.Tool | None, tables: list[str]) -> dict[str, Any]:
+               pg_restore: pg.Tool | None, tables: list[dict[str, Any]], large_objects: int = 0) -> dict[str, Any]:
     """One streaming pass: ciphertext sha256, decryption, decompression, dump sha256, TOC parse."""
     info = store.stat(key)
     if info.size != expected["encrypted_bytes"]:
@@ -59,17 +60,30 @@ def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, 
         raise VerificationError(f"{key}: dump is {plain.size} bytes after decryption, {expected['plain_bytes']} were dumped")
     result: dict[str, Any] = {"size": info.size, "sha256": sealed.hexdigest, "dump_sha256": plain.hexdigest, "deep": True}
     if toc is not None:
-        missing = [t for t in tables if not any(e.startswith(_toc_name(t)) for e in toc["table_data"])]
-        if missing:
-            raise VerificationError(f"{key}: the dump has no data entry for {', '.join(missing)}")
-        result["toc_entries"] = toc["entries"]
+        result.update(check_data_entries(key, toc, tables, large_objects))
     return result
+
+
+def check_data_entries(key: str, toc: dict[str, Any], tables: list[dict[str, Any]], large_objects: int) -> dict[str, Any]:
+    """Every counted table's rows have their data entries in the dump, matched by table oid (names can hold
+    anything): a table its own, a partitioned table its leaf partitions'; foreign tables have none to check."""
+    missing = []
+    for t in tables:
+        absent = [oid for oid in t["data_oids"] if oid not in toc["table_data"]]
+        if absent:
+            name = f"{t['schema']}.{t['name']}"
+            missing.append(name if t["kind"] != "p" else f"{name} ({len(absent)} of its {len(t['data_oids'])} partitions)")
+    if missing:
+        raise VerificationError(f"{key}: the dump has no data entry for {', '.join(missing)}")
+    if large_objects and not toc["blobs"]:
+        raise VerificationError(f"{key}: the database had {large_objects} large objects and the dump has no entry for them")
+    return {"toc_entries": toc["entries"], "data_entries_checked": sum(len(t["data_oids"]) for t in tables)}
 
 
 def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
     """Feed the dump to ``pg_restore --list`` and parse what it prints."""
-    proc = subprocess.Popen([tool.path, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: dict[str, Any] = {"entries": 0, "table_data": []}
+    proc = procs.popen([tool.path, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: dict[str, Any] = {"entries": 0, "table_data": set(), "blobs": False}
     err: list[bytes] = []
 
     def read_stdout() -> None:
@@ -79,8 +93,11 @@ def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
             if text.startswith(";") or not text.strip():
                 continue
             out["entries"] += 1
-            if " TABLE DATA " in text:  # "1234; 0 16385 TABLE DATA public users postgres"
-                out["table_data"].append(text.split(" TABLE DATA ", 1)[1])
+            m = _TOC_LINE.match(text)  # "1234; 0 16385 TABLE DATA public users postgres": the table's oid, then names
+            if m and m.group(2) == "TABLE DATA":
+                out["table_data"].add(int(m.group(1)))
+            elif m and m.group(2) in ("BLOBS", "BLOB DATA", "LARGE OBJECTS"):
+                out["blobs"] = True
 
     readers = [threading.Thread(target=read_stdout, daemon=True),
                threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
@@ -108,9 +125,7 @@ def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
     return out
 
 
-def _toc_name(table: str) -> str:
-    schema, _, name = table.partition(".")
-    return f"{schema} {name} "  # pg_restore --list prints "schema name owner", unquoted
+_TOC_LINE = re.compile(r"^\s*\d+;\s+\d+\s+(\d+)\s+(TABLE DATA|BLOBS|BLOB DATA|LARGE OBJECTS)\b")
 
 
 def _compare(key: str, what: str, actual: str, expected: str) -> None:
@@ -118,9 +133,9 @@ def _compare(key: str, what: str, actual: str, expected: str) -> None:
         raise VerificationError(f"{key}: {what} is {actual}, expected {expected}")
 
 
-@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify(object_key: str, codec: str, expected: dict[str, Any], deep: bool, server_major: int,
-           tables: list[str]) -> dict[str, Any]:
+           tables: list[dict[str, Any]], large_objects: int = 0) -> dict[str, Any]:
     """Read the uploaded backup back and check it against what was sent."""
     settings = runtime.settings()
     store = runtime.store(settings)
@@ -128,7 +143,7 @@ def verify(object_key: str, codec: str, expected: dict[str, Any], deep: bool, se
         result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
     else:
         tool = pg.find_tool("pg_restore", server_major, settings.db_backup.pg_bin_dir)
-        result = deep_check(store, object_key, runtime.key_provider(settings), codec, expected, tool, tables)
+        result = deep_check(store, object_key, runtime.key_provider(settings), codec, expected, tool, tables, large_objects)
     get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
     return result
 
@@ -142,18 +157,24 @@ def read_small(store: ObjectStore, key: str, provider: KeyProvider) -> bytes:
 
 # -- after a restore --
 
-def check_row_counts(cfg: PostgresConnection, expected: dict[str, int]) -> list[dict[str, Any]]:
-    """``count(*)`` of every table counted at backup time, against the manifest's count."""
+def check_row_counts(cfg: PostgresConnection, expected: dict[str, int],
+                     names: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """``count(*)`` of every table counted at backup time, against the manifest's count.
+
+    ``names`` gives each key's (schema, table) where the manifest recorded them: a key such as "a.b.c" cannot
+    say where the schema ends (older manifests: split at the first dot).
+    """
     rows = []
     with pg.connect(cfg) as conn:
-        for name, want in sorted(expected.items()):
-            schema, _, table = name.partition(".")
-            with pg.translate_errors(f"counting rows of {name}"):
-                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}"."{table}"',)).fetchone()
+        for key, want in sorted(expected.items()):
+            schema, table = (names or {}).get(key) or key.split(".", 1)
+            with pg.translate_errors(f"counting rows of {key}"):
+                exists = conn.execute("SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                      " WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
                 got: Any = "table missing"
-                if exists and exists[0]:
+                if exists:
                     got = int(conn.execute(psql.SQL("SELECT count(*) FROM {}").format(pg.qualified(schema, table))).fetchone()[0])  # type: ignore[index]
-            rows.append(check_row(f"rows in {name}", want, got))
+            rows.append(check_row(f"rows in {key}", want, got))
     return rows
 
 
@@ -203,12 +224,13 @@ def check_row(check: str, expected: Any, actual: Any) -> dict[str, Any]:
     return {"check": check, "expected": str(expected), "actual": str(actual), "ok": expected == actual}
 
 
-@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
-def verify_restore(target: str, dbname: str, expected_counts: dict[str, int]) -> list[dict[str, Any]]:
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
+def verify_restore(target: str, dbname: str, expected_counts: dict[str, int],
+                   names: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     """Check the restored database: row counts against the manifest, then the application's login and queries."""
     settings = runtime.settings()
     cfg = settings.database(target).model_copy(update={"dbname": dbname})
-    rows = check_row_counts(cfg, expected_counts)
+    rows = check_row_counts(cfg, expected_counts, names)
     rows += check_app(cfg, settings.restore.app_check)
     bad = [r["check"] for r in rows if not r["ok"]]
     get_run_logger().log(40 if bad else 20, "restore checks: %d passed, %d failed%s",
@@ -245,7 +267,7 @@ def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: st
             "deep": True}
 
 
-@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_files(backup_id: str, archive: dict[str, Any], index: dict[str, Any], index_spool: str,
                  older_archives: dict[str, dict[str, Any]], deep: bool) -> dict[str, Any]:
     """Read the stored archive and index back and check them; the older archives this backup relies on must still be there."""
@@ -301,7 +323,7 @@ def check_config_archive(store: ObjectStore, key: str, provider: KeyProvider, co
     return {"size": info.size, "sha256": sealed.hexdigest, "tar_sha256": plain.hexdigest, "files_checked": files, "deep": True}
 
 
-@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_configs(object_key: str, codec: str, expected: dict[str, Any], deep: bool) -> dict[str, Any]:
     """Read the stored config archive back and check it (deep: decrypt, decompress, every file's sha256)."""
     settings = runtime.settings()
@@ -314,14 +336,13 @@ def verify_configs(object_key: str, codec: str, expected: dict[str, Any], deep: 
     return result
 
 
-@task(name="verify", cache_policy=NO_CACHE, **runtime.TRANSIENT_RETRIES)
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_configs_restored(host: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Read every restored file back from the host: md5, mode and link targets against the backup."""
-    import hashlib
+    """Read every restored file back from the host: content digest, mode and link targets against the backup."""
+    from tasks.fetch import fingerprint_key, read_remote
+    from tasks.plan import host_entry, keyed_digest
 
-    from tasks.fetch import read_remote
-    from tasks.plan import host_entry
-
+    key = fingerprint_key(runtime.settings())
     mismatches: list[dict[str, Any]] = []
     checked = 0
     with runtime.connect_host(host) as client, client.open_sftp() as sftp:
@@ -341,9 +362,8 @@ def verify_configs_restored(host: str, steps: list[dict[str, Any]]) -> dict[str,
             elif now["type"] != "file":
                 mismatches.append({"path": s["path"], "problem": f"is a {now['type']} on the host"})
             else:
-                md5 = hashlib.md5(read_remote(sftp, s["path"], now["size"])).hexdigest()
-                if md5 != s["md5"]:  # digests not shown: those of a short secret file could be brute-forced
-                    mismatches.append({"path": s["path"], "problem": "md5 differs from the backup's"})
+                if keyed_digest(read_remote(sftp, s["path"], now["size"]), key) != s["digest"]:
+                    mismatches.append({"path": s["path"], "problem": "content differs from the backup's"})
                 elif now["mode"] != s["mode"]:
                     mismatches.append({"path": s["path"], "problem": f"mode {now['mode']:04o}, the backup has {s['mode']:04o}"})
     get_run_logger().info("checked %d restored files on %s: %d mismatch(es)", checked, host, len(mismatches))

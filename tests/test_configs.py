@@ -380,7 +380,7 @@ def test_apply_needs_confirm_restores_real_secrets_keeps_copies_validates_and_re
     state = restore(host="web1", dry_run=False, confirm="web1")
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["applied"] == 4 and result["md5_checked"] == 4
+    assert result["applied"] == 4 and result["files_checked"] == 4
     assert [c["service"] for c in result["validation"]] == ["coolify", "nginx"] and result["reloaded"] == ["nginx"]
     assert (root / "nginx-reloaded").exists()
     now = snapshot(root)

@@ -35,7 +35,7 @@ def test_backup_stores_encrypted_verified_dump_with_manifest_and_log(
 
     keys = s3_keys(s3_server, bucket)
     assert summary["object_key"] in keys and summary["manifest_key"] in keys
-    assert summary["object_key"].startswith(f"backups/db/{database}/")
+    assert summary["object_key"].startswith("backups/db/main/")
     assert summary["object_key"].endswith(".dump.zst.enc")
 
     manifest = json.loads(s3_get(s3_server, bucket, summary["manifest_key"]))

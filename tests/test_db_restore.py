@@ -188,12 +188,12 @@ def test_latest_skips_unverified_and_honours_as_of(
                  completed_at=(datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat())
     key = backed_up["summary"]["manifest_key"].replace(".manifest.json", "9.manifest.json")
     put_object(s3_server, bucket, key, json.dumps(newer).encode())
-    assert catalog.resolve(store, "backups", "db", "latest", source=database).backup_id == first["backup_id"]
+    assert catalog.resolve(store, "backups", "db", "latest", source="main").backup_id == first["backup_id"]
     assert catalog.resolve(store, "backups", "db", first["backup_id"]).manifest_key == backed_up["summary"]["manifest_key"]
     assert catalog.resolve(store, "backups", "db", first["dump"]["key"]).backup_id == first["backup_id"]
     before = datetime.fromisoformat(first["completed_at"]) - timedelta(seconds=1)
     with pytest.raises(ConfigError, match="no verified db backup"):
-        catalog.resolve(store, "backups", "db", "latest", source=database, as_of=before)
+        catalog.resolve(store, "backups", "db", "latest", source="main", as_of=before)
     with pytest.raises(ConfigError, match="no db backup with id"):
         catalog.resolve(store, "backups", "db", "db-nothing-20200101T000000Z")
 
