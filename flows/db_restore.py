@@ -41,7 +41,8 @@ from tasks.decrypt import decrypt
 from tasks.download import download
 from tasks.log import log_run
 from tasks.restore import (
-    create_database, database_exists, drop_database, restore, restore_globals_sql, swap_databases,
+    apply_statements, create_database, database_exists, database_properties, drop_database, quote_ident, restore,
+    restore_globals_sql, swap_databases,
 )
 from tasks.verify import check_row, verify_restore
 
@@ -204,6 +205,9 @@ def db_restore(
         create_database(target_cfg, plan.restore_into)
         created = True
         timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+        properties = _database_properties(settings, plan, work, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+        if not plan.replaces:
+            apply_statements(target_cfg, properties, plan.restore_into)
 
         t = time.monotonic()
         checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
@@ -217,7 +221,7 @@ def db_restore(
                                     hint="see the restore artifact; the database is kept for inspection")
         if plan.replaces:
             assert plan.retired_as is not None
-            swap_databases(target_cfg, plan.restore_into, plan.replaces, plan.retired_as)
+            swap_databases(target_cfg, plan.restore_into, plan.replaces, plan.retired_as, properties)
             logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
         outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
     except BaseException as exc:
@@ -270,6 +274,28 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
             drop_database(target_cfg, plan.restore_into)
             create_database(target_cfg, plan.restore_into)
     raise AssertionError("unreachable")
+
+
+def _database_properties(settings: Settings, plan: Plan, work: Any, spool: str, dump_file: str | None, codec: str,
+                         dump_major: int, no_owner: bool, target_cfg: Any) -> list[str]:
+    """The backed-up database's own properties (owner, ACL, settings, comment, connection limit) for the database this
+    restore leaves in place; none for a selective restore, which goes into a scratch database for copying rows."""
+    if plan.selective:
+        return []
+
+    def read_dump() -> Any:
+        if dump_file is not None:
+            return open(dump_file, "rb")
+        f = open(spool, "rb")
+        reader = DecompressingReader(DecryptingReader(f, runtime.key_provider(settings).unwrap), codec)  # type: ignore[arg-type]
+        reader.close = f.close  # type: ignore[attr-defined]  # the reader owns the spool file it was opened on
+        return reader
+
+    tool = pg.find_tool("pg_restore", dump_major, settings.db_backup.pg_bin_dir)
+    statements = database_properties(tool, read_dump, str(work), plan.backup.doc["source"]["database"],
+                                      plan.replaces or plan.restore_into, quote_ident(target_cfg), no_owner)
+    get_run_logger().info("%d database-level statement(s) from the backup (owner, grants, settings, comment)", len(statements))
+    return statements
 
 
 def _drop_quietly(cfg: Any, dbname: str, logger: Any) -> None:

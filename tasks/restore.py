@@ -7,9 +7,12 @@ created by the restore are ever dropped; a replaced database is renamed aside, n
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -54,27 +57,131 @@ def drop_database(cfg: PostgresConnection, dbname: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
-def swap_databases(cfg: PostgresConnection, restored: str, target: str, retired: str) -> None:
+def swap_databases(cfg: PostgresConnection, restored: str, target: str, retired: str, properties: list[str]) -> None:
     """Put ``restored`` in the place of ``target``; the old ``target`` stays, renamed ``retired``.
 
-    Both renames commit together. The old database keeps its data and refuses connections, so
-    applications cannot keep writing to it by mistake; drop it once the restore is accepted.
+    New connections to both are refused first, in a committed step, so pools that reconnect cannot get in
+    between the end of their sessions and the renames. Both renames and the database's own properties
+    (``properties``: owner, ACL, settings, comment, connection limit, as ``database_properties`` read them from
+    the backup) commit together, and only then does the database named ``target`` accept connections again.
+    The old database keeps its data and refuses connections, so applications cannot keep writing to it by
+    mistake; drop it once the restore is accepted. On any failure the original is left as it was.
     """
     with _maintenance(cfg) as conn:
-        for attempt in range(5):
-            try:
-                with pg.translate_errors(f"replacing database {target}"), conn.transaction():
-                    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
-                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                 " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([target, restored],))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(retired)))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(target)))
-                return
-            except DatabaseError as exc:
-                # A session that reconnected between terminate and rename: try again shortly.
-                if "is being accessed by other users" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(1)
+        with pg.translate_errors(f"reading database {target}"):
+            row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (target,)).fetchone()
+        allowed = bool(row and row[0])
+        block = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false")
+        with pg.translate_errors(f"refusing new connections to {target}"):
+            conn.execute(block.format(sql.Identifier(target)))  # autocommit: in force before any session ends
+            conn.execute(block.format(sql.Identifier(restored)))
+        try:
+            for attempt in range(10):
+                try:
+                    with pg.translate_errors(f"replacing database {target}"):
+                        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                     " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([target, restored],))
+                        with conn.transaction():
+                            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(retired)))
+                            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(target)))
+                            for statement in properties:
+                                conn.execute(statement.encode())
+                            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                                sql.Identifier(target), sql.SQL("true" if allowed else "false")))
+                    return
+                except DatabaseError as exc:
+                    # A session still ending (terminate is asynchronous): try again shortly.
+                    if "is being accessed by other users" not in str(exc) or attempt == 9:
+                        raise
+                    time.sleep(0.5)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original is still `target`: let its clients back in
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(target), sql.SQL("true" if allowed else "false")))
+            raise
+
+
+# pg_restore -C -l lines of the database's own entries: "3380; 1262 16384 DATABASE - x owner",
+# "3381; 0 0 DATABASE PROPERTIES - x owner", "3382; 0 0 COMMENT - DATABASE x owner", "3383; 0 0 ACL - DATABASE x owner".
+_DB_ENTRY = re.compile(r"^\s*\d+;\s+\d+\s+\d+\s+(?:DATABASE|DATABASE PROPERTIES|(?:COMMENT|ACL|SECURITY LABEL) - DATABASE)\b")
+_SKIP = ("--", "\\", "SET ", "SELECT pg_catalog.set_config", "CREATE DATABASE ")
+
+
+def database_properties(tool: pg.Tool, read_dump: Callable[[], Any], work: str, source_db: str, target_db: str,
+                        quote: Callable[[str], str], no_owner: bool) -> list[str]:
+    """The statements that give ``target_db`` the properties the backed-up database had, from the dump itself.
+
+    They are what ``pg_restore --create`` would run (owner, ACL, ``ALTER DATABASE … SET``, ``ALTER ROLE … IN
+    DATABASE … SET``, comment, connection limit, security labels) minus the CREATE and \\connect, naming
+    ``target_db`` instead of ``source_db``. Dumps made without --create carry none: the list is empty.
+    ``read_dump`` opens the plaintext dump from its start; only its table of contents is read.
+    """
+    listing = _pg_restore_output(tool, ["--create", "--list"], read_dump()).decode(errors="replace")
+    entries = [line for line in listing.splitlines() if _DB_ENTRY.match(line)]
+    if not entries:
+        return []
+    list_file = f"{work}/database-entries.list"
+    with open(list_file, "w") as f:
+        f.write("\n".join(entries) + "\n")
+    args = ["--create", f"--use-list={list_file}", "--file=-"] + (["--no-owner", "--no-privileges"] if no_owner else [])
+    script = _pg_restore_output(tool, args, read_dump()).decode()
+    old, new = f"DATABASE {quote(source_db)}", f"DATABASE {quote(target_db)}"
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.splitlines():
+        if not current and (not line.strip() or line.startswith(_SKIP)):
+            continue
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            statement = "\n".join(current)
+            if old not in statement:  # (its text is not shown: ALTER DATABASE … SET values can be secrets)
+                raise ToolError(f"a statement among the database's properties does not name {old}",
+                                hint="restore without replace mode and set the database's properties by hand")
+            statements.append(statement.replace(old, new, 1))  # the first: a comment's text may say it too
+            current = []
+    return statements
+
+
+def apply_statements(cfg: PostgresConnection, statements: list[str], dbname: str) -> None:
+    """Run ``database_properties`` statements for ``dbname``, each committed (mode new; replace runs them in the swap)."""
+    with _maintenance(cfg) as conn, pg.translate_errors(f"setting the properties of database {dbname}"):
+        for statement in statements:
+            conn.execute(statement.encode())
+
+
+def quote_ident(cfg: PostgresConnection) -> Callable[[str], str]:
+    """The server's quoting of a name, as pg_dump writes it (quoted only when it must be)."""
+    def quote(name: str) -> str:
+        with _maintenance(cfg) as conn, pg.translate_errors("quoting a name"):
+            return str(conn.execute("SELECT quote_ident(%s)", (name,)).fetchone()[0])  # type: ignore[index]
+    return quote
+
+
+def _pg_restore_output(tool: pg.Tool, args: list[str], dump: Any) -> bytes:
+    """pg_restore ``args`` on the dump fed to its stdin; it stops reading after the table of contents."""
+    proc = procs.popen([tool.path, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
+               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
+    for t in readers:
+        t.start()
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            while block := dump.read(1 << 20):
+                proc.stdin.write(block)  # type: ignore[union-attr]
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()  # type: ignore[union-attr]
+        close = getattr(dump, "close", None)
+        if close is not None:
+            close()
+    rc = proc.wait()
+    for t in readers:
+        t.join()
+    if rc != 0:
+        raise ToolError(f"pg_restore {' '.join(args[:2])} failed (exit {rc}): {redact(b''.join(err).decode(errors='replace'))[-1000:]}")
+    return b"".join(out)
 
 
 def pg_restore_args(dbname: str, jobs: int, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:

@@ -123,6 +123,89 @@ def test_replace_needs_the_confirmation_and_keeps_the_old_database(
         assert conn.execute("SELECT count(*) FROM app.documents").fetchone()[0] == 0  # the old data, kept
 
 
+def db_properties(cluster: PostgresCluster, dbname: str) -> dict[str, Any]:
+    """What pg_dump --create carries of a database: owner, ACL, connection limit, comment, per-database settings."""
+    with cluster.connect() as conn:
+        owner, acl, limit, comment = conn.execute(
+            "SELECT pg_get_userbyid(datdba), datacl::text, datconnlimit, shobj_description(oid, 'pg_database')"
+            " FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        settings = conn.execute(
+            "SELECT coalesce(r.rolname, '*'), s.setconfig::text FROM pg_db_role_setting s"
+            " JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole"
+            " WHERE d.datname = %s ORDER BY 1", (dbname,)).fetchall()
+    return {"owner": owner, "acl": (acl or "").replace(dbname, "DB"), "connlimit": limit, "comment": comment,
+            "settings": settings}
+
+
+def test_replace_keeps_the_database_properties_while_clients_reconnect(
+    prefect_server: Any, pg_cluster: PostgresCluster, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int],
+) -> None:
+    import threading
+    import time as _time
+
+    import psycopg
+
+    owner = f"{database}_owner"
+    app = f"{database}_app"
+    with pg_cluster.connect() as conn:
+        for role in (owner, app):
+            conn.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD \'app-pw\'')
+        conn.execute(f'ALTER DATABASE "{database}" OWNER TO "{owner}"')
+        conn.execute(f'REVOKE CONNECT, TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{app}"')
+        conn.execute(f'ALTER DATABASE "{database}" SET "app.settings.jwt_exp" TO \'3600\'')
+        conn.execute(f'ALTER DATABASE "{database}" SET statement_timeout TO \'42s\'')
+        conn.execute(f'ALTER ROLE "{app}" IN DATABASE "{database}" SET search_path TO app, public')
+        conn.execute(f'ALTER DATABASE "{database}" CONNECTION LIMIT 50')
+        conn.execute(f"COMMENT ON DATABASE \"{database}\" IS 'the Luxima platform'")
+    with pg_cluster.connect(database) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{app}"')
+        conn.execute(f'GRANT SELECT ON app.documents TO "{app}"')
+    before = db_properties(pg_cluster, database)
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup(deep_verify=False)
+    assert state.is_completed(), state.message
+    with pg_cluster.connect(database) as conn:
+        conn.execute("DELETE FROM app.documents")
+
+    # An application pool that reconnects as fast as it can throughout the swap.
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def pool() -> None:
+        while not stop.is_set():
+            try:
+                with psycopg.connect(**pg_cluster.conninfo(database, user=app, password="app-pw"), connect_timeout=2) as c:
+                    seen.append(c.execute("SELECT count(*) FROM app.documents").fetchone()[0])
+            except psycopg.Error:
+                _time.sleep(0.01)
+
+    client = threading.Thread(target=pool, daemon=True)
+    client.start()
+    try:
+        _time.sleep(0.5)
+        assert seen and seen[-1] == 0, "the pool reads the damaged database before the restore"
+        state = run_restore(mode="replace", confirm=database)
+        deadline = _time.monotonic() + 15
+        while seen[-1] != source["app.documents"] and _time.monotonic() < deadline:
+            _time.sleep(0.1)
+    finally:
+        stop.set()
+        client.join(10)
+    assert state.is_completed(), state.message
+    assert db_properties(pg_cluster, database) == before
+    assert seen[-1] == source["app.documents"]  # the pool is back, on the restored data
+    with pg_cluster.connect() as conn:
+        assert conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (database,)).fetchone()[0]
+        kept = state.result()["retired_database"]
+        assert not conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (kept,)).fetchone()[0]
+        for db in (kept, database):  # (the fixture would drop them too, but the roles must go after them)
+            conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+        for role in (owner, app):
+            conn.execute(f'DROP ROLE "{role}"')
+
+
 def test_tampered_object_is_refused_before_the_target_is_touched(
     backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
 ) -> None:
