@@ -124,6 +124,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
 
 
 @flow(name="config-backup", validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.configs.timeout_seconds, "config-backup")
 def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     """Back up the service configs of the configured hosts: git commit & push (secrets redacted), encrypted archive.
 

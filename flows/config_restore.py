@@ -86,6 +86,7 @@ def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
 
 
 @flow(name="config-restore", validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.restore.timeout_seconds, "config-restore")
 def config_restore(host: str, version: str = "latest", paths: list[str] | None = None, dry_run: bool = True,
                    confirm: str | None = None, reload_services: bool = True, remove_extra: bool = False) -> dict[str, Any]:
     """Restore a host's service configs from an encrypted config archive; a dry run (default) shows the diff.

@@ -77,6 +77,7 @@ def backup_globals(database: str, server_major: int, object_key: str) -> dict[st
 
 
 @flow(name="db-backup", validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.db_backup.timeout_seconds, "db-backup")
 def db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
     """Back up one configured PostgreSQL database to object storage, encrypted, verified and logged.
 

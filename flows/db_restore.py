@@ -130,6 +130,7 @@ def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) 
 
 
 @flow(name="db-restore", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.restore.timeout_seconds, "db-restore")
 def db_restore(
     backup: str = "latest",
     as_of: datetime | None = None,

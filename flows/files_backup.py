@@ -212,6 +212,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
 
 
 @flow(name="files-backup", validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.files_backup.timeout_seconds, "files-backup")
 def files_backup(sources: list[str] | None = None, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
     """Back up the configured file sources (object-storage files, directories on hosts) to storage, encrypted and verified.
 

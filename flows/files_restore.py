@@ -338,6 +338,7 @@ def verify_restored(plan_dest: Destination, index_spool: str, index_codec: str, 
 
 
 @flow(name="files-restore", validate_parameters=True, persist_result=True)
+@runtime.time_limited(lambda s: s.restore.timeout_seconds, "files-restore")
 def files_restore(
     destination: str,
     backup: str = "latest",

@@ -441,9 +441,52 @@ def demo(workdir: Path = typer.Option(Path(".local/demo"), help="where the demo 
         _fail(exc)
 
 
+def _stop_on_signal() -> None:
+    """SIGTERM and SIGHUP end a command as Ctrl-C does, after stopping its child processes.
+
+    Python's default for SIGTERM ends the process on the spot: no flow clean-up (a half-written backup
+    kept, its log row left 'running'), no atexit (the temporary Prefect server of a command run without
+    one left running as an orphan) and pg_dump, pg_restore or rsync carrying on alone. Stopping the
+    children first also ends the stage threads reading from them, so the process can exit.
+    """
+    import atexit
+    import signal
+    import threading
+
+    from . import procs
+
+    def interrupt(signum: int, frame: Any) -> None:
+        procs.stop_all(grace=5)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    atexit.register(procs.stop_all)
+
+    # Python runs signal handlers in the main thread only, between bytecodes; a main thread blocked on a lock
+    # while a stage thread took the signal never gets there, and a flow run swaps in Prefect's own SIGTERM
+    # handler anyway. The wake-up fd is written at C level whatever the threads do: a watcher stops the
+    # children at once, which ends the stages, wakes the main thread and lets the handlers run.
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    stopping = {int(signal.SIGTERM), int(signal.SIGHUP), int(signal.SIGINT)}
+
+    def watch() -> None:
+        while data := os.read(r, 64):
+            if stopping.intersection(data):
+                procs.stop_all(grace=5)
+
+    threading.Thread(target=watch, name="signal-watch", daemon=True).start()
+
+
 def main() -> None:
+    _stop_on_signal()
     try:
         app()
     except KeyboardInterrupt:
+        from . import procs
+
+        procs.stop_all(grace=5)
         sys.exit(130)
 

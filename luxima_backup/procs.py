@@ -14,13 +14,15 @@ import subprocess
 import threading
 import time
 import weakref
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 # Variables a client tool may legitimately need; nothing that can carry a credential.
 _PASSED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR")
 
 _lock = threading.Lock()
 _live: "weakref.WeakSet[subprocess.Popen[Any]]" = weakref.WeakSet()
+_cancels: dict[int, Callable[[], None]] = {}
 
 
 def minimal_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -57,14 +59,34 @@ def run(args: list[str], *, input: bytes | None = None, timeout: float | None = 
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+@contextlib.contextmanager
+def cancellable(cancel: Callable[[], None]) -> Iterator[None]:
+    """Within this block ``stop_all`` also calls ``cancel`` (e.g. a database connection's cancel of a query that
+    waits on a lock): work that is not a child process must stop too, or the run cannot end."""
+    token = id(cancel)
+    with _lock:
+        _cancels[token] = cancel
+    try:
+        yield
+    finally:
+        with _lock:
+            _cancels.pop(token, None)
+
+
 def live() -> list[subprocess.Popen[Any]]:
     with _lock:
         return [p for p in _live if p.poll() is None]
 
 
 def stop_all(grace: float = 5.0) -> int:
-    """SIGTERM every live child, SIGKILL those still there after ``grace`` seconds; how many were running."""
+    """Cancel the registered work, SIGTERM every live child, SIGKILL those still there after ``grace`` seconds;
+    how many children were running."""
     running = live()
+    with _lock:
+        cancels = list(_cancels.values())
+    for cancel in cancels:
+        with contextlib.suppress(Exception):
+            cancel()
     for proc in running:
         _signal(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace

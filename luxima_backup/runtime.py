@@ -6,11 +6,14 @@ SDK imports and logins happen here, not at module import.
 
 from __future__ import annotations
 
+import functools
+import signal
 import threading
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from prefect.tasks import exponential_backoff
 
+from . import procs
 from .errors import is_transient
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
@@ -99,3 +102,42 @@ TRANSIENT_RETRIES: dict[str, Any] = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_if_transient,
 }
+
+
+class TimeLimitExceeded(TimeoutError):
+    """A run went past its configured ``timeout_seconds``; Prefect records a TimeoutError as TimedOut."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def time_limited(limit_of: Callable[[Settings], float], name: str) -> Callable[[F], F]:
+    """Bound a flow's body by a limit from the settings (``limit_of(settings)`` seconds).
+
+    Prefect's own ``timeout_seconds`` is fixed when the flow is defined, before any settings exist;
+    this one is read at run time. When it expires, every child process (pg_dump, pg_restore, rsync,
+    ...) is stopped, which ends the stages waiting on them, and ``TimeLimitExceeded`` is raised in
+    the flow, so its clean-up runs and the run ends TimedOut. Flows run in their process's main
+    thread (CLI, worker, serve); elsewhere the limit is not enforced.
+    """
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*args, **kwargs)
+            seconds = float(limit_of(settings()))
+
+            def expire(signum: int, frame: Any) -> None:
+                procs.stop_all(grace=2)
+                raise TimeLimitExceeded(f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
+                                        f"(raise the setting's timeout_seconds if runs this long are expected)")
+
+            previous = signal.signal(signal.SIGALRM, expire)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        return limited  # type: ignore[return-value]
+    return decorate

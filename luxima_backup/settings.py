@@ -256,6 +256,7 @@ class FilesBackupSettings(_Section):
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
     rsync_timeout: int = Field(600, ge=10, description="rsync --timeout: seconds of no I/O before it gives up")
     retention_days: int = Field(30, ge=1)
+    timeout_seconds: float = Field(8 * 3600, gt=0, description="the whole files-backup run ends TimedOut after this")
 
     @model_validator(mode="after")
     def _level_in_range(self) -> "FilesBackupSettings":
@@ -377,6 +378,7 @@ class ConfigsSettings(_Section):
     attempts: int = Field(3, ge=1, le=10, description="attempts of a host's fetch-to-storage stream on transient failures")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
     retention_days: int = Field(90, ge=1)
+    timeout_seconds: float = Field(3600, gt=0, description="the whole config-backup run ends TimedOut after this")
     restore_keep_dir: str = Field("/var/backups/luxima-config-restore", description="folder on the host where a restore keeps the files it overwrote")
 
     @model_validator(mode="after")
@@ -436,6 +438,7 @@ class RestoreSettings(_Section):
     jobs: int = Field(1, ge=1, le=64, description="pg_restore -j; above 1 needs a private temporary file of the dump")
     attempts: int = Field(2, ge=1, le=5, description="attempts of the pg_restore pass on transient failures (each on an empty database)")
     rto_target_minutes: float = Field(120, gt=0, description="recovery time objective the measured RTO is shown against")
+    timeout_seconds: float = Field(4 * 3600, gt=0, description="a db, files or config restore run ends TimedOut after this")
     app_check: AppCheck = Field(default_factory=AppCheck)
 
 

@@ -58,7 +58,8 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None, lock
         process = pg.start_client(tool, cfg, pg_dump_args(snapshot, cfg.dbname, lock_wait_seconds, list(cfg.exclude_schemas)),
                                   stdout=sink.take_write_fd())
         sink.close_write()  # pg_dump alone holds the write end now: its exit is our EOF
-        counts = pg.count_rows(conn, tables, cfg)  # runs on the server's other core while pg_dump streams
+        with procs.cancellable(conn.cancel_safe):  # a stopped run must not wait out a lock here
+            counts = pg.count_rows(conn, tables, cfg)  # runs on the server's other core while pg_dump streams
         rc = process.wait()
         _check_dump(process, rc, cfg)
     except BaseException as exc:

@@ -164,3 +164,72 @@ def test_break_glass_without_a_prefect_server(
     assert summary["database"] == f"{database}_bg" and summary["backup_id"] == backup_id
     with pg_cluster.connect(f"{database}_bg") as conn:
         assert conn.execute("SELECT count(*) FROM app.users").fetchone()[0] == source["app.users"]
+
+
+def _session_members(sid: int) -> dict[int, str]:
+    """pid -> command name of every process in session ``sid`` (the CLI started with a session of its own)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
+        fields = stat_line[stat_line.rindex(")") + 2:].split()
+        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+            members[int(entry.name)] = name
+    return members
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_backup_its_children_and_its_temporary_server(
+    pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path, write_settings: Any,
+    source: dict[str, int], tmp_path: Path,
+) -> None:
+    import time
+
+    path = write_settings(database, bucket, file_keys(key_file))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no server: the CLI starts its own
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+               LUXIMA_BACKUP_CONFIG=str(path), LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS="600",
+               LUXIMA_TEST_DB_PASSWORD=DB_PASSWORD)
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE public.events IN ACCESS EXCLUSIVE MODE")  # pg_dump waits on it: a run in progress
+        # Output to files: children that outlived the CLI would keep pipes open and hide its exit.
+        out = open(tmp_path / "cli.out", "wb")
+        proc = subprocess.Popen([CLI, "backup", "db"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while True:  # until pg_dump waits for the lock
+                assert proc.poll() is None, (tmp_path / "cli.out").read_text()[-2000:]
+                assert time.monotonic() < deadline, "pg_dump never started"
+                with pg_cluster.connect() as watcher:
+                    if watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+                                       " AND application_name = 'luxima-backup'", (database,)).fetchone()[0]:
+                        break
+                time.sleep(0.2)
+            running = _session_members(proc.pid)
+            assert len(running) >= 3, running  # the CLI, its temporary Prefect server, pg_dump
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"still running 60 s after SIGTERM: {_session_members(proc.pid)}; "
+                                     f"{(tmp_path / 'cli.out').read_text()[-3000:]}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            out.close()
+        holder.execute("ROLLBACK")
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 15
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_members(proc.pid) == {}, f"left running: {_session_members(proc.pid)}"
+    listing = s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert not [o["Key"] for o in listing if o["Key"].endswith(".manifest.json")]
