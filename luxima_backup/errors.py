@@ -90,8 +90,14 @@ class Cancelled(BackupError):
     """The operator refused or did not confirm a destructive action."""
 
 
+class TimeLimitExceeded(TimeoutError):
+    """A run went past its configured ``timeout_seconds``: never retried; Prefect records a TimeoutError as TimedOut."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the step that raised ``exc`` may succeed."""
+    if isinstance(exc, TimeLimitExceeded):
+        return False
     if isinstance(exc, BackupError):
         return exc.transient
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):

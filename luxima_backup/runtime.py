@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from prefect.tasks import exponential_backoff
 
 from . import procs
-from .errors import is_transient
+from .errors import TimeLimitExceeded, is_transient
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
 from .storage import ObjectStore, store_from_settings
@@ -104,10 +104,6 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 }
 
 
-class TimeLimitExceeded(TimeoutError):
-    """A run went past its configured ``timeout_seconds``; Prefect records a TimeoutError as TimedOut."""
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -115,10 +111,12 @@ def time_limited(limit_of: Callable[[Settings], float], name: str) -> Callable[[
     """Bound a flow's body by a limit from the settings (``limit_of(settings)`` seconds).
 
     Prefect's own ``timeout_seconds`` is fixed when the flow is defined, before any settings exist;
-    this one is read at run time. When it expires, every child process (pg_dump, pg_restore, rsync,
-    ...) is stopped, which ends the stages waiting on them, and ``TimeLimitExceeded`` is raised in
-    the flow, so its clean-up runs and the run ends TimedOut. Flows run in their process's main
-    thread (CLI, worker, serve); elsewhere the limit is not enforced.
+    this one is read at run time. When it expires, a timer thread stops every child process (pg_dump,
+    pg_restore, rsync, ...) and cancels registered waits, which ends the stages blocked on them, then
+    signals the main thread, where ``TimeLimitExceeded`` is raised: the flow's clean-up runs and the
+    run ends TimedOut. (The signal is sent to the main thread itself: a process-wide alarm may land on
+    another thread and leave the main one blocked.) Flows run in their process's main thread (CLI,
+    worker, serve); elsewhere the limit is not enforced.
     """
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -126,18 +124,43 @@ def time_limited(limit_of: Callable[[Settings], float], name: str) -> Callable[[
             if threading.current_thread() is not threading.main_thread():
                 return fn(*args, **kwargs)
             seconds = float(limit_of(settings()))
+            expired = threading.Event()
 
-            def expire(signum: int, frame: Any) -> None:
-                procs.stop_all(grace=2)
-                raise TimeLimitExceeded(f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
-                                        f"(raise the setting's timeout_seconds if runs this long are expected)")
+            finished = threading.Lock()  # held by the run's end: no alarm after the handler is put back
 
-            previous = signal.signal(signal.SIGALRM, expire)
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            def expire() -> None:
+                if not finished.acquire(blocking=False):
+                    return
+                try:
+                    expired.set()
+                    procs.stop_all(grace=2)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)  # type: ignore[arg-type]
+                finally:
+                    finished.release()
+
+            message = (f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
+                       "(raise the setting's timeout_seconds if runs this long are expected)")
+
+            def on_alarm(signum: int, frame: Any) -> None:
+                if expired.is_set():
+                    raise TimeLimitExceeded(message)
+                if callable(previous):  # someone else's alarm (e.g. a test runner's)
+                    previous(signum, frame)
+
+            previous = signal.signal(signal.SIGALRM, on_alarm)
+            timer = threading.Timer(seconds, expire)
+            timer.daemon = True
+            timer.start()
             try:
                 return fn(*args, **kwargs)
+            except BaseException as exc:
+                # The stages stopped by the limit may fail first, with errors of their own: the cause is the limit.
+                if expired.is_set() and not isinstance(exc, TimeLimitExceeded):
+                    raise TimeLimitExceeded(message) from exc
+                raise
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+                timer.cancel()
+                with finished:
+                    signal.signal(signal.SIGALRM, previous)
         return limited  # type: ignore[return-value]
     return decorate

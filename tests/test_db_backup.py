@@ -343,3 +343,28 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
     for text in texts:
         for secret in secrets:
             assert secret not in text
+
+
+@pytest.mark.slow
+def test_a_backup_past_its_time_limit_ends_timed_out_and_leaves_nothing_behind(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from luxima_backup import procs
+
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__TIMEOUT_SECONDS", "6")
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # so the limit is what ends it
+    write_settings(database, bucket, file_keys(key_file))
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        state = run_backup()
+        elapsed = time.monotonic() - started
+        holder.execute("ROLLBACK")
+    assert state.name == "TimedOut", (state.name, state.message)
+    assert "limit of 6 s" in str(state.result(raise_on_failure=False))
+    assert elapsed < 60  # not the 600 s lock wait
+    assert procs.live() == []  # pg_dump was stopped, not left waiting on the lock
+    assert not [k for k in s3_keys(s3_server, bucket) if k.endswith(".manifest.json")]
+    assert [r["status"] for r in log_rows(pg_cluster, database)] == ["failed"]
