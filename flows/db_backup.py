@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from luxima_backup import __version__, events, manifest, runtime
+from luxima_backup import __version__, events, manifest, pg, runtime
+from luxima_backup.progress import Progress
 from luxima_backup.envelope import encrypt_bytes
 from luxima_backup.errors import BackupError, VerificationError
 from luxima_backup.pipes import Link
@@ -43,9 +44,11 @@ def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[st
     cfg = settings.db_backup
     links = dumped, packed, sealed = Link("dump→compress"), Link("compress→encrypt"), Link("encrypt→upload")
 
+    progress = Progress(f"dump of {database}", pg.database_size(settings.database(database)), estimated=True)
+
     def submit(futures: list[Any]) -> None:
         futures.append(dump.submit(database, dumped))
-        futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads))
+        futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
         futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive"))
         futures.append(upload.submit(sealed, object_key))
 

@@ -31,6 +31,7 @@ from luxima_backup.catalog import Backup
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import BackupError, ConfigError, VerificationError, is_transient
 from luxima_backup.pipes import Link
+from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
@@ -190,8 +191,10 @@ def db_restore(
         # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
         dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
         link = Link("decrypt→decompress")
+        checking = Progress("decrypting and checking the dump", dump_info["size_plain"])
         dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
-                                            fs.append(decompress.submit(link, codec, to_file=dump_file))), [link])
+                                            fs.append(decompress.submit(link, codec, to_file=dump_file,
+                                                                        progress=checking))), [link])
         timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
         checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
         checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
@@ -263,7 +266,8 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
                 links = decrypted, dumped = Link("decrypt→decompress"), Link("decompress→restore")
                 run_linked(lambda fs: (
                     fs.append(decrypt.submit(spool, decrypted)),
-                    fs.append(decompress.submit(decrypted, codec, sink=dumped)),
+                    fs.append(decompress.submit(decrypted, codec, sink=dumped,
+                                                progress=Progress(f"restore into {plan.restore_into}", plan.backup.doc["dump"]["size_plain"]))),
                     fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
                                              plan.tables, no_owner, source=dumped)),
                 ), list(links))

@@ -134,6 +134,16 @@ def server_info(conn: psycopg.Connection) -> ServerInfo:
     return ServerInfo(str(row[0]).split()[0], int(row[1]), bool(row[2]))
 
 
+def database_size(cfg: PostgresConnection) -> int | None:
+    """pg_database_size of the configured database (an estimate of a dump's size), or None if it cannot be read."""
+    try:
+        with connect(cfg) as conn:
+            row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    except BackupError:
+        return None
+    return int(row[0]) if row else None
+
+
 def system_identifier(conn: psycopg.Connection) -> str | None:
     """The cluster's unique id (pg_control_system), or None where a managed server does not show it."""
     try:

@@ -156,6 +156,7 @@ class Meter:
     size: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    progress: Any = None  # a luxima_backup.progress.Progress told of the bytes as they pass
 
     def __post_init__(self) -> None:
         self._hash = hashlib.new(self.hash_name)
@@ -163,9 +164,13 @@ class Meter:
     def update(self, data: bytes | memoryview) -> None:
         self.size += len(data)
         self._hash.update(data)
+        if self.progress is not None:
+            self.progress.tick(self.size)
 
     def finish(self) -> "Meter":
         self.finished = time.monotonic()
+        if self.progress is not None:
+            self.progress.finish(self.size)
         return self
 
     @property

@@ -12,9 +12,10 @@ from luxima_backup.compression import READ_SIZE, DecompressingReader, compressor
 from luxima_backup.pipes import TRIM_EVERY, Link, Meter, copy, release_free_memory, stage
 
 
-def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0) -> tuple[Meter, Meter]:
+def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: int = 0,
+                    progress: Any = None) -> tuple[Meter, Meter]:
     """Compress ``src`` to EOF into ``dst``; returns meters of the plain input and compressed output."""
-    plain, packed = Meter(), Meter()
+    plain, packed = Meter(progress=progress), Meter()
     comp = compressor(codec, level, threads)
     trim_at = TRIM_EVERY
     while True:
@@ -36,10 +37,10 @@ def compress_stream(src: BinaryIO, dst: Any, codec: str, level: int, threads: in
 
 
 @task(name="compress", cache_policy=NO_CACHE, persist_result=False)
-def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> dict[str, Any]:
+def compress(source: Link, sink: Link, codec: str, level: int, threads: int, progress: Any = None) -> dict[str, Any]:
     """Compress the dump stream on its way to encryption."""
     with stage(source, sink):
-        plain, packed = compress_stream(source.reader(), sink.writer(), codec, level, threads)
+        plain, packed = compress_stream(source.reader(), sink.writer(), codec, level, threads, progress)
     return {
         "codec": codec, "level": level,
         "plain_bytes": plain.size, "plain_sha256": plain.hexdigest,
@@ -47,19 +48,20 @@ def compress(source: Link, sink: Link, codec: str, level: int, threads: int) -> 
     }
 
 
-def decompress_stream(src: Any, dst: Any | None, codec: str) -> Meter:
+def decompress_stream(src: Any, dst: Any | None, codec: str, progress: Any = None) -> Meter:
     """Decompress ``src`` to EOF into ``dst`` (or nowhere, only metering); returns the plaintext meter."""
-    return copy(DecompressingReader(src, codec), dst, Meter(), READ_SIZE)
+    return copy(DecompressingReader(src, codec), dst, Meter(progress=progress), READ_SIZE)
 
 
 @task(name="decompress", cache_policy=NO_CACHE, persist_result=False)
-def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None) -> dict[str, Any]:
+def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None,
+               progress: Any = None) -> dict[str, Any]:
     """Decompress the decrypted stream: into the next stage, into a private file, or only to check it."""
     with stage(source, sink):
         if to_file is not None:
             fd = os.open(to_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
-                plain = decompress_stream(source.reader(), out, codec)
+                plain = decompress_stream(source.reader(), out, codec, progress)
         else:
-            plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec)
+            plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec, progress)
     return {"plain_bytes": plain.size, "plain_sha256": plain.hexdigest, "seconds": round(plain.seconds, 3)}

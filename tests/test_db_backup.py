@@ -368,3 +368,20 @@ def test_a_backup_past_its_time_limit_ends_timed_out_and_leaves_nothing_behind(
     assert procs.live() == []  # pg_dump was stopped, not left waiting on the lock
     assert not [k for k in s3_keys(s3_server, bucket) if k.endswith(".manifest.json")]
     assert [r["status"] for r in log_rows(pg_cluster, database)] == ["failed"]
+
+
+@pytest.mark.slow
+def test_a_running_backup_shows_its_progress_in_the_ui(
+    prefect_server: Any, database: str, bucket: str, key_file: Path, write_settings: Any, source: dict[str, int],
+) -> None:
+    import httpx
+
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup(deep_verify=False)
+    assert state.is_completed(), state.message
+    runs = [str(r.id) for r in subflow_runs(state)]
+    found = httpx.post(f"{prefect_server.api_url}/artifacts/filter", json={
+        "artifacts": {"type": {"any_": ["progress"]}, "flow_run_id": {"any_": runs}},
+        "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+    assert len(found) == 1
+    assert found[0]["data"] == 100.0 and "dump of main" in (found[0]["description"] or "")
