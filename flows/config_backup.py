@@ -124,13 +124,17 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
 
 
 @flow(name="config-backup", validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.configs.timeout_seconds, "config-backup")
 def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     """Back up the service configs of the configured hosts: git commit & push (secrets redacted), encrypted archive.
 
     Args:
         hosts: which [configs.hosts.NAME] to back up (default: all of them).
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.configs.timeout_seconds, "config-backup", _config_backup, **locals())
+
+
+def _config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     settings = runtime.settings()
     install_log_redaction()
     names = list(hosts or settings.configs.hosts)

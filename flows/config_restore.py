@@ -86,7 +86,6 @@ def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
 
 
 @flow(name="config-restore", validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.restore.timeout_seconds, "config-restore")
 def config_restore(host: str, version: str = "latest", paths: list[str] | None = None, dry_run: bool = True,
                    confirm: str | None = None, reload_services: bool = True, remove_extra: bool = False) -> dict[str, Any]:
     """Restore a host's service configs from an encrypted config archive; a dry run (default) shows the diff.
@@ -101,6 +100,12 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
         remove_extra: also remove files under the host's configured paths that the backup does not have (each kept
             first, put back on rollback); by default they are listed and left alone.
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "config-restore", _config_restore, **locals())
+
+
+def _config_restore(host: str, version: str = "latest", paths: list[str] | None = None, dry_run: bool = True,
+                   confirm: str | None = None, reload_services: bool = True, remove_extra: bool = False) -> dict[str, Any]:
     settings = runtime.settings()
     install_log_redaction()
     logger = get_run_logger()

@@ -80,7 +80,6 @@ def backup_globals(database: str, server_major: int, object_key: str) -> dict[st
 
 
 @flow(name="db-backup", validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.db_backup.timeout_seconds, "db-backup")
 def db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
     """Back up one configured PostgreSQL database to object storage, encrypted, verified and logged.
 
@@ -88,6 +87,11 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
         database: which [databases.NAME] of the settings to back up (default: db_backup.database).
         deep_verify: after upload, also decrypt, decompress and parse the dump (default: settings).
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.db_backup.timeout_seconds, "db-backup", _db_backup, **locals())
+
+
+def _db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
     settings = runtime.settings()
     install_log_redaction()
     logger = get_run_logger()

@@ -131,7 +131,6 @@ def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) 
 
 
 @flow(name="db-restore", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.restore.timeout_seconds, "db-restore")
 def db_restore(
     backup: str = "latest",
     as_of: datetime | None = None,
@@ -163,6 +162,24 @@ def db_restore(
         restore_globals_first: create the backed-up roles on the target server first (off by default).
         no_owner: restore without ownership and privileges (when the roles do not exist on the target).
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "db-restore", _db_restore, **locals())
+
+
+def _db_restore(
+    backup: str = "latest",
+    as_of: datetime | None = None,
+    source: str | None = None,
+    target: str | None = None,
+    target_database: str | None = None,
+    mode: Literal["new", "replace"] = "new",
+    confirm: str | None = None,
+    schemas: list[str] | None = None,
+    tables: list[str] | None = None,
+    jobs: int | None = None,
+    restore_globals_first: bool = False,
+    no_owner: bool = False,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     started = datetime.now(timezone.utc)
     settings = runtime.settings()

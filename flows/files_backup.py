@@ -212,7 +212,6 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
 
 
 @flow(name="files-backup", validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.files_backup.timeout_seconds, "files-backup")
 def files_backup(sources: list[str] | None = None, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
     """Back up the configured file sources (object-storage files, directories on hosts) to storage, encrypted and verified.
 
@@ -221,6 +220,11 @@ def files_backup(sources: list[str] | None = None, full: bool = False, allow_shr
         full: write a full archive even when an incremental one is due.
         allow_shrink: accept a source that lost more files than its max_shrink_percent (files removed on purpose).
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.files_backup.timeout_seconds, "files-backup", _files_backup, **locals())
+
+
+def _files_backup(sources: list[str] | None = None, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
     settings = runtime.settings()
     names = list(sources or settings.files_backup.sources)
     if not names:

@@ -338,7 +338,6 @@ def verify_restored(plan_dest: Destination, index_spool: str, index_codec: str, 
 
 
 @flow(name="files-restore", validate_parameters=True, persist_result=True)
-@runtime.time_limited(lambda s: s.restore.timeout_seconds, "files-restore")
 def files_restore(
     destination: str,
     backup: str = "latest",
@@ -362,6 +361,19 @@ def files_restore(
             copied under PREFIX.luxima-pre-restore-TIME/ in the bucket).
         allow_escaping_links: make symlinks that point outside the destination (refused by default).
     """
+    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
+    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "files-restore", _files_restore, **locals())
+
+
+def _files_restore(
+    destination: str,
+    backup: str = "latest",
+    source: str | None = None,
+    as_of: datetime | None = None,
+    path: str | None = None,
+    confirm: str | None = None,
+    allow_escaping_links: bool = False,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     started = datetime.now(timezone.utc)
     settings = runtime.settings()

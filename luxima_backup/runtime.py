@@ -6,10 +6,9 @@ SDK imports and logins happen here, not at module import.
 
 from __future__ import annotations
 
-import functools
 import signal
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from prefect.tasks import exponential_backoff
 
@@ -104,11 +103,8 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 }
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def time_limited(limit_of: Callable[[Settings], float], name: str) -> Callable[[F], F]:
-    """Bound a flow's body by a limit from the settings (``limit_of(settings)`` seconds).
+def run_limited(limit_of: Callable[[Settings], float], name: str, fn: Callable[..., Any], **params: Any) -> Any:
+    """``fn(**params)`` (a flow's body) bounded by a limit from the settings (``limit_of(settings)`` seconds).
 
     Prefect's own ``timeout_seconds`` is fixed when the flow is defined, before any settings exist;
     this one is read at run time. When it expires, a timer thread stops every child process (pg_dump,
@@ -118,49 +114,42 @@ def time_limited(limit_of: Callable[[Settings], float], name: str) -> Callable[[
     another thread and leave the main one blocked.) Flows run in their process's main thread (CLI,
     worker, serve); elsewhere the limit is not enforced.
     """
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def limited(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is not threading.main_thread():
-                return fn(*args, **kwargs)
-            seconds = float(limit_of(settings()))
-            expired = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return fn(**params)
+    seconds = float(limit_of(settings()))
+    expired = threading.Event()
+    finished = threading.Lock()  # held by the run's end: no alarm after the handler is put back
+    message = (f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
+               "(raise the setting's timeout_seconds if runs this long are expected)")
 
-            finished = threading.Lock()  # held by the run's end: no alarm after the handler is put back
+    def expire() -> None:
+        if not finished.acquire(blocking=False):
+            return
+        try:
+            expired.set()
+            procs.stop_all(grace=2)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)  # type: ignore[arg-type]
+        finally:
+            finished.release()
 
-            def expire() -> None:
-                if not finished.acquire(blocking=False):
-                    return
-                try:
-                    expired.set()
-                    procs.stop_all(grace=2)
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)  # type: ignore[arg-type]
-                finally:
-                    finished.release()
+    def on_alarm(signum: int, frame: Any) -> None:
+        if expired.is_set():
+            raise TimeLimitExceeded(message)
+        if callable(previous):  # someone else's alarm (e.g. a test runner's)
+            previous(signum, frame)
 
-            message = (f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
-                       "(raise the setting's timeout_seconds if runs this long are expected)")
-
-            def on_alarm(signum: int, frame: Any) -> None:
-                if expired.is_set():
-                    raise TimeLimitExceeded(message)
-                if callable(previous):  # someone else's alarm (e.g. a test runner's)
-                    previous(signum, frame)
-
-            previous = signal.signal(signal.SIGALRM, on_alarm)
-            timer = threading.Timer(seconds, expire)
-            timer.daemon = True
-            timer.start()
-            try:
-                return fn(*args, **kwargs)
-            except BaseException as exc:
-                # The stages stopped by the limit may fail first, with errors of their own: the cause is the limit.
-                if expired.is_set() and not isinstance(exc, TimeLimitExceeded):
-                    raise TimeLimitExceeded(message) from exc
-                raise
-            finally:
-                timer.cancel()
-                with finished:
-                    signal.signal(signal.SIGALRM, previous)
-        return limited  # type: ignore[return-value]
-    return decorate
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn(**params)
+    except BaseException as exc:
+        # The stages stopped by the limit may fail first, with errors of their own: the cause is the limit.
+        if expired.is_set() and not isinstance(exc, TimeLimitExceeded):
+            raise TimeLimitExceeded(message) from exc
+        raise
+    finally:
+        timer.cancel()
+        with finished:
+            signal.signal(signal.SIGALRM, previous)

@@ -37,8 +37,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SUPABASE_COUNTED_SCHEMAS = ["public", "auth", "storage"]
+
+
 class PostgresConnection(_Section):
     """How to reach one PostgreSQL database, and which of its tables matter most."""
+
+    preset: Literal["postgres", "supabase"] = Field(
+        "postgres",
+        description="supabase: a Supabase project's database; counts and checks public, auth and storage unless "
+        "`schemas` says otherwise (docs/supabase.md). Either way the whole database is dumped",
+    )
 
     host: str = Field("127.0.0.1", description="host name, IP address, or socket directory")
     port: int = Field(5432, ge=1, le=65535)
@@ -58,6 +67,13 @@ class PostgresConnection(_Section):
         default_factory=list,
         description="schemas left out of the dump (pg_dump --exclude-schema patterns); the rest of the database is dumped whole",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "supabase" and "schemas" not in data:
+            data = {**data, "schemas": list(SUPABASE_COUNTED_SCHEMAS)}  # the users' data: app tables, accounts, files
+        return data
 
     def conninfo(self) -> dict[str, Any]:
         """libpq keywords for this connection, without the password."""
