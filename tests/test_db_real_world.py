@@ -116,10 +116,11 @@ class LandThenFailProxy:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self._body()
                 conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "connection", "expect"}}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in {"host", "connection", "expect", "transfer-encoding", "content-length"}}
+                headers["Content-Length"] = str(len(body))
                 headers["Host"] = f"{proxy.host}:{proxy.port}"
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -134,12 +135,29 @@ class LandThenFailProxy:
                 self.send_response(status)
                 for k, v in out_headers:
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but the object's length
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" and status == resp.status else len(data)
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 with proxy._lock:
                     proxy.seen.append((self.command, self.path, resp.status, status))
+
+            def _body(self) -> bytes:
+                """The request body, also when sent with chunked transfer encoding (a stream of unknown size)."""
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else b""
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
