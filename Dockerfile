@@ -6,7 +6,7 @@
 #     -e PREFECT_API_URL=http://prefect.internal:4200/api \
 #     -e LUXIMA_BACKUP_CONFIG=/etc/luxima-backup/luxima-backup.toml \
 #     -e VAULT_ROLE_ID=... -e VAULT_SECRET_ID=... \
-#     -v /etc/luxima-backup:/etc/luxima-backup:ro -v luxima-work:/var/tmp/luxima-backup \
+#     -v /etc/luxima-backup:/etc/luxima-backup:ro -v luxima-work:/var/lib/luxima-backup \
 #     luxima/backup-agent
 #
 # pg_dump must be at least as new as the server: the image carries clients 15, 16 and 17 from
@@ -30,8 +30,8 @@ COPY requirements.lock pyproject.toml ./
 RUN pip install --no-cache-dir -r requirements.lock
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e . \
-    && useradd --system --home-dir /var/tmp/luxima-backup --create-home luxima \
-    && chmod 0700 /var/tmp/luxima-backup
+    && useradd --system --home-dir /var/lib/luxima-backup --create-home luxima \
+    && chmod 0700 /var/lib/luxima-backup
 
 ENV LUXIMA_BACKUP_HOME=/opt/luxima-backup \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
