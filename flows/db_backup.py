@@ -224,6 +224,9 @@ def _publish(doc: dict[str, Any], summary: dict[str, Any], name: str) -> None:
         "|---|---:|",
     ]
     lines += [f"| {t} | {n} |" for t, n in doc["row_counts"].items()]
+    foreign = [k for k, t in doc["tables"].items() if t["kind"] == "f"]
+    if foreign:
+        lines += ["", f"Foreign tables (their rows live on another server and are not in a dump): {', '.join(foreign)}"]
     if doc["globals"].get("warning"):
         lines += ["", f"Warning: {doc['globals']['warning']}"]
     create_markdown_artifact(

@@ -23,7 +23,7 @@ class Progress:
 
         self.label, self.total, self.estimated, self.every = label, total, estimated, every
         self.logger = get_run_logger()
-        self._lock = threading.Lock()
+        self._reporting: threading.Thread | None = None
         self._started = self._last = time.monotonic()
         self._artifact_id: Any = None
         self._artifact_failed = False
@@ -47,20 +47,28 @@ class Progress:
         return min(99.0, 100.0 * done / self.total)  # 100 only once finished: an estimate can be short
 
     def tick(self, done: int) -> None:
+        """Called by the stage for every block: cheap; the report itself runs off the data path."""
         now = time.monotonic()
-        if now - self._last < self.every or not self._lock.acquire(blocking=False):
+        if now - self._last < self.every or self._reporting is not None:
             return
+        self._last = now
+        # An HTTP call to the API must not stall the stream it reports on: report from another thread.
+        self._reporting = threading.Thread(target=self._report, args=(done, now), name=f"progress-{self.label}", daemon=True)
+        self._reporting.start()
+
+    def _report(self, done: int, now: float) -> None:
         try:
-            self._last = now
             rate = done / MIB / max(now - self._started, 1e-6)
             self.logger.info("%s, %.1f MiB/s", self._description(done), rate)
             self._update(self._percent(done), done)
         finally:
-            self._lock.release()
+            self._reporting = None
 
     def finish(self, done: int) -> None:
-        with self._lock:
-            self._update(100.0, done)
+        reporting = self._reporting
+        if reporting is not None:
+            reporting.join()
+        self._update(100.0, done)
 
     def _update(self, percent: float, done: int) -> None:
         if self._artifact_id is None or self._artifact_failed:
