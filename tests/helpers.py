@@ -76,3 +76,13 @@ def error_of(state: Any) -> BaseException:
     exc = state.result(raise_on_failure=False)
     assert isinstance(exc, BaseException)
     return exc
+
+
+def persisted_task_results(api_url: str, flow_run_ids: list[str]) -> dict[str, Any]:
+    """Task runs of these flow runs whose final state points at a stored result (name -> the reference)."""
+    import httpx
+
+    runs = httpx.post(f"{api_url}/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200, "offset": 0, "sort": "EXPECTED_START_TIME_DESC"}).json()
+    assert runs, "no task runs were read"
+    return {r["name"]: r["state"]["data"] for r in runs if r["state"] and r["state"].get("data") is not None}

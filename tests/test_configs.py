@@ -108,7 +108,7 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
 
     settings()
     return {"root": root, "remote": remote, "settings": settings, "s3": s3_server, "bucket": bucket, "db": database,
-            "cluster": pg_cluster, "tmp": tmp_path, "known": known, "sshd": sshd, "fp_key": fp_key}
+            "cluster": pg_cluster, "tmp": tmp_path, "known": known, "sshd": sshd, "fp_key": fp_key, "prefect": prefect_server}
 
 
 def backup(**params: Any) -> Any:
@@ -366,6 +366,10 @@ def test_dry_run_shows_a_redacted_diff_and_writes_nothing(cfg_env: dict[str, Any
     assert DB_SECRET not in md and "Drifted-Secret-5555" not in md and APP_KEY not in md
     rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["kind"] == "restore"]
     assert rows[-1]["component"] == "configs" and rows[-1]["status"] == "success" and rows[-1]["details"]["dry_run"]
+    # The diff task's result (every file's keyed digest) lives in memory only: no task result is stored.
+    from tests.helpers import persisted_task_results
+
+    assert persisted_task_results(cfg_env["prefect"].api_url, [str(state.state_details.flow_run_id)]) == {}
 
 
 def test_apply_needs_confirm_restores_real_secrets_keeps_copies_validates_and_reloads(cfg_env: dict[str, Any]) -> None:

@@ -385,3 +385,7 @@ def test_a_running_backup_shows_its_progress_in_the_ui(
         "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
     assert len(found) == 1
     assert found[0]["data"] == 100.0 and "dump of main" in (found[0]["description"] or "")
+    # Only the flow's summary is stored as a result; the tasks' (digests, sizes, paths) stay in memory.
+    from tests.helpers import persisted_task_results
+
+    assert persisted_task_results(prefect_server.api_url, [str(state.state_details.flow_run_id), *runs]) == {}
