@@ -130,64 +130,60 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
     Args:
         hosts: which [configs.hosts.NAME] to back up (default: all of them).
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.configs.timeout_seconds, "config-backup", _config_backup, **locals())
-
-
-def _config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
-    settings = runtime.settings()
-    install_log_redaction()
-    names = list(hosts or settings.configs.hosts)
-    if not names:
-        raise ConfigError("no config hosts configured", hint="add [configs.hosts.NAME] sections (and [hosts.NAME]) to the settings")
-    for n in names:
-        settings.config_host(n)  # every name checked before any work starts
-    fingerprint_key(settings)  # a missing key fails here, not once per host
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
-    run_id = str(flow_run.id) if flow_run.id else None
-    work = private_dir(settings.work_dir, "config-backup-")
-    results: dict[str, Any] = {}
-    failures: dict[str, BaseException] = {}
-    git: dict[str, Any] = {}
-    push_error: BaseException | None = None
-    try:
+    with runtime.time_limit(lambda s: s.configs.timeout_seconds, "config-backup"):  # read from the settings at run time
+        settings = runtime.settings()
+        install_log_redaction()
+        names = list(hosts or settings.configs.hosts)
+        if not names:
+            raise ConfigError("no config hosts configured", hint="add [configs.hosts.NAME] sections (and [hosts.NAME]) to the settings")
         for n in names:
-            result, exc = outcome(backup_host(n, str(work / n), return_state=True))
-            if exc is None:
-                results[n] = result
-            else:
-                failures[n] = exc
-        if results:
-            state = commit({n: r["stage_dir"] for n, r in results.items()}, started.isoformat(), return_state=True)
-            if state.is_completed():
-                git = state.result()
-                pushed = push(return_state=True)
-                if pushed.is_completed():
-                    git["push"] = pushed.result()
+            settings.config_host(n)  # every name checked before any work starts
+        fingerprint_key(settings)  # a missing key fails here, not once per host
+        started = datetime.now(timezone.utc)
+        t0 = time.monotonic()
+        run_id = str(flow_run.id) if flow_run.id else None
+        work = private_dir(settings.work_dir, "config-backup-")
+        results: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+        git: dict[str, Any] = {}
+        push_error: BaseException | None = None
+        try:
+            for n in names:
+                result, exc = outcome(backup_host(n, str(work / n), return_state=True))
+                if exc is None:
+                    results[n] = result
                 else:
-                    push_error = pushed.result(raise_on_failure=False)
-                    git["push"] = {"pushed": False, "error": redact(str(push_error))}
-            else:
-                push_error = state.result(raise_on_failure=False)
-                git = {"commit": None, "error": redact(str(push_error)), "hosts": {}}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                    failures[n] = exc
+            if results:
+                state = commit({n: r["stage_dir"] for n, r in results.items()}, started.isoformat(), return_state=True)
+                if state.is_completed():
+                    git = state.result()
+                    pushed = push(return_state=True)
+                    if pushed.is_completed():
+                        git["push"] = pushed.result()
+                    else:
+                        push_error = pushed.result(raise_on_failure=False)
+                        git["push"] = {"pushed": False, "error": redact(str(push_error))}
+                else:
+                    push_error = state.result(raise_on_failure=False)
+                    git = {"commit": None, "error": redact(str(push_error)), "hosts": {}}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
-    for n in names:
-        _record(n, results.get(n), failures.get(n), git, started, run_id)
-    drift = _drift(settings, git, results)
-    _publish(names, results, failures, git, drift, time.monotonic() - t0)
+        for n in names:
+            _record(n, results.get(n), failures.get(n), git, started, run_id)
+        drift = _drift(settings, git, results)
+        _publish(names, results, failures, git, drift, time.monotonic() - t0)
 
-    problems = [f"{n}: {redact(str(exc))}" for n, exc in failures.items()]
-    if push_error is not None:
-        problems.append(f"git: {redact(str(push_error))}")
-    if problems:
-        first: BaseException | None = next(iter(failures.values()), push_error)
-        cls = type(first) if isinstance(first, BackupError) else BackupError
-        raise cls("config backup failed: " + "; ".join(problems))
-    return {"hosts": results, "git": {k: v for k, v in git.items() if k != "hosts"}, "changes": git.get("hosts", {}),
-            "drift": drift}
+        problems = [f"{n}: {redact(str(exc))}" for n, exc in failures.items()]
+        if push_error is not None:
+            problems.append(f"git: {redact(str(push_error))}")
+        if problems:
+            first: BaseException | None = next(iter(failures.values()), push_error)
+            cls = type(first) if isinstance(first, BackupError) else BackupError
+            raise cls("config backup failed: " + "; ".join(problems))
+        return {"hosts": results, "git": {k: v for k, v in git.items() if k != "hosts"}, "changes": git.get("hosts", {}),
+                "drift": drift}
 
 
 def _record(host: str, result: dict[str, Any] | None, failure: BaseException | None, git: dict[str, Any],

@@ -100,61 +100,56 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
         remove_extra: also remove files under the host's configured paths that the backup does not have (each kept
             first, put back on rollback); by default they are listed and left alone.
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "config-restore", _config_restore, **locals())
-
-
-def _config_restore(host: str, version: str = "latest", paths: list[str] | None = None, dry_run: bool = True,
-                   confirm: str | None = None, reload_services: bool = True, remove_extra: bool = False) -> dict[str, Any]:
-    settings = runtime.settings()
-    install_log_redaction()
-    logger = get_run_logger()
-    settings.config_host(host)
-    if not dry_run and confirm != host:
-        raise ConfigError(f"writing configs on {host} needs confirm = {host!r}",
-                          hint="run a dry run first and read its diff; then repeat the host's name in confirm")
-    started = datetime.now(timezone.utc)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    t0 = time.monotonic()
-    backup, how = find_backup(settings, host, version)
-    a = backup.doc["archive"]
-    logger.info("restoring %s from %s (%s)%s", host, backup.backup_id, how, " - DRY RUN" if dry_run else "")
-    work = private_dir(settings.work_dir, "config-restore-")
-    outcome: dict[str, Any] = {"backup_id": backup.backup_id, "object_key": a["key"], "version": how, "dry_run": dry_run}
-    error: BaseException | None = None
-    plan: dict[str, Any] | None = None
-    try:
-        spool = str(work / "archive.enc")
-        download(a["key"], spool, a["size_encrypted"], a["sha256_encrypted"], True)
-        plan = diff(host, spool, a["compression"]["codec"], paths, remove_extra)
-        outcome.update(counts=plan["counts"], steps=[_brief(s) for s in plan["steps"]])
-        conflicts = [s for s in plan["steps"] if s["action"] == "conflict"]
-        if conflicts and not dry_run:
-            raise ConfigError(f"{len(conflicts)} path(s) cannot be restored: "
-                              + "; ".join(f"{s['path']}: {s['note']}" for s in conflicts[:5]),
-                              hint="move them aside on the host, or restore other paths")
-        todo = [s for s in plan["steps"] if s["action"] in ("create", "update", "metadata", "remove")]
-        if not dry_run and todo:
-            outcome.update(_apply(host, spool, a["compression"]["codec"], todo, stamp, reload_services))
-        elif not dry_run:
-            outcome["applied"] = 0
-            logger.info("the host already has every file of the backup as it is: nothing to write")
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        outcome["seconds"] = round(time.monotonic() - t0, 3)
-        _publish(host, backup.backup_id, how, outcome, plan, error)
-        status = "failed" if error is not None else "success"
-        if settings.log.enabled:
-            logged(log_run, "restore", "restore", "configs", host, host, status, started, backup.backup_id, a["key"],
-                   str(flow_run.id) if flow_run.id else None,
-                   redact(f"{type(error).__name__}: {error}") if error is not None else None,
-                   {k: v for k, v in outcome.items() if k != "steps"}, {})
-    if not dry_run:
-        events.restore_succeeded("configs", host, backup.backup_id, applied=outcome.get("applied", 0))
-    return outcome
+    with runtime.time_limit(lambda s: s.restore.timeout_seconds, "config-restore"):  # read from the settings at run time
+        settings = runtime.settings()
+        install_log_redaction()
+        logger = get_run_logger()
+        settings.config_host(host)
+        if not dry_run and confirm != host:
+            raise ConfigError(f"writing configs on {host} needs confirm = {host!r}",
+                              hint="run a dry run first and read its diff; then repeat the host's name in confirm")
+        started = datetime.now(timezone.utc)
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        t0 = time.monotonic()
+        backup, how = find_backup(settings, host, version)
+        a = backup.doc["archive"]
+        logger.info("restoring %s from %s (%s)%s", host, backup.backup_id, how, " - DRY RUN" if dry_run else "")
+        work = private_dir(settings.work_dir, "config-restore-")
+        outcome: dict[str, Any] = {"backup_id": backup.backup_id, "object_key": a["key"], "version": how, "dry_run": dry_run}
+        error: BaseException | None = None
+        plan: dict[str, Any] | None = None
+        try:
+            spool = str(work / "archive.enc")
+            download(a["key"], spool, a["size_encrypted"], a["sha256_encrypted"], True)
+            plan = diff(host, spool, a["compression"]["codec"], paths, remove_extra)
+            outcome.update(counts=plan["counts"], steps=[_brief(s) for s in plan["steps"]])
+            conflicts = [s for s in plan["steps"] if s["action"] == "conflict"]
+            if conflicts and not dry_run:
+                raise ConfigError(f"{len(conflicts)} path(s) cannot be restored: "
+                                  + "; ".join(f"{s['path']}: {s['note']}" for s in conflicts[:5]),
+                                  hint="move them aside on the host, or restore other paths")
+            todo = [s for s in plan["steps"] if s["action"] in ("create", "update", "metadata", "remove")]
+            if not dry_run and todo:
+                outcome.update(_apply(host, spool, a["compression"]["codec"], todo, stamp, reload_services))
+            elif not dry_run:
+                outcome["applied"] = 0
+                logger.info("the host already has every file of the backup as it is: nothing to write")
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            outcome["seconds"] = round(time.monotonic() - t0, 3)
+            _publish(host, backup.backup_id, how, outcome, plan, error)
+            status = "failed" if error is not None else "success"
+            if settings.log.enabled:
+                logged(log_run, "restore", "restore", "configs", host, host, status, started, backup.backup_id, a["key"],
+                       str(flow_run.id) if flow_run.id else None,
+                       redact(f"{type(error).__name__}: {error}") if error is not None else None,
+                       {k: v for k, v in outcome.items() if k != "steps"}, {})
+        if not dry_run:
+            events.restore_succeeded("configs", host, backup.backup_id, applied=outcome.get("applied", 0))
+        return outcome
 
 
 def _apply(host: str, spool: str, codec: str, todo: list[dict[str, Any]], stamp: str, reload_services: bool) -> dict[str, Any]:

@@ -87,62 +87,58 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
         database: which [databases.NAME] of the settings to back up (default: db_backup.database).
         deep_verify: after upload, also decrypt, decompress and parse the dump (default: settings).
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.db_backup.timeout_seconds, "db-backup", _db_backup, **locals())
+    with runtime.time_limit(lambda s: s.db_backup.timeout_seconds, "db-backup"):  # read from the settings at run time
+        settings = runtime.settings()
+        install_log_redaction()
+        logger = get_run_logger()
+        cfg = settings.db_backup
+        name = database or cfg.database
+        target = settings.database(name)
+        deep = cfg.deep_verify if deep_verify is None else deep_verify
+        started = datetime.now(timezone.utc)
+        t0 = time.monotonic()
+        # Named by the settings' section, not the database: every Supabase project's database is called postgres.
+        keys = manifest.db_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
+        run_id = str(flow_run.id) if flow_run.id else None
 
-
-def _db_backup(database: str | None = None, deep_verify: bool | None = None) -> dict[str, Any]:
-    settings = runtime.settings()
-    install_log_redaction()
-    logger = get_run_logger()
-    cfg = settings.db_backup
-    name = database or cfg.database
-    target = settings.database(name)
-    deep = cfg.deep_verify if deep_verify is None else deep_verify
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
-    # Named by the settings' section, not the database: every Supabase project's database is called postgres.
-    keys = manifest.db_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
-    run_id = str(flow_run.id) if flow_run.id else None
-
-    entry = None
-    if settings.log.enabled:
-        entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
-    uploaded: list[str] = []
-    try:
-        stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds)
-        uploaded.append(keys.data)
-        d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
-        expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
-                    "plain_bytes": c["plain_bytes"], "plain_sha256": c["plain_sha256"]}
-        if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
-            raise BackupError("the bytes uploaded differ from the bytes encrypted")
-        globals_info: dict[str, Any] = {"warning": "disabled by db_backup.globals"}
-        if cfg.globals:
-            globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals)
-            if "key" in globals_info:
-                uploaded.append(keys.globals)
-        verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
-                              d["tables"], d["large_objects"])
-        finished = datetime.now(timezone.utc)
-        document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
-        save_manifest(keys.manifest, document)
-    except BaseException as exc:
-        if isinstance(exc, VerificationError):
-            events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
-        discard(uploaded, logger, manifest_key=keys.manifest)
-        logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
-                {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
-        raise
-    summary = _summary(document, keys.manifest, time.monotonic() - t0)
-    _publish(document, summary, name)
-    logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
-            {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
-             "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
-             "key_id": e["key"]["key_id"]}, skip=entry is None)
-    events.backup_succeeded("db", name, keys.backup_id, object_key=keys.data, size_encrypted=u["bytes"])
-    logger.info("backup %s complete: %s (%s bytes encrypted)", keys.backup_id, keys.data, u["bytes"])
-    return summary
+        entry = None
+        if settings.log.enabled:
+            entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
+        uploaded: list[str] = []
+        try:
+            stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds)
+            uploaded.append(keys.data)
+            d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
+            expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
+                        "plain_bytes": c["plain_bytes"], "plain_sha256": c["plain_sha256"]}
+            if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
+                raise BackupError("the bytes uploaded differ from the bytes encrypted")
+            globals_info: dict[str, Any] = {"warning": "disabled by db_backup.globals"}
+            if cfg.globals:
+                globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals)
+                if "key" in globals_info:
+                    uploaded.append(keys.globals)
+            verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
+                                  d["tables"], d["large_objects"])
+            finished = datetime.now(timezone.utc)
+            document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
+            save_manifest(keys.manifest, document)
+        except BaseException as exc:
+            if isinstance(exc, VerificationError):
+                events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
+            discard(uploaded, logger, manifest_key=keys.manifest)
+            logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
+                    {"elapsed_seconds": round(time.monotonic() - t0, 3)}, {}, skip=entry is None)
+            raise
+        summary = _summary(document, keys.manifest, time.monotonic() - t0)
+        _publish(document, summary, name)
+        logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
+                {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
+                 "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
+                 "key_id": e["key"]["key_id"]}, skip=entry is None)
+        events.backup_succeeded("db", name, keys.backup_id, object_key=keys.data, size_encrypted=u["bytes"])
+        logger.info("backup %s complete: %s (%s bytes encrypted)", keys.backup_id, keys.data, u["bytes"])
+        return summary
 
 
 def _manifest(keys: manifest.BackupKeys, name: str, target: PostgresConnection, started: datetime, finished: datetime,

@@ -162,111 +162,94 @@ def db_restore(
         restore_globals_first: create the backed-up roles on the target server first (off by default).
         no_owner: restore without ownership and privileges (when the roles do not exist on the target).
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "db-restore", _db_restore, **locals())
+    with runtime.time_limit(lambda s: s.restore.timeout_seconds, "db-restore"):  # read from the settings at run time
+        t0 = time.monotonic()
+        started = datetime.now(timezone.utc)
+        settings = runtime.settings()
+        install_log_redaction()
+        logger = get_run_logger()
+        plan = plan_restore(settings, backup, as_of, source, target, target_database, mode, confirm,
+                            list(schemas or []), list(tables or []), jobs, started)
+        doc = plan.backup.doc
+        dump_info = doc["dump"]
+        codec = dump_info["compression"]["codec"]
+        dump_major = int(str(doc["tool"]["pg_dump_version"]).split(".")[0])
+        logger.info("restoring %s (%s) into %s on %s%s", plan.backup.backup_id, dump_info["key"], plan.restore_into,
+                    plan.target, f", then replacing {plan.replaces}" if plan.replaces else "")
+        target_cfg = settings.database(plan.target)
+        timings: dict[str, float] = {}
+        checks: list[dict[str, Any]] = []
+        created = False
+        work = private_dir(settings.work_dir, "restore-")
+        outcome: dict[str, Any] = {}
+        try:
+            spool = str(work / "backup.enc")
+            dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
+            timings["download"] = dl["seconds"]
+            checks.append(check_row("sha256 of the stored object", dump_info["sha256_encrypted"], dl["sha256"]))
 
+            # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
+            dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
+            link = Link("decrypt→decompress")
+            checking = Progress("decrypting and checking the dump", dump_info["size_plain"])
+            dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
+                                                fs.append(decompress.submit(link, codec, to_file=dump_file,
+                                                                            progress=checking))), [link])
+            timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
+            checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
+            checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
+            if plain["plain_sha256"] != dump_info["sha256_plain"] or plain["plain_bytes"] != dump_info["size_plain"]:
+                raise VerificationError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; nothing was restored")
 
-def _db_restore(
-    backup: str = "latest",
-    as_of: datetime | None = None,
-    source: str | None = None,
-    target: str | None = None,
-    target_database: str | None = None,
-    mode: Literal["new", "replace"] = "new",
-    confirm: str | None = None,
-    schemas: list[str] | None = None,
-    tables: list[str] | None = None,
-    jobs: int | None = None,
-    restore_globals_first: bool = False,
-    no_owner: bool = False,
-) -> dict[str, Any]:
-    t0 = time.monotonic()
-    started = datetime.now(timezone.utc)
-    settings = runtime.settings()
-    install_log_redaction()
-    logger = get_run_logger()
-    plan = plan_restore(settings, backup, as_of, source, target, target_database, mode, confirm,
-                        list(schemas or []), list(tables or []), jobs, started)
-    doc = plan.backup.doc
-    dump_info = doc["dump"]
-    codec = dump_info["compression"]["codec"]
-    dump_major = int(str(doc["tool"]["pg_dump_version"]).split(".")[0])
-    logger.info("restoring %s (%s) into %s on %s%s", plan.backup.backup_id, dump_info["key"], plan.restore_into,
-                plan.target, f", then replacing {plan.replaces}" if plan.replaces else "")
-    target_cfg = settings.database(plan.target)
-    timings: dict[str, float] = {}
-    checks: list[dict[str, Any]] = []
-    created = False
-    work = private_dir(settings.work_dir, "restore-")
-    outcome: dict[str, Any] = {}
-    try:
-        spool = str(work / "backup.enc")
-        dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
-        timings["download"] = dl["seconds"]
-        checks.append(check_row("sha256 of the stored object", dump_info["sha256_encrypted"], dl["sha256"]))
+            if restore_globals_first:
+                if not doc.get("globals", {}).get("key"):
+                    raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.get('globals', {}).get('warning', '')}")
+                restore_globals(plan.target, doc["globals"]["key"], codec, dump_major)
 
-        # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
-        dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
-        link = Link("decrypt→decompress")
-        checking = Progress("decrypting and checking the dump", dump_info["size_plain"])
-        dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
-                                            fs.append(decompress.submit(link, codec, to_file=dump_file,
-                                                                        progress=checking))), [link])
-        timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
-        checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
-        checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
-        if plain["plain_sha256"] != dump_info["sha256_plain"] or plain["plain_bytes"] != dump_info["size_plain"]:
-            raise VerificationError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; nothing was restored")
+            create_database(target_cfg, plan.restore_into)
+            created = True
+            timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+            properties = _database_properties(settings, plan, work, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+            if not plan.replaces:
+                apply_statements(target_cfg, properties, plan.restore_into)
 
-        if restore_globals_first:
-            if not doc.get("globals", {}).get("key"):
-                raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.get('globals', {}).get('warning', '')}")
-            restore_globals(plan.target, doc["globals"]["key"], codec, dump_major)
-
-        create_database(target_cfg, plan.restore_into)
-        created = True
-        timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
-        properties = _database_properties(settings, plan, work, spool, dump_file, codec, dump_major, no_owner, target_cfg)
-        if not plan.replaces:
-            apply_statements(target_cfg, properties, plan.restore_into)
-
-        t = time.monotonic()
-        checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
-        timings["verify"] = round(time.monotonic() - t, 3)
-        rto = time.monotonic() - t0
-        rto_target = settings.restore.rto_target_minutes * 60
-        _publish(plan, checks, rto, rto_target, timings)
-        failed = [c["check"] for c in checks if not c["ok"]]
-        if failed:
-            raise VerificationError(f"restored database {plan.restore_into} failed checks: {', '.join(failed)}",
-                                    hint="see the restore artifact; the database is kept for inspection")
-        if plan.replaces:
-            assert plan.retired_as is not None
-            swap_databases(target_cfg, plan.restore_into, plan.replaces, plan.retired_as, properties)
-            logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
-        outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
-    except BaseException as exc:
-        if isinstance(exc, VerificationError):
-            events.verification_failed("restore", "db", plan.source, str(exc), backup_id=plan.backup.backup_id,
-                                       database=plan.restore_into)
-        verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings
-        if created and not verified_but_wrong:
-            _drop_quietly(target_cfg, plan.restore_into, logger)
-        outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        _log(settings, plan, started, outcome, timings, checks)
-    database = plan.replaces or plan.restore_into
-    events.restore_succeeded("db", plan.source, plan.backup.backup_id, database=database, rto_seconds=outcome["rto_seconds"])
-    summary = {
-        "backup_id": plan.backup.backup_id, "object_key": dump_info["key"], "database": database,
-        "target": plan.target, "mode": plan.mode, "retired_database": plan.retired_as,
-        "checks_passed": len(checks), "timings": timings, **{k: v for k, v in outcome.items() if k != "status"},
-    }
-    logger.info("restore of %s complete: %s verified in %.0fs (RTO target %.0f min)", plan.backup.backup_id, database,
-                outcome["rto_seconds"], settings.restore.rto_target_minutes)
-    return summary
+            t = time.monotonic()
+            checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
+            timings["verify"] = round(time.monotonic() - t, 3)
+            rto = time.monotonic() - t0
+            rto_target = settings.restore.rto_target_minutes * 60
+            _publish(plan, checks, rto, rto_target, timings)
+            failed = [c["check"] for c in checks if not c["ok"]]
+            if failed:
+                raise VerificationError(f"restored database {plan.restore_into} failed checks: {', '.join(failed)}",
+                                        hint="see the restore artifact; the database is kept for inspection")
+            if plan.replaces:
+                assert plan.retired_as is not None
+                swap_databases(target_cfg, plan.restore_into, plan.replaces, plan.retired_as, properties)
+                logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
+            outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
+        except BaseException as exc:
+            if isinstance(exc, VerificationError):
+                events.verification_failed("restore", "db", plan.source, str(exc), backup_id=plan.backup.backup_id,
+                                           database=plan.restore_into)
+            verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings
+            if created and not verified_but_wrong:
+                _drop_quietly(target_cfg, plan.restore_into, logger)
+            outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            _log(settings, plan, started, outcome, timings, checks)
+        database = plan.replaces or plan.restore_into
+        events.restore_succeeded("db", plan.source, plan.backup.backup_id, database=database, rto_seconds=outcome["rto_seconds"])
+        summary = {
+            "backup_id": plan.backup.backup_id, "object_key": dump_info["key"], "database": database,
+            "target": plan.target, "mode": plan.mode, "retired_database": plan.retired_as,
+            "checks_passed": len(checks), "timings": timings, **{k: v for k, v in outcome.items() if k != "status"},
+        }
+        logger.info("restore of %s complete: %s verified in %.0fs (RTO target %.0f min)", plan.backup.backup_id, database,
+                    outcome["rto_seconds"], settings.restore.rto_target_minutes)
+        return summary
 
 
 def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | None, codec: str, dump_major: int,

@@ -220,33 +220,29 @@ def files_backup(sources: list[str] | None = None, full: bool = False, allow_shr
         full: write a full archive even when an incremental one is due.
         allow_shrink: accept a source that lost more files than its max_shrink_percent (files removed on purpose).
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.files_backup.timeout_seconds, "files-backup", _files_backup, **locals())
+    with runtime.time_limit(lambda s: s.files_backup.timeout_seconds, "files-backup"):  # read from the settings at run time
+        settings = runtime.settings()
+        names = list(sources or settings.files_backup.sources)
+        if not names:
+            from luxima_backup.errors import ConfigError
 
-
-def _files_backup(sources: list[str] | None = None, full: bool = False, allow_shrink: bool = False) -> dict[str, Any]:
-    settings = runtime.settings()
-    names = list(sources or settings.files_backup.sources)
-    if not names:
-        from luxima_backup.errors import ConfigError
-
-        raise ConfigError("no file sources configured", hint="add [files_backup.sources.NAME] sections to the settings")
-    for n in names:
-        settings.file_source(n)  # every name checked before any work starts
-    results: dict[str, Any] = {}
-    failures: dict[str, BaseException] = {}
-    for n in names:
-        result, exc = outcome(backup_source(n, full, allow_shrink, return_state=True))
-        if exc is None:
-            results[n] = result
-        else:
-            failures[n] = exc
-    if failures:
-        detail = "; ".join(f"{n}: {redact(str(exc))}" for n, exc in failures.items())
-        first = next(iter(failures.values()))
-        raise type(first)(f"file backup failed for {', '.join(failures)}: {detail}") if isinstance(first, BackupError) \
-            else BackupError(f"file backup failed for {', '.join(failures)}: {detail}")
-    return results
+            raise ConfigError("no file sources configured", hint="add [files_backup.sources.NAME] sections to the settings")
+        for n in names:
+            settings.file_source(n)  # every name checked before any work starts
+        results: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+        for n in names:
+            result, exc = outcome(backup_source(n, full, allow_shrink, return_state=True))
+            if exc is None:
+                results[n] = result
+            else:
+                failures[n] = exc
+        if failures:
+            detail = "; ".join(f"{n}: {redact(str(exc))}" for n, exc in failures.items())
+            first = next(iter(failures.values()))
+            raise type(first)(f"file backup failed for {', '.join(failures)}: {detail}") if isinstance(first, BackupError) \
+                else BackupError(f"file backup failed for {', '.join(failures)}: {detail}")
+        return results
 
 
 def _lock_mirror(settings: Settings, name: str) -> Any:

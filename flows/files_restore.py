@@ -361,117 +361,105 @@ def files_restore(
             copied under PREFIX.luxima-pre-restore-TIME/ in the bucket).
         allow_escaping_links: make symlinks that point outside the destination (refused by default).
     """
-    # The body runs within the time limit of the settings (read at run time); locals() are the parameters.
-    return runtime.run_limited(lambda s: s.restore.timeout_seconds, "files-restore", _files_restore, **locals())
+    with runtime.time_limit(lambda s: s.restore.timeout_seconds, "files-restore"):  # read from the settings at run time
+        t0 = time.monotonic()
+        started = datetime.now(timezone.utc)
+        settings = runtime.settings()
+        install_log_redaction()
+        logger = get_run_logger()
+        dest = parse_destination(settings, destination, source)
+        names = list(settings.files_backup.sources)
+        if source is None and backup == "latest":
+            if len(names) != 1:
+                raise ConfigError(f"say which source to restore: one of {names}", hint="set source")
+            source = names[0]
+        found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "files", backup, source=source, as_of=as_of)
+        if found.component != "files" or "index" not in found.doc:
+            raise ConfigError(f"{found.manifest_key} is not a file backup")
+        source_name = found.doc["source"]["name"]
+        confirmed = confirm is not None and confirm.strip() == destination.strip()
+        if confirm is not None and not confirmed:
+            raise ConfigError(f"confirm = {confirm!r} does not match destination {destination!r}",
+                              hint="confirm must repeat the destination exactly")
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        plan = Plan(found, dest, path)
+        idx = found.doc["index"]
+        codec = idx["compression"]["codec"]
+        timings: dict[str, float] = {}
+        checks: list[dict[str, Any]] = []
+        mismatches: list[dict[str, Any]] = []
+        outcome: dict[str, Any] = {}
+        work = private_dir(settings.work_dir, "files-restore-")
+        staging: Path | None = None
+        try:
+            index_spool = str(work / "index.enc")
+            dl = download(idx["key"], index_spool, idx["size_encrypted"], idx["sha256_encrypted"])
+            timings["index"] = dl["seconds"]
+            unwrap = runtime.key_provider(settings).unwrap
+            existing = existing_objects(settings, dest) if dest.kind == "bucket" else None
+            # a bucket holds no links: they are counted, not refused
+            scan(plan, load_index(index_spool, codec, unwrap), allow_escaping_links or dest.kind == "bucket", existing)
+            if plan.files + plan.dirs + plan.symlinks == 0:
+                raise ConfigError(f"nothing in {found.backup_id} matches path {path!r}", hint="paths are relative to the source's root")
+            if plan.conflict_count and not confirmed:
+                raise ConfigError(f"restoring into {dest.label} would overwrite {plan.conflict_count} existing entries, e.g. {plan.conflicts[:3]}",
+                                  hint=f"choose a new folder, or set confirm = {destination!r} to overwrite (each is kept aside)")
+            logger.info("restoring %d files (%d bytes) of %s from %d archive(s) into %s", plan.files, plan.bytes,
+                        found.backup_id, len(plan.archives), dest.label)
+            staging = _staging(settings, dest, stamp)
 
+            t = time.monotonic()
+            for archive_id, info in plan.archives.items():
+                result = extract(archive_id, info, index_spool, codec, path, str(staging))
+                mismatches += result["mismatches"]
+            links = make_links_and_dirs((e for e in load_index(index_spool, codec, unwrap) if selector(path)(e)),
+                                        staging, allow_escaping_links)
+            apply_metadata((e for e in load_index(index_spool, codec, unwrap) if selector(path)(e)), staging, os.geteuid() == 0)
+            timings["extract"] = round(time.monotonic() - t, 3)
+            if mismatches:
+                raise VerificationError(f"{len(mismatches)} files of {found.backup_id} do not match the index; nothing was restored")
 
-def _files_restore(
-    destination: str,
-    backup: str = "latest",
-    source: str | None = None,
-    as_of: datetime | None = None,
-    path: str | None = None,
-    confirm: str | None = None,
-    allow_escaping_links: bool = False,
-) -> dict[str, Any]:
-    t0 = time.monotonic()
-    started = datetime.now(timezone.utc)
-    settings = runtime.settings()
-    install_log_redaction()
-    logger = get_run_logger()
-    dest = parse_destination(settings, destination, source)
-    names = list(settings.files_backup.sources)
-    if source is None and backup == "latest":
-        if len(names) != 1:
-            raise ConfigError(f"say which source to restore: one of {names}", hint="set source")
-        source = names[0]
-    found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "files", backup, source=source, as_of=as_of)
-    if found.component != "files" or "index" not in found.doc:
-        raise ConfigError(f"{found.manifest_key} is not a file backup")
-    source_name = found.doc["source"]["name"]
-    confirmed = confirm is not None and confirm.strip() == destination.strip()
-    if confirm is not None and not confirmed:
-        raise ConfigError(f"confirm = {confirm!r} does not match destination {destination!r}",
-                          hint="confirm must repeat the destination exactly")
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    plan = Plan(found, dest, path)
-    idx = found.doc["index"]
-    codec = idx["compression"]["codec"]
-    timings: dict[str, float] = {}
-    checks: list[dict[str, Any]] = []
-    mismatches: list[dict[str, Any]] = []
-    outcome: dict[str, Any] = {}
-    work = private_dir(settings.work_dir, "files-restore-")
-    staging: Path | None = None
-    try:
-        index_spool = str(work / "index.enc")
-        dl = download(idx["key"], index_spool, idx["size_encrypted"], idx["sha256_encrypted"])
-        timings["index"] = dl["seconds"]
-        unwrap = runtime.key_provider(settings).unwrap
-        existing = existing_objects(settings, dest) if dest.kind == "bucket" else None
-        # a bucket holds no links: they are counted, not refused
-        scan(plan, load_index(index_spool, codec, unwrap), allow_escaping_links or dest.kind == "bucket", existing)
-        if plan.files + plan.dirs + plan.symlinks == 0:
-            raise ConfigError(f"nothing in {found.backup_id} matches path {path!r}", hint="paths are relative to the source's root")
-        if plan.conflict_count and not confirmed:
-            raise ConfigError(f"restoring into {dest.label} would overwrite {plan.conflict_count} existing entries, e.g. {plan.conflicts[:3]}",
-                              hint=f"choose a new folder, or set confirm = {destination!r} to overwrite (each is kept aside)")
-        logger.info("restoring %d files (%d bytes) of %s from %d archive(s) into %s", plan.files, plan.bytes,
-                    found.backup_id, len(plan.archives), dest.label)
-        staging = _staging(settings, dest, stamp)
+            t = time.monotonic()
+            delivered = deliver(dest, str(staging), index_spool, codec, path, confirmed, stamp)
+            if dest.kind == "local":
+                staging = None  # it is the destination now, or emptied and removed
+            timings["deliver"] = round(time.monotonic() - t, 3)
 
-        t = time.monotonic()
-        for archive_id, info in plan.archives.items():
-            result = extract(archive_id, info, index_spool, codec, path, str(staging))
-            mismatches += result["mismatches"]
-        links = make_links_and_dirs((e for e in load_index(index_spool, codec, unwrap) if selector(path)(e)),
-                                    staging, allow_escaping_links)
-        apply_metadata((e for e in load_index(index_spool, codec, unwrap) if selector(path)(e)), staging, os.geteuid() == 0)
-        timings["extract"] = round(time.monotonic() - t, 3)
-        if mismatches:
-            raise VerificationError(f"{len(mismatches)} files of {found.backup_id} do not match the index; nothing was restored")
-
-        t = time.monotonic()
-        delivered = deliver(dest, str(staging), index_spool, codec, path, confirmed, stamp)
-        if dest.kind == "local":
-            staging = None  # it is the destination now, or emptied and removed
-        timings["deliver"] = round(time.monotonic() - t, 3)
-
-        t = time.monotonic()
-        verified = verify_restored(dest, index_spool, codec, path)
-        timings["verify"] = round(time.monotonic() - t, 3)
-        mismatches += verified["mismatches"]
-        checks = [
-            _check("files restored", plan.files, verified["checked"]),
-            _check("md5 mismatches", 0, len(verified["mismatches"])),
-            _check("symlinks made", plan.symlinks if dest.kind != "bucket" else links["symlinks"], links["symlinks"]),
-        ]
-        rto = time.monotonic() - t0
-        _publish(plan, checks, mismatches, rto, settings.restore.rto_target_minutes * 60, timings, delivered)
-        if mismatches or not all(c["ok"] for c in checks):
-            raise VerificationError(f"restored files in {dest.label} failed the md5 check: {len(mismatches)} mismatches",
-                                    hint="see the restore artifact for the list")
-        outcome = {"status": "success", "rto_seconds": round(rto, 3)}
-    except BaseException as exc:
-        if isinstance(exc, VerificationError):
-            if not checks:
-                _publish(plan, checks, mismatches, time.monotonic() - t0, settings.restore.rto_target_minutes * 60, timings, {})
-            events.verification_failed("restore", "files", source_name, str(exc), backup_id=found.backup_id,
-                                       destination=dest.label)
-        outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
-        raise
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-        _log(settings, plan, source_name, started, outcome, timings, checks, mismatches)
-    events.restore_succeeded("files", source_name, found.backup_id, destination=dest.label, rto_seconds=outcome["rto_seconds"])
-    logger.info("restore of %s into %s complete: %d files, md5 checked, in %.0fs", found.backup_id, dest.label,
-                plan.files, outcome["rto_seconds"])
-    return {"backup_id": found.backup_id, "destination": dest.label, "path": path, "files": plan.files,
-            "bytes": plan.bytes, "dirs": plan.dirs, "symlinks": links["symlinks"], "archives_read": len(plan.archives),
-            "md5_checked": verified["checked"], "kept": delivered.get("kept"), "kept_in": delivered.get("kept_in"),
-            "timings": timings, "rto_seconds": outcome["rto_seconds"]}
+            t = time.monotonic()
+            verified = verify_restored(dest, index_spool, codec, path)
+            timings["verify"] = round(time.monotonic() - t, 3)
+            mismatches += verified["mismatches"]
+            checks = [
+                _check("files restored", plan.files, verified["checked"]),
+                _check("md5 mismatches", 0, len(verified["mismatches"])),
+                _check("symlinks made", plan.symlinks if dest.kind != "bucket" else links["symlinks"], links["symlinks"]),
+            ]
+            rto = time.monotonic() - t0
+            _publish(plan, checks, mismatches, rto, settings.restore.rto_target_minutes * 60, timings, delivered)
+            if mismatches or not all(c["ok"] for c in checks):
+                raise VerificationError(f"restored files in {dest.label} failed the md5 check: {len(mismatches)} mismatches",
+                                        hint="see the restore artifact for the list")
+            outcome = {"status": "success", "rto_seconds": round(rto, 3)}
+        except BaseException as exc:
+            if isinstance(exc, VerificationError):
+                if not checks:
+                    _publish(plan, checks, mismatches, time.monotonic() - t0, settings.restore.rto_target_minutes * 60, timings, {})
+                events.verification_failed("restore", "files", source_name, str(exc), backup_id=found.backup_id,
+                                           destination=dest.label)
+            outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
+            raise
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            _log(settings, plan, source_name, started, outcome, timings, checks, mismatches)
+        events.restore_succeeded("files", source_name, found.backup_id, destination=dest.label, rto_seconds=outcome["rto_seconds"])
+        logger.info("restore of %s into %s complete: %d files, md5 checked, in %.0fs", found.backup_id, dest.label,
+                    plan.files, outcome["rto_seconds"])
+        return {"backup_id": found.backup_id, "destination": dest.label, "path": path, "files": plan.files,
+                "bytes": plan.bytes, "dirs": plan.dirs, "symlinks": links["symlinks"], "archives_read": len(plan.archives),
+                "md5_checked": verified["checked"], "kept": delivered.get("kept"), "kept_in": delivered.get("kept_in"),
+                "timings": timings, "rto_seconds": outcome["rto_seconds"]}
 
 
 def _staging(settings: Settings, dest: Destination, stamp: str) -> Path:

@@ -6,9 +6,10 @@ SDK imports and logins happen here, not at module import.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect.tasks import exponential_backoff
 
@@ -103,8 +104,9 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 }
 
 
-def run_limited(limit_of: Callable[[Settings], float], name: str, fn: Callable[..., Any], **params: Any) -> Any:
-    """``fn(**params)`` (a flow's body) bounded by a limit from the settings (``limit_of(settings)`` seconds).
+@contextlib.contextmanager
+def time_limit(limit_of: Callable[[Settings], float], name: str) -> Iterator[None]:
+    """Bound a flow's body by a limit from the settings (``limit_of(settings)`` seconds).
 
     Prefect's own ``timeout_seconds`` is fixed when the flow is defined, before any settings exist;
     this one is read at run time. When it expires, a timer thread stops every child process (pg_dump,
@@ -115,7 +117,8 @@ def run_limited(limit_of: Callable[[Settings], float], name: str, fn: Callable[.
     worker, serve); elsewhere the limit is not enforced.
     """
     if threading.current_thread() is not threading.main_thread():
-        return fn(**params)
+        yield
+        return
     seconds = float(limit_of(settings()))
     expired = threading.Event()
     finished = threading.Lock()  # held by the run's end: no alarm after the handler is put back
@@ -143,7 +146,7 @@ def run_limited(limit_of: Callable[[Settings], float], name: str, fn: Callable[.
     timer.daemon = True
     timer.start()
     try:
-        return fn(**params)
+        yield
     except BaseException as exc:
         # The stages stopped by the limit may fail first, with errors of their own: the cause is the limit.
         if expired.is_set() and not isinstance(exc, TimeLimitExceeded):

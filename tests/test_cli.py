@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "deployed: db-backup, db-restore, files-backup, files-restore, config-backup, config-restore" in out
-    assert "demo: backup complete: db-luxima-" in out
+    assert "demo: backup complete: db-main-" in out  # filed by the [databases.main] section
     assert "demo: restore verified: luxima_restore_demo" in out and "checks passed" in out
     assert "demo: files backup complete: files-userfiles-" in out and "transferred over rsync/SSH" in out
     assert "demo: files restore verified: 40 files" in out and "md5 of 40 checked" in out  # 200 x scale 0.2
