@@ -34,6 +34,48 @@ def _use_config(path: Optional[Path]) -> None:
         os.environ[CONFIG_ENV] = str(path.expanduser().resolve())
 
 
+# Well-known variables that hold credentials whatever the settings say.
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "VAULT_TOKEN", "PGPASSWORD")
+
+
+def _secret_variables(value: Any) -> set[str]:
+    """The environment variables the settings read secrets from (``env:NAME`` references), at any depth."""
+    from pydantic import BaseModel
+
+    from .secrets import SecretRef
+
+    if isinstance(value, SecretRef):
+        return {value.target} if value.scheme == "env" else set()
+    if isinstance(value, BaseModel):
+        return set().union(*(_secret_variables(getattr(value, f)) for f in type(value).model_fields))
+    if isinstance(value, dict):
+        return set().union(*(_secret_variables(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_secret_variables(v) for v in value))
+    return set()
+
+
+def _ready_to_run(settings: Settings) -> None:
+    """Without a Prefect server configured, start the temporary one now, without this process's secrets.
+
+    Prefect starts it on first use with a copy of the whole environment: the database password, S3
+    keys and Vault credentials that the settings read from ``env:`` would sit in a server process that
+    needs none of them. Started here with those variables left out, it is the one Prefect then uses.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    names = _secret_variables(settings) | set(_SECRET_VARIABLES)
+    hidden = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        SubprocessASGIServer().start()
+    finally:
+        os.environ.update(hidden)
+
+
 def _fail(exc: BaseException) -> None:
     from .secrets import redact
 
@@ -50,7 +92,7 @@ def backup_db(
     """Back up a PostgreSQL database now (the db-backup flow)."""
     _use_config(config)
     try:
-        load_settings()  # stop here, before any flow run, if the settings are wrong
+        _ready_to_run(load_settings())  # stop here, before any flow run, if the settings are wrong
         from prefect import tags
 
         from flows.db_backup import db_backup
@@ -72,7 +114,7 @@ def backup_files(
     """Back up file sources now (the files-backup flow)."""
     _use_config(config)
     try:
-        load_settings()
+        _ready_to_run(load_settings())
         from prefect import tags
 
         from flows.files_backup import files_backup
@@ -92,7 +134,7 @@ def backup_configs(
     """Back up service configs now: git commit & push (secrets redacted), encrypted archive (the config-backup flow)."""
     _use_config(config)
     try:
-        load_settings()
+        _ready_to_run(load_settings())
         from prefect import tags
 
         from flows.config_backup import config_backup
@@ -121,7 +163,7 @@ def restore_configs(
         _fail(ConfigError(f"writing configs on {host} needs confirm = {host!r}",
                           hint=f"run without --apply first and read the diff; then add --confirm {host}"))
     try:
-        load_settings()
+        _ready_to_run(load_settings())
         from prefect import tags
 
         from flows.config_restore import config_restore
@@ -148,7 +190,7 @@ def restore_files(
     """Restore a file backup and check the md5 of every restored file (the files-restore flow; no Prefect server needed)."""
     _use_config(config)
     try:
-        load_settings()
+        _ready_to_run(load_settings())
         from prefect import tags
 
         from flows.files_restore import files_restore
@@ -182,7 +224,7 @@ def restore_db(
     if mode not in {"new", "replace"}:
         _fail(ConfigError(f"--mode must be new or replace, not {mode!r}"))
     try:
-        load_settings()
+        _ready_to_run(load_settings())
         from prefect import tags
 
         from flows.db_restore import db_restore

@@ -184,7 +184,7 @@ def _session_members(sid: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_backup_its_children_and_its_temporary_server(
+def test_sigterm_stops_the_backup_its_children_and_its_temporary_server_none_holding_secrets(
     pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path, write_settings: Any,
     source: dict[str, int], tmp_path: Path,
 ) -> None:
@@ -215,6 +215,12 @@ def test_sigterm_stops_the_backup_its_children_and_its_temporary_server(
                 time.sleep(0.2)
             running = _session_members(proc.pid)
             assert len(running) >= 3, running  # the CLI, its temporary Prefect server, pg_dump
+            # None of the CLI's children holds the secrets the settings read from its environment.
+            secrets_held = {DB_PASSWORD, os.environ["LUXIMA_TEST_S3_SECRET_KEY"]}
+            for pid, name in running.items():
+                if pid != proc.pid:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+                    assert not [v for v in secrets_held if v in environ], f"{name} ({pid}) holds a secret"
             proc.terminate()
             try:
                 proc.wait(timeout=60)
