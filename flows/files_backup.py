@@ -29,6 +29,7 @@ from luxima_backup import __version__, catalog, events, manifest, runtime
 from luxima_backup.compression import SUFFIX
 from luxima_backup.errors import BackupError, SourceError, VerificationError, is_transient
 from luxima_backup.pipes import Link
+from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
@@ -46,15 +47,19 @@ from tasks.verify import read_back, verify_files
 
 @flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool: str,
-                       previous_index: dict[str, Any] | None, full: bool, attempt: int = 1) -> dict[str, Any]:
+                       previous_index: dict[str, Any] | None, full: bool, expected_bytes: int | None,
+                       attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload."""
     cfg = runtime.settings().files_backup
     links = tarred, packed, sealed = Link("archive→compress"), Link("compress→encrypt"), Link("encrypt→upload")
     Path(index_spool).unlink(missing_ok=True)  # left by a failed attempt
+    # A full archive holds about the source's bytes; an incremental one an unknown part of them.
+    progress = Progress(f"{'full' if full else 'incremental'} archive of {source}", expected_bytes if full else None,
+                        estimated=True)
 
     def submit(futures: list[Any]) -> None:
         futures.append(archive.submit(source, tarred, backup_id, index_spool, previous_index, full))
-        futures.append(compress.submit(tarred, packed, cfg.compression, cfg.effective_level, cfg.threads))
+        futures.append(compress.submit(tarred, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
         futures.append(encrypt.submit(packed, sealed, "tar archive of files"))
         futures.append(upload.submit(sealed, object_key))
 
@@ -144,7 +149,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             previous_index, is_full, why = _previous_index(previous, work, is_full, why)
         index_spool = str(work / "index.enc")
         stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, index_spool, previous_index,
-                                                          is_full), cfg.attempts, cfg.retry_delay_seconds)
+                                                          is_full, synced.get("total_bytes")),
+                                     cfg.attempts, cfg.retry_delay_seconds)
         uploaded.append(keys.archive)
         a, c, e, u = stream["archive"], stream["compress"], stream["encrypt"], stream["upload"]
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:

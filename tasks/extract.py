@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.compression import DecompressingReader
+from luxima_backup.progress import Progress
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import IntegrityError
 from luxima_backup.filetree import (
@@ -75,13 +76,13 @@ def _open_parent(root: int, rel: bytes) -> int:
 
 
 def extract_archive(store: ObjectStore, key: str, codec: str, provider: KeyProvider, expected_sha256: str,
-                    wanted: Iterator[Entry], staging: Path) -> tuple[int, list[dict[str, Any]]]:
+                    wanted: Iterator[Entry], staging: Path, progress: Any = None) -> tuple[int, list[dict[str, Any]]]:
     """Write the wanted files of one archive under ``staging``; returns (files written, content mismatches).
 
     The whole object is read and authenticated, even past the last wanted member, and its
     ciphertext sha256 must equal the manifest's.
     """
-    sealed = Meter()
+    sealed = Meter(progress=progress)
     mismatches: list[dict[str, Any]] = []
     written = 0
     root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -103,6 +104,7 @@ def extract_archive(store: ObjectStore, key: str, codec: str, provider: KeyProvi
                     mismatches.append({"path": entry.name, "problem": f"in the archive: {why}"})
                 written += 1
             drain(stream)  # the end of the object must authenticate too
+        sealed.finish()
     finally:
         os.close(root)
     if sealed.hexdigest != expected_sha256:
@@ -201,7 +203,8 @@ def extract(archive_id: str, info: dict[str, Any], index_spool: str, index_codec
     keep = selector(path_filter)
     wanted = (e for e in load_index(index_spool, index_codec, provider.unwrap)
               if e.type == FILE and e.archive == archive_id and keep(e))
+    progress = Progress(f"extracting {info['key'].rsplit('/', 1)[-1]}", info["size_encrypted"])
     written, mismatches = extract_archive(runtime.store(settings), info["key"], info["compression"]["codec"], provider,
-                                          info["sha256_encrypted"], wanted, Path(staging))
+                                          info["sha256_encrypted"], wanted, Path(staging), progress)
     get_run_logger().info("extracted %d files from %s", written, info["key"])
     return {"archive": archive_id, "files": written, "mismatches": mismatches}

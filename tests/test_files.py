@@ -172,6 +172,15 @@ def test_round_trip_over_ssh_keeps_names_links_modes_and_mtimes(files_env: dict[
     rows = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["component"] == "files"]
     assert [(r["kind"], r["status"]) for r in rows] == [("backup", "success"), ("restore", "success")]
     assert rows[0]["target"] == "userfiles" and rows[0]["size_encrypted"] == summary["size_encrypted"]
+    # Both long stages kept a progress gauge in the UI, ending at 100.
+    import httpx
+
+    gauges = httpx.post(f"{files_env['prefect'].api_url}/artifacts/filter", json={
+        "artifacts": {"type": {"any_": ["progress"]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"}).json()
+    shown = {a["description"].split(":")[0]: a["data"] for a in gauges}
+    assert shown.get("full archive of userfiles") == 100.0, shown
+    extracting = [v for k, v in shown.items() if k.startswith("extracting ")]
+    assert extracting and set(extracting) == {100.0}, shown
 
 
 def test_incremental_run_transfers_only_changes_and_both_backups_restore(files_env: dict[str, Any]) -> None:
