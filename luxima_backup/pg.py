@@ -381,3 +381,32 @@ def start_client(tool: Tool, cfg: PostgresConnection, args: list[str], *, stdin:
     reader = threading.Thread(target=drain, name=f"{Path(tool.path).name}-stderr", daemon=True)
     reader.start()
     return ClientProcess(proc, tool, tail, reader, passfile)
+
+
+def pg_restore_output(tool: Tool, args: list[str], dump: Any) -> bytes:
+    """What ``pg_restore args`` prints for the dump fed to its stdin (``--list``, or a script of some entries).
+
+    pg_restore stops reading once it has what it needs (the table of contents); the rest of ``dump``
+    is left unread, for the caller to drain (a verify must still hash and authenticate it) or close.
+    """
+    proc = procs.popen([tool.path, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
+               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
+    for t in readers:
+        t.start()
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            while block := dump.read(1 << 20):
+                proc.stdin.write(block)  # type: ignore[union-attr]
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()  # type: ignore[union-attr]
+    rc = proc.wait()
+    for t in readers:
+        t.join()
+    if rc != 0:
+        raise ToolError(f"pg_restore {' '.join(args)} cannot read the dump (exit {rc}): "
+                        f"{redact(b''.join(err).decode(errors='replace')).strip()[-1000:]}")
+    return b"".join(out)

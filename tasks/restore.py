@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
-import threading
 import time
 from typing import Any, Callable
 
@@ -116,7 +114,8 @@ def database_properties(tool: pg.Tool, read_dump: Callable[[], Any], work: str, 
     ``target_db`` instead of ``source_db``. Dumps made without --create carry none: the list is empty.
     ``read_dump`` opens the plaintext dump from its start; only its table of contents is read.
     """
-    listing = _pg_restore_output(tool, ["--create", "--list"], read_dump()).decode(errors="replace")
+    with contextlib.closing(read_dump()) as dump:
+        listing = pg.pg_restore_output(tool, ["--create", "--list"], dump).decode(errors="replace")
     entries = [line for line in listing.splitlines() if _DB_ENTRY.match(line)]
     if not entries:
         return []
@@ -124,7 +123,8 @@ def database_properties(tool: pg.Tool, read_dump: Callable[[], Any], work: str, 
     with open(list_file, "w") as f:
         f.write("\n".join(entries) + "\n")
     args = ["--create", f"--use-list={list_file}", "--file=-"] + (["--no-owner", "--no-privileges"] if no_owner else [])
-    script = _pg_restore_output(tool, args, read_dump()).decode()
+    with contextlib.closing(read_dump()) as dump:
+        script = pg.pg_restore_output(tool, args, dump).decode()
     old, new = f"DATABASE {quote(source_db)}", f"DATABASE {quote(target_db)}"
     statements: list[str] = []
     current: list[str] = []
@@ -155,33 +155,6 @@ def quote_ident(cfg: PostgresConnection) -> Callable[[str], str]:
         with _maintenance(cfg) as conn, pg.translate_errors("quoting a name"):
             return str(conn.execute("SELECT quote_ident(%s)", (name,)).fetchone()[0])  # type: ignore[index]
     return quote
-
-
-def _pg_restore_output(tool: pg.Tool, args: list[str], dump: Any) -> bytes:
-    """pg_restore ``args`` on the dump fed to its stdin; it stops reading after the table of contents."""
-    proc = procs.popen([tool.path, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
-               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
-    for t in readers:
-        t.start()
-    try:
-        with contextlib.suppress(BrokenPipeError):
-            while block := dump.read(1 << 20):
-                proc.stdin.write(block)  # type: ignore[union-attr]
-    finally:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()  # type: ignore[union-attr]
-        close = getattr(dump, "close", None)
-        if close is not None:
-            close()
-    rc = proc.wait()
-    for t in readers:
-        t.join()
-    if rc != 0:
-        raise ToolError(f"pg_restore {' '.join(args[:2])} failed (exit {rc}): {redact(b''.join(err).decode(errors='replace'))[-1000:]}")
-    return b"".join(out)
 
 
 def pg_restore_args(dbname: str, jobs: int, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:

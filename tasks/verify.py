@@ -10,25 +10,21 @@ data of every counted table.
 from __future__ import annotations
 
 import re
-import subprocess
-import threading
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql as psql
 
-from luxima_backup import pg, procs, runtime
+from luxima_backup import pg, runtime
 from luxima_backup.envelope import DecryptingReader
-from luxima_backup.errors import DatabaseError, IntegrityError, VerificationError
+from luxima_backup.errors import DatabaseError, IntegrityError, ToolError, VerificationError
 from luxima_backup.keys import KeyProvider
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.secrets import redact
 from luxima_backup.settings import AppCheck, HttpLogin, PostgresConnection
 from luxima_backup.storage import ObjectStore
 from luxima_backup.compression import DecompressingReader
-
-READ_SIZE = 1 << 20
 
 
 def read_back(store: ObjectStore, key: str, expected_size: int, expected_sha256: str) -> dict[str, Any]:
@@ -81,47 +77,21 @@ def check_data_entries(key: str, toc: dict[str, Any], tables: list[dict[str, Any
 
 
 def _restore_list(dump: Any, tool: pg.Tool) -> dict[str, Any]:
-    """Feed the dump to ``pg_restore --list`` and parse what it prints."""
-    proc = procs.popen([tool.path, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: dict[str, Any] = {"entries": 0, "table_data": set(), "blobs": False}
-    err: list[bytes] = []
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            text = line.decode(errors="replace")
-            if text.startswith(";") or not text.strip():
-                continue
-            out["entries"] += 1
-            m = _TOC_LINE.match(text)  # "1234; 0 16385 TABLE DATA public users postgres": the table's oid, then names
-            if m and m.group(2) == "TABLE DATA":
-                out["table_data"].add(int(m.group(1)))
-            elif m and m.group(2) in ("BLOBS", "BLOB DATA", "LARGE OBJECTS"):
-                out["blobs"] = True
-
-    readers = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]  # type: ignore[union-attr]
-    for t in readers:
-        t.start()
-    assert proc.stdin is not None
+    """Feed the dump to ``pg_restore --list`` and parse its table of contents."""
     try:
-        while True:
-            block = dump.read(READ_SIZE)
-            if not block:
-                break
-            proc.stdin.write(block)
-    except BrokenPipeError:
-        pass  # pg_restore --list reads only the header and TOC, then exits
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    rc = proc.wait()
-    for t in readers:
-        t.join()
-    if rc != 0:
-        raise VerificationError(f"pg_restore --list cannot read the dump (exit {rc}): {b''.join(err).decode(errors='replace').strip()[-1000:]}")
+        listing = pg.pg_restore_output(tool, ["--list"], dump).decode(errors="replace")
+    except ToolError as exc:
+        raise VerificationError(exc.message) from None
+    out: dict[str, Any] = {"entries": 0, "table_data": set(), "blobs": False}
+    for text in listing.splitlines():
+        if text.startswith(";") or not text.strip():
+            continue
+        out["entries"] += 1
+        m = _TOC_LINE.match(text)  # "1234; 0 16385 TABLE DATA public users postgres": the table's oid, then names
+        if m and m.group(2) == "TABLE DATA":
+            out["table_data"].add(int(m.group(1)))
+        elif m and m.group(2) in ("BLOBS", "BLOB DATA", "LARGE OBJECTS"):
+            out["blobs"] = True
     return out
 
 
