@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Any, Callable
 
@@ -14,18 +16,27 @@ from luxima_backup.secrets import redact
 
 
 def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...], attempts: int,
-                        delays: list[float]) -> dict[str, Any]:
+                        delays: list[float], attempt_limit: Callable[[Any], float] | None = None,
+                        setting: str = "stage_timeout_seconds") -> dict[str, Any]:
     """Run a streaming subflow (its last parameter is the attempt number) until it completes.
 
     Its stages cannot be retried alone once their input stream is consumed, so the whole
-    stream is the unit of retry; only transient errors start another attempt.
+    stream is the unit of retry; only transient errors start another attempt. With
+    ``attempt_limit`` (seconds, from the settings), an attempt still running then is stopped (its
+    children killed, its waits cancelled) and counts as a transient failure: a stalled network or
+    a hung tool gets another attempt within the run's own limit.
     """
     logger = get_run_logger()
     for attempt in range(1, attempts + 1):
-        state = attempt_flow(*args, attempt, return_state=True)
+        limit = (runtime.time_limit(attempt_limit, f"attempt {attempt} of {attempt_flow.name}", setting)
+                 if attempt_limit is not None else contextlib.nullcontext(threading.Event()))
+        with limit as expired:
+            state = attempt_flow(*args, attempt, return_state=True)
         if state.is_completed():
             return state.result()
         exc = state.result(raise_on_failure=False)
+        if expired.is_set():  # whatever the stopped stages said: the cause is the limit
+            exc = BackupError(f"attempt {attempt} of {attempt_flow.name} ran past {setting}; it was stopped", transient=True)
         if not isinstance(exc, BaseException):
             exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
         if attempt == attempts or not is_transient(exc):

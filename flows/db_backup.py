@@ -106,7 +106,8 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
         uploaded: list[str] = []
         try:
-            stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds)
+            stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds,
+                                     lambda s: s.db_backup.stage_timeout_seconds, "db_backup.stage_timeout_seconds")
             uploaded.append(keys.data)
             d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
             expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
@@ -118,8 +119,9 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
                 globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals)
                 if "key" in globals_info:
                     uploaded.append(keys.globals)
-            verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
-                                  d["tables"], d["large_objects"])
+            with runtime.time_limit(lambda s: s.db_backup.stage_timeout_seconds, "verify", "db_backup.stage_timeout_seconds"):
+                verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
+                                      d["tables"], d["large_objects"])
             finished = datetime.now(timezone.utc)
             document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
             save_manifest(keys.manifest, document)

@@ -184,7 +184,8 @@ def db_restore(
         outcome: dict[str, Any] = {}
         try:
             spool = str(work / "backup.enc")
-            dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
+            with stage_limit("download"):
+                dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
             timings["download"] = dl["seconds"]
             checks.append(check_row("sha256 of the stored object", dump_info["sha256_encrypted"], dl["sha256"]))
 
@@ -192,9 +193,10 @@ def db_restore(
             dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
             link = Link("decrypt→decompress")
             checking = Progress("decrypting and checking the dump", dump_info["size_plain"])
-            dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
-                                                fs.append(decompress.submit(link, codec, to_file=dump_file,
-                                                                            progress=checking))), [link])
+            with stage_limit("decrypting and checking the dump"):
+                dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
+                                                    fs.append(decompress.submit(link, codec, to_file=dump_file,
+                                                                                progress=checking))), [link])
             timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
             checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
             checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
@@ -214,7 +216,8 @@ def db_restore(
                 apply_statements(target_cfg, properties, plan.restore_into)
 
             t = time.monotonic()
-            checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
+            with stage_limit("verify"):
+                checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
             timings["verify"] = round(time.monotonic() - t, 3)
             rto = time.monotonic() - t0
             rto_target = settings.restore.rto_target_minutes * 60
@@ -259,18 +262,19 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
     for attempt in range(1, attempts + 1):
         t = time.monotonic()
         try:
-            if dump_file is not None:
-                restore(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas, plan.tables, no_owner,
-                        dump_file=dump_file)
-            else:
-                links = decrypted, dumped = Link("decrypt→decompress"), Link("decompress→restore")
-                run_linked(lambda fs: (
-                    fs.append(decrypt.submit(spool, decrypted)),
-                    fs.append(decompress.submit(decrypted, codec, sink=dumped,
-                                                progress=Progress(f"restore into {plan.restore_into}", plan.backup.doc["dump"]["size_plain"]))),
-                    fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
-                                             plan.tables, no_owner, source=dumped)),
-                ), list(links))
+            with stage_limit(f"pg_restore attempt {attempt}"):
+                if dump_file is not None:
+                    restore(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas, plan.tables, no_owner,
+                            dump_file=dump_file)
+                else:
+                    links = decrypted, dumped = Link("decrypt→decompress"), Link("decompress→restore")
+                    run_linked(lambda fs: (
+                        fs.append(decrypt.submit(spool, decrypted)),
+                        fs.append(decompress.submit(decrypted, codec, sink=dumped,
+                                                    progress=Progress(f"restore into {plan.restore_into}", plan.backup.doc["dump"]["size_plain"]))),
+                        fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
+                                                 plan.tables, no_owner, source=dumped)),
+                    ), list(links))
             return round(time.monotonic() - t, 3)
         except BackupError as exc:
             if attempt == attempts or not is_transient(exc):
@@ -301,6 +305,11 @@ def _database_properties(settings: Settings, plan: Plan, work: Any, spool: str, 
                                       plan.replaces or plan.restore_into, quote_ident(target_cfg), no_owner)
     get_run_logger().info("%d database-level statement(s) from the backup (owner, grants, settings, comment)", len(statements))
     return statements
+
+
+def stage_limit(stage: str) -> Any:
+    """One stage of a restore, bounded by restore.stage_timeout_seconds (within the run's own limit)."""
+    return runtime.time_limit(lambda s: s.restore.stage_timeout_seconds, stage, "restore.stage_timeout_seconds")
 
 
 def _drop_quietly(cfg: Any, dbname: str, logger: Any) -> None:

@@ -105,8 +105,9 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 
 
 @contextlib.contextmanager
-def time_limit(limit_of: Callable[[Settings], float], name: str) -> Iterator[None]:
-    """Bound a flow's body by a limit from the settings (``limit_of(settings)`` seconds).
+def time_limit(limit_of: Callable[[Settings], float], name: str,
+               setting: str = "timeout_seconds") -> Iterator[threading.Event]:
+    """Bound a flow's body, or one stage of it, by a limit from the settings (``limit_of(settings)`` seconds).
 
     Prefect's own ``timeout_seconds`` is fixed when the flow is defined, before any settings exist;
     this one is read at run time. When it expires, a timer thread stops every child process (pg_dump,
@@ -114,16 +115,17 @@ def time_limit(limit_of: Callable[[Settings], float], name: str) -> Iterator[Non
     signals the main thread, where ``TimeLimitExceeded`` is raised: the flow's clean-up runs and the
     run ends TimedOut. (The signal is sent to the main thread itself: a process-wide alarm may land on
     another thread and leave the main one blocked.) Flows run in their process's main thread (CLI,
-    worker, serve); elsewhere the limit is not enforced.
+    worker, serve); elsewhere the limit is not enforced. Limits nest: a stage's inside its flow's.
+    Yields the event set when the limit expired (a subflow may have turned the error into its state).
     """
+    expired = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield expired
         return
     seconds = float(limit_of(settings()))
-    expired = threading.Event()
     finished = threading.Lock()  # held by the run's end: no alarm after the handler is put back
     message = (f"{name} ran past its limit of {seconds:g} s; its child processes were stopped "
-               "(raise the setting's timeout_seconds if runs this long are expected)")
+               f"(raise {setting} if runs this long are expected)")
 
     def expire() -> None:
         if not finished.acquire(blocking=False):
@@ -146,7 +148,7 @@ def time_limit(limit_of: Callable[[Settings], float], name: str) -> Iterator[Non
     timer.daemon = True
     timer.start()
     try:
-        yield
+        yield expired
     except BaseException as exc:
         # The stages stopped by the limit may fail first, with errors of their own: the cause is the limit.
         if expired.is_set() and not isinstance(exc, TimeLimitExceeded):

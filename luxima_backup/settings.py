@@ -210,6 +210,11 @@ class DbBackupSettings(_Section):
         "VACUUM FULL, a migration) before the backup fails, naming that session",
     )
     timeout_seconds: float = Field(6 * 3600, gt=0, description="the whole db-backup run, retries included, ends TimedOut after this")
+    stage_timeout_seconds: float = Field(
+        4 * 3600, gt=0,
+        description="one attempt of the stream (dump, compress, encrypt, upload) is stopped after this and tried again "
+        "(attempts); the verify fails after this",
+    )
 
     @model_validator(mode="after")
     def _level_in_range(self) -> "DbBackupSettings":
@@ -455,6 +460,11 @@ class RestoreSettings(_Section):
     attempts: int = Field(2, ge=1, le=5, description="attempts of the pg_restore pass on transient failures (each on an empty database)")
     rto_target_minutes: float = Field(120, gt=0, description="recovery time objective the measured RTO is shown against")
     timeout_seconds: float = Field(4 * 3600, gt=0, description="a db, files or config restore run ends TimedOut after this")
+    stage_timeout_seconds: float = Field(
+        3 * 3600, gt=0,
+        description="each stage of a database restore (download, the check pass, one pg_restore attempt, verify) fails "
+        "after this",
+    )
     app_check: AppCheck = Field(default_factory=AppCheck)
 
 

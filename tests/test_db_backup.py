@@ -389,3 +389,29 @@ def test_a_running_backup_shows_its_progress_in_the_ui(
     from tests.helpers import persisted_task_results
 
     assert persisted_task_results(prefect_server.api_url, [str(state.state_details.flow_run_id), *runs]) == {}
+
+
+@pytest.mark.slow
+def test_an_attempt_past_its_stage_limit_is_stopped_and_tried_again(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from luxima_backup import procs
+
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__STAGE_TIMEOUT_SECONDS", "3")
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # so the stage limit is what ends it
+    write_settings(database, bucket, file_keys(key_file))  # attempts = 2
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")  # pg_dump waits: its attempt never ends alone
+        started = time.monotonic()
+        state = run_backup()
+        elapsed = time.monotonic() - started
+        holder.execute("ROLLBACK")
+    assert state.is_failed()
+    assert "ran past db_backup.stage_timeout_seconds" in str(state.result(raise_on_failure=False))
+    assert elapsed < 60
+    attempts = subflow_runs(state)
+    assert len(attempts) == 2 and all(not a.state.is_completed() for a in attempts)  # stopped, tried again, stopped
+    assert procs.live() == []
+    assert not [k for k in s3_keys(s3_server, bucket) if k.endswith(".manifest.json")]
