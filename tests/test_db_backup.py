@@ -345,6 +345,18 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
             assert secret not in text
 
 
+def backup_while_locked(pg_cluster: PostgresCluster, database: str) -> tuple[Any, float]:
+    """A backup run while another session holds app.users in ACCESS EXCLUSIVE; its state and how long it took."""
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        state = run_backup()
+        elapsed = time.monotonic() - started
+        holder.execute("ROLLBACK")
+    return state, elapsed
+
+
 @pytest.mark.slow
 def test_a_backup_past_its_time_limit_ends_timed_out_and_leaves_nothing_behind(
     prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
@@ -355,13 +367,7 @@ def test_a_backup_past_its_time_limit_ends_timed_out_and_leaves_nothing_behind(
     monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__TIMEOUT_SECONDS", "6")
     monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # so the limit is what ends it
     write_settings(database, bucket, file_keys(key_file))
-    with pg_cluster.connect(database) as holder:
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        state = run_backup()
-        elapsed = time.monotonic() - started
-        holder.execute("ROLLBACK")
+    state, elapsed = backup_while_locked(pg_cluster, database)
     assert state.name == "TimedOut", (state.name, state.message)
     assert "limit of 6 s" in str(state.result(raise_on_failure=False))
     assert elapsed < 60  # not the 600 s lock wait
@@ -401,13 +407,7 @@ def test_an_attempt_past_its_stage_limit_is_stopped_and_tried_again(
     monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__STAGE_TIMEOUT_SECONDS", "3")
     monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # so the stage limit is what ends it
     write_settings(database, bucket, file_keys(key_file))  # attempts = 2
-    with pg_cluster.connect(database) as holder:
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")  # pg_dump waits: its attempt never ends alone
-        started = time.monotonic()
-        state = run_backup()
-        elapsed = time.monotonic() - started
-        holder.execute("ROLLBACK")
+    state, elapsed = backup_while_locked(pg_cluster, database)  # pg_dump waits: its attempt never ends alone
     assert state.is_failed()
     assert "ran past db_backup.stage_timeout_seconds" in str(state.result(raise_on_failure=False))
     assert elapsed < 60
