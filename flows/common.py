@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import manifest, runtime
-from luxima_backup.errors import BackupError, is_transient
+from luxima_backup.errors import BackupError, TimeLimitExceeded, is_transient
 from luxima_backup.secrets import redact
 
 
@@ -30,15 +30,23 @@ def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...],
     for attempt in range(1, attempts + 1):
         limit = (runtime.time_limit(attempt_limit, f"attempt {attempt} of {attempt_flow.name}", setting)
                  if attempt_limit is not None else contextlib.nullcontext(threading.Event()))
-        with limit as expired:
-            state = attempt_flow(*args, attempt, return_state=True)
-        if state.is_completed():
+        state = None
+        try:
+            with limit as expired:
+                state = attempt_flow(*args, attempt, return_state=True)
+        except TimeLimitExceeded:
+            if not expired.is_set():
+                raise  # the run's own limit, not this attempt's
+        if state is not None and state.is_completed():  # done, even if the limit ran out at the very end
             return state.result()
-        exc = state.result(raise_on_failure=False)
         if expired.is_set():  # whatever the stopped stages said: the cause is the limit
-            exc = BackupError(f"attempt {attempt} of {attempt_flow.name} ran past {setting}; it was stopped", transient=True)
-        if not isinstance(exc, BaseException):
-            exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
+            exc: Any = BackupError(f"attempt {attempt} of {attempt_flow.name} ran past {setting}; it was stopped",
+                                   transient=True)
+        else:
+            assert state is not None
+            exc = state.result(raise_on_failure=False)
+            if not isinstance(exc, BaseException):
+                exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
         if attempt == attempts or not is_transient(exc):
             raise exc
         delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0

@@ -30,6 +30,7 @@ from luxima_backup.compression import SUFFIX
 from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
+from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
 from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
 from luxima_backup.workdir import private_dir
@@ -45,6 +46,14 @@ from tasks.verify import verify_configs
 # The archive stage is the compressor: the fetch stage already writes the tar.
 archive = compress.with_options(name="archive")
 
+
+
+_STAGE_SETTING = "configs.stage_timeout_seconds"
+
+
+def _stage_limit(settings: Settings) -> float:
+    """Read at run time, so a run started from the UI uses the settings the worker has now."""
+    return settings.configs.stage_timeout_seconds
 
 @flow(name="config-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 1) -> dict[str, Any]:
@@ -76,14 +85,16 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     keys = manifest.config_keys(runtime.config_prefix(settings), host, started, SUFFIX[cfg.compression])
     uploaded: list[str] = []
     try:
-        stream = stream_with_retries(fetch_to_storage, (host, keys.archive, stage_dir), cfg.attempts, cfg.retry_delay_seconds)
+        stream = stream_with_retries(fetch_to_storage, (host, keys.archive, stage_dir), cfg.attempts, cfg.retry_delay_seconds,
+                                     _stage_limit, _STAGE_SETTING)
         uploaded.append(keys.archive)
         f, a, e, u = stream["fetch"], stream["archive"], stream["encrypt"], stream["upload"]
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
             raise BackupError("the bytes uploaded differ from the bytes encrypted")
         expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"], "plain_sha256": a["plain_sha256"],
                     "host": host, "content_digest": f["content_digest"], "files": f["files"]}
-        verification = verify_configs(keys.archive, a["codec"], expected, cfg.deep_verify)
+        with runtime.time_limit(_stage_limit, f"verify of {host}", _STAGE_SETTING):
+            verification = verify_configs(keys.archive, a["codec"], expected, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
         host_cfg = settings.hosts[host]
         document = {

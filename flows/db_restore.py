@@ -77,12 +77,13 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
                  jobs: int | None, now: datetime) -> Plan:
     """Resolve the backup and check the parameters; every refusal says what to change."""
     source_name = source or settings.db_backup.database
-    source_cfg = settings.database(source_name)
+    settings.database(source_name)  # an unknown section is refused here, naming the configured ones
     target_name = target or settings.restore.target or settings.db_backup.database
     target_cfg = settings.database(target_name)
     # Backups are filed by section; those filed by database name before (db/<dbname>/) are found too.
     found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "db", backup,
-                            source=source_name, as_of=as_of, also_under=[source_cfg.dbname])
+                            source=source_name, as_of=as_of,
+                            also_under=catalog.legacy_folders(settings, "db", source_name))
     if found.component != "db" or "dump" not in found.doc:
         raise ConfigError(f"{found.manifest_key} is not a database backup")
     stamp = now.strftime("%Y%m%d%H%M%S")

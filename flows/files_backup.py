@@ -45,6 +45,14 @@ from tasks.upload import upload
 from tasks.verify import read_back, verify_files
 
 
+
+_STAGE_SETTING = "files_backup.stage_timeout_seconds"
+
+
+def _stage_limit(settings: Settings) -> float:
+    """Read at run time, so a run started from the UI uses the settings the worker has now."""
+    return settings.files_backup.stage_timeout_seconds
+
 @flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
 def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool: str,
                        previous_index: dict[str, Any] | None, full: bool, expected_bytes: int | None,
@@ -142,7 +150,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     lock = None
     try:
         lock = _lock_mirror(settings, name)
-        synced = sync(name, previous_entries, allow_shrink)
+        with runtime.time_limit(_stage_limit, f"mirror of {name}", _STAGE_SETTING):
+            synced = sync(name, previous_entries, allow_shrink)
         check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
         previous_index = None
         if previous is not None:
@@ -150,7 +159,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         index_spool = str(work / "index.enc")
         stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, index_spool, previous_index,
                                                           is_full, synced.get("total_bytes")),
-                                     cfg.attempts, cfg.retry_delay_seconds)
+                                     cfg.attempts, cfg.retry_delay_seconds, _stage_limit, _STAGE_SETTING)
         uploaded.append(keys.archive)
         a, c, e, u = stream["archive"], stream["compress"], stream["encrypt"], stream["upload"]
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
@@ -168,7 +177,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             "files": a["stored"]["files"], "bytes": a["stored"]["bytes"],
         }
         older = _older_archives(previous, is_full)
-        verification = verify_files(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
+        with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
+            verification = verify_files(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
         document = {
             "manifest_version": manifest.MANIFEST_VERSION, "backup_id": keys.backup_id, "component": "files",

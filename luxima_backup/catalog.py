@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from . import manifest
 from .errors import ConfigError, FormatError, ObjectNotFound
 from .storage import ObjectStore
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,14 @@ def list_backups(store: ObjectStore, prefix: str, component: str, source: str | 
     """
     backups = [b for b in iter_backups(store, prefix, component, source, also_under) if isinstance(b, Backup)]
     return sorted(backups, key=lambda b: (b.completed_at, b.backup_id))
+
+
+def legacy_folders(settings: Settings, component: str, source: str | None) -> list[str]:
+    """The folders a source's backups were filed under before backups were filed by section (``also_under``):
+    a database's, by its database name."""
+    if component == "db" and source in settings.databases:
+        return [settings.databases[source].dbname]
+    return []
 
 
 def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,

@@ -252,7 +252,7 @@ def list_cmd(
     try:
         settings = load_settings()
         store, prefix = _catalog_of(settings, component)
-        found = list(catalog.iter_backups(store, prefix, component, source, _legacy_folders(settings, component, source)))
+        found = list(catalog.iter_backups(store, prefix, component, source, catalog.legacy_folders(settings, component, source)))
     except BackupError as exc:
         _fail(exc)
     backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
@@ -278,13 +278,6 @@ def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
     return runtime.store(settings), settings.storage.prefix
 
 
-def _legacy_folders(settings: Settings, component: str, source: str | None) -> list[str]:
-    """Where a database's backups were filed before they were filed by section: by database name."""
-    if component == "db" and source in settings.databases:
-        return [settings.databases[source].dbname]
-    return []
-
-
 def _data(doc: dict) -> dict:  # type: ignore[type-arg]
     """The backup's main object: the dump (db) or the archive (files)."""
     return dict(doc.get("dump") or doc.get("archive") or {})
@@ -305,7 +298,7 @@ def show_cmd(
         settings = load_settings()
         store, prefix = _catalog_of(settings, component)
         found = catalog.resolve(store, prefix, component, backup, source=source,
-                                also_under=_legacy_folders(settings, component, source))
+                                also_under=catalog.legacy_folders(settings, component, source))
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.doc}, indent=2))

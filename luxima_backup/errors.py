@@ -94,6 +94,12 @@ class TimeLimitExceeded(TimeoutError):
     """A run went past its configured ``timeout_seconds``: never retried; Prefect records a TimeoutError as TimedOut."""
 
 
+class TimeLimitInterrupt(BaseException):
+    """Raised into the main thread when a time limit expires, and turned into ``TimeLimitExceeded`` where the limit
+    was set. Not an ``Exception`` (let alone an ``OSError`` like ``TimeoutError``): the code it interrupts (botocore,
+    urllib3, paramiko) takes those for network errors and retries them, which would hold the run past its limit."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the step that raised ``exc`` may succeed."""
     if isinstance(exc, TimeLimitExceeded):

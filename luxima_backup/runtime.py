@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 from prefect.tasks import exponential_backoff
 
 from . import procs
-from .errors import TimeLimitExceeded, is_transient
+from .errors import TimeLimitExceeded, TimeLimitInterrupt, is_transient
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
 from .storage import ObjectStore, store_from_settings
@@ -113,7 +113,9 @@ def time_limit(limit_of: Callable[[Settings], float], name: str,
     this one is read at run time. When it expires, a timer thread stops every child process (pg_dump,
     pg_restore, rsync, ...) and cancels registered waits, which ends the stages blocked on them, then
     signals the main thread, where ``TimeLimitExceeded`` is raised: the flow's clean-up runs and the
-    run ends TimedOut. (The signal is sent to the main thread itself: a process-wide alarm may land on
+    run ends TimedOut. (What the signal raises is a ``TimeLimitInterrupt``, a BaseException, so that no
+    library retries it as a network error; Prefect marks a task or subflow it passes through Crashed.
+    The signal is sent to the main thread itself: a process-wide alarm may land on
     another thread and leave the main one blocked.) Flows run in their process's main thread (CLI,
     worker, serve); elsewhere the limit is not enforced. Limits nest: a stage's inside its flow's.
     Yields the event set when the limit expired (a subflow may have turned the error into its state).
@@ -139,10 +141,13 @@ def time_limit(limit_of: Callable[[Settings], float], name: str,
 
     def on_alarm(signum: int, frame: Any) -> None:
         if expired.is_set():
-            raise TimeLimitExceeded(message)
-        if callable(previous):  # someone else's alarm (e.g. a test runner's)
+            if not ending.is_set():  # the block already ended on its own: nothing left to stop
+                raise TimeLimitInterrupt(message)
+            return
+        if callable(previous):  # an enclosing limit's alarm, or someone else's (e.g. a test runner's)
             previous(signum, frame)
 
+    ending = threading.Event()
     previous = signal.signal(signal.SIGALRM, on_alarm)
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -155,6 +160,7 @@ def time_limit(limit_of: Callable[[Settings], float], name: str,
             raise TimeLimitExceeded(message) from exc
         raise
     finally:
+        ending.set()
         timer.cancel()
         with finished:
             signal.signal(signal.SIGALRM, previous)

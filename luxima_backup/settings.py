@@ -96,6 +96,11 @@ class SshHost(_Section):
     key: Secret = Field(description="reference to the private key (e.g. 'file:/etc/luxima-backup/id_ed25519' or a vault: path)")
     known_hosts: Path = Field(description="known_hosts file holding this host's key; unknown hosts are never accepted")
     connect_timeout: float = Field(15, gt=0)
+    io_timeout: float = Field(
+        120, gt=0,
+        description="seconds a connected host may send nothing while it is read before it counts as gone (a transient "
+        "error: the stream is tried again); a host that vanished mid-run cannot hold the run",
+    )
 
 
 class StorageSettings(_Section):
@@ -278,6 +283,11 @@ class FilesBackupSettings(_Section):
     rsync_timeout: int = Field(600, ge=10, description="rsync --timeout: seconds of no I/O before it gives up")
     retention_days: int = Field(30, ge=1)
     timeout_seconds: float = Field(8 * 3600, gt=0, description="the whole files-backup run ends TimedOut after this")
+    stage_timeout_seconds: float = Field(
+        6 * 3600, gt=0,
+        description="one attempt of a source's stream (mirror, archive, encrypt, upload) is stopped after this and tried "
+        "again (attempts); that source's verify fails after this",
+    )
 
     @model_validator(mode="after")
     def _level_in_range(self) -> "FilesBackupSettings":
@@ -400,6 +410,11 @@ class ConfigsSettings(_Section):
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
     retention_days: int = Field(90, ge=1)
     timeout_seconds: float = Field(3600, gt=0, description="the whole config-backup run ends TimedOut after this")
+    stage_timeout_seconds: float = Field(
+        1200, gt=0,
+        description="one attempt of a host's fetch (SSH, archive, encrypt, upload) is stopped after this and tried again "
+        "(attempts); that host's verify fails after this",
+    )
     restore_keep_dir: str = Field("/var/backups/luxima-config-restore", description="folder on the host where a restore keeps the files it overwrote")
 
     @model_validator(mode="after")

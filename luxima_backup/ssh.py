@@ -125,6 +125,9 @@ def connect(cfg: SshHost, key_text: str | None = None) -> paramiko.SSHClient:
     except (socket.timeout, TimeoutError, OSError) as exc:
         client.close()
         raise SshError(f"cannot reach {label}: {exc}", transient=True) from None
+    transport = client.get_transport()
+    if transport is not None:
+        transport.set_keepalive(15)  # like ServerAliveInterval: NAT and firewalls keep an idle session open
     return client
 
 

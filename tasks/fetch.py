@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import posixpath
+import socket
 import stat
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import paramiko
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import config_archive, config_secrets, runtime
+from luxima_backup import config_archive, config_secrets, procs, runtime
 from luxima_backup.errors import ConfigError
 from luxima_backup.pipes import Link, stage
 from luxima_backup.settings import Settings
@@ -180,6 +181,8 @@ def read_remote(sftp: paramiko.SFTPClient, path: str, size: int) -> bytes:
             data = src.read(size + 1)
     except PermissionError as exc:
         raise _denied(path) from exc
+    except (socket.timeout, TimeoutError):
+        raise  # the host went silent: said once, by fetch
     except (OSError, paramiko.SSHException) as exc:
         raise SshError(f"fetching {path} failed: {exc}", transient=True) from exc
     if len(data) != size:
@@ -285,8 +288,18 @@ def fetch(host: str, sink: Link, stage_dir: str) -> dict[str, Any]:
     logger = get_run_logger()
     key = fingerprint_key(settings)
     started = time.monotonic()
-    with stage(None, sink), runtime.connect_host(host, settings) as client, client.open_sftp() as sftp:
-        result = fetch_host(sftp, host, settings, sink.writer(), Path(stage_dir), key)
+    silence = settings.hosts[host].io_timeout
+    with stage(None, sink), runtime.connect_host(host, settings) as client:
+        # Closing the connection is what ends a read blocked on a host that stopped answering: the run's
+        # time limits do it through procs.stop_all, the channel's timeout after io_timeout of silence.
+        with procs.cancellable(client.close), client.open_sftp() as sftp:
+            sftp.get_channel().settimeout(silence)
+            try:
+                result = fetch_host(sftp, host, settings, sink.writer(), Path(stage_dir), key)
+            except (socket.timeout, TimeoutError) as exc:
+                raise SshError(f"{host} sent nothing for {silence:g} s while its configs were read; it may be down or "
+                               "its network cut", transient=True,
+                               hint=f"if the host is only slow, raise hosts.{host}.io_timeout") from exc
     result["seconds"] = round(time.monotonic() - started, 3)
     for path in result["missing"]:
         logger.warning("%s: configured path %s matches nothing on the host", host, path)

@@ -78,7 +78,8 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
     fp_key = tmp_path / "fingerprint.key"
     fp_key.write_text("a-fingerprint-key-of-32-bytes-xyz")
 
-    def settings(host_opts: str = "", extra: str = "", git_known: Path = known, fingerprint: bool = True) -> Path:
+    def settings(host_opts: str = "", extra: str = "", git_known: Path = known, fingerprint: bool = True,
+                 configs_opts: str = "attempts = 1") -> Path:
         r = root
         fp_line = f'fingerprint_key = "file:{fp_key}"' if fingerprint else ""
         return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
@@ -92,7 +93,7 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
 
             [configs]
             {fp_line}
-            attempts = 1
+            {configs_opts}
             restore_keep_dir = "{tmp_path / 'kept'}"
 
             [configs.git]
@@ -481,6 +482,51 @@ def test_an_unreachable_host_fails_the_run_but_not_the_others(cfg_env: dict[str,
     rows = {r["target"]: r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"}
     assert rows["web1"]["status"] == "success" and rows["web2"]["status"] == "failed"
     assert [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/web2/")] == []
+
+
+def test_a_host_that_goes_silent_mid_read_is_stopped_and_tried_again_never_held(cfg_env: dict[str, Any]) -> None:
+    """A host that vanishes mid-fetch (no reset: a cut link, a dead VM behind a firewall) sends nothing more.
+    Its silence ends the read after hosts.io_timeout; with a long io_timeout, the stage limit stops the attempt.
+    Either way each attempt is stopped, tried again, and the run fails for that host alone, leaving nothing stored."""
+    from tests.fault_proxy import StallProxy
+
+    big = cfg_env["tmp"] / "web3/etc/app"
+    big.mkdir(parents=True)
+    (big / "bundle.conf").write_bytes(os.urandom(3 * 1024 * 1024))  # far more than the proxy lets through
+    proxy = StallProxy(cfg_env["sshd"].port, stall_after=256 * 1024)
+
+    def web3(io_timeout: float, stage_timeout: float) -> str:
+        return f"""
+        [hosts.web3]
+        host = "127.0.0.1"
+        port = {proxy.port}
+        user = "{cfg_env['sshd'].user}"
+        key = "file:{cfg_env['sshd'].client_key}"
+        known_hosts = "{cfg_env['tmp'] / 'web3_known'}"
+        connect_timeout = 5
+        io_timeout = {io_timeout}
+        [configs.hosts.web3]
+        paths = ["{big}/"]
+        """, f"attempts = 2\n            retry_delay_seconds = [0]\n            stage_timeout_seconds = {stage_timeout}"
+
+    (cfg_env["tmp"] / "web3_known").write_text(cfg_env["sshd"].known_hosts_line.replace(
+        f"[127.0.0.1]:{cfg_env['sshd'].port}", f"[127.0.0.1]:{proxy.port}"))
+    try:
+        for io_timeout, stage_timeout, said in [(2, 600, "web3 sent nothing for 2 s"),
+                                                (600, 4, "ran past configs.stage_timeout_seconds")]:
+            extra, configs_opts = web3(io_timeout, stage_timeout)
+            cfg_env["settings"](configs_opts=configs_opts, extra=extra)
+            proxy.stalled.clear()
+            state = backup(hosts=["web1", "web3"])
+            exc = error_of(state)
+            assert proxy.stalled.is_set()  # the host really went silent mid-read
+            assert "web3:" in str(exc) and said in str(exc) and "web1:" not in str(exc), str(exc)
+            assert [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/web3/")] == []
+            rows = [r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"]
+            assert rows[-1]["target"] in ("web1", "web3")
+            assert {r["target"]: r["status"] for r in rows[-2:]} == {"web1": "success", "web3": "failed"}
+    finally:
+        proxy.close()
 
 
 def test_unknown_git_server_key_and_missing_fingerprint_key_are_clear_errors(cfg_env: dict[str, Any]) -> None:

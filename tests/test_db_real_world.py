@@ -9,16 +9,13 @@ refused.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import secrets
 import stat
 import textwrap
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,11 +32,11 @@ from luxima_backup.settings import load_settings
 from luxima_backup.storage import store_from_settings
 from luxima_backup.workdir import private_dir
 from tests.conftest import DB_PASSWORD, file_keys
+from tests.fault_proxy import FaultProxy
 from tests.helpers import error_of, log_rows, run_backup, s3_get, s3_keys
 from tests.pg_shapes import (
     LEAF_PARTITIONS, ODD_SCHEMA, ODD_TABLE, PARTITIONED_PARENTS, UBER_TABLE, fingerprint, make_shapes,
 )
-from tests.quiet_server import QuietHTTPServer
 
 
 # -- helpers --
@@ -96,83 +93,6 @@ def datnames(cluster: PostgresCluster, prefix: str) -> list[str]:
 
 def manifest_of(s3_server: Any, bucket: str, state: Any) -> dict[str, Any]:
     return json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
-
-
-class LandThenFailProxy:
-    """An HTTP proxy before the S3 server that forwards every request, but answers 500 to each PUT of a
-    ``*.manifest.json`` *after* the server stored it: the write lands, the client sees a failure."""
-
-    def __init__(self, upstream: str):
-        parts = urlsplit(upstream)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.seen: list[tuple[str, str, int, int]] = []  # (method, path, upstream status, status answered)
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                body = self._body()
-                conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in {"host", "connection", "expect", "transfer-encoding", "content-length"}}
-                headers["Content-Length"] = str(len(body))
-                headers["Host"] = f"{proxy.host}:{proxy.port}"
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                status, out_headers = resp.status, [(k, v) for k, v in resp.getheaders()
-                                                    if k.lower() not in {"transfer-encoding", "connection", "content-length"}]
-                if self.command == "PUT" and urlsplit(self.path).path.endswith(".manifest.json"):
-                    status, out_headers = 500, [("Content-Type", "application/xml")]
-                    data = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
-                            b"<Message>injected after the write landed</Message><RequestId>fault</RequestId></Error>")
-                self.send_response(status)
-                for k, v in out_headers:
-                    self.send_header(k, v)
-                # a HEAD answer has no body but the object's length
-                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" and status == resp.status else len(data)
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                with proxy._lock:
-                    proxy.seen.append((self.command, self.path, resp.status, status))
-
-            def _body(self) -> bytes:
-                """The request body, also when sent with chunked transfer encoding (a stream of unknown size)."""
-                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
-                    length = int(self.headers.get("Content-Length") or 0)
-                    return self.rfile.read(length) if length else b""
-                parts = []
-                while True:
-                    size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                            pass
-                        return b"".join(parts)
-                    parts.append(self.rfile.read(size))
-                    self.rfile.readline()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "LandThenFailProxy":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # -- 1. every table shape --
@@ -456,7 +376,8 @@ def test_a_manifest_that_landed_though_its_write_failed_is_removed_before_the_da
 ) -> None:
     with pg_cluster.connect(database) as conn:
         conn.execute("CREATE TABLE public.items AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 500) g")
-    proxy = LandThenFailProxy(s3_server.url).start()
+    proxy = FaultProxy(s3_server.url).start()
+    proxy.fail("PUT", ".manifest.json", 500, "InternalError", after_upstream=True)  # the write lands, the client sees 500
     try:
         write_config(tmp_path, monkeypatch, bucket=bucket, endpoint=proxy.url, key_file=key_file,
                      databases={"main": db_section(pg_cluster, database)}, storage={"max_attempts": 1})

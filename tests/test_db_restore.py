@@ -227,6 +227,35 @@ def test_tampered_object_is_refused_before_the_target_is_touched(
     assert databases(pg_cluster, database) == [database]
 
 
+def test_a_stalled_download_is_stopped_at_the_stage_limit_and_nothing_is_created(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
+    key_file: Path, write_settings: Any,
+) -> None:
+    """Storage that accepts the request and never answers holds the download: restore.stage_timeout_seconds
+    ends it (well before the storage client's own timeouts and retries would), the run fails naming the stage
+    and the setting, and no database is created."""
+    from tests.fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.url).start()
+    dump_key = backed_up["manifest"]["dump"]["key"]
+    proxy.hold_when = lambda method, path: method == "GET" and dump_key in path
+    proxy.hold.clear()
+    try:
+        write_settings(database, bucket, file_keys(key_file), """
+            [restore]
+            stage_timeout_seconds = 3
+        """, endpoint=proxy.url)
+        state = run_restore(target_database=f"{database}_stall")
+        assert proxy.held.is_set()  # the download really was held at the storage
+    finally:
+        proxy.stop()
+    assert state.is_failed()
+    assert "download ran past its limit of 3 s" in state.message and "restore.stage_timeout_seconds" in state.message
+    assert databases(pg_cluster, database) == [database]
+    rows = [r for r in log_rows(pg_cluster, database) if r["kind"] == "restore"]
+    assert rows[-1]["status"] == "failed" and "stage_timeout_seconds" in rows[-1]["error"]
+
+
 def test_wrong_key_is_a_clear_error(backed_up: dict[str, Any], pg_cluster: PostgresCluster, database: str,
                                     bucket: str, write_settings: Any, tmp_path: Path) -> None:
     from luxima_backup.keys import new_master_key

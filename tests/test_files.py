@@ -334,6 +334,33 @@ def test_vanished_or_emptied_source_fails_and_the_mirror_keeps_its_files(files_e
     assert isinstance(exc, SourceError) and "fewer than its min_files" in str(exc)
 
 
+def test_a_source_host_that_goes_silent_mid_transfer_is_stopped_at_the_stage_limit(files_env: dict[str, Any]) -> None:
+    """rsync over SSH to a host that stops answering (no reset: a cut link) would wait on ssh's keepalives; the
+    mirror stage is stopped at files_backup.stage_timeout_seconds, its rsync and ssh killed, nothing stored."""
+    from luxima_backup import procs
+    from tests.fault_proxy import StallProxy
+
+    (files_env["src"] / "media").mkdir(exist_ok=True)
+    (files_env["src"] / "media/video.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    proxy = StallProxy(files_env["sshd"].port, stall_after=512 * 1024)
+    sshd_port = files_env["sshd"].port
+    files_env["known"].write_text(files_env["sshd"].known_hosts_line.replace(f"]:{sshd_port} ", f"]:{proxy.port} "))
+    settings = files_env["settings"](files_opts="stage_timeout_seconds = 4\n")
+    settings.write_text(settings.read_text().replace(f"port = {sshd_port}", f"port = {proxy.port}"))
+    try:
+        state = backup()
+        assert proxy.stalled.is_set()  # the host went silent mid-transfer
+    finally:
+        proxy.close()
+    exc = error_of(state)
+    assert "mirror of userfiles ran past its limit of 4 s" in str(exc), str(exc)
+    assert "files_backup.stage_timeout_seconds" in str(exc)
+    assert procs.live() == []  # rsync and its ssh were stopped, not left waiting
+    assert s3_keys(files_env["s3"], files_env["bucket"]) == []
+    rows = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["component"] == "files"]
+    assert [r["status"] for r in rows] == ["failed"] and "stage_timeout_seconds" in rows[0]["error"]
+
+
 def _rewrite_encrypted(env: dict[str, Any], key: str, plain: bytes, info: str) -> tuple[int, str]:
     """Replace a stored object by ``plain`` compressed and encrypted under the backup's own key file."""
     import hashlib
