@@ -2,6 +2,8 @@
 
 Three kinds, each sending to every configured channel (a Prefect notification block):
   * a flow run tagged ``backup`` or ``restore`` ends Failed, Crashed or TimedOut;
+  * (not an alert itself) such a run whose heartbeats stopped (its worker or machine died, or was
+    killed) is marked Crashed after ``alerts.unresponsive_after``, which the first one reports;
   * a ``luxima.verification.failed`` event (a backup's read-back or a restore's checks);
   * a ``luxima.config.drift`` event: a host's configs changed since the last config backup;
   * the RPO watchdog, per scheduled backup component: no ``luxima.backup.succeeded`` event
@@ -51,6 +53,10 @@ DRIFT_BODY = (
     "If nobody meant to change them, look at the commit's diff in the config repository.\n"
     "Run: {{ flow_run|ui_url }}"
 )
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# Runs send heartbeats when this is set in their process (the worker's and serve's environment):
+# the Prefect engine's minimum interval, 30 s.
+HEARTBEAT_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 RPO_SUBJECT = "[luxima-backup] no successful {component} backup for {window}"
 RPO_BODY = (
     "No successful {component} backup (event luxima.backup.succeeded) arrived within {window}, "
@@ -101,7 +107,11 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
     def notify(subject: str, body: str) -> list[Any]:
         return [SendNotification(block_document_id=b, subject=subject, body=body) for b in block_ids]
 
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
     p = cfg.automation_prefix
+    ours = {"prefect.resource.role": "tag", "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore"]}
     wanted = [
         Automation(
             name=f"{p}: backup or restore run failed",
@@ -109,11 +119,28 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
                 match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related={"prefect.resource.role": "tag",
-                               "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore"]},
+                match_related=ours,
                 for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
             ),
             actions=notify(FAILURE_SUBJECT, FAILURE_BODY),
+        ),
+        Automation(
+            name=f"{p}: run stopped responding",
+            description=f"A backup or restore run sent no heartbeat for {cfg.unresponsive_after}: marked Crashed "
+                        "(which alerts). Its process or machine died; nothing else would ever end it.",
+            # After a heartbeat, another one (or the run's end) must follow within the window.
+            trigger=EventTrigger(
+                after={HEARTBEAT_EVENT},
+                expect={HEARTBEAT_EVENT, "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
+                match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=ours,
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=cfg.unresponsive_after,
+            ),
+            actions=[ChangeFlowRunState(
+                state=StateType.CRASHED, name="Crashed",
+                message=f"no heartbeat for {cfg.unresponsive_after}: the process running it stopped (killed, out of "
+                        "memory, or its machine went down); check what it left (luxima-backup list) and run it again",
+            )],
         ),
         Automation(
             name=f"{p}: verification failed",

@@ -70,10 +70,13 @@ def worker_command(pool: str, limit: int | None = None) -> list[str]:
 
 
 def worker_env() -> dict[str, str]:
-    """This process's environment, plus the Prefect API in use and the project's home."""
+    """This process's environment, plus the Prefect API in use, the project's home, and heartbeats for the runs
+    (the alerts mark a run whose heartbeats stop Crashed: a killed worker otherwise leaves it Running forever)."""
     from prefect.settings import PREFECT_API_URL
 
-    env = dict(os.environ)
+    from .alerts import HEARTBEAT_ENV
+
+    env = {**HEARTBEAT_ENV, **os.environ}
     env.setdefault(HOME_ENV, str(PROJECT_ROOT))
     if PREFECT_API_URL.value():  # set in-process (profile, temporary settings) rather than in the environment
         env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())

@@ -52,8 +52,14 @@ def take_over_from_work_pools(specs: list[DeploymentSpec]) -> list[str]:
 
 def serve_all(limit: int | None = None) -> None:
     """Register and serve all deployments; blocks until interrupted."""
+    import os
+
     from prefect import serve
 
+    from .alerts import HEARTBEAT_ENV
+
+    for name, value in HEARTBEAT_ENV.items():  # the runs' processes inherit it: see deploy.worker_env
+        os.environ.setdefault(name, value)
     specs = load_specs()
     for name in take_over_from_work_pools(specs):
         print(f"serve: taking over deployment {name}", flush=True)

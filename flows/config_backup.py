@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.compression import SUFFIX
-from luxima_backup.errors import BackupError, ConfigError, VerificationError
+from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
@@ -121,7 +121,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
         }
         save_manifest(keys.manifest, document, True)
     except BaseException as exc:
-        if isinstance(exc, VerificationError):
+        if events.is_verification_failure(exc):
             events.verification_failed("backup", "configs", host, str(exc), backup_id=keys.backup_id)
         discard(uploaded, logger, runtime.config_store(), manifest_key=keys.manifest)
         raise

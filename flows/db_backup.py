@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from luxima_backup import __version__, events, manifest, pg, runtime
 from luxima_backup.progress import Progress
 from luxima_backup.envelope import encrypt_bytes
-from luxima_backup.errors import BackupError, VerificationError
+from luxima_backup.errors import BackupError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import PostgresConnection
@@ -126,7 +126,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
             save_manifest(keys.manifest, document)
         except BaseException as exc:
-            if isinstance(exc, VerificationError):
+            if events.is_verification_failure(exc):
                 events.verification_failed("backup", "db", name, str(exc), backup_id=keys.backup_id)
             discard(uploaded, logger, manifest_key=keys.manifest)
             logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),

@@ -233,7 +233,7 @@ def db_restore(
                 logger.info("%s now holds the restored data; the previous database is kept as %s", plan.replaces, plan.retired_as)
             outcome = {"status": "success", "rto_seconds": round(rto, 3), "rto_target_seconds": rto_target}
         except BaseException as exc:
-            if isinstance(exc, VerificationError):
+            if events.is_verification_failure(exc):
                 events.verification_failed("restore", "db", plan.source, str(exc), backup_id=plan.backup.backup_id,
                                            database=plan.restore_into)
             verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings

@@ -156,6 +156,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         previous_index = None
         if previous is not None:
             previous_index, is_full, why = _previous_index(previous, work, is_full, why)
+        if previous is not None and not is_full:
+            is_full, why = _chain_intact(previous, is_full, why)
         index_spool = str(work / "index.enc")
         stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, index_spool, previous_index,
                                                           is_full, synced.get("total_bytes")),
@@ -200,7 +202,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         }
         save_manifest(keys.manifest, document)
     except BaseException as exc:
-        if isinstance(exc, (VerificationError, SourceError)):
+        if events.is_verification_failure(exc) or isinstance(exc, SourceError):
             events.verification_failed("backup", "files", name, str(exc), backup_id=keys.backup_id)
         discard(uploaded, logger, manifest_key=keys.manifest)
         logged(log_finish, "finish", entry, name, "failed", redact(f"{type(exc).__name__}: {exc}"),
@@ -213,7 +215,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     seconds = time.monotonic() - t0
     _publish(document, seconds)
     logged(log_finish, "finish", entry, name, "success", None,
-            {"type": document["type"], "totals": document["totals"], "changes": _counts(document["changes"]),
+            {"type": document["type"], "totals": document["totals"], "changes": document["changes"],
              "sync": synced, "timings": document["timings"]},
             {"object_key": keys.archive, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
              "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
@@ -222,7 +224,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     logger.info("backup %s complete: %d files, %s (%d bytes encrypted)", keys.backup_id, document["totals"]["files"],
                 keys.archive, u["bytes"])
     return {"backup_id": keys.backup_id, "type": document["type"], "manifest_key": keys.manifest,
-            "object_key": keys.archive, "totals": document["totals"], "changes": _counts(document["changes"]),
+            "object_key": keys.archive, "totals": document["totals"], "changes": document["changes"],
             "stored": a["stored"], "transferred_files": synced["transferred_files"],
             "transferred_bytes": synced["transferred_bytes"], "size_encrypted": u["bytes"], "seconds": round(seconds, 3)}
 
@@ -302,15 +304,31 @@ def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: st
         return None, True, f"the index of {previous.backup_id} cannot be read"
 
 
+def _chain_intact(previous: catalog.Backup, is_full: bool, why: str) -> tuple[bool, str]:
+    """An incremental backup reads every archive of the previous chain: one missing or damaged (deleted by
+    hand, by a lifecycle rule) would make it unrestorable, so this run writes a full archive instead."""
+    from luxima_backup.errors import ObjectNotFound
+
+    store = runtime.store()
+    broken = []
+    for backup_id, stored in previous.doc["archives"].items():
+        try:
+            if store.stat(stored["key"]).size != stored["size_encrypted"]:
+                broken.append(f"{backup_id} (damaged)")
+        except ObjectNotFound:
+            broken.append(f"{backup_id} (missing)")
+    if not broken:
+        return is_full, why
+    get_run_logger().warning("the chain of %s is broken: the archives of %s; writing a full archive",
+                             previous.backup_id, ", ".join(broken))
+    return True, f"the archives of {', '.join(broken)} are not in storage as recorded"
+
+
 def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, dict[str, Any]]:
     """The archives of earlier backups an incremental one still reads (all of the previous chain; a superset is safe)."""
     if full or previous is None:
         return {}
     return dict(previous.doc["archives"])
-
-
-def _counts(changes: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in changes.items() if k != "examples"}
 
 
 def _publish(doc: dict[str, Any], seconds: float) -> None:
@@ -341,8 +359,5 @@ def _publish(doc: dict[str, Any], seconds: float) -> None:
         f"| removed | {ch['removed']} | |",
         f"| unchanged | {ch['unchanged']} | |",
     ]
-    for kind, names in ch["examples"].items():
-        if names:
-            lines += ["", f"{kind} (first {len(names)}): " + ", ".join(f"`{n}`" for n in names)]
     key = "".join(ch_ if ch_.isalnum() else "-" for ch_ in f"files-backup-{doc['source']['name']}".lower())
     create_markdown_artifact(key=key, markdown=redact("\n".join(lines)), description=f"Backup {doc['backup_id']}")

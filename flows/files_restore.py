@@ -441,7 +441,7 @@ def files_restore(
                                         hint="see the restore artifact for the list")
             outcome = {"status": "success", "rto_seconds": round(rto, 3)}
         except BaseException as exc:
-            if isinstance(exc, VerificationError):
+            if events.is_verification_failure(exc):
                 if not checks:
                     _publish(plan, checks, mismatches, time.monotonic() - t0, settings.restore.rto_target_minutes * 60, timings, {})
                 events.verification_failed("restore", "files", source_name, str(exc), backup_id=found.backup_id,

@@ -40,13 +40,31 @@ def redacted(value: Any) -> Any:
     return value
 
 
+def _logger() -> Any:
+    """The run's logger inside a flow or task run (its messages reach the Prefect UI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 def _emit(event: str, component: str, target: str, payload: dict[str, Any]) -> None:
+    """Send one event. One that cannot be sent never changes a backup's outcome, but is logged as an error
+    where the operator looks (the run's log): the alerts and the RPO watchdog it feeds would stay silent."""
     from prefect.events import emit_event
 
     try:
-        emit_event(event=event, resource=resource(component, target), payload=redacted(payload))
-    except Exception as exc:  # an event that cannot be sent never changes a backup's outcome, but is not hidden
-        log.error("could not emit %s for %s %s: %s", event, component, target, redact(str(exc)))
+        sent = emit_event(event=event, resource=resource(component, target), payload=redacted(payload))
+    except Exception as exc:
+        _logger().error("could not emit %s for %s %s, so no alert or RPO check sees it: %s", event, component, target,
+                        redact(str(exc)))
+        return
+    if sent is None:
+        _logger().error("could not emit %s for %s %s, so no alert or RPO check sees it: this process has no Prefect "
+                        "events client (is PREFECT_API_URL set?)", event, component, target)
 
 
 def backup_succeeded(component: str, target: str, backup_id: str, **payload: Any) -> None:
@@ -55,6 +73,14 @@ def backup_succeeded(component: str, target: str, backup_id: str, **payload: Any
 
 def restore_succeeded(component: str, target: str, backup_id: str, **payload: Any) -> None:
     _emit(RESTORED, component, target, {"backup_id": backup_id, **payload})
+
+
+def is_verification_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means stored or restored data did not check out: a mismatch against the manifest, or data
+    that failed authentication or its checksum when read (a damaged read-back is the verify failing too)."""
+    from .errors import IntegrityError, VerificationError
+
+    return isinstance(exc, (VerificationError, IntegrityError))
 
 
 def verification_failed(kind: str, component: str, target: str, detail: str, **payload: Any) -> None:

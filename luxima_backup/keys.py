@@ -72,7 +72,26 @@ class VaultTransitProvider:
     def unwrap(self, wrapped: WrappedKey) -> bytes:
         _check_provider(self.name, wrapped)
         mount, _, key = wrapped.key_id.partition("/keys/")
-        with vault.translate_errors(f"unwrapping the data key with Transit key {wrapped.key_id}"):
+        version = wrapped.key_version or _version_of(wrapped.wrapped)
+        if version is not None:
+            version = max(version, 1)  # Vault reads a "vault:v0:" ciphertext as version 1
+        which = f"version {version}" if version else "the version"
+        refusals = {
+            # The header names a version the key does not have: not the key that wrapped it.
+            "version is too new": lambda text: WrongKeyError(
+                f"Vault's Transit key {wrapped.key_id} has no {which}, which wrapped this backup's data key ({text})",
+                hint="the key was deleted and created again, or keys.vault.address is not the Vault (or is an older "
+                     "snapshot of the Vault) that made this backup: restore the key from a Transit backup, or point "
+                     "keys.vault at that Vault",
+            ),
+            "disallowed by policy (too old)": lambda text: KeyProviderError(
+                f"{which} of Transit key {wrapped.key_id}, which wrapped this backup's data key, is retired: "
+                f"it is below the key's min_decryption_version ({text})",
+                hint=f"to read this backup, lower it: vault write {mount}/keys/{key}/config "
+                     f"min_decryption_version={version or '<the backup key version>'}",
+            ),
+        }
+        with vault.translate_errors(f"unwrapping the data key with Transit key {wrapped.key_id}", refusals):
             resp = vault.client(self.cfg).secrets.transit.decrypt_data(
                 name=key, ciphertext=wrapped.wrapped, mount_point=mount
             )

@@ -10,12 +10,13 @@ what to put there. The annotated example is ``config/luxima-backup.example.toml`
 from __future__ import annotations
 
 import os
+import re
 import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .errors import ConfigError
@@ -161,6 +162,16 @@ class VaultSettings(_Section):
     kv_mount: str = "secret"
     kv_path: str = "luxima-backup/master-key"
     kv_field: str = "key"
+
+    @field_validator("transit_key")
+    @classmethod
+    def _transit_key_name(cls, value: str) -> str:
+        # Vault's Transit routes take only such names: any other (one with a "/", say) matches no
+        # route, and would fail at the first backup as a "path not found".
+        if not re.fullmatch(r"[0-9A-Za-z_](?:[0-9A-Za-z_.-]*[0-9A-Za-z_])?", value):
+            raise ValueError(f"{value!r} is not a Transit key name: use letters, digits, '_', '-' and '.', "
+                             "starting and ending with a letter, digit or '_' (no '/')")
+        return value
 
     @model_validator(mode="after")
     def _auth_complete(self) -> "VaultSettings":
@@ -507,9 +518,16 @@ class AlertSettings(_Section):
         description="per component: alert when no successful backup arrived within this window (ISO 8601, e.g. 'PT26H')",
     )
     automation_prefix: str = Field("luxima", pattern=r"^[a-z0-9-]+$", description="prefix of the automations' names")
+    unresponsive_after: timedelta = Field(
+        timedelta(seconds=120),
+        description="a backup or restore run whose heartbeats (every 30 s, PREFECT_FLOWS_HEARTBEAT_FREQUENCY) stop "
+        "for this long is marked Crashed, which alerts: its process or machine died without saying so",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> "AlertSettings":
+        if self.unresponsive_after < timedelta(seconds=45):
+            raise ValueError("alerts.unresponsive_after must be at least 45 seconds: runs send a heartbeat every 30 s")
         short = [k for k, v in self.rpo.items() if v < timedelta(seconds=10)]
         if short:
             raise ValueError(f"alerts.rpo windows must be at least 10 seconds (Prefect's minimum): {short}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +29,6 @@ from luxima_backup.keys import DataKey
 from luxima_backup.pipes import Link, Meter, stage
 from tasks.sync import mirror_path
 
-EXAMPLES = 20  # names of changed files shown per kind of change
 
 
 class IndexWriter:
@@ -93,7 +92,11 @@ def load_index(path: str, codec: str, unwrap: UnwrapFn) -> Iterator[Entry]:
 
 @dataclass
 class Changes:
-    """What changed since the previous backup: counts, bytes, and the first few names of each kind."""
+    """What changed since the previous backup: counts and bytes of each kind.
+
+    Never names: this goes into the manifest, stored unencrypted, and file names are user data
+    (``invoice-<customer>.pdf``). Names live only in the encrypted index.
+    """
 
     added: int = 0
     changed: int = 0
@@ -101,18 +104,15 @@ class Changes:
     unchanged: int = 0
     added_bytes: int = 0
     changed_bytes: int = 0
-    examples: dict[str, list[str]] = field(default_factory=lambda: {"added": [], "changed": [], "removed": []})
 
     def note(self, kind: str, entry: Entry) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         if kind in ("added", "changed"):
             setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + entry.size)
-        if kind in self.examples and len(self.examples[kind]) < EXAMPLES:
-            self.examples[kind].append(entry.name + ("/" if entry.type == DIR else ""))
 
     def as_dict(self) -> dict[str, Any]:
         return {"added": self.added, "changed": self.changed, "removed": self.removed, "unchanged": self.unchanged,
-                "added_bytes": self.added_bytes, "changed_bytes": self.changed_bytes, "examples": self.examples}
+                "added_bytes": self.added_bytes, "changed_bytes": self.changed_bytes}
 
 
 def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, previous: Iterator[Entry] | None,

@@ -79,7 +79,10 @@ def rsync(src: str, mirror: Path, exclude: list[str], max_delete: int | None, ti
             hint="if the files were removed on purpose, run once with allow_shrink = true",
         )
     if proc.returncode == VANISHED_RC:
-        stats["warning"] = f"some files vanished while they were copied: {err[-500:]}"
+        # a count, never the names rsync prints: this goes into the manifest, stored unencrypted
+        vanished = sum(1 for line in err.splitlines() if "vanished" in line)
+        stats["warning"] = (f"{vanished} file(s) vanished while they were copied (removed or renamed on the source "
+                            "during the run); the next backup has the source as it is then")
     elif proc.returncode != 0:
         raise ToolError(f"rsync from {src} failed (exit {proc.returncode}): {err[-1000:]}",
                         transient=proc.returncode in _TRANSIENT_RC)

@@ -18,7 +18,7 @@ from psycopg import sql as psql
 
 from luxima_backup import pg, runtime
 from luxima_backup.envelope import DecryptingReader
-from luxima_backup.errors import DatabaseError, IntegrityError, ToolError, VerificationError
+from luxima_backup.errors import DatabaseError, IntegrityError, ObjectNotFound, ToolError, VerificationError
 from luxima_backup.keys import KeyProvider
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.secrets import redact
@@ -248,7 +248,14 @@ def verify_files(backup_id: str, archive: dict[str, Any], index: dict[str, Any],
     provider = runtime.key_provider(settings)
     read_back(store, index["key"], index["size_encrypted"], index["sha256_encrypted"])
     for older_id, older in older_archives.items():
-        got = store.stat(older["key"]).size
+        try:
+            got = store.stat(older["key"]).size
+        except ObjectNotFound:
+            raise VerificationError(
+                f"{older['key']} (the archive of {older_id}, which this incremental backup still needs) is missing "
+                "from storage: the chain is broken",
+                hint="run a full backup (full = true); a restore of this backup would lack the files only that archive holds",
+            ) from None
         if got != older["size_encrypted"]:
             raise VerificationError(f"{older['key']} (archive of {older_id}, still needed) is {got} bytes, expected {older['size_encrypted']}")
     expected = {"encrypted_bytes": archive["size_encrypted"], "encrypted_sha256": archive["sha256_encrypted"],

@@ -25,6 +25,8 @@ from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer, 
 
 DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
 
+pytest_plugins = ["tests.alerting"]  # the chat receiver and automation fixtures, for the alert tests anywhere
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Servers of an earlier run that was killed (timeout, Ctrl-C twice) would hold ports and memory.
@@ -77,6 +79,8 @@ def vault() -> Iterator[dict[str, str]]:
     _enable_engines(info)
     yield info  # type: ignore[misc]
     sim.stop()
+    # It answered those as Vault's 500 (which the project takes for an outage and retries): fail loudly instead.
+    assert not sim.internal_errors, "the Vault simulator failed inside:\n" + "\n".join(sim.internal_errors)
 
 
 def _enable_engines(info: dict[str, Any]) -> None:
@@ -185,6 +189,18 @@ def transit_keys(vault: dict[str, Any], key: str, mount: str = "transit") -> str
         token = "env:LUXIMA_TEST_VAULT_TOKEN"
         transit_mount = "{mount}"
         transit_key = "{key}"
+    """
+
+
+def kv_keys(vault: dict[str, Any], path: str, mount: str = "secret") -> str:
+    return f"""
+        [keys]
+        provider = "vault-kv"
+        [keys.vault]
+        address = "{vault['url']}"
+        token = "env:LUXIMA_TEST_VAULT_TOKEN"
+        kv_mount = "{mount}"
+        kv_path = "{path}"
     """
 
 

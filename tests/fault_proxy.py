@@ -2,7 +2,7 @@
 
 ``FaultProxy`` sits in front of the S3 server: requests pass through to the upstream unchanged
 unless a rule matches: then the proxy answers with an S3-style error (e.g. 503 SlowDown) or holds
-the request until released. ``StallProxy`` sits in front of any TCP server and goes silent mid-stream.
+the request until released, or flips a bit of an answer. ``StallProxy`` sits in front of any TCP server and goes silent mid-stream.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class FaultProxy:
         self.held = threading.Event()
         # which requests a cleared ``hold`` holds: by default the parts of multipart uploads
         self.hold_when: Callable[[str, str], bool] = lambda method, path: "partNumber" in path
+        # GET answers whose body gets one bit flipped on the way (damage between storage and reader)
+        self.corrupt_when: Callable[[str, str], bool] = lambda method, path: False
+        self.corrupted = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -73,6 +76,11 @@ class FaultProxy:
                 if rule is not None:
                     self._answer_error(rule, resp.status)
                     return
+                if data and self.command == "GET" and proxy.corrupt_when(self.command, self.path):
+                    flipped = bytearray(data)
+                    flipped[len(flipped) // 2] ^= 0x01  # one bit, mid-object: the stored object itself is intact
+                    data = bytes(flipped)
+                    proxy.corrupted.set()
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in {"transfer-encoding", "connection", "content-length"}:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from luxima_backup.sandbox import PostgresCluster
@@ -86,3 +87,15 @@ def persisted_task_results(api_url: str, flow_run_ids: list[str]) -> dict[str, A
         "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200, "offset": 0, "sort": "EXPECTED_START_TIME_DESC"}).json()
     assert runs, "no task runs were read"
     return {r["name"]: r["state"]["data"] for r in runs if r["state"] and r["state"].get("data") is not None}
+
+
+def backup_while_locked(pg_cluster: PostgresCluster, database: str) -> tuple[Any, float]:
+    """A backup run while another session holds app.users in ACCESS EXCLUSIVE; its state and how long it took."""
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        state = run_backup()
+        elapsed = time.monotonic() - started
+        holder.execute("ROLLBACK")
+    return state, elapsed

@@ -1,99 +1,41 @@
-"""Chat alerts through a real Prefect server: automations fire, a local webhook receiver gets the message."""
+"""Chat alerts through a real Prefect server: real runs fail, time out, die or fail their verification,
+automations fire, and a local webhook receiver gets the message. (Config drift from a real change:
+tests/test_configs.py.)"""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
-from uuid import UUID
-from datetime import timedelta
-from http.server import BaseHTTPRequestHandler
-
-from tests.quiet_server import QuietHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import httpx
 import pytest
 
 from deployments.alerts import setup_alerts
 from luxima_backup.settings import AlertSettings
+from tests.alerting import Receiver, alert_settings, wait_until_live
 from tests.conftest import DB_PASSWORD, file_keys
+from tests.helpers import backup_while_locked, run_backup
 
 pytestmark = pytest.mark.slow
 
-
-class Receiver:
-    """An HTTP endpoint standing in for a chat webhook; keeps every JSON body it is sent."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.messages.append(json.loads(raw or b"{}"))
-                self.send_response(204)
-                self.end_headers()
-
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def fire_until(self, fire: Any, predicate: Any, timeout: float) -> dict[str, Any] | None:
-        """Call ``fire`` (which emits an event) until a matching message arrives: the server loads a new
-        automation a moment after it is created, and an event that comes before it is not matched."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            fire()
-            found = self.wait_for(predicate, min(15, max(1, deadline - time.monotonic())))
-            if found is not None:
-                return found
-        return None
-
-    def wait_for(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for m in list(self.messages):
-                if predicate(m):
-                    return m
-            time.sleep(0.5)
-        return None
+ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
-
-
-@pytest.fixture
-def prefix(prefect_server: Any) -> Iterator[str]:
-    """A name prefix for this test's automations, which are deleted after it: left behind, they would
-    go on firing at a receiver that is gone (the RPO watchdog every window) and slow the server's
-    actions for the tests after."""
-    name = f"t{uuid.uuid4().hex[:6]}"
-    yield name
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:  # (3.8.8's read_automations sends no limit; the API wants one)
-        found = client._client.post("/automations/filter", json={"sort": "NAME_ASC", "limit": 200, "offset": 0}).json()
-        for automation in found:
-            if automation["name"].startswith(f"{name}:"):
-                client.delete_automation(UUID(automation["id"]))
-
-
-def alert_settings(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str, **rpo: float) -> AlertSettings:
-    monkeypatch.setenv("LUXIMA_TEST_WEBHOOK_URL", receiver.url)
-    return AlertSettings.model_validate({
-        "channels": [{"kind": "webhook", "name": f"{prefix}-hook", "url": "env:LUXIMA_TEST_WEBHOOK_URL"}],
-        "rpo": {k: timedelta(seconds=v) for k, v in rpo.items()}, "automation_prefix": prefix,
-    })
+def events_named(api_url: str, name: str, resource_id: str | None = None) -> list[dict[str, Any]]:
+    """Events the server stored under ``name`` in the last hour (optionally about one resource)."""
+    flt: dict[str, Any] = {"event": {"name": [name]}}
+    if resource_id:
+        flt["resource"] = {"id": [resource_id]}
+    found = httpx.post(f"{api_url}/events/filter", json={"filter": flt, "limit": 50})
+    found.raise_for_status()
+    return found.json()["events"]
 
 
 def test_failed_backup_alerts_with_flow_state_error_and_link(
@@ -111,6 +53,7 @@ def test_failed_backup_alerts_with_flow_state_error_and_link(
 
     with get_client(sync_client=True) as client:
         assert len(client.read_automations_by_name(f"{prefix}: backup or restore run failed")) == 1
+    wait_until_live(receiver)
 
     monkeypatch.setenv("LUXIMA_TEST_WRONG_PASSWORD", "wrong-" + DB_PASSWORD)
     write_settings(database, bucket, file_keys(key_file), password_env="LUXIMA_TEST_WRONG_PASSWORD")
@@ -118,8 +61,7 @@ def test_failed_backup_alerts_with_flow_state_error_and_link(
         state = db_backup(return_state=True)
     assert state.is_failed()
     run_id = str(state.state_details.flow_run_id)
-    message = receiver.wait_for(lambda m: run_id in m.get("body", ""), timeout=90)
-    assert message is not None, f"no alert for run {run_id}; received: {receiver.messages}"
+    message = receiver.about_run(run_id)
     assert "db-backup" in message["subject"] and "Failed" in message["subject"]
     body = message["body"]
     assert "State: Failed" in body and "password authentication failed" in body
@@ -127,16 +69,130 @@ def test_failed_backup_alerts_with_flow_state_error_and_link(
     assert DB_PASSWORD not in json.dumps(message)
 
 
-def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
-    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str,
+def test_a_backup_past_its_time_limit_alerts_timed_out(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
+    pg_cluster: Any, database: str, bucket: str, key_file: Path, source: Any,
+) -> None:
+    from prefect import tags
+
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    wait_until_live(receiver)
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__TIMEOUT_SECONDS", "5")
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # the run's limit ends it
+    write_settings(database, bucket, file_keys(key_file))
+    with tags("backup", "db"):
+        state, _ = backup_while_locked(pg_cluster, database)
+    assert state.name == "TimedOut", state
+    message = receiver.about_run(str(state.state_details.flow_run_id))
+    assert "TimedOut" in message["subject"] and "limit of 5 s" in message["body"]
+
+
+def test_a_backup_whose_read_back_is_damaged_alerts_verification_failed(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
+    s3_server: Any, database: str, bucket: str, key_file: Path, source: Any,
+) -> None:
+    """One bit flipped between the storage and the verify's read-back (a fault at the storage boundary, the
+    stored object intact): the real flow's verify fails, its own event reaches chat with the detail."""
+    from tests.fault_proxy import FaultProxy
+
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    wait_until_live(receiver)
+    proxy = FaultProxy(s3_server.url).start()
+    proxy.corrupt_when = lambda method, path: ".dump." in path
+    try:
+        write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
+        state = run_backup()
+    finally:
+        proxy.stop()
+    assert proxy.corrupted.is_set() and state.is_failed()
+    run_id = str(state.state_details.flow_run_id)
+    message = receiver.wait_for(lambda m: "verification FAILED" in m.get("subject", "") and run_id in m.get("body", ""),
+                                timeout=90)
+    assert message is not None, f"no verification alert for run {run_id}; received: {receiver.messages}"
+    assert "db main" in message["subject"]
+    assert "A backup of db main failed its verification" in message["body"]
+    assert "db-main-" in message["body"]  # the backup id
+
+
+def test_a_run_whose_process_is_killed_is_marked_crashed_and_alerts(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
+    pg_cluster: Any, database: str, bucket: str, key_file: Path, source: Any, tmp_path: Path,
+) -> None:
+    """The machine running a backup dies (its process group is SIGKILLed: nothing gets to say so). Its
+    heartbeats stop; after alerts.unresponsive_after the run is marked Crashed, and that alerts."""
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix, unresponsive_after=45), components=[])
+    wait_until_live(receiver)
+    monkeypatch.setenv("LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS", "600")  # it waits: killed mid-run
+    write_settings(database, bucket, file_keys(key_file))
+    marker = f"victim-{uuid.uuid4().hex[:6]}"
+    script = ("from prefect import tags\nfrom flows.db_backup import db_backup\n"
+              f"with tags('backup', 'db', '{marker}'):\n    db_backup()\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server.api_url, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    with pg_cluster.connect(database) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "victim.log").open("wb"))
+        try:
+            run_id = _running_run(prefect_server.api_url, marker, proc, timeout=90)
+            deadline = time.monotonic() + 60
+            while not events_named(prefect_server.api_url, "prefect.flow-run.heartbeat", f"prefect.flow-run.{run_id}"):
+                assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "victim.log").read_text()[-3000:]
+                time.sleep(1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        holder.execute("ROLLBACK")
+    message = receiver.about_run(run_id, timeout=150)
+    assert "Crashed" in message["subject"] and "no heartbeat" in message["body"]
+    run = httpx.get(f"{prefect_server.api_url}/flow_runs/{run_id}").json()
+    assert run["state"]["name"] == "Crashed"
+
+
+def _running_run(api_url: str, tag: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the backup process ended before it could be killed"
+        runs = httpx.post(f"{api_url}/flow_runs/filter", json={
+            "flow_runs": {"tags": {"all_": [tag]}, "state": {"type": {"any_": ["RUNNING"]}}}, "limit": 5}).json()
+        if runs:
+            return str(runs[0]["id"])
+        time.sleep(1)
+    raise AssertionError(f"no running flow run tagged {tag} within {timeout} s")
+
+
+def test_rpo_watchdog_watches_the_scheduled_components_and_fires_without_success(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str, write_settings: Any,
+    database: str, bucket: str, key_file: Path, source: Any,
 ) -> None:
     from luxima_backup import events
 
+    # The watched components come from the scheduled deployments in prefect.yaml, windows from the settings.
+    defaults = AlertSettings().rpo  # db, files, configs and vm
+    done = setup_alerts(alert_settings(receiver, monkeypatch, prefix).model_copy(update={"rpo": defaults}))
+    rpo = sorted(name.split(": RPO ")[1] for name in done if ": RPO " in name)
+    assert rpo == ["configs", "db", "files"]  # no vm: nothing schedules a VM backup yet
+
+    # What keeps a watchdog quiet is the real flows' own success event.
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup(deep_verify=False)
+    assert state.is_completed(), state.message
+    run_id = str(state.state_details.flow_run_id)
+
+    def from_this_run() -> bool:  # events are stored a moment after they are sent
+        found = events_named(prefect_server.api_url, events.SUCCEEDED, "luxima.backup.db.main")
+        return any(r["prefect.resource.id"] == f"prefect.flow-run.{run_id}" for e in found for r in e["related"])
+
+    deadline = time.monotonic() + 30
+    while not from_this_run():
+        assert time.monotonic() < deadline, f"no {events.SUCCEEDED} event from run {run_id}"
+        time.sleep(1)
+
     silent, healthy = f"silent{uuid.uuid4().hex[:6]}", f"healthy{uuid.uuid4().hex[:6]}"
-    cfg = alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 10})
-    setup_alerts(cfg, components=[silent, healthy])
-    deadline = time.monotonic() + 35
-    while time.monotonic() < deadline:  # the healthy component succeeds every few seconds
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 20}),
+                 components=[silent, healthy])
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:  # the healthy component succeeds every 2 s, a tenth of its window
         events.backup_succeeded(healthy, "main", "db-test")
         time.sleep(2)
     fired = receiver.wait_for(lambda m: f"no successful {silent} backup" in m.get("subject", ""), timeout=30)
@@ -145,42 +201,12 @@ def test_rpo_watchdog_fires_without_success_and_stays_quiet_with_it(
     assert not [m for m in receiver.messages if healthy in m.get("subject", "")]
 
 
-def test_failed_verification_alerts_with_its_detail(prefect_server: Any, receiver: Receiver,
-                                                    monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
-    from prefect import flow
-
-    from luxima_backup import events
-
-    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
-    target = f"db{uuid.uuid4().hex[:6]}"
-
-    @flow(name="verification-probe")
-    def probe() -> None:  # the event as db-restore emits it when a check fails
-        events.verification_failed("restore", "db", target, "failed checks: rows in public.events", backup_id="db-x-1")
-
-    runs: list[Any] = []
-    message = receiver.fire_until(lambda: runs.append(probe(return_state=True)), lambda m: target in m.get("subject", ""),
-                                  timeout=90)
-    assert message is not None, f"no verification alert; received: {receiver.messages}"
-    assert "verification FAILED" in message["subject"]
-    assert "rows in public.events" in message["body"] and "db-x-1" in message["body"]
-    assert any(f"/runs/flow-run/{run.state_details.flow_run_id}" in message["body"] for run in runs)
-
-
-def test_config_drift_alerts_with_the_changed_paths(prefect_server: Any, receiver: Receiver,
-                                                    monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
-    from prefect import flow
-
-    from luxima_backup import events
-
-    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
-    host = f"web{uuid.uuid4().hex[:6]}"
-
-    @flow(name="drift-probe")
-    def probe() -> None:  # the event as config-backup emits it for a host whose configs changed
-        events.config_drift(host, {"added": [], "changed": ["/etc/nginx/nginx.conf"], "removed": [], "metadata": []}, "c0ffee1")
-
-    message = receiver.fire_until(probe, lambda m: host in m.get("subject", ""), timeout=90)
-    assert message is not None, f"no drift alert; received: {receiver.messages}"
-    assert "config drift" in message["subject"]
-    assert "/etc/nginx/nginx.conf" in message["body"] and "changed 1" in message["body"] and "c0ffee1" in message["body"]
+def test_an_event_that_cannot_be_sent_is_logged_as_an_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    script = ("import logging\nlogging.basicConfig()\nfrom luxima_backup import events\n"
+              "events.verification_failed('backup', 'db', 'main', 'sha256 mismatch', backup_id='db-main-1')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR:luxima_backup.events:could not emit luxima.verification.failed for db main" in done.stderr

@@ -89,6 +89,7 @@ def test_migrate_then_backup_db_from_the_shell(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1000)  # above the command's own 900 s, so a hang shows the demo's output, not pytest's kill
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     """The README's first command, on a small sample: servers up, deployed, a backup and a verified
     restore run by a worker, then everything stopped and removed."""

@@ -216,14 +216,30 @@ def test_no_change_no_commit_then_one_commit_with_an_accurate_summary(cfg_env: d
     assert "BEGIN PRIVATE KEY" not in history
 
 
-def test_drift_ignore_keeps_expected_changes_quiet(cfg_env: dict[str, Any]) -> None:
+def test_a_real_config_change_alerts_drift_and_drift_ignore_keeps_expected_ones_quiet(
+    cfg_env: dict[str, Any], receiver: Any, prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deployments.alerts import setup_alerts
+    from tests.alerting import alert_settings, wait_until_live
+
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    wait_until_live(receiver)
     cfg_env["settings"](host_opts=f'drift_ignore = ["{cfg_env["root"]}/srv/apps/*"]\n')
-    backed_up()
+    backed_up()  # the first backup of a host is no drift
     (cfg_env["root"] / "srv/apps/web/docker-compose.yml").write_text("services: {}\n")
     quiet = backed_up()
     assert quiet["git"]["commit"] and quiet["drift"] == {}
     (cfg_env["root"] / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
-    assert list(backed_up()["drift"]) == ["web1"]
+    state = backup()
+    assert state.is_completed() and list(state.result()["drift"]) == ["web1"]
+    run_id = str(state.state_details.flow_run_id)
+    message = receiver.wait_for(lambda m: "config drift on web1" in m.get("subject", "") and run_id in m.get("body", ""),
+                                timeout=90)
+    assert message is not None, f"no drift alert for run {run_id}; received: {receiver.messages}"
+    assert host_rel(cfg_env, "etc/nginx/nginx.conf") in message["body"] and "changed 1" in message["body"]
+    assert state.result()["git"]["commit"] in message["body"]
+    drift_alerts = [m for m in receiver.messages if "config drift" in m.get("subject", "")]
+    assert len(drift_alerts) == 1 and "docker-compose" not in drift_alerts[0]["body"]  # the ignored change said nothing
 
 
 def test_rejected_push_is_rebased_never_forced(cfg_env: dict[str, Any]) -> None:
@@ -437,14 +453,14 @@ def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
     first = backed_up()
     (root / "etc/nginx/nginx.conf").write_text("worker_processes 8;\n")
     (root / "data/coolify/source/.env").write_text("APP_KEY=second\n")
-    backed_up()
+    second = backed_up()
     # by commit: the archive holding what the first commit recorded
     plan = restore(host="web1", version=first["git"]["commit"][:10]).result()
     assert plan["backup_id"] == first["hosts"]["web1"]["backup_id"]
     assert {s["path"]: s["action"] for s in plan["steps"]}[host_rel(cfg_env, "etc/nginx/nginx.conf")] == "update"
-    # by date: today's newest
-    today = datetime.now(timezone.utc).date().isoformat()
-    assert restore(host="web1", version=today).result()["counts"] == {"same": 9}
+    # by date: that day's newest (the day the second backup started, not "today": a run may cross midnight)
+    day = datetime.fromisoformat(second["hosts"]["web1"]["started_at"]).astimezone(timezone.utc).date().isoformat()
+    assert restore(host="web1", version=day).result()["counts"] == {"same": 9}
     exc = error_of(restore(host="web1", version="2001-01-01"))
     assert "no verified configs backup" in str(exc)
     # one folder of the first backup only
@@ -549,10 +565,13 @@ def test_unknown_git_server_key_and_missing_fingerprint_key_are_clear_errors(cfg
 
 
 def remote_log_or_empty(remote: Path) -> list[str]:
-    try:
-        return remote_log(remote)
-    except subprocess.CalledProcessError:
-        return []
+    """The remote's log, or [] when its main branch has no commit yet; any other git failure (a wrong
+    path, a broken repository) fails the test rather than passing for "nothing reached the remote"."""
+    assert (remote / "HEAD").is_file(), f"{remote} is not a bare git repository"
+    exists = subprocess.run(["git", "--git-dir", str(remote), "rev-parse", "--verify", "-q", "refs/heads/main"],
+                            capture_output=True)
+    assert exists.returncode in (0, 1), exists.stderr
+    return remote_log(remote) if exists.returncode == 0 else []
 
 
 def test_cli_backs_up_lists_and_dry_runs_a_restore(cfg_env: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from luxima_backup.keys import KeyFileProvider
 from luxima_backup.sandbox import PostgresCluster
 from luxima_backup.compression import DecompressingReader
 from tests.conftest import DB_PASSWORD, file_keys, log_elsewhere, transit_keys
-from tests.helpers import MARKER_BYTES, MARKER_JSON, MARKER_TEXT, log_rows, run_backup, s3_get, s3_keys, subflow_runs
+from tests.helpers import (
+    MARKER_BYTES, MARKER_JSON, MARKER_TEXT, backup_while_locked, log_rows, run_backup, s3_get, s3_keys, subflow_runs,
+)
 from tests.fault_proxy import FaultProxy
 
 @pytest.mark.slow
@@ -213,8 +214,7 @@ def test_transit_backup_with_vault_and_unknown_key_uploads_nothing(
     assert manifest["dump"]["encryption"]["key_version"] == 1
 
     # A key that does not exist in Vault: clear error, nothing uploaded, no retry.
-    other = write_settings(database, bucket, transit_keys(vault, "no-such-key"))
-    assert other.exists()
+    write_settings(database, bucket, transit_keys(vault, "no-such-key"))
     before = s3_keys(s3_server, bucket)
     state = run_backup()
     assert state.is_failed()
@@ -321,40 +321,28 @@ def test_secrets_never_reach_logs_artifacts_or_the_log_table(
     bad = run_backup()
     assert bad.is_failed()
     APILogWorker.drain_all(timeout=5)
-    time.sleep(1)
+
+    import httpx
 
     secrets = [DB_PASSWORD, s3_server.secret_key, vault["token"], "wrong-" + DB_PASSWORD]
+    # These two runs' own logs and artifacts, their stream attempts' included (by run id, not "the newest").
+    ids = [str(s.state_details.flow_run_id) for s in (ok, bad)] + [str(r.id) for s in (ok, bad) for r in subflow_runs(s)]
+    api = prefect_server.api_url
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": ids}}, "limit": 200}).json()
+    texts = [entry["message"] for entry in logs]
+    assert any("backup db-" in t for t in texts)  # the good run's logs were read
+    assert any("password authentication failed" in t for t in texts)  # and the failed run's, with its error
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": ids}},
+                                                             "limit": 200}).json()
+    assert artifacts, "no artifacts were read"
+    texts += [json.dumps(a, default=str) for a in artifacts]
     with get_client(sync_client=True) as client:
-        # the newest logs: this test's runs, whatever ran in the session before it
-        from prefect.client.schemas.sorting import LogSort
-
-        logs = client.read_logs(limit=200, offset=0, sort=LogSort.TIMESTAMP_DESC)
-        texts = [entry.message for entry in logs]
-        import httpx
-
-        artifacts = httpx.post(f"{prefect_server.api_url}/artifacts/filter",
-                               json={"limit": 200, "offset": 0, "sort": "CREATED_DESC"}).json()
-        assert artifacts, "no artifacts were read"
-        texts += [json.dumps(a, default=str) for a in artifacts]
         runs = [client.read_flow_run(s.state_details.flow_run_id) for s in (ok, bad)]
         texts += [json.dumps(r.parameters, default=str) + str(r.state.message) for r in runs]
-    assert any("backup db-" in t for t in texts)  # the logs were read
     texts += [str(r) for r in log_rows(pg_cluster, database)]
     for text in texts:
         for secret in secrets:
             assert secret not in text
-
-
-def backup_while_locked(pg_cluster: PostgresCluster, database: str) -> tuple[Any, float]:
-    """A backup run while another session holds app.users in ACCESS EXCLUSIVE; its state and how long it took."""
-    with pg_cluster.connect(database) as holder:
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        state = run_backup()
-        elapsed = time.monotonic() - started
-        holder.execute("ROLLBACK")
-    return state, elapsed
 
 
 @pytest.mark.slow
@@ -415,3 +403,67 @@ def test_an_attempt_past_its_stage_limit_is_stopped_and_tried_again(
     assert len(attempts) == 2 and all(not a.state.is_completed() for a in attempts)  # stopped, tried again, stopped
     assert procs.live() == []
     assert not [k for k in s3_keys(s3_server, bucket) if k.endswith(".manifest.json")]
+
+
+@pytest.mark.slow
+def test_plaintext_never_touches_the_disk_during_a_database_backup(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any, source: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a deep-verified backup runs, and after it, no file under the work dir or the temp dir holds the
+    source's rows: none contains a planted canary, and none larger than a few KiB is anything but an
+    encrypted object (a compressed plaintext spool would hide the canary, not its format)."""
+    import tempfile
+    import time
+
+    from luxima_backup.envelope import MAGIC
+    from luxima_backup.settings import load_settings
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    write_settings(database, bucket, file_keys(key_file))
+    work = Path(load_settings().work_dir)
+    canaries = [MARKER_TEXT.encode(), MARKER_JSON.encode(), MARKER_BYTES]
+    found: dict[str, str] = {}
+    stop = threading.Event()
+
+    def scan() -> int:
+        files = 0
+        for root in (work, temp):
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    try:
+                        with open(path, "rb") as f:
+                            data = f.read()
+                    except OSError:  # removed between listing and reading
+                        continue
+                    files += 1
+                    if any(c in data for c in canaries):
+                        found[path] = "holds the canary"
+                    elif len(data) > 4096 and not data.startswith(MAGIC):
+                        found[path] = f"{len(data)} bytes that are not an encrypted object"
+        return files
+
+    def watch() -> None:
+        while not stop.is_set():
+            scan()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        state = run_backup()
+    finally:
+        stop.set()
+        watcher.join()
+    assert state.is_completed(), state.message
+    scan()
+    assert found == {}
+    # the canary is in what was backed up: the scan looked for something real
+    doc = json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
+    blob = s3_get(s3_server, bucket, doc["dump"]["key"])
+    dump = DecompressingReader(DecryptingReader(io.BytesIO(blob), KeyFileProvider(key_file).unwrap), "zstd").read()
+    assert all(c in dump for c in canaries[:2]) and doc["verification"]["data_entries_checked"] >= 3

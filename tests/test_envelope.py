@@ -51,9 +51,19 @@ def test_streaming_with_odd_write_sizes_matches_one_shot() -> None:
     assert reader.read() == data
 
 
-def test_ciphertext_does_not_contain_plaintext() -> None:
-    marker = b"luxima-secret-row-content-" * 40
-    assert marker[:26] not in seal(marker)
+def test_ciphertext_of_repetitive_data_looks_random_and_never_repeats() -> None:
+    """What a weak cipher (XOR, ECB, a reused nonce) fails: repetitive plaintext must give ciphertext that does
+    not compress, and sealing the same data twice must give unrelated ciphertexts."""
+    import zlib
+
+    marker = b"luxima-secret-row-content-" * 4000
+    first, second = seal(marker), seal(marker)
+    assert marker[:26] not in first
+    body = first[-len(marker):]
+    assert len(zlib.compress(body, 9)) > 0.99 * len(body)  # the plaintext shrinks 99 %
+    assert first[-len(marker):] != second[-len(marker):]
+    same = sum(a == b for a, b in zip(first[-len(marker):], second[-len(marker):]))
+    assert same < len(marker) / 128  # ~1/256 of bytes agree by chance
 
 
 def test_bit_flip_in_a_chunk_is_refused() -> None:

@@ -157,12 +157,10 @@ def test_round_trip_over_ssh_keeps_names_links_modes_and_mtimes(files_env: dict[
     assert summary["type"] == "full"
     assert summary["totals"]["files"] == len(ODD_NAMES) + 7 and summary["totals"]["symlinks"] == 2
     assert summary["transferred_files"] == summary["totals"]["files"]
-    # nothing stored in clear: not the contents, not the file names
+    # nothing stored in clear: not the contents, not the file names (test_no_file_or_folder_name_is_stored_in_clear)
     for key in s3_keys(files_env["s3"], files_env["bucket"]):
         blob = s3_get(files_env["s3"], files_env["bucket"], key)
-        assert MARKER not in blob and b"with space" not in blob or key.endswith(".manifest.json"), key
-        if key.endswith(".manifest.json"):
-            assert MARKER not in blob and b"ODD" not in blob
+        assert MARKER not in blob and b"with space" not in blob and "ファイル".encode() not in blob, key
 
     out = files_env["tmp"] / "restored"
     result = restored(destination=str(out))
@@ -181,6 +179,48 @@ def test_round_trip_over_ssh_keeps_names_links_modes_and_mtimes(files_env: dict[
     assert shown.get("full archive of userfiles") == 100.0, shown
     extracting = [v for k, v in shown.items() if k.startswith("extracting ")]
     assert extracting and set(extracting) == {100.0}, shown
+
+
+PLANTED = [b"customer-zeta-holdings", b"invoice-acme-corp-4471.pdf", b"payroll-march-ofelia.xlsx",
+           b"contract-borealis-88.docx"]
+
+
+def test_no_file_or_folder_name_is_stored_in_clear(files_env: dict[str, Any]) -> None:
+    """File names are user data: across a full and an incremental backup (names added, changed, removed), no
+    stored byte outside the encrypted objects (every object version in the bucket, read raw), no log row and
+    no artifact holds one. A restore proves the names were there to leak."""
+    import httpx
+
+    src = files_env["src"]
+    folder = src / "customer-zeta-holdings"
+    folder.mkdir()
+    (folder / "invoice-acme-corp-4471.pdf").write_bytes(b"%PDF invoice")
+    (folder / "payroll-march-ofelia.xlsx").write_bytes(b"payroll")
+    backed_up()
+    (folder / "invoice-acme-corp-4471.pdf").write_bytes(b"%PDF invoice, corrected")
+    (folder / "contract-borealis-88.docx").write_bytes(b"contract")
+    (folder / "payroll-march-ofelia.xlsx").unlink()
+    second = backed_up()
+    assert (second["changes"]["added"], second["changes"]["changed"], second["changes"]["removed"]) == (1, 1, 1)
+
+    client = files_env["s3"].client()
+    versions = client.list_object_versions(Bucket=files_env["bucket"]).get("Versions", [])
+    assert len(versions) >= 6  # two backups: archive, index and manifest each
+    for v in versions:
+        blob = client.get_object(Bucket=files_env["bucket"], Key=v["Key"], VersionId=v["VersionId"])["Body"].read()
+        leaked = [name for name in PLANTED if name in blob]
+        assert not leaked, f"{v['Key']} holds {leaked} in clear"
+    rows = "".join(json.dumps(r, default=str) for r in log_rows(files_env["cluster"], files_env["db"]))
+    artifacts = httpx.post(f"{files_env['prefect'].api_url}/artifacts/filter", json={"limit": 200}).json()
+    assert any(a.get("key", "") and a["key"].startswith("files-backup-") for a in artifacts)
+    shown = json.dumps(artifacts)
+    for name in PLANTED:
+        assert name.decode() not in rows and name.decode() not in shown, name
+
+    out = files_env["tmp"] / "restored"
+    restored(destination=str(out))
+    assert sorted(p.name for p in (out / "customer-zeta-holdings").iterdir()) == [
+        "contract-borealis-88.docx", "invoice-acme-corp-4471.pdf"]
 
 
 def test_incremental_run_transfers_only_changes_and_both_backups_restore(files_env: dict[str, Any]) -> None:
@@ -213,6 +253,74 @@ def test_full_archives_when_asked_or_when_due(files_env: dict[str, Any]) -> None
     assert forced["type"] == "full" and forced["stored"]["files"] == len(ODD_NAMES) + 7
     files_env["settings"](files_opts="full_every_days = 0")
     assert backed_up()["type"] == "full"
+
+
+def test_a_broken_chain_makes_the_next_backup_full_and_fails_the_verify_of_one_that_needs_it(
+    files_env: dict[str, Any],
+) -> None:
+    from prefect import flow
+
+    from tasks.verify import verify_files
+
+    full = backed_up()
+    incremental = backed_up()
+    assert incremental["type"] == "incremental"
+    _, doc = manifest_doc(files_env, incremental["backup_id"])
+    gone = doc["archives"][full["backup_id"]]["key"]
+    files_env["s3"].client().delete_object(Bucket=files_env["bucket"], Key=gone)  # a lifecycle rule, a hand
+
+    # The verify of a backup whose chain lost an archive fails, naming it (the check itself, on real storage).
+    @flow(name="verify-probe")
+    def verify_again() -> Any:
+        older = {k: v for k, v in doc["archives"].items() if k != doc["backup_id"]}
+        return verify_files(doc["backup_id"], doc["archive"], doc["index"], "", older, False)
+
+    exc = error_of(verify_again(return_state=True))
+    assert isinstance(exc, VerificationError) and gone in str(exc) and "chain is broken" in str(exc)
+
+    # The next backup does not build on the broken chain: a full archive, verified, that restores alone.
+    after = backed_up()
+    assert after["type"] == "full" and after["stored"]["files"] == len(ODD_NAMES) + 7
+    _, after_doc = manifest_doc(files_env, after["backup_id"])
+    assert f"{full['backup_id']} (missing)" in after_doc["reason"] and list(after_doc["archives"]) == [after["backup_id"]]
+    out = files_env["tmp"] / "after-break"
+    restored(destination=str(out))
+    assert snapshot(out) == {k: v for k, v in snapshot(files_env["src"]).items() if k != b"."}
+
+
+def test_allow_shrink_accepts_an_intended_deletion_once(files_env: dict[str, Any]) -> None:
+    src = files_env["src"]
+    archive_dir = src / "archive-2019"
+    archive_dir.mkdir()
+    for i in range(40):
+        (archive_dir / f"old-{i}.txt").write_bytes(b"old %d" % i)
+    first = backed_up()
+    import shutil
+
+    shutil.rmtree(archive_dir)  # most of the files, removed on purpose
+    exc = error_of(backup())
+    assert isinstance(exc, SourceError) and "allow_shrink" in str(exc)
+    accepted = backed_up(allow_shrink=True)
+    assert accepted["totals"]["files"] == first["totals"]["files"] - 40 and accepted["changes"]["removed"] >= 40
+    again = backed_up()  # the smaller tree is the new normal: no flag needed any more
+    assert again["totals"]["files"] == accepted["totals"]["files"]
+    (src / "script.sh").unlink()  # and a further small deletion passes as usual
+    assert backed_up()["changes"]["removed"] == 1
+    out = files_env["tmp"] / "after-shrink"
+    restored(destination=str(out))
+    assert not (out / "archive-2019").exists() and (out / "photos/2026/small.jpg").is_file()
+
+
+def test_zstd_archives_round_trip(files_env: dict[str, Any]) -> None:
+    files_env["settings"](files_opts='compression = "zstd"\n')
+    before = snapshot(files_env["src"])
+    summary = backed_up()
+    _, doc = manifest_doc(files_env, summary["backup_id"])
+    assert doc["archive"]["compression"]["codec"] == "zstd" and doc["archive"]["key"].endswith(".tar.zst.enc")
+    assert doc["archive"]["size_compressed"] < doc["archive"]["size_plain"]
+    out = files_env["tmp"] / "zstd"
+    assert restored(destination=str(out))["md5_checked"] == summary["totals"]["files"]
+    assert snapshot(out) == before
 
 
 def test_restore_of_one_folder(files_env: dict[str, Any]) -> None:

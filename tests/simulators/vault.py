@@ -1,60 +1,209 @@
-"""A HashiCorp Vault HTTP API simulator for tests, with Vault's paths, response shapes and errors.
+"""A HashiCorp Vault HTTP API simulator for tests, answering as Vault 1.17 does: paths, shapes, status codes, errors.
 
-It implements only what the project and its tests use, following Vault's API documentation:
+It implements only what the project and its tests use, following Vault 1.17's API documentation
+and source (vault/request_handling.go, builtin/logical/transit, builtin/credential/approle,
+sdk/helper/keysutil, the KV v2 plugin):
 
   sys/health, sys/mounts[/PATH], sys/auth[/PATH], sys/policies/acl/NAME
-  auth/token/create, auth/token/lookup-self
-  auth/<approle mount>/role/NAME, .../role-id, .../secret-id, auth/<approle mount>/login
-  Transit: keys/NAME (create, read), keys/NAME/rotate, keys/NAME/config (min_decryption_version),
+  auth/token/: create, lookup-self, renew-self, revoke-self
+  auth/<approle mount>/: role/NAME, role/NAME/role-id, role/NAME/secret-id[/lookup], login
+  Transit: keys (list), keys/NAME (create, read, delete), keys/NAME/rotate, keys/NAME/config,
            encrypt/NAME, decrypt/NAME, datakey/{plaintext,wrapped}/NAME
-  KV v2:   data/PATH (read with ?version=, write)
+  KV v2:   data/PATH (write, read ?version=, delete latest), delete/, undelete/, destroy/PATH,
+           metadata/PATH (read, list, delete)
 
-Tokens carry policies, and ACL policies (the HCL ``path "..." { capabilities = [...] }``
-subset, with ``*`` and ``+`` globs and ``deny``) are enforced on every request, as Vault does;
-the root token bypasses them. Errors are ``{"errors": [...]}`` with Vault's status codes: 400
-(bad request: "encryption key not found", "cipher: message authentication failed", "invalid
-role or secret ID"), 403 "permission denied", 404 (no such path or secret), 503 sealed.
-Like a dev-mode server it starts unsealed with a KV v2 engine at ``secret/``; Transit and
-AppRole must be enabled through the API, as on a real server.
+What it holds to, as Vault does:
+- Tokens carry policies; ACL policies (the HCL ``path "..." { capabilities = [...] }`` subset,
+  ``*`` and ``+`` globs, ``deny``, Vault's priority rules between patterns) are checked on
+  every request; the root token bypasses them. A POST/PUT needs ``update``, except where the
+  backend has an existence check and the target does not exist yet (Transit ``encrypt`` of a
+  new key, a new KV v2 secret): then it needs ``create``.
+- Tokens have TTLs: ``lookup-self`` reports them, ``renew-self`` extends them up to their max
+  TTL, and a token past its TTL is gone: 403 with "permission denied" and "invalid token".
+- AppRole secret IDs have TTLs and use counts (``secret_id_ttl``, ``secret_id_num_uses`` on
+  the role, or ``ttl``/``num_uses`` when generating one); a used-up or expired one gets 400
+  "invalid role or secret ID". Vault deletes an expired secret ID in its periodic tidy, within
+  a minute of expiry; the simulator refuses it at the second it expires.
+- Transit checks a ciphertext as keysutil does: prefix, fields, version (``v0`` is read as v1,
+  Vault's compatibility with keys that once started at zero; above the latest is "version is
+  too new"; below ``min_decryption_version`` is "too old"), base64, length, then the tag. Key
+  names follow Vault's name pattern, so a name with ``/`` matches no route (404). ``keys`` in
+  a key's description maps each version to its creation time in unix seconds.
+- KV v2 deletion is soft: a deleted (or destroyed) version reads as 404 with ``data: null``
+  and the version's metadata (``deletion_time`` set, or ``destroyed: true``).
+- Malformed input gets Vault's 400 and ``{"errors": [...]}`` (a non-integer field is "Field
+  validation failed: ..."), never a dropped connection. An error inside the simulator itself is
+  a 500 "internal error" and is recorded in ``internal_errors`` so the tests can fail on it.
 
-Not simulated: leases and token expiry, namespaces, response wrapping, other engines. The same
-tests run against a real Vault when VAULT_ADDR and VAULT_TOKEN are set.
+Time is the simulator's own clock, ``now()``: ``advance_clock(seconds)`` ages every token and
+secret ID at once, so TTL tests do not sleep. Like a dev-mode server it starts unsealed with a
+KV v2 engine at ``secret/``; Transit and AppRole are enabled through the API.
+
+Not simulated: leases of secrets, token ``num_uses``, periodic tokens, child-token revocation
+with the parent, token roles, namespaces, response wrapping, CIDR bindings, the checks that a
+secret ID's own ``ttl``/``num_uses`` stay within the role's, Transit key types other than
+aes256-gcm96 (and derived or convergent keys), ``min_encryption_version``, batch requests, KV
+v2 ``cas`` and ``max_versions``. The same simulator tests run against a real Vault when
+VAULT_ADDR and VAULT_TOKEN are set (tests/test_vault_simulator.py), so it cannot certify itself.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import re
 import threading
+import time
+import traceback
 import uuid
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
-
-from tests.quiet_server import QuietHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tests.quiet_server import QuietHTTPServer
+
 Response = tuple[int, Any]
+
+VERSION = "1.17.0"
+DEFAULT_TTL = MAX_TTL = 768 * 3600  # a dev server's default and max lease TTL (32 days)
 
 _POLICY_RULE = re.compile(r'path\s+"([^"]+)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*\}', re.S)
 _CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "sudo", "deny"}
-# Vault's built-in "default" policy lets every token look itself up.
+# Vault's built-in "default" policy: every token may look itself up, renew and revoke itself.
 _DEFAULT_POLICY = [("auth/token/lookup-self", {"read"}), ("auth/token/renew-self", {"update"}),
                    ("auth/token/revoke-self", {"update"})]
 _UNAUTHENTICATED = re.compile(r"^(sys/health|auth/[^/]+/login)$")
+# framework.GenericNameRegex: Go's \w is ASCII, and a name starts and ends with one.
+_NAME = r"[0-9A-Za-z_](?:[0-9A-Za-z_.-]*[0-9A-Za-z_])?"
+_ROLE_NAME = r"[0-9A-Za-z_.\- ]+"
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_B64_ALPHABET = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+PERMISSION_DENIED = "1 error occurred:\n\t* permission denied\n\n"
+INVALID_TOKEN = "2 errors occurred:\n\t* permission denied\n\t* invalid token\n\n"
+UNSUPPORTED_PATH = "1 error occurred:\n\t* unsupported path\n\n"
+UNSUPPORTED_OPERATION = "1 error occurred:\n\t* unsupported operation\n\n"
+TOO_OLD = "ciphertext or signature version is disallowed by policy (too old)"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+class _Reply(Exception):
+    """An answer decided deep in a handler (almost always an error), returned as is."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+def _fail(status: int, *messages: str) -> _Reply:
+    return _Reply(status, {"errors": list(messages)})
 
 
 def _error(status: int, *messages: str) -> Response:
     return status, {"errors": list(messages)}
+
+
+def _rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _go_duration(seconds: int) -> str:
+    # Go's time.Duration.String(), as Vault's TTL warnings print it.
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s"
+
+
+def _field_error(field: str, value: Any, reason: str) -> _Reply:
+    # sdk/framework: FieldData.Validate's error, wrapped by Backend.HandleRequest.
+    return _fail(400, f'Field validation failed: error converting input {value} for field "{field}": {reason}')
+
+
+def _int_field(body: dict[str, Any], field: str, default: int = 0) -> int:
+    """A TypeInt field as mapstructure.WeakDecode reads it."""
+    if field not in body or body[field] is None:
+        return default
+    value = body[field]
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    text = str(value)
+    if text == "":
+        return 0
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    raise _field_error(field, value, f"cannot parse '' as int: strconv.ParseInt: parsing {json.dumps(text)}: invalid syntax")
+
+
+def _bool_field(body: dict[str, Any], field: str, default: bool) -> bool:
+    if field not in body or body[field] is None:
+        return default
+    value = body[field]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    text = str(value).lower()
+    if text in {"1", "t", "true"}:
+        return True
+    if text in {"0", "f", "false", ""}:
+        return False
+    raise _field_error(field, value, f"cannot parse '' as bool: strconv.ParseBool: parsing {json.dumps(str(value))}: invalid syntax")
+
+
+def _duration_field(body: dict[str, Any], field: str, default: int = 0) -> int:
+    """A TypeDurationSecond field as parseutil.ParseDurationSecond reads it: seconds, or "90s", "1h30m", "2d"."""
+    if field not in body or body[field] is None:
+        return default
+    value = body[field]
+    if isinstance(value, bool):
+        raise _field_error(field, value, "could not parse duration from input")
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip()
+    if text == "":
+        return 0
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise _field_error(field, value, f"time: invalid duration {json.dumps(text)}")
+    return int(sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+
+
+def _policies_field(body: dict[str, Any], *fields: str) -> list[str] | None:
+    for field in fields:
+        if body.get(field) is not None:
+            raw = body[field]
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return [str(p).strip().lower() for p in items if str(p).strip()]
+    return None
+
+
+def _go_b64decode(text: str) -> bytes:
+    """base64.StdEncoding.DecodeString: padded standard alphabet; ValueError with Go's message."""
+    stripped = text.replace("\r", "").replace("\n", "")
+    try:
+        return base64.b64decode(stripped, validate=True)
+    except (binascii.Error, ValueError):
+        for i, ch in enumerate(text):
+            if ch not in _B64_ALPHABET and ch not in "=\r\n":
+                raise ValueError(f"illegal base64 data at input byte {i}") from None
+        pad = text.find("=")
+        at = pad if pad >= 0 else len(text) - len(text) % 4
+        raise ValueError(f"illegal base64 data at input byte {at}") from None
 
 
 def parse_policy(text: str) -> list[tuple[str, set[str]]]:
@@ -77,22 +226,47 @@ def _matches(pattern: str, path: str) -> bool:
     return re.fullmatch(regex + (".*" if pattern.endswith("*") else ""), path) is not None
 
 
+def _priority(pattern: str) -> tuple[int, bool, int, int, str]:
+    """Vault's ACL priority between two matching patterns, higher sorts later: the later first
+    wildcard, no trailing glob, fewer ``+`` segments, the longer pattern, then lexical order."""
+    wilds = [i for i, ch in enumerate(pattern) if ch in "+*"]
+    return (wilds[0] if wilds else len(pattern) + 1, not pattern.endswith("*"), -pattern.count("+"), len(pattern), pattern)
+
+
+def _route(routes: list[tuple[str, Callable[..., Response], set[str]]], sub: str, op: str) -> tuple[Callable[..., Response], dict[str, str]]:
+    for pattern, handler, ops in routes:
+        m = re.fullmatch(pattern, sub)
+        if m:
+            if op not in ops:
+                raise _fail(405, UNSUPPORTED_OPERATION)
+            return handler, m.groupdict()
+    raise _fail(404, UNSUPPORTED_PATH)
+
+
 class VaultSimulator:
     def __init__(self, root_token: str = "sim-root-token"):
         self.root_token = root_token
-        self.tokens: dict[str, dict[str, Any]] = {root_token: {"policies": ["root"], "accessor": str(uuid.uuid4())}}
+        self._clock_offset = 0.0
+        now = self.now()
+        self.tokens: dict[str, dict[str, Any]] = {root_token: {
+            "accessor": str(uuid.uuid4()), "policies": ["root"], "meta": None, "display_name": "root",
+            "path": "auth/token/root", "issued": now, "ttl": 0, "expires": None, "max_expires": None,
+            "renewable": False, "renew_ttl": 0, "explicit_max_ttl": 0, "orphan": True, "last_renewal": None}}
         self.policies: dict[str, tuple[str, list[tuple[str, set[str]]]]] = {}
         self.mounts: dict[str, dict[str, Any]] = {
             "secret/": {"type": "kv", "options": {"version": "2"}, "description": "key/value secret storage"},
-            "sys/": {"type": "system", "options": None, "description": "system endpoints"},
+            "cubbyhole/": {"type": "cubbyhole", "options": None, "description": "per-token private secret storage"},
+            "identity/": {"type": "identity", "options": None, "description": "identity store"},
+            "sys/": {"type": "system", "options": None, "description": "system endpoints used for control, policy and debugging"},
         }
-        self.auth_mounts: dict[str, dict[str, Any]] = {"token/": {"type": "token", "description": "token based credentials"}}
+        self.auth_mounts: dict[str, dict[str, Any]] = {"token/": {"type": "token", "options": None, "description": "token based credentials"}}
         self.approles: dict[str, dict[str, dict[str, Any]]] = {}  # mount -> role name -> role
         self.transit: dict[str, dict[str, Any]] = {}  # "mount/name" -> key state
-        self.kv: dict[str, list[dict[str, Any]]] = {}  # "mount/path" -> versions
+        self.kv: dict[str, dict[str, Any]] = {}  # "mount/path" -> {"versions": [...], "created", "updated"}
         self.sealed = False
         self._fail: list[int] = []
         self.requests: list[tuple[str, str]] = []
+        self.internal_errors: list[str] = []
         self._lock = threading.RLock()
         sim = self
 
@@ -107,9 +281,10 @@ class VaultSimulator:
                 raw = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
                 token = self.headers.get("X-Vault-Token") or self.headers.get("Authorization", "").removeprefix("Bearer ")
-                status, body = sim.handle(self.command, parts.path, parse_qs(parts.query), raw, token)
+                status, body = sim.handle(self.command, unquote(parts.path), parse_qs(parts.query), raw, token)
                 payload = json.dumps(body).encode() if body is not None else b""
                 self.send_response(status)
+                self.send_header("Cache-Control", "no-store")
                 if payload:
                     self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -121,7 +296,8 @@ class VaultSimulator:
         self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll so that stop() returns at once: each simulator test starts and stops its own.
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def start(self) -> "VaultSimulator":
         self._thread.start()
@@ -137,7 +313,16 @@ class VaultSimulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- test controls (what an operator or an outage would do to a real Vault) --
+    # -- test controls (what an operator, an outage or the passing of time would do to a real Vault) --
+    def now(self) -> float:
+        """The simulator's clock: wall time plus whatever ``advance_clock`` added."""
+        return time.time() + self._clock_offset
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the clock forward: tokens and secret IDs age as if ``seconds`` had passed."""
+        with self._lock:
+            self._clock_offset += seconds
+
     def seal(self) -> None:
         self.sealed = True
 
@@ -149,6 +334,10 @@ class VaultSimulator:
         with self._lock:
             self._fail.extend([status] * n)
 
+    def logins(self, mount: str = "approle") -> int:
+        """How many AppRole logins reached the simulator (to see a client log in again)."""
+        return sum(1 for m, p in self.requests if m in {"POST", "PUT"} and p == f"/v1/auth/{mount}/login")
+
     # -- request handling --
     def handle(self, method: str, path: str, query: dict[str, list[str]], raw: bytes, token: str) -> Response:
         with self._lock:
@@ -156,60 +345,107 @@ class VaultSimulator:
             injected = self._fail.pop(0) if self._fail else None
         if injected is not None:
             return _error(injected, "injected failure")
+        try:
+            with self._lock:
+                return self._handle(method, path, query, raw, token)
+        except _Reply as reply:
+            return reply.status, reply.body
+        except Exception:  # a bug in the simulator: answer as Vault does, and keep it for the tests
+            self.internal_errors.append(f"{method} {path}\n{traceback.format_exc()}")
+            return _error(500, "1 error occurred:\n\t* internal error\n\n")
+
+    def _handle(self, method: str, path: str, query: dict[str, list[str]], raw: bytes, token: str) -> Response:
         route = path.removeprefix("/v1/").strip("/")
         if route == "sys/health":
-            return (503 if self.sealed else 200), {"initialized": True, "sealed": self.sealed, "standby": False,
-                                                    "version": "1.17.0-sim", "cluster_name": "vault-sim"}
+            return (503 if self.sealed else 200), {
+                "initialized": True, "sealed": self.sealed, "standby": False, "performance_standby": False,
+                "replication_performance_mode": "disabled", "replication_dr_mode": "disabled",
+                "server_time_utc": int(self.now()), "version": VERSION, "cluster_name": "vault-sim",
+                "cluster_id": "00000000-0000-0000-0000-000000000000"}
         if self.sealed:
             return _error(503, "Vault is sealed")
-        if method == "GET" and query.get("list") == ["true"]:
-            method = "LIST"
+        op = {"GET": "read", "DELETE": "delete", "LIST": "list", "POST": "write", "PUT": "write"}.get(method)
+        if op is None:
+            return _error(405, UNSUPPORTED_OPERATION)
+        if op == "read" and query.get("list") == ["true"]:
+            op = "list"
         try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            return _error(400, "failed to parse JSON input")
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            return _error(400, f"failed to parse JSON input: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "failed to parse JSON input: expected a JSON object")
+        if op == "write" and path.endswith("/"):
+            return _error(400, "cannot write to a path ending in '/'")
         if not _UNAUTHENTICATED.match(route):
-            denied = self._authorize(token, method, route)
-            if denied:
-                return denied
-        with self._lock:
-            return self._route(method, route, body, query, token)
+            self._authorize(token, op, route)
+        return self._dispatch(op, route, body, query, token)
 
-    def _authorize(self, token: str, method: str, route: str) -> Response | None:
+    # -- authentication and ACLs --
+    def _token_entry(self, token: str) -> dict[str, Any]:
+        if not token:
+            raise _fail(400, "missing client token")
         entry = self.tokens.get(token)
+        if entry is not None and entry["expires"] is not None and self.now() >= entry["expires"]:
+            del self.tokens[token]  # the expiration manager revokes a token at the end of its TTL
+            entry = None
         if entry is None:
-            return _error(403, "permission denied", "invalid token")
+            raise _fail(403, INVALID_TOKEN)
+        return entry
+
+    def _authorize(self, token: str, op: str, route: str) -> None:
+        entry = self._token_entry(token)
         if "root" in entry["policies"]:
+            return
+        needed = op
+        if op == "write":
+            needed = "create" if self._exists(route) is False else "update"
+        merged: dict[str, set[str]] = {}
+        for pattern, caps in list(_DEFAULT_POLICY) + [r for p in entry["policies"] for r in self.policies.get(p, ("", []))[1]]:
+            merged.setdefault(pattern, set()).update(caps)  # one pattern in several policies: capabilities add up
+        matching = [p for p in merged if _matches(p, route)]
+        if not matching:
+            raise _fail(403, PERMISSION_DENIED)
+        caps = merged[max(matching, key=_priority)]
+        if "deny" in caps or needed not in caps:
+            raise _fail(403, PERMISSION_DENIED)
+
+    def _exists(self, route: str) -> bool | None:
+        """A backend's existence check for a write, or None where the path has none (then a write is an update)."""
+        engine = self._mount_of(route)
+        if engine is None:
             return None
-        needed = {"GET": {"read"}, "LIST": {"list"}, "DELETE": {"delete"}}.get(method, {"create", "update"})
-        rules = list(_DEFAULT_POLICY)
-        for name in entry["policies"]:
-            rules += self.policies.get(name, ("", []))[1]
-        # Vault picks the most specific matching rule; the longest pattern stands in for that here.
-        matching = sorted((r for r in rules if _matches(r[0], route)), key=lambda r: len(r[0].rstrip("*+")), reverse=True)
-        if not matching or "deny" in matching[0][1] or not (matching[0][1] & needed):
-            return _error(403, "1 error occurred:\n\t* permission denied\n\n")
+        mount, info = engine
+        sub = route[len(mount):]
+        if info["type"] == "transit":
+            m = re.fullmatch(rf"encrypt/({_NAME})", sub)
+            return (f"{mount.rstrip('/')}/{m.group(1)}" in self.transit) if m else None
+        if info["type"] == "kv":
+            m = re.fullmatch(r"data/(.+)", sub)
+            return (f"{mount.rstrip('/')}/{m.group(1)}" in self.kv) if m else None
         return None
 
-    def _route(self, method: str, route: str, body: dict[str, Any], query: dict[str, list[str]], token: str) -> Response:
+    # -- routing --
+    def _dispatch(self, op: str, route: str, body: dict[str, Any], query: dict[str, list[str]], token: str) -> Response:
         segs = route.split("/")
         if segs[0] == "sys":
-            return self._sys(method, segs[1:], body)
-        if segs[0] == "auth" and len(segs) >= 3:
+            return self._sys(op, segs[1:], body)
+        if segs[0] == "auth" and len(segs) >= 2:
             mount = segs[1] + "/"
             kind = self.auth_mounts.get(mount, {}).get("type")
+            sub = "/".join(segs[2:])
             if kind == "token":
-                return self._token(method, segs[2:], body, token)
+                return self._token(op, sub, body, token)
             if kind == "approle":
-                return self._approle(method, mount, segs[2:], body)
+                return self._approle(op, mount, sub, body)
         engine = self._mount_of(route)
         if engine is not None:
             mount, info = engine
-            sub = route[len(mount):].split("/")
+            sub = route[len(mount):]
             if info["type"] == "transit":
-                return self._transit(method, mount.rstrip("/"), sub, body)
-            if info["type"] == "kv" and sub[0] == "data":
-                return self._kv(method, mount.rstrip("/"), "/".join(sub[1:]), body, query)
+                return self._transit(op, mount.rstrip("/"), sub, body)
+            if info["type"] == "kv":
+                return self._kv(op, mount.rstrip("/"), sub, body, query)
         return _error(404, f'no handler for route "{route}". route entry not found.')
 
     def _mount_of(self, route: str) -> tuple[str, dict[str, Any]] | None:
@@ -219,193 +455,492 @@ class VaultSimulator:
         return None
 
     @staticmethod
-    def _envelope(data: Any = None, auth: Any = None) -> dict[str, Any]:
+    def _envelope(data: Any = None, auth: Any = None, warnings: list[str] | None = None) -> dict[str, Any]:
         return {"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False, "lease_duration": 0,
-                "data": data, "wrap_info": None, "warnings": None, "auth": auth}
+                "data": data, "wrap_info": None, "warnings": warnings or None, "auth": auth, "mount_type": ""}
 
     # sys/
-    def _sys(self, method: str, segs: list[str], body: dict[str, Any]) -> Response:
+    def _sys(self, op: str, segs: list[str], body: dict[str, Any]) -> Response:
         if segs and segs[0] in {"mounts", "auth"}:
             table = self.mounts if segs[0] == "mounts" else self.auth_mounts
-            if len(segs) == 1 and method == "GET":
+            if len(segs) == 1 and op == "read":
                 listing = {k: dict(v) for k, v in table.items()}
                 return 200, {**listing, **self._envelope(listing)}
             path = "/".join(segs[1:]).strip("/") + "/"
-            if method in {"POST", "PUT"} and len(segs) >= 2:
+            if op == "write" and len(segs) >= 2:
                 if path in table:
                     return _error(400, f"path is already in use at {path}")
                 kind = body.get("type")
                 allowed = {"transit", "kv", "kv-v2"} if segs[0] == "mounts" else {"approle"}
                 if kind not in allowed:
-                    return _error(400, f'plugin not found in the catalog: {kind}')
+                    return _error(400, f"plugin not found in the catalog: {kind}")
                 options = body.get("options") or {}
                 if kind == "kv-v2":
                     kind, options = "kv", {"version": "2"}
+                if kind == "kv" and str(options.get("version", "1")) != "2":
+                    return _error(400, "KV version 1 is not simulated")
                 table[path] = {"type": kind, "options": options or None, "description": body.get("description", "")}
                 if kind == "approle":
                     self.approles[path] = {}
                 return 204, None
-            if method == "DELETE" and len(segs) >= 2:
+            if op == "delete" and len(segs) >= 2:
                 table.pop(path, None)
+                self.approles.pop(path, None)
+                prefix = path.rstrip("/") + "/"
+                for store in (self.transit, self.kv):
+                    for ref in [r for r in store if r.startswith(prefix)]:
+                        del store[ref]
                 return 204, None
         if segs[:2] == ["policies", "acl"] and len(segs) == 3:
-            name = segs[2]
-            if method in {"POST", "PUT"}:
+            name = segs[2].lower()  # Vault stores policy names in lower case
+            if op == "write":
                 try:
                     rules = parse_policy(str(body.get("policy", "")))
                 except ValueError as exc:
                     return _error(400, f"failed to parse policy: {exc}")
                 self.policies[name] = (str(body["policy"]), rules)
                 return 204, None
-            if method == "GET":
+            if op == "read":
                 if name not in self.policies:
                     return _error(404)
                 return 200, self._envelope({"name": name, "policy": self.policies[name][0]})
-            if method == "DELETE":
+            if op == "delete":
                 self.policies.pop(name, None)
                 return 204, None
         return _error(404, f'no handler for route "sys/{"/".join(segs)}". route entry not found.')
 
     # auth/token/
-    def _token(self, method: str, segs: list[str], body: dict[str, Any], token: str) -> Response:
-        if segs == ["lookup-self"] and method == "GET":
-            entry = self.tokens[token]
-            return 200, self._envelope({"id": token, "accessor": entry["accessor"], "policies": entry["policies"],
-                                        "ttl": 0 if "root" in entry["policies"] else 3600, "type": "service"})
-        if segs == ["create"] and method in {"POST", "PUT"}:
-            if "root" not in self.tokens[token]["policies"]:
-                return _error(403, "permission denied")  # child tokens with subset policies: not simulated
-            return 200, self._envelope(auth=self._issue(list(body.get("policies") or ["default"]), {}))
-        return _error(404, f'no handler for route "auth/token/{"/".join(segs)}". route entry not found.')
+    def _token(self, op: str, sub: str, body: dict[str, Any], token: str) -> Response:
+        if sub not in {"lookup-self", "renew-self", "revoke-self", "create"}:
+            return _error(404, UNSUPPORTED_PATH)  # auth/token/login among them: the token store has no login
+        entry = self.tokens[token]
+        if sub == "lookup-self" and op == "read":
+            return 200, self._envelope(self._describe_token(token, entry))
+        if sub == "renew-self" and op == "write":
+            return self._renew(token, entry, _duration_field(body, "increment"))
+        if sub == "revoke-self" and op == "write":
+            del self.tokens[token]
+            return 204, None
+        if sub == "create" and op == "write":
+            if "root" not in entry["policies"]:
+                return _error(400, "child tokens of non-root tokens are not simulated")
+            policies = _policies_field(body, "policies")
+            policies = entry["policies"] if policies is None else policies
+            root = "root" in policies
+            explicit = _duration_field(body, "explicit_max_ttl")
+            ttl = _duration_field(body, "ttl") or (0 if root else DEFAULT_TTL)
+            max_ttl = min(explicit or MAX_TTL, MAX_TTL) if ttl else 0
+            meta = body.get("meta") if isinstance(body.get("meta"), dict) else None
+            auth = self._issue(policies, meta, ttl=min(ttl, max_ttl) if ttl else 0, max_ttl=max_ttl,
+                               renewable=_bool_field(body, "renewable", True), renew_ttl=DEFAULT_TTL, path="auth/token/create",
+                               display_name="token", explicit_max_ttl=explicit, add_default=not _bool_field(body, "no_default_policy", False))
+            return 200, self._envelope(auth=auth)
+        return _error(405, UNSUPPORTED_OPERATION)
 
-    def _issue(self, policies: list[str], metadata: dict[str, str]) -> dict[str, Any]:
-        token, accessor = "hvs.sim" + uuid.uuid4().hex, str(uuid.uuid4())
-        all_policies = sorted(set(policies) | {"default"})
-        self.tokens[token] = {"policies": all_policies, "accessor": accessor}
-        return {"client_token": token, "accessor": accessor, "policies": all_policies,
-                "token_policies": all_policies, "metadata": metadata, "lease_duration": 3600,
-                "renewable": True, "entity_id": "", "token_type": "service", "orphan": True}
+    def _describe_token(self, token: str, entry: dict[str, Any]) -> dict[str, Any]:
+        data = {"accessor": entry["accessor"], "creation_time": int(entry["issued"]), "creation_ttl": entry["ttl"],
+                "display_name": entry["display_name"], "entity_id": "", "expire_time": _rfc3339(entry["expires"]),
+                "explicit_max_ttl": entry["explicit_max_ttl"], "id": token, "issue_time": _rfc3339(entry["issued"]),
+                "meta": entry["meta"], "num_uses": 0, "orphan": entry["orphan"], "path": entry["path"],
+                "policies": entry["policies"], "renewable": entry["renewable"],
+                "ttl": 0 if entry["expires"] is None else int(entry["expires"] - self.now()), "type": "service"}
+        if entry["last_renewal"] is not None:
+            data["last_renewal"] = _rfc3339(entry["last_renewal"])
+            data["last_renewal_time"] = int(entry["last_renewal"])
+        return data
+
+    def _issue(self, policies: list[str], metadata: dict[str, str] | None, *, ttl: int, max_ttl: int, renewable: bool,
+               renew_ttl: int, path: str, display_name: str, explicit_max_ttl: int = 0, add_default: bool = True) -> dict[str, Any]:
+        token, accessor, now = "hvs.sim" + uuid.uuid4().hex, str(uuid.uuid4()), self.now()
+        names = set(policies)
+        if add_default and "root" not in names:
+            names.add("default")
+        all_policies = sorted(names)
+        self.tokens[token] = {
+            "accessor": accessor, "policies": all_policies, "meta": metadata, "display_name": display_name, "path": path,
+            "issued": now, "ttl": ttl, "expires": now + ttl if ttl else None, "max_expires": now + max_ttl if ttl else None,
+            "renewable": renewable and bool(ttl), "renew_ttl": renew_ttl, "explicit_max_ttl": explicit_max_ttl,
+            "orphan": True, "last_renewal": None}
+        return self._auth_block(token)
+
+    def _auth_block(self, token: str) -> dict[str, Any]:
+        entry = self.tokens[token]
+        lease = 0 if entry["expires"] is None else int(round(entry["expires"] - self.now()))
+        return {"client_token": token, "accessor": entry["accessor"], "policies": entry["policies"],
+                "token_policies": entry["policies"], "metadata": entry["meta"], "lease_duration": lease,
+                "renewable": entry["renewable"], "entity_id": "", "token_type": "service", "orphan": entry["orphan"],
+                "mfa_requirement": None, "num_uses": 0}
+
+    def _renew(self, token: str, entry: dict[str, Any], increment: int) -> Response:
+        if not entry["renewable"]:
+            return _error(400, "lease is not renewable")
+        now = self.now()
+        wanted = increment if increment > 0 else entry["renew_ttl"]
+        left = int(round(entry["max_expires"] - now))
+        warnings = None
+        if wanted > left:
+            warnings = [f'TTL of "{_go_duration(wanted)}" exceeded the effective max_ttl of "{_go_duration(left)}"; '
+                        "TTL value is capped accordingly"]
+            wanted = left
+        entry["expires"], entry["last_renewal"] = now + wanted, now
+        return 200, self._envelope(auth=self._auth_block(token), warnings=warnings)
 
     # auth/<approle>/
-    def _approle(self, method: str, mount: str, segs: list[str], body: dict[str, Any]) -> Response:
+    def _approle(self, op: str, mount: str, sub: str, body: dict[str, Any]) -> Response:
         roles = self.approles[mount]
-        if segs == ["login"] and method in {"POST", "PUT"}:
-            role_id, secret_id = str(body.get("role_id", "")), str(body.get("secret_id", ""))
-            if not role_id:
-                return _error(400, "missing role_id")
-            for name, role in roles.items():
-                if role["role_id"] == role_id and secret_id in role["secret_ids"]:
-                    return 200, self._envelope(auth=self._issue(role["token_policies"], {"role_name": name}))
+        routes: list[tuple[str, Callable[..., Response], set[str]]] = [
+            (r"login", lambda: self._approle_login(roles, body), {"write"}),
+            (r"role/?", lambda: (200, self._envelope({"keys": sorted(roles)})) if roles else _error(404), {"list"}),
+            (rf"role/(?P<name>{_ROLE_NAME})", lambda name: self._role(roles, name, op, body), {"read", "write", "delete"}),
+            (rf"role/(?P<name>{_ROLE_NAME})/role-id", lambda name: self._role_id(roles, name), {"read"}),
+            (rf"role/(?P<name>{_ROLE_NAME})/secret-id", lambda name: self._secret_id(roles, name, body), {"write"}),
+            (rf"role/(?P<name>{_ROLE_NAME})/secret-id/lookup", lambda name: self._secret_id_lookup(roles, name, body), {"write"}),
+        ]
+        handler, args = _route(routes, sub, op)
+        return handler(**args)
+
+    def _role(self, roles: dict[str, dict[str, Any]], name: str, op: str, body: dict[str, Any]) -> Response:
+        # Vault finds a role whatever the case of its name, and keeps the name as written.
+        if op == "delete":
+            roles.pop(name.lower(), None)
+            return 204, None
+        role = roles.get(name.lower())
+        if op == "read":
+            if role is None:
+                return _error(404)
+            shown = {k: role[k] for k in ("bind_secret_id", "secret_id_num_uses", "secret_id_ttl", "token_max_ttl",
+                                          "token_policies", "token_ttl")}
+            return 200, self._envelope({**shown, "policies": role["token_policies"], "token_type": "default"})
+        new = role is None
+        role = role or {"name": name, "role_id": str(uuid.uuid4()), "secret_ids": {}, "token_policies": [], "token_ttl": 0,
+                        "token_max_ttl": 0, "secret_id_ttl": 0, "secret_id_num_uses": 0, "bind_secret_id": True}
+        policies = _policies_field(body, "token_policies", "policies")
+        changes = {
+            "token_policies": policies if policies is not None else role["token_policies"],
+            "token_ttl": _duration_field(body, "token_ttl", role["token_ttl"]),
+            "token_max_ttl": _duration_field(body, "token_max_ttl", role["token_max_ttl"]),
+            "secret_id_ttl": _duration_field(body, "secret_id_ttl", role["secret_id_ttl"]),
+            "secret_id_num_uses": _int_field(body, "secret_id_num_uses", role["secret_id_num_uses"]),
+            "bind_secret_id": _bool_field(body, "bind_secret_id", role["bind_secret_id"]),
+        }
+        if changes["secret_id_num_uses"] < 0:
+            return _error(400, "secret_id_num_uses cannot be negative")
+        if changes["token_max_ttl"] and changes["token_ttl"] > changes["token_max_ttl"]:
+            return _error(400, "token_ttl should not be greater than token_max_ttl")
+        if not changes["bind_secret_id"]:
+            return _error(400, "roles without bind_secret_id are not simulated")
+        role.update(changes)
+        if new:
+            roles[name.lower()] = role
+        return 204, None
+
+    def _existing_role(self, roles: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+        role = roles.get(name.lower())
+        if role is None:
+            raise _fail(404, f'role "{name}" does not exist')
+        return role
+
+    def _role_id(self, roles: dict[str, dict[str, Any]], name: str) -> Response:
+        if name.lower() not in roles:
+            return _error(404)
+        return 200, self._envelope({"role_id": roles[name.lower()]["role_id"]})
+
+    def _secret_id(self, roles: dict[str, dict[str, Any]], name: str, body: dict[str, Any]) -> Response:
+        role = self._existing_role(roles, name)
+        ttl = _duration_field(body, "ttl", role["secret_id_ttl"])
+        num_uses = _int_field(body, "num_uses", role["secret_id_num_uses"])
+        if num_uses < 0:
+            return _error(400, "num_uses cannot be negative")
+        secret_id, accessor, now = str(uuid.uuid4()), str(uuid.uuid4()), self.now()
+        role["secret_ids"][secret_id] = {"accessor": accessor, "num_uses": num_uses, "ttl": ttl, "created": now,
+                                         "updated": now, "expires": now + ttl if ttl else None,
+                                         "metadata": dict(body.get("metadata") or {}) if isinstance(body.get("metadata"), dict) else {}}
+        return 200, self._envelope({"secret_id": secret_id, "secret_id_accessor": accessor,
+                                    "secret_id_ttl": ttl, "secret_id_num_uses": num_uses})
+
+    def _live_secret_id(self, role: dict[str, Any], secret_id: str) -> dict[str, Any] | None:
+        entry = role["secret_ids"].get(secret_id)
+        if entry is not None and entry["expires"] is not None and self.now() >= entry["expires"]:
+            del role["secret_ids"][secret_id]  # what Vault's tidy does to an expired secret ID
+            entry = None
+        return entry
+
+    def _secret_id_lookup(self, roles: dict[str, dict[str, Any]], name: str, body: dict[str, Any]) -> Response:
+        role = self._existing_role(roles, name)
+        secret_id = str(body.get("secret_id") or "")
+        if not secret_id:
+            return _error(400, "missing secret_id")
+        entry = self._live_secret_id(role, secret_id)
+        if entry is None:
+            return 204, None
+        return 200, self._envelope({
+            "cidr_list": [], "creation_time": _rfc3339(entry["created"]),
+            "expiration_time": _rfc3339(entry["expires"]) if entry["expires"] else _ZERO_TIME,
+            "last_updated_time": _rfc3339(entry["updated"]), "metadata": entry["metadata"],
+            "secret_id_accessor": entry["accessor"], "secret_id_num_uses": entry["num_uses"],
+            "secret_id_ttl": entry["ttl"], "token_bound_cidrs": []})
+
+    def _approle_login(self, roles: dict[str, dict[str, Any]], body: dict[str, Any]) -> Response:
+        role_id = str(body.get("role_id") or "").strip()
+        if not role_id:
+            return _error(400, "missing role_id")
+        role = next((r for r in roles.values() if r["role_id"] == role_id), None)
+        if role is None:
             return _error(400, "invalid role or secret ID")
-        if len(segs) >= 2 and segs[0] == "role":
-            name = segs[1]
-            if len(segs) == 2 and method in {"POST", "PUT"}:
-                role = roles.setdefault(name, {"role_id": str(uuid.uuid4()), "secret_ids": {}})
-                policies = body.get("token_policies", body.get("policies", []))
-                role["token_policies"] = policies.split(",") if isinstance(policies, str) else list(policies)
-                return 204, None
-            if name not in roles:
-                return _error(404, f"role {name} does not exist") if len(segs) > 2 else (404, None)
-            if segs[2:] == ["role-id"] and method == "GET":
-                return 200, self._envelope({"role_id": roles[name]["role_id"]})
-            if segs[2:] == ["secret-id"] and method in {"POST", "PUT"}:
-                secret_id, accessor = str(uuid.uuid4()), str(uuid.uuid4())
-                roles[name]["secret_ids"][secret_id] = accessor
-                return 200, self._envelope({"secret_id": secret_id, "secret_id_accessor": accessor,
-                                            "secret_id_ttl": 0, "secret_id_num_uses": 0})
-        return _error(404, f'no handler for route "auth/{mount}{"/".join(segs)}". route entry not found.')
+        secret_id = str(body.get("secret_id") or "").strip()
+        if not secret_id:
+            return _error(400, "missing secret_id")
+        entry = self._live_secret_id(role, secret_id)
+        if entry is None:
+            return _error(400, "invalid role or secret ID")
+        if entry["num_uses"] == 1:
+            del role["secret_ids"][secret_id]  # its last use: this login succeeds, the next is refused
+        elif entry["num_uses"] > 1:
+            entry["num_uses"] -= 1
+            entry["updated"] = self.now()
+        max_ttl = min(role["token_max_ttl"] or MAX_TTL, MAX_TTL)
+        ttl = min(role["token_ttl"] or DEFAULT_TTL, max_ttl)
+        auth = self._issue(role["token_policies"], {"role_name": role["name"]}, ttl=ttl, max_ttl=max_ttl, renewable=True,
+                           renew_ttl=role["token_ttl"] or DEFAULT_TTL, path=f"auth/{self._mount_name(roles)}/login",
+                           display_name=self._mount_name(roles).rstrip("/"))
+        return 200, self._envelope(auth=auth)
+
+    def _mount_name(self, roles: dict[str, dict[str, Any]]) -> str:
+        return next(m for m, r in self.approles.items() if r is roles).rstrip("/")
 
     # Transit
+    def _transit(self, op: str, mount: str, sub: str, body: dict[str, Any]) -> Response:
+        routes: list[tuple[str, Callable[..., Response], set[str]]] = [
+            (r"keys/?", lambda: self._transit_list(mount), {"list"}),
+            (rf"keys/(?P<name>{_NAME})", lambda name: self._transit_key(op, mount, name, body), {"read", "write", "delete"}),
+            (rf"keys/(?P<name>{_NAME})/rotate", lambda name: self._transit_rotate(mount, name), {"write"}),
+            (rf"keys/(?P<name>{_NAME})/config", lambda name: self._transit_config(mount, name, body), {"write"}),
+            (rf"encrypt/(?P<name>{_NAME})", lambda name: self._transit_encrypt(mount, name, body), {"write"}),
+            (rf"decrypt/(?P<name>{_NAME})", lambda name: self._transit_decrypt(mount, name, body), {"write"}),
+            (rf"datakey/(?P<kind>{_NAME})/(?P<name>{_NAME})", lambda kind, name: self._transit_datakey(mount, kind, name, body), {"write"}),
+        ]
+        handler, args = _route(routes, sub, op)
+        return handler(**args)
+
     def _new_key(self, ref: str) -> dict[str, Any]:
-        key = self.transit[ref] = {"versions": {1: os.urandom(32)}, "latest": 1, "min": 1, "created": {1: _now()}}
+        now = self.now()
+        key = self.transit[ref] = {"versions": {1: os.urandom(32)}, "created": {1: now}, "latest": 1,
+                                   "min_decryption": 1, "deletion_allowed": False}
         return key
 
-    def _transit(self, method: str, mount: str, segs: list[str], body: dict[str, Any]) -> Response:
-        op = segs[0]
-        if op == "datakey":
-            if len(segs) < 3:
-                return _error(404)
-            kind, name = segs[1], "/".join(segs[2:])
-        else:
-            kind, name = "", "/".join(segs[1:])
-        action = ""
-        for suffix in ("/rotate", "/config"):
-            if op == "keys" and name.endswith(suffix):
-                name, action = name.removesuffix(suffix), suffix[1:]
+    def _describe_key(self, name: str, key: dict[str, Any]) -> dict[str, Any]:
+        return {"allow_plaintext_backup": False, "auto_rotate_period": 0, "deletion_allowed": key["deletion_allowed"],
+                "derived": False, "exportable": False, "imported_key": False,
+                # aes256-gcm96: each version's creation time in unix seconds (KeyEntry.DeprecatedCreationTime)
+                "keys": {str(v): int(t) for v, t in key["created"].items()},
+                "latest_version": key["latest"], "min_available_version": 0,
+                "min_decryption_version": key["min_decryption"], "min_encryption_version": 0, "name": name,
+                "supports_decryption": True, "supports_derivation": True, "supports_encryption": True,
+                "supports_signing": False, "type": "aes256-gcm96"}
+
+    def _transit_list(self, mount: str) -> Response:
+        names = sorted(ref.split("/", 1)[1] for ref in self.transit if ref.startswith(mount + "/"))
+        return (200, self._envelope({"keys": names})) if names else _error(404)
+
+    def _transit_key(self, op: str, mount: str, name: str, body: dict[str, Any]) -> Response:
         ref = f"{mount}/{name}"
         key = self.transit.get(ref)
-        if op == "keys":
-            if method in {"POST", "PUT"}:
-                if action == "rotate":
-                    if key is None:
-                        return _error(400, "key not found")
-                    n = key["latest"] + 1
-                    key["versions"][n], key["created"][n], key["latest"] = os.urandom(32), _now(), n
-                elif action == "config":
-                    if key is None:
-                        return _error(400, "no existing key named " + name + " could be found")
-                    if "min_decryption_version" in body:
-                        wanted = int(body["min_decryption_version"])
-                        if wanted > key["latest"]:
-                            return _error(400, "cannot set min decryption version to a version greater than the latest version")
-                        key["min"] = max(1, wanted)
-                elif key is None:
-                    self._new_key(ref)
-                return 204, None
+        if op == "read":
+            return (404, {"errors": []}) if key is None else (200, self._envelope(self._describe_key(name, key)))
+        if op == "delete":
             if key is None:
-                return _error(404)
-            return 200, self._envelope({"name": name, "type": "aes256-gcm96", "latest_version": key["latest"],
-                                        "min_decryption_version": key["min"], "deletion_allowed": False,
-                                        "keys": {str(v): t for v, t in key["created"].items()}})
-        if op not in {"encrypt", "decrypt", "datakey"} or method not in {"POST", "PUT"}:
-            return _error(404)
+                return _error(400, f"error deleting policy {name}: could not delete key; not found")
+            if not key["deletion_allowed"]:
+                return _error(400, f"error deleting policy {name}: deletion is not allowed for this key")
+            del self.transit[ref]
+            return 204, None
+        kind = str(body.get("type") or "aes256-gcm96")
+        if kind != "aes256-gcm96":
+            return _error(400, f"key type {kind} is not simulated (only aes256-gcm96)")
+        if _bool_field(body, "derived", False) or _bool_field(body, "convergent_encryption", False):
+            return _error(400, "derived and convergent keys are not simulated")
+        warnings = [f"key {name} already existed"] if key is not None else None
+        key = key or self._new_key(ref)
+        return 200, self._envelope(self._describe_key(name, key), warnings=warnings)
+
+    def _transit_rotate(self, mount: str, name: str) -> Response:
+        key = self.transit.get(f"{mount}/{name}")
         if key is None:
-            if op != "encrypt":
-                return _error(400, "encryption key not found")
-            key = self._new_key(ref)  # Vault creates the key on first encrypt (upsert)
-        if op in {"encrypt", "datakey"}:
-            if op == "datakey":
-                if kind not in {"plaintext", "wrapped"}:
-                    return _error(400, f"invalid type {kind!r}")
-                plain = os.urandom(int(body.get("bits", 256)) // 8)
-            else:
-                plain = base64.b64decode(body.get("plaintext", ""))
-            version = key["latest"]
-            nonce = os.urandom(12)
-            sealed = AESGCM(key["versions"][version]).encrypt(nonce, plain, None)
-            data = {"ciphertext": f"vault:v{version}:" + base64.b64encode(nonce + sealed).decode(), "key_version": version}
-            if op == "datakey" and kind == "plaintext":
-                data["plaintext"] = base64.b64encode(plain).decode()
-            return 200, self._envelope(data)
-        text = str(body.get("ciphertext", ""))
-        parts = text.split(":")
-        if len(parts) != 3 or parts[0] != "vault" or not parts[1].startswith("v") or not parts[1][1:].isdigit():
-            return _error(400, "invalid ciphertext: no prefix")
-        version = int(parts[1][1:])
-        if version < key["min"]:
-            return _error(400, "ciphertext or signature version is disallowed by policy (too old)")
-        if version not in key["versions"]:
-            return _error(400, "invalid key version")
+            return _error(400, "key not found")
+        n = key["latest"] + 1
+        key["versions"][n], key["created"][n], key["latest"] = os.urandom(32), self.now(), n
+        return 200, self._envelope(self._describe_key(name, key))
+
+    def _transit_config(self, mount: str, name: str, body: dict[str, Any]) -> Response:
+        key = self.transit.get(f"{mount}/{name}")
+        if key is None:
+            return _error(400, f"no existing key named {name} could be found")
+        wanted = _int_field(body, "min_decryption_version")  # validated before anything changes, as Vault's framework does
+        allow_deletion = _bool_field(body, "deletion_allowed", key["deletion_allowed"])
+        warnings = None
+        if "min_decryption_version" in body:
+            if wanted < 0:
+                return _error(400, "min decryption version cannot be negative")
+            if wanted == 0:
+                wanted = 1
+                warnings = ["since Vault 0.3, transit key numbering starts at 1; forcing minimum to 1"]
+            if wanted != key["min_decryption"]:
+                if wanted > key["latest"]:
+                    return _error(400, f"cannot set min decryption version of {wanted}, latest key version is {key['latest']}")
+                key["min_decryption"] = wanted
+        key["deletion_allowed"] = allow_deletion
+        return 200, self._envelope(self._describe_key(name, key), warnings=warnings)
+
+    def _seal_with(self, key: dict[str, Any], plain: bytes) -> dict[str, Any]:
+        version, nonce = key["latest"], os.urandom(12)
+        sealed = AESGCM(key["versions"][version]).encrypt(nonce, plain, None)
+        return {"ciphertext": f"vault:v{version}:" + base64.b64encode(nonce + sealed).decode(), "key_version": version}
+
+    def _transit_encrypt(self, mount: str, name: str, body: dict[str, Any]) -> Response:
+        if body.get("plaintext") is None:
+            return _error(400, "missing plaintext to encrypt")
         try:
-            blob = base64.b64decode(parts[2])
+            plain = _go_b64decode(str(body["plaintext"]))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        key = self.transit.get(f"{mount}/{name}") or self._new_key(f"{mount}/{name}")  # upsert, as Vault allows by default
+        return 200, self._envelope(self._seal_with(key, plain))
+
+    def _transit_datakey(self, mount: str, kind: str, name: str, body: dict[str, Any]) -> Response:
+        if kind not in {"plaintext", "wrapped"}:
+            return _error(400, "Invalid path, must be 'plaintext' or 'wrapped'")
+        bits = _int_field(body, "bits", 256)
+        key = self.transit.get(f"{mount}/{name}")
+        if key is None:
+            return _error(400, "encryption key not found")
+        if bits not in {128, 256, 512}:
+            return _error(400, "invalid bit length")
+        plain = os.urandom(bits // 8)
+        data = self._seal_with(key, plain)
+        if kind == "plaintext":
+            data["plaintext"] = base64.b64encode(plain).decode()
+        return 200, self._envelope(data)
+
+    def _transit_decrypt(self, mount: str, name: str, body: dict[str, Any]) -> Response:
+        text = str(body.get("ciphertext") or "")
+        if not text:
+            return _error(400, "missing ciphertext to decrypt")
+        key = self.transit.get(f"{mount}/{name}")
+        if key is None:
+            return _error(400, "encryption key not found")
+        # keysutil.Policy.DecryptWithFactory, check by check and in its order
+        if not text.startswith("vault:v"):
+            return _error(400, "invalid ciphertext: no prefix")
+        fields = text.removeprefix("vault:v").split(":", 1)
+        if len(fields) != 2:
+            return _error(400, "invalid ciphertext: wrong number of fields")
+        if not re.fullmatch(r"[+-]?\d+", fields[0]):
+            return _error(400, "invalid ciphertext: version number could not be decoded")
+        version = int(fields[0]) or 1  # v0: keys once started at zero, and Vault still reads it as v1
+        if version > key["latest"]:
+            return _error(400, "invalid ciphertext: version is too new")
+        if version < key["min_decryption"]:
+            return _error(400, TOO_OLD)
+        try:
+            blob = _go_b64decode(fields[1])
+        except ValueError:
+            return _error(400, "invalid ciphertext: could not decode base64")
+        if len(blob) < 12:
+            return _error(400, "invalid ciphertext length")
+        try:
             plain = AESGCM(key["versions"][version]).decrypt(blob[:12], blob[12:], None)
         except (InvalidTag, ValueError):
             return _error(400, "cipher: message authentication failed")
         return 200, self._envelope({"plaintext": base64.b64encode(plain).decode()})
 
     # KV v2
-    def _kv(self, method: str, mount: str, path: str, body: dict[str, Any], query: dict[str, list[str]]) -> Response:
+    def _kv(self, op: str, mount: str, sub: str, body: dict[str, Any], query: dict[str, list[str]]) -> Response:
+        routes: list[tuple[str, Callable[..., Response], set[str]]] = [
+            (r"data/(?P<path>.+)", lambda path: self._kv_data(op, mount, path, body, query), {"read", "write", "delete"}),
+            (r"delete/(?P<path>.+)", lambda path: self._kv_mark(mount, path, body, "delete"), {"write"}),
+            (r"undelete/(?P<path>.+)", lambda path: self._kv_mark(mount, path, body, "undelete"), {"write"}),
+            (r"destroy/(?P<path>.+)", lambda path: self._kv_mark(mount, path, body, "destroy"), {"write"}),
+            (r"metadata/?(?P<path>.*)", lambda path: self._kv_metadata(op, mount, path), {"read", "list", "delete"}),
+        ]
+        handler, args = _route(routes, sub, op)
+        return handler(**args)
+
+    def _version_meta(self, n: int, v: dict[str, Any]) -> dict[str, Any]:
+        return {"created_time": _rfc3339(v["created"]), "custom_metadata": None,
+                "deletion_time": _rfc3339(v["deleted"]) if v["deleted"] is not None else "",
+                "destroyed": v["destroyed"], "version": n}
+
+    def _kv_data(self, op: str, mount: str, path: str, body: dict[str, Any], query: dict[str, list[str]]) -> Response:
         ref = f"{mount}/{path}"
-        if method in {"POST", "PUT"}:
-            versions = self.kv.setdefault(ref, [])
-            meta = {"created_time": _now(), "deletion_time": "", "destroyed": False,
-                    "version": len(versions) + 1, "custom_metadata": None}
-            versions.append({"data": dict(body.get("data") or {}), "metadata": meta})
-            return 200, self._envelope(meta)
-        versions = self.kv.get(ref, [])
+        secret = self.kv.get(ref)
+        now = self.now()
+        if op == "write":
+            data = body.get("data")
+            if data is None:
+                return _error(400, "no data provided")
+            if not isinstance(data, dict):
+                return _error(400, "data must be a JSON object")
+            secret = self.kv.setdefault(ref, {"versions": [], "created": now, "updated": now})
+            secret["versions"].append({"data": dict(data), "created": now, "deleted": None, "destroyed": False})
+            secret["updated"] = now
+            n = len(secret["versions"])
+            return 200, self._envelope(self._version_meta(n, secret["versions"][-1]))
+        if op == "delete":
+            if secret and secret["versions"]:
+                latest = secret["versions"][-1]
+                if latest["deleted"] is None and not latest["destroyed"]:
+                    latest["deleted"] = now
+            return 204, None
+        if secret is None:
+            return 404, {"errors": []}
+        raw = (query.get("version") or ["0"])[0]
+        if not re.fullmatch(r"\d*", raw):
+            return _error(400, f"invalid version {raw!r}")
+        n = int(raw or 0) or len(secret["versions"])
+        if not 1 <= n <= len(secret["versions"]):
+            return 404, {"errors": []}
+        version = secret["versions"][n - 1]
+        meta = self._version_meta(n, version)
+        if version["destroyed"] or (version["deleted"] is not None and version["deleted"] <= now):
+            return 404, self._envelope({"data": None, "metadata": meta})
+        return 200, self._envelope({"data": dict(version["data"]), "metadata": meta})
+
+    def _kv_mark(self, mount: str, path: str, body: dict[str, Any], action: str) -> Response:
+        raw = body.get("versions")
+        versions = raw.split(",") if isinstance(raw, str) else list(raw or [])
         if not versions:
-            return _error(404)
-        wanted = int(query.get("version", ["0"])[0] or 0) or len(versions)
-        if wanted > len(versions):
-            return _error(404)
-        return 200, self._envelope(versions[wanted - 1])
+            return _error(400, "no version number provided")
+        secret = self.kv.get(f"{mount}/{path}")
+        now = self.now()
+        for item in versions:
+            n = _int_field({"versions": item}, "versions")
+            if secret is None or not 1 <= n <= len(secret["versions"]):
+                continue
+            v = secret["versions"][n - 1]
+            if action == "delete" and v["deleted"] is None and not v["destroyed"]:
+                v["deleted"] = now
+            elif action == "undelete" and not v["destroyed"]:
+                v["deleted"] = None
+            elif action == "destroy":
+                v["destroyed"], v["data"] = True, {}
+        return 204, None
+
+    def _kv_metadata(self, op: str, mount: str, path: str) -> Response:
+        ref = f"{mount}/{path}"
+        if op == "list":
+            prefix = f"{mount}/{path.rstrip('/')}/" if path.strip("/") else f"{mount}/"
+            keys = sorted({r[len(prefix):].split("/")[0] + ("/" if "/" in r[len(prefix):] else "")
+                           for r in self.kv if r.startswith(prefix)})
+            return (200, self._envelope({"keys": keys})) if keys else (404, {"errors": []})
+        if op == "delete":
+            self.kv.pop(ref, None)
+            return 204, None
+        secret = self.kv.get(ref)
+        if secret is None:
+            return 404, {"errors": []}
+        versions = {str(n): {k: v for k, v in self._version_meta(n, ver).items() if k in {"created_time", "deletion_time", "destroyed"}}
+                    for n, ver in enumerate(secret["versions"], 1)}
+        return 200, self._envelope({"cas_required": False, "created_time": _rfc3339(secret["created"]),
+                                    "current_version": len(secret["versions"]), "custom_metadata": None,
+                                    "delete_version_after": "0s", "max_versions": 0, "oldest_version": 0,
+                                    "updated_time": _rfc3339(secret["updated"]), "versions": versions})
