@@ -10,6 +10,13 @@ is written. Then the hosts that came through are committed in one commit that li
 A host that fails does not stop the others; its git folder keeps its last state and the run
 fails at the end naming it. A push that fails fails the run too; the commit is kept and pushed
 by the next run.
+
+Before the commit, each host's staged files are checked once more for anything secret-looking
+(the gate, ``tasks.commit``). A host that fails it is left out of the commit (nothing of it is
+committed or pushed) while its encrypted archive and manifest stay: its log row says failed with
+the files and lines (never a value), ``luxima.verification.failed`` (kind ``git-gate``) alerts,
+the other hosts are committed, and the run fails naming it. Its archive is a good recovery
+point, so the success event the RPO watchdog waits for is sent all the same.
 """
 
 from __future__ import annotations
@@ -27,14 +34,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.compression import SUFFIX
-from luxima_backup.errors import BackupError, ConfigError
+from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
 from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
 from luxima_backup.workdir import private_dir
-from tasks.commit import commit
+from tasks.commit import GATE_HINT, commit
 from tasks.compress import compress
 from tasks.encrypt import encrypt
 from tasks.fetch import fetch, fingerprint_key, matches
@@ -156,6 +163,7 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
         work = private_dir(settings.work_dir, "config-backup-")
         results: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
+        gated: dict[str, BaseException] = {}  # archived, but kept out of git by the gate
         git: dict[str, Any] = {}
         push_error: BaseException | None = None
         try:
@@ -169,6 +177,10 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
                 state = commit({n: r["stage_dir"] for n, r in results.items()}, started.isoformat(), return_state=True)
                 if state.is_completed():
                     git = state.result()
+                    for n, found in git.get("blocked", {}).items():
+                        gated[n] = VerificationError(found["error"], hint=GATE_HINT)
+                        events.verification_failed("git-gate", "configs", n, found["error"],
+                                                   backup_id=results[n]["backup_id"], left=found["left"][:50])
                     pushed = push(return_state=True)
                     if pushed.is_completed():
                         git["push"] = pushed.result()
@@ -182,15 +194,15 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
         for n in names:
-            _record(n, results.get(n), failures.get(n), git, started, run_id)
+            _record(n, results.get(n), failures.get(n) or gated.get(n), git, started, run_id)
         drift = _drift(settings, git, results)
-        _publish(names, results, failures, git, drift, time.monotonic() - t0)
+        _publish(names, results, failures, gated, git, drift, time.monotonic() - t0)
 
-        problems = [f"{n}: {redact(str(exc))}" for n, exc in failures.items()]
+        problems = [f"{n}: {redact(str(exc))}" for n, exc in [*failures.items(), *gated.items()]]
         if push_error is not None:
             problems.append(f"git: {redact(str(push_error))}")
         if problems:
-            first: BaseException | None = next(iter(failures.values()), push_error)
+            first: BaseException | None = next(iter([*failures.values(), *gated.values()]), push_error)
             cls = type(first) if isinstance(first, BackupError) else BackupError
             raise cls("config backup failed: " + "; ".join(problems))
         return {"hosts": results, "git": {k: v for k, v in git.items() if k != "hosts"}, "changes": git.get("hosts", {}),
@@ -199,7 +211,11 @@ def config_backup(hosts: list[str] | None = None) -> dict[str, Any]:
 
 def _record(host: str, result: dict[str, Any] | None, failure: BaseException | None, git: dict[str, Any],
             started: datetime, run_id: str | None) -> None:
-    """The host's row in internal.backup_logs, and the success event the RPO watchdog waits for."""
+    """The host's row in internal.backup_logs, and the success event the RPO watchdog waits for.
+
+    A host with both a result and a failure was archived but kept out of git by the gate: its row
+    says failed, with the archive and what the gate found.
+    """
     settings = runtime.settings()
     changes = git.get("hosts", {}).get(host)
     details: dict[str, Any] = {"git": {"commit": git.get("commit"), "pushed": git.get("push", {}).get("pushed"),
@@ -207,9 +223,12 @@ def _record(host: str, result: dict[str, Any] | None, failure: BaseException | N
                                        "changes": {k: len(v) for k, v in (changes or {}).items() if k != "first"}}}
     if result is not None:
         details.update(totals=result["totals"], missing=result["missing"], too_large=result["too_large"])
+        if failure is not None:
+            details["git"]["blocked"] = git.get("blocked", {}).get(host, {}).get("left", [])
         if settings.log.enabled:
-            logged(log_run, "finish", "backup", "configs", host, host, "success", started, result["backup_id"],
-                   result["object_key"], run_id, None, details, result["sizes"])
+            logged(log_run, "finish", "backup", "configs", host, host, "failed" if failure else "success", started,
+                   result["backup_id"], result["object_key"], run_id,
+                   redact(f"{type(failure).__name__}: {failure}") if failure else None, details, result["sizes"])
         events.backup_succeeded("configs", host, result["backup_id"], object_key=result["object_key"],
                                 size_encrypted=result["sizes"]["size_encrypted"])
     elif settings.log.enabled:
@@ -232,8 +251,8 @@ def _drift(settings: Any, git: dict[str, Any], results: dict[str, Any]) -> dict[
     return found
 
 
-def _publish(names: list[str], results: dict[str, Any], failures: dict[str, BaseException], git: dict[str, Any],
-             drift: dict[str, Any], seconds: float) -> None:
+def _publish(names: list[str], results: dict[str, Any], failures: dict[str, BaseException],
+             gated: dict[str, BaseException], git: dict[str, Any], drift: dict[str, Any], seconds: float) -> None:
     """The run's artifact: per host what was archived and what changed since the last backup."""
     push = git.get("push", {})
     if git.get("commit"):
@@ -252,7 +271,11 @@ def _publish(names: list[str], results: dict[str, Any], failures: dict[str, Base
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for n in names:
         ch = git.get("hosts", {}).get(n, {})
-        if n in results:
+        if n in gated:
+            t = results[n]["totals"]
+            lines.append(f"| {n} | `{results[n]['backup_id']}` archived; NOT in git: {str(gated[n])[:300].replace('|', '/')} | "
+                         f"{t['files']} | {t['redactions']} | | | | | |")
+        elif n in results:
             t = results[n]["totals"]
             lines.append(f"| {n} | `{results[n]['backup_id']}` | {t['files']} | {t['redactions']} | "
                          + " | ".join(str(len(ch.get(k, []))) for k in ("added", "changed", "removed", "metadata"))

@@ -14,11 +14,12 @@ read the remote. HMAC-SHA256 under a key the operator holds (at least 16 bytes, 
 repository) makes a fingerprint useless without that key. 64 bits of it are shown: enough to
 tell values apart, not meant to authenticate anything.
 
-What is replaced, on bytes (files need not be UTF-8; nothing here decodes them):
+What is replaced, on bytes (files need not be UTF-8; nothing decodes them but as latin-1, one
+character per byte, for detect-secrets' patterns):
   * a whole file, by a three-line placeholder (fingerprint and size), when its name matches a
     secret-file glob: ``*.key``, ``*.pem`` only when it holds a private key (a certificate is
-    public), SSH keys (``id_rsa``, ``id_ed25519``, ...), keystores (``*.p12``, ``*.pfx``,
-    ``*.jks``, ``*.keystore``), htpasswd files, Traefik's ``acme.json``, ``.pgpass``,
+    public), SSH keys (``id_rsa``, ``id_ed25519``, ...), PuTTY keys (``*.ppk``), keystores
+    (``*.p12``, ``*.pfx``, ``*.jks``, ``*.keystore``), htpasswd files, Traefik's ``acme.json``, ``.pgpass``,
     ``.netrc``, ``.git-credentials``, plus the operator's globs. A glob without ``/`` is matched
     against the file's name, one with ``/`` against the whole path; case is ignored. An empty
     file stays empty.
@@ -37,7 +38,22 @@ What is replaced, on bytes (files need not be UTF-8; nothing here decodes them):
     (``requirepass x`` in redis.conf, ``secure_link_secret x;``) and Nginx
     ``proxy_set_header``/``add_header``/``fastcgi_param``/``set`` with a secret header or
     variable name. Quotes and syntax stay; only the value changes.
+  * a value found by what it is, whatever its name and wherever it is (``secret_values``, on
+    detect-secrets' detectors): a well-known token format (Slack tokens and webhooks, GitHub,
+    GitLab, AWS key ids and the secret key next to one, Stripe secret keys, Google API keys,
+    JWTs such as Supabase's anon and service-role keys, ...), only the secret part (a Slack
+    webhook keeps ``https://hooks.slack.com/services/``);
+  * a random-looking value (``secret_values.is_random``: 20+ characters of one base64 or hex
+    token that is not words) of a setting whose name is not secret, where settings are an
+    environment: ``.env``-style files (``.env``, ``.env.*``, ``*.env``, ``/etc/default/*``) and
+    YAML under ``environment``/``env``/``args``/``x-...-env`` keys (Compose, GitHub Actions,
+    Kubernetes). A name that says the value is a digest or version (SHA, COMMIT, REVISION,
+    DIGEST, HASH, ...), public, or what it is about (the plain last words below: ``*_ID``,
+    ``*_NAME``, ``*_URL``, ...) keeps it. Elsewhere a random-looking value is as often a hash
+    or an id a reader needs: not replaced, but the gate asks (below);
   * matches of the operator's own patterns (group 1, or the whole match without a group).
+Values the operator allows (``Rules.allow``, regexes matching the whole value) stay when they
+are found by format or randomness only; under a secret name they are replaced all the same.
 Binary data (a NUL byte: a database, a keytab, a keystore under another name, UTF-16 text) is
 replaced whole, like a secret file (kind ``binary``): there is no text syntax to find a value
 in, so the only safe choice is to keep it out of git; the archive has it. Positional secrets (``redis-cli -a pw``, ``["--requirepass", "x"]``)
@@ -56,7 +72,8 @@ Secret names (case-insensitive; camelCase and ``-``/``.`` separators count as wo
     FILE(S), PATH, DIR, URL, URI, HOST, PORT, USER, USERNAME, NAME, ID, ENABLED/ENABLE,
     DISABLED/DISABLE, REQUIRED, TTL, EXPIRY, EXPIRES, EXPIRATION, LIFETIME, TIMEOUT, LENGTH,
     ALGORITHM, ALG, TYPE, METHOD (``DB_PASSWORD_FILE``, ``TOKEN_TTL``, ``AWS_ACCESS_KEY_ID``:
-    a key id is an identifier, and a diff showing which key is in use is worth more). AUTH in
+    by name an identifier; an ``AKIA...`` value is replaced by its format all the same, as
+    secret scanners flag it, and its fingerprint still shows which key is in use). AUTH in
     another place is not secret (``AUTH_ENABLED``, ``auth_basic "Restricted"``).
 Operator name patterns are searched in the name as written, case-insensitive, and win over
 the exceptions.
@@ -64,9 +81,10 @@ the exceptions.
 Values that stay under a secret name, because they are not secrets and keep the diff readable:
   * empty values, and ``true``/``false``/``yes``/``no``/``on``/``off``/``null``/``none``/``~``;
   * references: ``${DB_PASSWORD}``, ``$DB_PASSWORD``, ``${X:?message}``, Nginx ``$host$uri``,
-    ``{{ template }}``, a YAML alias ``*name``, this project's ``env:``/``file:``/``vault:``/
-    ``prefect-secret:`` references, and several of them joined by ``:/@.,_-``. A ``$NAME``
-    counts only in one case (``$DB_PASSWORD``, ``$host``): ``$Xy7q`` is more likely a password.
+    ``{{ template }}``, GitHub Actions' ``${{ secrets.X }}``, a YAML alias ``*name``, this
+    project's ``env:``/``file:``/``vault:``/``prefect-secret:`` references, and several of
+    them joined by ``:/@.,_-``. A ``$NAME`` counts only in one case (``$DB_PASSWORD``,
+    ``$host``): ``$Xy7q`` is more likely a password.
     A reference with a default (``${X:-default}``) is replaced: the default may be a secret;
   * file paths (``/etc/ssl/private/x.key``, ``./certs/x.pem``): a value starting with a
     well-known root (``/etc/``, ``/run/``, ``/var/``, ``/data/``, ...), or with ``~/``, ``./``
@@ -77,6 +95,12 @@ Values that stay under a secret name, because they are not secrets and keep the 
 Scrubbing is deterministic (same data and key, same output) and idempotent: a fingerprint in
 the input is never fingerprinted again, nor is a whole-file placeholder, and ``scrub`` repeats
 its pass until a pass finds nothing, so its output is a fixed point.
+
+The gate (``check``), before every commit, fails closed: a scrubbed file is scanned once more
+with the same rules, widened to what scrubbing leaves for a person to decide: randomness in
+every ``name=value`` / ``name: value`` / JSON setting of every file, and detect-secrets'
+private key markers (PuTTY, SSH2) that no PEM rule replaces. Anything found keeps the host out
+of the commit (``tasks.commit``).
 """
 
 from __future__ import annotations
@@ -92,6 +116,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
+from . import secret_values
 from .errors import ConfigError
 
 _T = TypeVar("_T", str, bytes)
@@ -102,7 +127,7 @@ _MAX_PASSES = 16  # a bound that real data never nears (see scrub)
 WHOLE_FILE_HEADER = b"# luxima-backup: secret file kept only in the encrypted archive\n"
 DEFAULT_SECRET_FILES: tuple[str, ...] = (
     "*.key", "*.pem", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "*.p12", "*.pfx", "*.jks",
-    "*.keystore", "*.htpasswd", "htpasswd", "acme.json", ".pgpass", ".netrc", ".git-credentials",
+    "*.keystore", "*.ppk", "*.htpasswd", "htpasswd", "acme.json", ".pgpass", ".netrc", ".git-credentials",
 )
 _NEEDS_PRIVATE_KEY = {"*.pem"}  # a certificate-only PEM is public: only its private key makes it secret
 
@@ -160,7 +185,8 @@ def is_secret_name(name: str) -> bool:
 
 _TRIVIAL = {b"true", b"false", b"yes", b"no", b"on", b"off", b"null", b"none", b"~"}
 _REFERENCE_RE = re.compile(
-    rb"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?\?[^}]*)?\}"                     # ${X}, ${X:?message}; not ${X:-default}
+    rb"\$\{\{[^{}]*\}\}"                                                # GitHub Actions' ${{ secrets.X }}
+    rb"|\$\{[A-Za-z_][A-Za-z0-9_]*(?::?\?[^}]*)?\}"                    # ${X}, ${X:?message}; not ${X:-default}
     rb"|\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)(?![A-Za-z0-9_])"     # $DB_PASSWORD, nginx $host: one case,
     rb"|\{\{[^{}]*\}\}"                                               # as a password like $Xy7q seldom is
 )
@@ -260,14 +286,41 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 
+_ENV_FILE_NAMES = {".env", "env", ".envrc", "environment"}
+_YAML_KEY_RE = re.compile(rb"""(?:-[ \t]+)?(?P<key>"[^"\r\n]*"|'[^'\r\n]*'|[^\s\#'"\-:][^\r\n:]*?)[ \t]*:(?:[ \t]|$)""")
+_ENV_KEY_RE = re.compile(rb"environment|env|args|x-[\w.\-]*env[\w.\-]*|[\w.\-]*[_\-]env", re.IGNORECASE)
+
+
+def _environment_lines(data: bytes) -> set[int]:
+    """Lines (1-based) of a YAML document that are inside a mapping or list under an environment-like key."""
+    inside: set[int] = set()
+    stack: list[tuple[int, bytes]] = []  # (indentation, key) of the mappings the line is in
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        indent = len(line) - len(line.lstrip(b" \t"))
+        item = text[:1] == b"-"
+        # A list may sit at its key's own indentation (environment:\n- A=b); a key there closes it.
+        while stack and (stack[-1][0] > indent or (stack[-1][0] == indent and not item)):
+            stack.pop()
+        if stack and _ENV_KEY_RE.fullmatch(stack[-1][1]):
+            inside.add(n)
+        if (m := _YAML_KEY_RE.match(text)) is not None:
+            stack.append((indent + m.start("key"), m.group("key").strip(b"\"'")))
+    return inside
+
+
 @dataclass(frozen=True)
 class Finding:
     """One replaced secret: where, what kind, under which name or pattern -- never the value."""
 
     path: str
     line: int  # 1-based line of the original data; 0 for a whole file
-    kind: str  # env, yaml, json, assignment, flag, directive, nginx, header, url-credentials, private-key, whole-file, custom
-    name: str
+    # env, yaml, json, assignment, flag, directive, nginx (by name); header, url-credentials, private-key,
+    # whole-file, binary; a token format (secret_values.TOKEN_FORMATS: slack-token, jwt, ...); high-entropy; custom
+    kind: str
+    name: str  # the setting's name, the token format's, the glob, or the operator's pattern
 
 
 @dataclass
@@ -276,12 +329,17 @@ class Rules:
 
     ``name_patterns`` are searched (case-insensitive) in setting names, and a match makes the
     name secret; ``value_patterns`` are searched in the data, group 1 (or the whole match) being
-    a secret; ``secret_files`` are globs of files that are secret as a whole.
+    a secret; ``secret_files`` are globs of files that are secret as a whole; ``allow`` are
+    known-safe values: a value found only by its format or randomness that one of them matches
+    in full stays. ``gate``: the check before a commit (``for_gate``), which judges randomness in
+    every setting of every file, not only in environments.
     """
 
     name_patterns: list[re.Pattern[str]] = field(default_factory=list)
     value_patterns: list[re.Pattern[bytes]] = field(default_factory=list)
     secret_files: list[str] = field(default_factory=lambda: list(DEFAULT_SECRET_FILES))
+    allow: list[re.Pattern[bytes]] = field(default_factory=list)
+    gate: bool = False
 
     @classmethod
     def default(
@@ -289,13 +347,35 @@ class Rules:
         extra_value_names: Iterable[str] = (),
         extra_patterns: Iterable[str] = (),
         extra_secret_files: Iterable[str] = (),
+        allow: Iterable[str] = (),
     ) -> "Rules":
         """The built-in rules and the operator's; an invalid regex raises ``ConfigError`` naming it."""
         return cls(
             name_patterns=[_compile(p, "secret-name", lambda s: re.compile(s, re.IGNORECASE)) for p in extra_value_names],
             value_patterns=[_compile(p, "secret-value", lambda s: re.compile(s.encode())) for p in extra_patterns],
             secret_files=[*DEFAULT_SECRET_FILES, *extra_secret_files],
+            allow=[_compile(p, "allow", lambda s: re.compile(s.encode())) for p in allow],
         )
+
+    def for_gate(self) -> "Rules":
+        """The same rules, as the gate before a commit applies them (see ``check``)."""
+        return dataclasses.replace(self, gate=True)
+
+    def allowed(self, value: bytes) -> bool:
+        """Whether the operator holds ``value`` to be safe: one of the ``allow`` patterns matches all of it."""
+        return any(p.fullmatch(value) for p in self.allow)
+
+    def random_setting(self, name: str, value: bytes) -> bool:
+        """Whether the value of a setting whose name is not secret still looks like a random secret.
+
+        A name that says the value is a digest or version, public, or what it is about (``*_ID``,
+        ``*_NAME``, ``*_URL``, ...: the words that make a name plain) keeps its value readable.
+        """
+        words = [w for w in _words(name).split("_") if w]
+        if not words or secret_values.DIGEST_WORDS.intersection(words) or _PUBLIC_WORDS.intersection(words) \
+                or words[-1] in _PLAIN_LAST or words[-1] in ("IDS", "UUID", "GUID"):
+            return False
+        return secret_values.is_random(value) and not self.allowed(value.strip())
 
     def is_secret_name(self, name: str) -> bool:
         """Whether a setting called ``name`` holds a secret, by the built-in rules or the operator's."""
@@ -362,8 +442,8 @@ class _Spans:
         self._ends.insert(i, end)
 
 
-def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list[Finding]]:
-    """The git-safe copy of the file ``path`` holding ``data``, and what was replaced in it."""
+def _whole(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list[Finding]] | None:
+    """The git copy of a file that is secret as a whole or binary (a placeholder), or None for a text file."""
     _check_key(key)
     glob = rules.secret_file(path, data)
     if glob is not None:
@@ -374,6 +454,13 @@ def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list
         if _PLACEHOLDER_RE.match(data):
             return data, []
         return whole_file_placeholder(data, key), [Finding(path, 0, "binary", "binary data")]
+    return None
+
+
+def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list[Finding]]:
+    """The git-safe copy of the file ``path`` holding ``data``, and what was replaced in it."""
+    if (whole := _whole(path, data, key, rules)) is not None:
+        return whole
     # A fingerprint can change what the text around it looks like to another rule (a name
     # glued to a replaced value, a ${ whose } was inside a key): scrub again until nothing is
     # found, so that the result is a fixed point and scrubbing it again finds nothing. Each pass
@@ -387,6 +474,21 @@ def scrub(path: str, data: bytes, key: bytes, rules: Rules) -> tuple[bytes, list
         maps.append(shifts)
         passes += 1
     return out, sorted(findings, key=lambda f: f.line)
+
+
+def check(path: str, data: bytes, key: bytes, rules: Rules) -> list[Finding]:
+    """What is still secret-looking in a scrubbed file (the gate before a commit); empty when it may be committed.
+
+    The file goes through a pass of ``scrub`` once more, under ``rules.for_gate()``: scrubbed
+    output is a fixed point of ``scrub``, so whatever is found now is either what scrubbing
+    missed or what only the gate looks at (a random value in a setting outside an environment,
+    a private key marker detect-secrets knows and no PEM rule replaces). Lines are the checked
+    file's.
+    """
+    if (whole := _whole(path, data, key, rules)) is not None:
+        return whole[1]
+    findings = _Scrub(path, data, key, rules.for_gate()).run()[1]  # one pass: what it finds is in this data
+    return sorted(findings, key=lambda f: f.line)
 
 
 def _line_before(line: int, maps: list[list[tuple[int, int]]]) -> int:
@@ -405,7 +507,13 @@ class _Scrub:
         self.taken = _Spans()
         self.replacements: list[tuple[int, int, bytes]] = []
         self.findings: list[tuple[int, Finding]] = []
+        self.unnamed: list[tuple[int, int, str, bool]] = []  # values of settings whose name is not secret
         self._newlines: list[int] | None = None
+        self._env_lines: set[int] | None = None
+        base = posixpath.basename(path).lower()
+        self.env_file = (base in _ENV_FILE_NAMES or base.startswith(".env.") or base.endswith(".env")
+                         or "/etc/default/" in path)
+        self.yaml_file = base.endswith((".yml", ".yaml"))
 
     def run(self) -> tuple[bytes, list[Finding], list[tuple[int, int]]]:
         data = self.data
@@ -430,6 +538,21 @@ class _Scrub:
             pos = 0
             while (m := rule.head.search(data, pos)) is not None:
                 pos = self.named_value(rule, m)
+        # Formats after names: a token within a secret-named value went with the whole value.
+        for tok in secret_values.find_tokens(data):
+            value = data[tok.start:tok.end]
+            if not self.taken.overlaps(tok.start, tok.end) and not self.rules.allowed(value):
+                self.replace(tok.start, tok.end, self.fp(value), tok.kind, tok.name)
+        for start, end, name, quote in self.unnamed:
+            value = data[start:end]
+            if not self.taken.overlaps(start, end) and self.rules.random_setting(name, value):
+                self.replace(start, end, b'"%s"' % self.fp(value) if quote else self.fp(value), "high-entropy", name)
+        if self.rules.gate:  # found, not replaced: a marker has no extent (scrub replaces PEM blocks and *.ppk files)
+            for start, end in secret_values.private_key_markers(data):
+                if not self.taken.overlaps(start, end):
+                    self.taken.add(start, end)
+                    self.findings.append((start, Finding(self.path, self.line(start), "private-key",
+                                                         data[start:end].decode("latin-1"))))
         for pattern in self.rules.value_patterns:
             g = 1 if pattern.groups else 0
             for m in pattern.finditer(data):
@@ -455,7 +578,8 @@ class _Scrub:
         # (OPTS="--token=x") may hold a secret of its own.
         resume = head.end("name")
         name = head.group("name").decode("ascii", "backslashreplace")
-        if rule.by_name and not self.rules.is_secret_name(name.lstrip("$")):
+        secret = not rule.by_name or self.rules.is_secret_name(name.lstrip("$"))
+        if not secret and not self.judges_randomness(rule.kind, head.start()):
             return resume
         m = rule.full.match(self.data, head.start())
         if m is None:
@@ -466,6 +590,10 @@ class _Scrub:
             start = end - len(self.data[start:end].lstrip())
         value = self.data[start:end]
         if not value or self.taken.overlaps(start, end):
+            return resume
+        if not secret:  # judged once formats are known: a token's kind says more than "random"
+            if not _is_plain_value(value, rule.kind == "yaml" and group == "bare"):
+                self.unnamed.append((start, end, name, rule.quote_bare and group in ("bare", "arr")))
             return resume
         if _is_plain_value(value, rule.kind == "yaml" and group == "bare"):
             # Judged once: a later rule must not take the same ${DB_PASSWORD} or the text around
@@ -479,6 +607,27 @@ class _Scrub:
             new = b'"' + new + b'"'
         self.replace(start, end, new, rule.kind, name)
         return m.end()
+
+    def judges_randomness(self, kind: str, offset: int) -> bool:
+        """Whether a setting found by a ``kind`` rule at ``offset`` has its value judged by randomness too.
+
+        Scrubbing does so where settings are an environment: ``.env``-style files, and YAML
+        mappings or lists under ``environment``, ``env``, ``args``, ``x-...-env`` (Compose,
+        GitHub Actions, Kubernetes). Elsewhere a long random-looking value is as often a hash, a
+        verification code or an id that a reader of the diff needs: the gate stops the commit
+        and asks the operator instead (a rule to replace it, or ``allow`` to keep it).
+        """
+        if kind not in ("env", "yaml", "json"):
+            return False
+        if self.rules.gate:
+            return True
+        if kind == "env" and self.env_file:
+            return True
+        if kind == "json" or not self.yaml_file:
+            return False
+        if self._env_lines is None:
+            self._env_lines = _environment_lines(self.data)
+        return self.line(offset) in self._env_lines
 
     def fp(self, value: bytes) -> bytes:
         return fingerprint(value, self.key).encode()

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import procs
 from .errors import ConfigError, GitError
@@ -76,7 +76,7 @@ class Repo:
 
     # -- plumbing --
 
-    def git(self, *args: str, check: bool = True, what: str | None = None, stdin: str | None = None,
+    def git(self, *args: str, check: bool = True, what: str | None = None, stdin: str | bytes | None = None,
             text: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[Any]:
         """Run git in the working copy; with ``check``, a non-zero exit is a ``GitError`` (``text=False``: bytes out)."""
         try:
@@ -191,6 +191,46 @@ class Repo:
                 continue
             out.changes.append(Change(status[0], "/" + name))
         return out
+
+    def staged_files(self, folder: str) -> Iterator[tuple[str, bytes]]:
+        """Each file staged under ``folder``: its path in the repository and the bytes the next commit will hold.
+
+        Read from the index, not the working tree: attributes of a fetched ``.gitattributes``
+        (``text``, ``ident``) may change bytes on ``git add``, and what is checked must be what
+        is committed. Symlinks (a target path, not content) and submodules are left out.
+        """
+        listing = self.git("ls-files", "--stage", "-z", "--", folder).stdout
+        entries = []
+        for record in filter(None, listing.split("\0")):
+            info, path = record.split("\t", 1)
+            mode, sha, _ = info.split()
+            if mode in ("100644", "100755"):
+                entries.append((path, sha))
+        if not entries:
+            return
+        out = self.git("cat-file", "--batch", text=False, stdin="".join(f"{sha}\n" for _, sha in entries).encode(),
+                       timeout=300).stdout
+        pos = 0
+        for path, _ in entries:
+            header_end = out.index(b"\n", pos)
+            size = int(out[pos:header_end].split()[2])
+            yield path, out[header_end + 1:header_end + 1 + size]
+            pos = header_end + 1 + size + 1  # the blob, then a newline
+
+    def restore_folder(self, host: str) -> None:
+        """Put ``<repo>/<host>``, in the index and on disk, back as the last commit has it (or remove it)."""
+        head = self.head()
+        if head:
+            self.git("reset", "--quiet", "HEAD", "--", host)
+        else:
+            self.git("rm", "-r", "--cached", "--quiet", "--ignore-unmatch", "--", host)
+        target = self.path / host
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        if head and self.git("cat-file", "-e", f"HEAD:{host}", check=False).returncode == 0:
+            self.git("checkout", "--quiet", "HEAD", "--", host)
 
     def _empty_tree(self) -> str:
         return self.git("hash-object", "-t", "tree", os.devnull).stdout.strip()

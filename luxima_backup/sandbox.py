@@ -279,6 +279,7 @@ class PrefectServer:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.root}/prefect.db"
         env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
         env["PREFECT_UI_URL"] = self.api_url[: -len("/api")]  # links in alert messages
+        env["PREFECT_UI_API_URL"] = self.api_url  # the UI's own calls (its default is port 4200)
         # Proactive automations (the RPO watchdog) are evaluated at this granularity.
         env.setdefault("PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY", "PT1S")
         prefect = Path(sys.executable).parent / "prefect"

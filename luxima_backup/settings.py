@@ -389,15 +389,23 @@ class ConfigSecretRules(_Section):
     names: list[str] = Field(default_factory=list, description="regexes searched in setting names; a match makes the value secret")
     patterns: list[str] = Field(default_factory=list, description="regexes searched in the data; group 1 (or the match) is replaced")
     files: list[str] = Field(default_factory=list, description="globs of files that are secret as a whole")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="regexes of known-safe values: a value found only by its format (a token) or by looking random, "
+        "by the scrubber or by the gate before each commit, stays readable when one of them matches all of it "
+        "(e.g. 'sha384-[A-Za-z0-9+/]{64}' for subresource integrity hashes, or one known value, escaped); values under "
+        "secret names are replaced all the same",
+    )
 
     @model_validator(mode="after")
     def _compiles(self) -> "ConfigSecretRules":
         from .config_secrets import Rules  # compiled as scrub compiles them: the check cannot drift from the use
 
-        for what, patterns in (("names", self.names), ("patterns", self.patterns)):
+        arguments = {"names": "extra_value_names", "patterns": "extra_patterns", "allow": "allow"}
+        for what, patterns in (("names", self.names), ("patterns", self.patterns), ("allow", self.allow)):
             for pattern in patterns:
                 try:
-                    Rules.default(**{"extra_value_names" if what == "names" else "extra_patterns": [pattern]})
+                    Rules.default(**{arguments[what]: [pattern]})
                 except ConfigError as exc:
                     raise ValueError(f"configs.secrets.{what}: {pattern!r} is not a valid regular expression: "
                                      f"{exc.message}") from None

@@ -14,6 +14,7 @@ command -v runuser >/dev/null || missing+=(util-linux)
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v git >/dev/null || missing+=(git)
+[ -x /usr/lib/chromium/chromium ] || missing+=(chromium)   # the browser tests of the Prefect UI (Playwright drives it)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

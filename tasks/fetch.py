@@ -238,7 +238,7 @@ def fingerprint_key(settings: Settings) -> bytes:
 
 def secret_rules(settings: Settings) -> config_secrets.Rules:
     r = settings.configs.secrets
-    return config_secrets.Rules.default(r.names, r.patterns, r.files)
+    return config_secrets.Rules.default(r.names, r.patterns, r.files, r.allow)
 
 
 def fetch_host(sftp: paramiko.SFTPClient, host: str, settings: Settings, tar_sink: Any, stage_dir: Path,

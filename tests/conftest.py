@@ -25,7 +25,7 @@ from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer, 
 
 DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
 
-pytest_plugins = ["tests.alerting"]  # the chat receiver and automation fixtures, for the alert tests anywhere
+pytest_plugins = ["tests.alerting", "tests.browser"]  # chat receiver and automations; a real Chromium
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -99,3 +99,21 @@ def backup_while_locked(pg_cluster: PostgresCluster, database: str) -> tuple[Any
         elapsed = time.monotonic() - started
         holder.execute("ROLLBACK")
     return state, elapsed
+
+
+def cli_env(prefect_server: Any, config: Any) -> dict[str, str]:
+    """The environment of a `luxima-backup` command (or worker) run by the tests against their Prefect server."""
+    import os
+
+    from tests.conftest import DB_PASSWORD
+
+    return {**os.environ, "PREFECT_API_URL": prefect_server.api_url, "LUXIMA_BACKUP_CONFIG": str(config),
+            "LUXIMA_TEST_DB_PASSWORD": DB_PASSWORD}
+
+
+def background(cmd: list[str], env: dict[str, str], log: Any) -> Any:
+    """A long-running command (worker, serve) in its own process group, its output in ``log``."""
+    import subprocess
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,9 +1,13 @@
-"""Config scrubbing on its own: real-looking Coolify, Compose and Nginx files, keys and certificates, odd bytes."""
+"""Config scrubbing on its own: real-looking Coolify, Compose and Nginx files, keys and certificates, odd bytes;
+secrets found by their value (token formats, randomness) in a corpus with look-alikes; the gate before a commit."""
 
 from __future__ import annotations
 
+import base64
 import datetime
+import random
 import re
+import string
 
 import pytest
 from cryptography import x509
@@ -15,12 +19,15 @@ from luxima_backup.config_secrets import (
     DEFAULT_SECRET_FILES,
     Finding,
     Rules,
+    check,
     fingerprint,
     whole_file_placeholder,
     is_secret_name,
     scrub,
 )
 from luxima_backup.errors import ConfigError
+from luxima_backup.secret_values import is_random
+from tests import secret_corpus as corpus
 
 KEY = b"operator-held fingerprint key, 32"
 OTHER_KEY = b"another operator key of 32 bytes"
@@ -268,6 +275,7 @@ def test_ssh_private_key_file() -> None:
     ("root/.ssh/id_ecdsa", "id_ecdsa"), ("certs/client.p12", "*.p12"), ("certs/client.pfx", "*.pfx"),
     ("java/trust.jks", "*.jks"), ("java/app.keystore", "*.keystore"), ("nginx/conf.d/.htpasswd", "*.htpasswd"),
     ("etc/nginx/htpasswd", "htpasswd"), ("coolify/proxy/acme.json", "acme.json"), ("root/.pgpass", ".pgpass"),
+    ("home/deploy/keys/prod.ppk", "*.ppk"),
 ])
 def test_default_whole_secret_files(path: str, glob: str) -> None:
     assert glob in DEFAULT_SECRET_FILES
@@ -335,10 +343,11 @@ def test_yaml_block_and_multi_line_values() -> None:
     b"ssl_certificate_key: /etc/ssl/private/app.key\n", b"tls_key: certs/app.key\n", b"SMTP_AUTH=false\n",
     b"password: null\n", b"token: env:API_TOKEN\n", b"api_key: *shared_key\n", b"secret: '{{ vault_secret }}'\n",
     b"proxy_cache_key $scheme$host$request_uri;\n", b"HostKey /etc/ssh/ssh_host_ed25519_key\n",
-    b"PasswordAuthentication no\n", b"AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE\n", b"JWT_TTL=3600\n",
+    b"PasswordAuthentication no\n", b"AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID}\n", b"JWT_TTL=3600\n",
     b"AUTH_ENABLED=true\n", b"VAPID_PUBLIC_KEY=BPub1icKey\n", b"proxy_pass http://app:8080;\n",
     b"TOKEN_URL=https://auth.example.com/token\n", b"DATABASE_URL: postgres://app:${POSTGRES_PASSWORD}@db:5432/app\n",
     b'proxy_set_header Authorization "Bearer $jwt";\n', b"JSON_OPTS='{\"password\": \"${DB_PASSWORD}\"}'\n",
+    b"  GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }}\n",
 ])
 def test_values_that_stay(line: bytes) -> None:
     assert scrub("conf", line, KEY, RULES) == (line, [])
@@ -413,17 +422,17 @@ def test_scrubbing_goes_on_until_nothing_is_left() -> None:
 
 def test_custom_rules() -> None:
     rules = Rules.default(extra_value_names=[r"^LUXIMA_LICEN[CS]E$"],
-                          extra_patterns=[r"sk_live_[0-9A-Za-z]{8,}", r"hooks\.slack\.com/services/([A-Za-z0-9/]+)"],
+                          extra_patterns=[r"sk_live_[0-9A-Za-z]{8,}", r"hooks\.example\.com/services/([A-Za-z0-9/]+)"],
                           extra_secret_files=["*.vault", "*/private/*"])
     data = (b"LUXIMA_LICENSE=lic-abc-123\nnotes: stripe sk_live_abcdEFGH1234 in use\n"
-            b"webhook: https://hooks.slack.com/services/T000/B000/XXXXsecret\n")
+            b"webhook: https://hooks.example.com/services/T000/B000/XXXXsecret\n")
     assert scrub("app/.env", data, KEY, RULES) == (data, [])  # none of it is found without the operator's rules
     out, findings = scrub("app/.env", data, KEY, rules)
     assert out == (b"LUXIMA_LICENSE=" + fp("lic-abc-123") + b"\nnotes: stripe " + fp("sk_live_abcdEFGH1234")
-                   + b" in use\nwebhook: https://hooks.slack.com/services/" + fp("T000/B000/XXXXsecret") + b"\n")
+                   + b" in use\nwebhook: https://hooks.example.com/services/" + fp("T000/B000/XXXXsecret") + b"\n")
     assert [(f.line, f.kind, f.name) for f in findings] == [
         (1, "env", "LUXIMA_LICENSE"), (2, "custom", r"sk_live_[0-9A-Za-z]{8,}"),
-        (3, "custom", r"hooks\.slack\.com/services/([A-Za-z0-9/]+)")]
+        (3, "custom", r"hooks\.example\.com/services/([A-Za-z0-9/]+)")]
     assert scrub("app/.env", out, KEY, rules) == (out, [])
     for path, glob in [("ansible/prod.vault", "*.vault"), ("app/private/token.txt", "*/private/*")]:
         out, findings = scrub(path, b"plain text\n", KEY, rules)
@@ -439,3 +448,155 @@ def test_an_invalid_regex_is_a_config_error_naming_it(kwargs: dict[str, list[str
     with pytest.raises(ConfigError) as info:
         Rules.default(**kwargs)
     assert repr(bad) in str(info.value)
+
+
+def test_allow_patterns_are_checked_like_the_others() -> None:
+    from luxima_backup.settings import ConfigSecretRules
+
+    assert ConfigSecretRules(allow=[r"sha384-[A-Za-z0-9+/]{64}"]).allow == [r"sha384-[A-Za-z0-9+/]{64}"]
+    with pytest.raises(ValueError, match=r"configs.secrets.allow: '\(x' is not a valid regular expression"):
+        ConfigSecretRules(allow=["(x"])
+
+
+# --- secrets found by their value: the corpus ------------------------------------------------
+
+
+@pytest.mark.parametrize("sample", corpus.CORPUS, ids=[s.path for s in corpus.CORPUS])
+def test_corpus_secrets_are_replaced_and_look_alikes_kept(sample: corpus.Sample) -> None:
+    out, findings = scrub(sample.path, sample.data, KEY, RULES)
+    for secret in sample.secrets:  # each replaced by its own fingerprint, where it was
+        assert secret.encode() not in out and fp(secret) in out, secret
+    for secret in sample.absent:
+        assert secret.encode() not in out
+    assert_hidden([s.encode() for s in [*sample.secrets, *sample.absent]], out, findings)
+    for look_alike in sample.kept:  # byte for byte, every line holding one
+        held = [ln for ln in lines(sample.data) if look_alike.encode() in ln]
+        assert held and all(ln in lines(out) for ln in held), look_alike
+    assert [f.kind for f in findings] == sample.kinds
+    assert scrub(sample.path, out, KEY, RULES) == (out, [])  # a fixed point
+    assert check(sample.path, out, KEY, RULES) == []  # and the gate has nothing to say about it
+
+
+def test_the_issue_examples_are_replaced_whatever_their_name_and_wherever_they_are() -> None:
+    service_role = corpus.SERVICE_JWT
+    stripe, pat = corpus.STRIPE_LIVE, corpus.GH_PAT
+    env = (f"SLACK_WEBHOOK_URL=https://hooks.slack.com/services/T000/B000/XXXX\nGH_PAT={pat}\n"
+           f"STRIPE={stripe}\nSERVICE_ROLE={service_role}\n").encode()
+    out, findings = scrub("app/.env", env, KEY, RULES)
+    assert out == (b"SLACK_WEBHOOK_URL=https://hooks.slack.com/services/" + fp("T000/B000/XXXX") + b"\nGH_PAT=" + fp(pat)
+                   + b"\nSTRIPE=" + fp(stripe) + b"\nSERVICE_ROLE=" + fp(service_role) + b"\n")
+    assert [(f.line, f.kind) for f in findings] == [(1, "slack-webhook"), (2, "github-token"), (3, "stripe-key"), (4, "jwt")]
+    # in prose, a shell history, a query string: formats need no syntax
+    notes = f"curl -d @msg.json https://hooks.slack.com/services/T000/B000/XXXX # pat {pat}, key {stripe}\n".encode()
+    out, findings = scrub("root/notes.txt", notes, KEY, RULES)
+    assert [f.kind for f in findings] == ["slack-webhook", "github-token", "stripe-key"]
+    assert pat.encode() not in out and stripe.encode() not in out and b"XXXX" not in out
+
+
+@pytest.mark.parametrize("data, kept", [
+    # a key id's letters inside a certificate's base64 are not a key id
+    (b"MIIBszCCAVmgAwIBAgIUAKIAIOSFODNN7EXAMPLEQzJ0aW5nMAoGCCqGSM49BAMCMCAxHjAcBgNVBAMMFWlkcC5sdXhpbWEu\n", True),
+    (b"stripe:\n  publishable: " + corpus.PK_LIVE.encode() + b"\n", True),           # pk_ keys are public
+    (b"id: eyJub3QiOiJhIGp3dCJ9\n", True),                                           # one part: no JWT
+    (b"claims: eyJhbGciOiJub25lIn0.bm90IGpzb24.c2ln\n", True),                        # payload not JSON
+])
+def test_token_look_alikes(data: bytes, kept: bool) -> None:
+    assert (scrub("conf.yml", data, KEY, RULES) == (data, [])) == kept
+
+
+def test_a_token_is_replaced_to_its_end() -> None:
+    # detect-secrets' patterns stop at a fixed length (Stripe 24, GitHub 36) and a JWT's before its signature
+    for token in (corpus.STRIPE_LIVE, corpus.GH_PAT + "extra", corpus.SERVICE_JWT):
+        out, findings = scrub("notes.txt", b"x " + token.encode() + b" y\n", KEY, RULES)
+        assert out == b"x " + fp(token) + b" y\n", token
+
+
+def rand(n: int, alphabet: str, rng: random.Random) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+@pytest.mark.parametrize("alphabet", [string.ascii_letters + string.digits, string.ascii_lowercase + string.digits,
+                                      string.ascii_uppercase + string.digits, string.ascii_letters + string.digits + "+/"])
+def test_random_strings_are_found_at_20_characters_and_more(alphabet: str) -> None:
+    rng = random.Random(alphabet)
+    for n, at_least in ((20, 0.97), (32, 0.99)):
+        found = sum(is_random(rand(n, alphabet, rng).encode()) for _ in range(500))
+        assert found >= at_least * 500, (n, found)
+
+
+@pytest.mark.parametrize("value", [
+    "APP_ENV_PRODUCTION_SETTING", "europe-west3-docker-pkg", "ghcr-io-coollabsio-coolify", "SomeLongClassNameForThing",
+    "production-eu-west-1-cluster", "postgresql-primary-replica", "laravel_session_cookie_name", "short1Aa",
+    corpus.INSTANCE_UUID, corpus.IMAGE_DIGEST, corpus.PK_LIVE, corpus.SB_PUBLISHABLE, corpus.CERT_DER_B64,
+    corpus.CERT_PEM_B64, "AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5IGZvciBsdXhpbWEgYmFja3Vw", "a" * 40,
+    "https://db.luxima.id/x", "admin@luxima.id", "v2.4.1-rc.1",
+])
+def test_values_that_do_not_look_random(value: str) -> None:
+    assert not is_random(value.encode())
+
+
+@pytest.mark.parametrize("value", [
+    corpus.SIGNING_SEED, corpus.MEILI_MASTER, corpus.SESSION_SEED, corpus.NPM_PUBLISH, corpus.AWS_SECRET,
+    "base64:" + base64.b64encode(bytes(range(7, 39))).decode(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+])
+def test_values_that_look_random(value: str) -> None:
+    assert is_random(value.encode())
+
+
+def test_randomness_is_judged_in_environments_only_and_names_can_say_otherwise() -> None:
+    seed, digest = corpus.SIGNING_SEED, corpus.COMMIT
+    env = (f"SEED={seed}\nGIT_COMMIT={digest}\nBUILD_SHA={digest}\nRELEASE={digest}\nAPP_ID={seed}\nVAPID_PUBLIC={seed}\n"
+           "PGDATA=/var/lib/postgresql/data/pgdata\nCACHE_DIR=./storage/framework/cache\n")
+    out, findings = scrub("srv/app/.env.production", env.encode(), KEY, RULES)
+    assert [(f.line, f.kind, f.name) for f in findings] == [(1, "high-entropy", "SEED"), (4, "high-entropy", "RELEASE")]
+    # the same settings elsewhere stay (a hash or an id a reader needs); the gate asks about them instead
+    conf = f"seed = {seed}\n".encode()
+    assert scrub("etc/app/app.ini", conf, KEY, RULES) == (conf, [])
+    assert [(f.line, f.kind, f.name) for f in check("etc/app/app.ini", conf, KEY, RULES)] == [(1, "high-entropy", "seed")]
+    compose = (f"services:\n  app:\n    labels:\n      - com.example.seed={seed}\n    environment:\n"
+               f"      - SEED={seed}\n      OTHER: x\n    command: --seed {seed}\n"
+               f"x-common-env: &env\n  SEED: {seed}\n").encode()
+    out, findings = scrub("srv/app/compose.yaml", compose, KEY, RULES)
+    assert [(f.line, f.kind) for f in findings] == [(6, "high-entropy"), (10, "high-entropy")]
+    assert b"com.example.seed=" + seed.encode() in out and b"--seed " + seed.encode() in out
+    k8s = f"spec:\n  containers:\n    - name: app\n      env:\n        - name: SEED\n          value: {seed}\n".encode()
+    assert [f.line for f in scrub("k8s/app.yaml", k8s, KEY, RULES)[1]] == [6]
+
+
+# --- the gate ------------------------------------------------------------------------------
+
+
+def test_the_gate_finds_what_the_scrubber_cannot_know() -> None:
+    sample = corpus.GATE_ONLY
+    out, findings = scrub(sample.path, sample.data, KEY, RULES)
+    assert (out, findings) == (sample.data, [])
+    assert [(f.path, f.line, f.kind, f.name) for f in check(sample.path, out, KEY, RULES)] == [
+        (sample.path, 3, "high-entropy", "signing")]
+    allowed = Rules.default(allow=[re.escape(corpus.GATE_ONLY_SECRET)])  # the operator says it is safe
+    assert check(sample.path, out, KEY, allowed) == []
+
+
+def test_the_gate_fails_an_unscrubbed_tree() -> None:
+    for sample in corpus.CORPUS:  # what scrubbing replaces, the gate finds (if scrubbing were skipped)
+        scrubbed = {(f.line, f.kind) for f in scrub(sample.path, sample.data, KEY, RULES)[1]}
+        assert scrubbed and scrubbed <= {(f.line, f.kind) for f in check(sample.path, sample.data, KEY, RULES)}
+    binary = b"SQLite format 3\x00" + b"\x01" * 20
+    assert [f.kind for f in check("app/db.sqlite", binary, KEY, RULES)] == ["binary"]
+    assert check("app/db.sqlite", whole_file_placeholder(binary, KEY), KEY, RULES) == []
+
+
+def test_the_gate_knows_private_key_markers_no_pem_rule_replaces() -> None:
+    putty = b"PuTTY-User-Key-File-2: ssh-rsa\nEncryption: none\nComment: deploy\nPublic-Lines: 1\nAAAAB3Nza\n"
+    out, findings = scrub("home/deploy/notes/prod-key.txt", putty, KEY, RULES)
+    assert [(f.line, f.kind) for f in check("home/deploy/notes/prod-key.txt", out, KEY, RULES)] == [(1, "private-key")]
+    ssh2 = b"---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nP2/56wAAAi4AAAA3aWYtbW9kbntzaWdu\n---- END SSH2 ENCRYPTED PRIVATE KEY ----\n"
+    assert [f.kind for f in check("etc/legacy/key.txt", ssh2, KEY, RULES)] == ["private-key"]
+
+
+def test_allowed_values_stay_readable_in_scrub_and_gate() -> None:
+    rules = Rules.default(allow=[r"AIza[0-9A-Za-z_\-]{35}", r"sha384-[A-Za-z0-9+/]{64}"])
+    data = f"MAPS_BROWSER={corpus.GOOGLE_KEY}\nSEED={corpus.SIGNING_SEED}\nAPI_KEY={corpus.GOOGLE_KEY}\n".encode()
+    out, findings = scrub("web/.env", data, KEY, rules)
+    assert [(f.line, f.kind) for f in findings] == [(2, "high-entropy"), (3, "env")]  # a secret name still counts
+    assert out.startswith(f"MAPS_BROWSER={corpus.GOOGLE_KEY}\n".encode())
+    assert check("web/.env", out, KEY, rules) == []

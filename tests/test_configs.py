@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import httpx
 import pytest
 
 from luxima_backup.sandbox import PostgresCluster, SshServer
+from tests import secret_corpus as corpus
 from tests.conftest import file_keys
 from tests.helpers import error_of, log_rows, s3_get, s3_keys
 
@@ -471,6 +475,106 @@ def test_restore_by_commit_date_and_paths(cfg_env: dict[str, Any]) -> None:
     assert (root / "data/coolify/source/.env").read_text() == "APP_KEY=second\n"  # outside the paths: untouched
     exc = error_of(restore(host="web1", paths=[f"{root}/nowhere/"]))
     assert "none of" in str(exc)
+
+
+# -- secrets found by their value, and the gate before each commit --
+
+def corpus_host(env: dict[str, Any], samples: list[corpus.Sample]) -> tuple[Path, str]:
+    """A second host, app2, on the same sshd, holding ``samples`` at their paths; its settings section."""
+    root = env["tmp"] / "app2"
+    for sample in samples:
+        path = root / sample.path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sample.data)
+    sshd = env["sshd"]
+    return root, f"""
+    [hosts.app2]
+    host = "127.0.0.1"
+    port = {sshd.port}
+    user = "{sshd.user}"
+    key = "file:{sshd.client_key}"
+    known_hosts = "{env['known']}"
+    connect_timeout = 5
+    [configs.hosts.app2]
+    paths = ["{root}/etc/", "{root}/data/coolify/source/.env", "{root}/srv/"]
+    """
+
+
+def test_no_planted_secret_of_the_corpus_reaches_any_object_of_the_remote(cfg_env: dict[str, Any]) -> None:
+    root, app2 = corpus_host(cfg_env, corpus.CORPUS)
+    cfg_env["settings"](extra=app2)
+    result = backed_up()
+    assert result["git"]["push"]["pushed"] and sorted(result["changes"]) == ["app2", "web1"]
+    history = remote_everything(cfg_env["remote"])
+    for secret in corpus.SECRETS:
+        assert secret not in history, secret[:12]
+    for look_alike in corpus.LOOK_ALIKES:  # readable in git, as they were
+        assert look_alike in history, look_alike
+    meta = json.loads(git("--git-dir", str(cfg_env["remote"]), "show", "main:app2/.luxima-meta.json"))
+    for sample in corpus.CORPUS:
+        assert [r["kind"] for r in meta["files"][f"{root}{sample.path}"]["redacted"]] == sample.kinds
+    # and the archive has the real files: a dry-run restore of app2 finds them the same as on the host
+    plan = restore(host="app2").result()
+    assert plan["counts"] == {"same": len(corpus.CORPUS)}
+
+
+def verification_events(api_url: str, resource: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """The luxima.verification.failed events the server holds about ``resource`` (they arrive asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = httpx.post(f"{api_url}/events/filter", json={"filter": {
+            "event": {"name": ["luxima.verification.failed"]}, "resource": {"id": [resource]}}, "limit": 50})
+        found.raise_for_status()
+        events = found.json()["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
+def test_the_gate_keeps_a_host_out_of_git_names_file_and_line_keeps_its_archive_and_alerts(
+    cfg_env: dict[str, Any],
+) -> None:
+    # A random signing seed under a name that says nothing, in an INI file: scrubbing judges randomness only in
+    # environments (.env, compose environment:), so it stays in the scrubbed copy; the gate finds it.
+    root, app2 = corpus_host(cfg_env, [*corpus.CORPUS, corpus.GATE_ONLY])
+    cfg_env["settings"](extra=app2)
+    state = backup()
+    exc = error_of(state)
+    relay = f"{root}{corpus.GATE_ONLY.path}"
+    assert f"app2: the scrubbed copy of app2 still holds 1 secret-looking value(s), so nothing of app2 was committed: " \
+           f"{relay} line 3: high-entropy (signing)" in str(exc)
+    assert "web1:" not in str(exc) and corpus.GATE_ONLY_SECRET not in str(exc)
+    # nothing of app2 in git, web1 committed and pushed all the same
+    tree = git("--git-dir", str(cfg_env["remote"]), "ls-tree", "--name-only", "main").split()
+    assert "web1" in tree and "app2" not in tree and len(remote_log(cfg_env["remote"])) == 1
+    history = remote_everything(cfg_env["remote"])
+    objects = git("--git-dir", str(cfg_env["remote"]), "rev-list", "--objects", "--all").splitlines()
+    assert corpus.GATE_ONLY_SECRET not in history and not [o for o in objects if " app2" in o]
+    assert not any(secret in history for secret in corpus.SECRETS)
+    working_copy = cfg_env["tmp"] / "work" / "config-repo"
+    assert (working_copy / "web1").is_dir() and not (working_copy / "app2").exists()  # not left on disk either
+    # its archive and manifest are stored, its log row says failed with file and line, and an alert event went out
+    keys = [k for k in s3_keys(cfg_env["s3"], cfg_env["bucket"]) if k.startswith("backups/configs/app2/")]
+    assert [k for k in keys if k.endswith(".tar.gz.enc")] and [k for k in keys if k.endswith(".manifest.json")]
+    rows = {r["target"]: r for r in log_rows(cfg_env["cluster"], cfg_env["db"]) if r["component"] == "configs"}
+    assert rows["web1"]["status"] == "success" and rows["app2"]["status"] == "failed"
+    assert f"{relay} line 3" in rows["app2"]["error"] and rows["app2"]["backup_id"] and rows["app2"]["object_key"]
+    assert rows["app2"]["details"]["git"]["blocked"] == [
+        {"path": relay, "line": 3, "kind": "high-entropy", "name": "signing"}]
+    assert corpus.GATE_ONLY_SECRET not in json.dumps(rows["app2"], default=str)
+    events = verification_events(cfg_env["prefect"].api_url, "luxima.backup.configs.app2")
+    assert [e["payload"]["kind"] for e in events] == ["git-gate"]
+    assert f"{relay} line 3" in events[0]["payload"]["detail"] and corpus.GATE_ONLY_SECRET not in json.dumps(events)
+    # the operator tells the scrubber about it: the next run commits app2, the seed replaced
+    cfg_env["settings"](extra=app2 + """
+    [configs.secrets]
+    patterns = ['(?m)^signing = (\\S+)']
+    """)
+    result = backed_up()
+    assert result["changes"]["app2"]["first"] == ["yes"]
+    assert corpus.GATE_ONLY_SECRET not in remote_everything(cfg_env["remote"])
+    relay_copy = git("--git-dir", str(cfg_env["remote"]), "show", f"main:app2{relay}")
+    assert re.search(r"^signing = luxima-redacted:hmac-sha256:[0-9a-f]{16}$", relay_copy, re.MULTILINE)
 
 
 # -- failures --

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,20 +14,10 @@ import pytest
 from deployments.specs import load_specs
 from luxima_backup.sandbox import stop_group
 from tests.conftest import DB_PASSWORD, file_keys
-from tests.helpers import s3_keys
+from tests.helpers import background, cli_env, s3_keys
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "luxima-backup")
-
-
-def _env(prefect_server: Any, config: Path) -> dict[str, str]:
-    return {**os.environ, "PREFECT_API_URL": prefect_server.api_url, "LUXIMA_BACKUP_CONFIG": str(config),
-            "LUXIMA_TEST_DB_PASSWORD": DB_PASSWORD}
-
-
-def _background(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _deployment(name: str) -> Any:
@@ -52,7 +41,7 @@ def configured(write_settings: Any, database: str, bucket: str, key_file: Path, 
 def test_deploy_all_and_a_process_worker_run_a_backup(
     prefect_server: Any, configured: Path, s3_server: Any, bucket: str, tmp_path: Path,
 ) -> None:
-    env = _env(prefect_server, configured)
+    env = cli_env(prefect_server, configured)
     for _ in range(2):  # idempotent: the second run updates, never duplicates
         done = subprocess.run([CLI, "deploy"], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -92,7 +81,7 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     assert done.returncode == 0 and DB_PASSWORD not in done.stdout + done.stderr
     assert SecretRef.parse("prefect-secret:test-db-password").resolve() == DB_PASSWORD
 
-    worker = _background([CLI, "worker"], env, tmp_path / "worker.log")
+    worker = background([CLI, "worker"], env, tmp_path / "worker.log")
     try:
         run = _run("db-backup/db-backup")
         assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
@@ -102,7 +91,7 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
 
 
 def test_serve_runs_deployments_without_a_worker(prefect_server: Any, configured: Path, tmp_path: Path) -> None:
-    server = _background([CLI, "serve"], _env(prefect_server, configured), tmp_path / "serve.log")
+    server = background([CLI, "serve"], cli_env(prefect_server, configured), tmp_path / "serve.log")
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
