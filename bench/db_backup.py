@@ -44,9 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from luxima_backup import sample  # noqa: E402
+from devkit import sample  # noqa: E402
 from luxima_backup.keys import new_master_key  # noqa: E402
-from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer  # noqa: E402
+from devkit.sandbox import MotoS3Server, PostgresCluster, PrefectServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BUCKET = "bench-backups"

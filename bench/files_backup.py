@@ -52,13 +52,13 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from luxima_backup.keys import new_master_key  # noqa: E402
-from luxima_backup.sandbox import PrefectServer  # noqa: E402
+from devkit.sandbox import PrefectServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"

@@ -48,7 +48,7 @@ from tasks.fetch import fetch, fingerprint_key, matches
 from tasks.log import log_run
 from tasks.push import push
 from tasks.upload import upload
-from tasks.verify import verify_configs
+from tasks.verify.config_archive import verify_config_archive
 
 # The archive stage is the compressor: the fetch stage already writes the tar.
 archive = compress.with_options(name="archive")
@@ -101,7 +101,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
         expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"], "plain_sha256": a["plain_sha256"],
                     "host": host, "content_digest": f["content_digest"], "files": f["files"]}
         with runtime.time_limit(_stage_limit, f"verify of {host}", _STAGE_SETTING):
-            verification = verify_configs(keys.archive, a["codec"], expected, cfg.deep_verify)
+            verification = verify_config_archive(keys.archive, a["codec"], expected, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
         host_cfg = settings.hosts[host]
         document = {

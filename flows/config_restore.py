@@ -29,7 +29,7 @@ from tasks.apply import apply, reload, rollback_host, validate
 from tasks.download import download
 from tasks.log import log_run
 from tasks.plan import DIFF_TOTAL_LINES, diff
-from tasks.verify import verify_configs_restored
+from tasks.verify.restored_configs import verify_restored_configs
 
 _COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
@@ -164,7 +164,7 @@ def _apply(host: str, spool: str, codec: str, todo: list[dict[str, Any]], stamp:
             c = failed[0]
             raise VerificationError(f"validation of {c['service']} failed on {host} (`{c['command']}` exit {c['exit']}): "
                                     f"{c['output'][-800:]}")
-        verified = verify_configs_restored(host, todo)
+        verified = verify_restored_configs(host, todo)
         if verified["mismatches"]:
             raise VerificationError(f"{len(verified['mismatches'])} restored file(s) on {host} differ from the backup: "
                                     + "; ".join(f"{m['path']}: {m['problem']}" for m in verified["mismatches"][:10]))

@@ -34,7 +34,8 @@ from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
 from tasks.upload import upload
-from tasks.verify import read_back, verify
+from tasks.verify.dump import verify_dump
+from tasks.verify.readback import read_back
 
 
 @flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
@@ -120,7 +121,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
                 if "key" in globals_info:
                     uploaded.append(keys.globals)
             with runtime.time_limit(lambda s: s.db_backup.stage_timeout_seconds, "verify", "db_backup.stage_timeout_seconds"):
-                verification = verify(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
+                verification = verify_dump(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
                                       d["tables"], d["large_objects"])
             finished = datetime.now(timezone.utc)
             document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)

@@ -45,7 +45,8 @@ from tasks.restore import (
     apply_statements, create_database, database_exists, database_properties, drop_database, quote_ident, restore,
     restore_globals_sql, swap_databases,
 )
-from tasks.verify import check_row, verify_restore
+from tasks.verify.readback import check_row
+from tasks.verify.restored_db import verify_restored_db
 
 MAX_IDENT = 63  # PostgreSQL truncates longer names
 
@@ -218,7 +219,7 @@ def db_restore(
 
             t = time.monotonic()
             with stage_limit("verify"):
-                checks += verify_restore(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
+                checks += verify_restored_db(plan.target, plan.restore_into, plan.expected_counts, plan.table_names)
             timings["verify"] = round(time.monotonic() - t, 3)
             rto = time.monotonic() - t0
             rto_target = settings.restore.rto_target_minutes * 60

@@ -42,7 +42,8 @@ from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
 from tasks.sync import sync
 from tasks.upload import upload
-from tasks.verify import read_back, verify_files
+from tasks.verify.file_archive import verify_file_archive
+from tasks.verify.readback import read_back
 
 
 
@@ -180,7 +181,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         }
         older = _older_archives(previous, is_full)
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
-            verification = verify_files(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
+            verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
         document = {
             "manifest_version": manifest.MANIFEST_VERSION, "backup_id": keys.backup_id, "component": "files",

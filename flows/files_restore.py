@@ -322,7 +322,7 @@ def md5_check_bucket(settings: Settings, dest: Destination, entries: Iterator[En
     return checked, mismatches
 
 
-@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
+@task(name="verify-restored-files", cache_policy=NO_CACHE, persist_result=False)
 def verify_restored(plan_dest: Destination, index_spool: str, index_codec: str, path_filter: str | None) -> dict[str, Any]:
     """md5 of every restored file where it now lives, against the backup (the procedure's md5sum check)."""
     settings = runtime.settings()

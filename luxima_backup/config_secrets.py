@@ -118,6 +118,7 @@ from typing import Callable, Iterable, TypeVar
 
 from . import secret_values
 from .errors import ConfigError
+from .settings import compile_secret_rule
 
 _T = TypeVar("_T", str, bytes)
 
@@ -351,10 +352,10 @@ class Rules:
     ) -> "Rules":
         """The built-in rules and the operator's; an invalid regex raises ``ConfigError`` naming it."""
         return cls(
-            name_patterns=[_compile(p, "secret-name", lambda s: re.compile(s, re.IGNORECASE)) for p in extra_value_names],
-            value_patterns=[_compile(p, "secret-value", lambda s: re.compile(s.encode())) for p in extra_patterns],
+            name_patterns=[_compile(p, "secret-name", lambda s: compile_secret_rule("names", s)) for p in extra_value_names],
+            value_patterns=[_compile(p, "secret-value", lambda s: compile_secret_rule("patterns", s)) for p in extra_patterns],
             secret_files=[*DEFAULT_SECRET_FILES, *extra_secret_files],
-            allow=[_compile(p, "allow", lambda s: re.compile(s.encode())) for p in allow],
+            allow=[_compile(p, "allow", lambda s: compile_secret_rule("allow", s)) for p in allow],
         )
 
     def for_gate(self) -> "Rules":

@@ -399,17 +399,23 @@ class ConfigSecretRules(_Section):
 
     @model_validator(mode="after")
     def _compiles(self) -> "ConfigSecretRules":
-        from .config_secrets import Rules  # compiled as scrub compiles them: the check cannot drift from the use
-
-        arguments = {"names": "extra_value_names", "patterns": "extra_patterns", "allow": "allow"}
         for what, patterns in (("names", self.names), ("patterns", self.patterns), ("allow", self.allow)):
             for pattern in patterns:
                 try:
-                    Rules.default(**{arguments[what]: [pattern]})
-                except ConfigError as exc:
+                    compile_secret_rule(what, pattern)
+                except (re.error, TypeError, AttributeError) as exc:
                     raise ValueError(f"configs.secrets.{what}: {pattern!r} is not a valid regular expression: "
-                                     f"{exc.message}") from None
+                                     f"{exc}") from None
         return self
+
+
+def compile_secret_rule(what: str, pattern: str) -> re.Pattern[Any]:
+    """A ``[configs.secrets]`` regex compiled as the scrubber uses it (names are matched case-insensitively in
+    text, patterns and allowed values in bytes). Here, below both, so the settings' check and the scrubber
+    (config_secrets.Rules) compile alike and the settings import nothing of the scrubber."""
+    if what == "names":
+        return re.compile(pattern, re.IGNORECASE)
+    return re.compile(pattern.encode())
 
 
 class ConfigsSettings(_Section):

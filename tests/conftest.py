@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from luxima_backup import settings as settings_mod  # noqa: E402
 from luxima_backup.keys import new_master_key  # noqa: E402
-from luxima_backup.sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_orphans  # noqa: E402
+from devkit.sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_orphans  # noqa: E402
 
 DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
 

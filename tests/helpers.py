@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 
 MARKER_TEXT = "LUXIMA-PLAINTEXT-MARKER-7f3a91"
 MARKER_JSON = "luxima-json-marker-c41d"

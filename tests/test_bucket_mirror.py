@@ -18,7 +18,7 @@ import pytest
 
 from luxima_backup.bucket_mirror import MirrorStats, mirror_bucket, upload_tree
 from luxima_backup.errors import ConfigError, IntegrityError, ObjectNotFound, StorageError, is_transient
-from luxima_backup.sandbox import MotoS3Server
+from devkit.sandbox import MotoS3Server
 
 MIB = 1024 * 1024
 UNICODE = "with space/ünïcødé 文件 (1).txt"

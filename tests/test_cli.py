@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 from tests.conftest import DB_PASSWORD, file_keys
 
 ROOT = Path(__file__).resolve().parent.parent

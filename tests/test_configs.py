@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from luxima_backup.sandbox import PostgresCluster, SshServer
+from devkit.sandbox import PostgresCluster, SshServer
 from tests import secret_corpus as corpus
 from tests.conftest import file_keys
 from tests.helpers import error_of, log_rows, s3_get, s3_keys
@@ -580,7 +580,7 @@ def test_the_gate_keeps_a_host_out_of_git_names_file_and_line_keeps_its_archive_
 # -- failures --
 
 def test_an_unreachable_host_fails_the_run_but_not_the_others(cfg_env: dict[str, Any]) -> None:
-    from luxima_backup.sandbox import free_port
+    from devkit.sandbox import free_port
 
     web2 = f"""
     [hosts.web2]

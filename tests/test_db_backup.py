@@ -16,7 +16,7 @@ from luxima_backup import pg as pgmod
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ToolError, WrongKeyError
 from luxima_backup.keys import KeyFileProvider
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 from luxima_backup.compression import DecompressingReader
 from tests.conftest import DB_PASSWORD, file_keys, log_elsewhere, transit_keys
 from tests.helpers import (

@@ -27,7 +27,7 @@ from luxima_backup import catalog
 from luxima_backup import pg as pgmod
 from luxima_backup import settings as settings_mod
 from luxima_backup.errors import ConfigError, DatabaseError
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 from luxima_backup.settings import load_settings
 from luxima_backup.storage import store_from_settings
 from luxima_backup.workdir import private_dir

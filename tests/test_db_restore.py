@@ -14,7 +14,7 @@ import pytest
 
 from luxima_backup import catalog
 from luxima_backup.errors import ConfigError
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 from luxima_backup.settings import load_settings
 from luxima_backup.storage import store_from_settings
 from tests.conftest import file_keys, kv_keys

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from deployments.specs import load_specs
-from luxima_backup.sandbox import stop_group
+from devkit.sandbox import stop_group
 from tests.conftest import DB_PASSWORD, file_keys
 from tests.helpers import background, cli_env, s3_keys
 

@@ -10,7 +10,7 @@ import pytest
 
 from luxima_backup import ssh
 from luxima_backup.errors import ConfigError
-from luxima_backup.sandbox import SshServer
+from devkit.sandbox import SshServer
 from luxima_backup.settings import SshHost
 from tasks.fetch import Fetched, walk_paths
 

@@ -19,7 +19,7 @@ import pytest
 from luxima_backup.envelope import DecryptingReader, encrypt_bytes
 from luxima_backup.errors import ConfigError, IntegrityError, SourceError, VerificationError
 from luxima_backup.keys import KeyFileProvider
-from luxima_backup.sandbox import PostgresCluster, SshServer
+from devkit.sandbox import PostgresCluster, SshServer
 from tests.conftest import file_keys
 from tests.helpers import error_of, log_rows, s3_get, s3_keys
 
@@ -260,7 +260,7 @@ def test_a_broken_chain_makes_the_next_backup_full_and_fails_the_verify_of_one_t
 ) -> None:
     from prefect import flow
 
-    from tasks.verify import verify_files
+    from tasks.verify.file_archive import verify_file_archive
 
     full = backed_up()
     incremental = backed_up()
@@ -273,7 +273,7 @@ def test_a_broken_chain_makes_the_next_backup_full_and_fails_the_verify_of_one_t
     @flow(name="verify-probe")
     def verify_again() -> Any:
         older = {k: v for k, v in doc["archives"].items() if k != doc["backup_id"]}
-        return verify_files(doc["backup_id"], doc["archive"], doc["index"], "", older, False)
+        return verify_file_archive(doc["backup_id"], doc["archive"], doc["index"], "", older, False)
 
     exc = error_of(verify_again(return_state=True))
     assert isinstance(exc, VerificationError) and gone in str(exc) and "chain is broken" in str(exc)

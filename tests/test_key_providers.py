@@ -189,7 +189,7 @@ def test_vault_unavailable_is_transient(vault: dict[str, Any], admin: hvac.Clien
 
 
 def test_unreachable_vault_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
-    from luxima_backup.sandbox import free_port
+    from devkit.sandbox import free_port
 
     monkeypatch.setenv(TOKEN_ENV, "any")
     provider = VaultTransitProvider(vault_settings({"url": f"http://127.0.0.1:{free_port()}"}))

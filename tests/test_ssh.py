@@ -9,7 +9,7 @@ import pytest
 
 from luxima_backup import ssh
 from luxima_backup.errors import ConfigError, IntegrityError, is_transient
-from luxima_backup.sandbox import SshServer, free_port
+from devkit.sandbox import SshServer, free_port
 from luxima_backup.settings import SshHost
 
 

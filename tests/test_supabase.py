@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from luxima_backup import settings as settings_mod
-from luxima_backup.sandbox import PostgresCluster
+from devkit.sandbox import PostgresCluster
 from tests.conftest import DB_PASSWORD, file_keys
 from tests.helpers import run_backup, s3_get
 from tests.pg_shapes import fingerprint

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from deployments.specs import load_specs
-from luxima_backup.sandbox import PostgresCluster, stop_group
+from devkit.sandbox import PostgresCluster, stop_group
 from tests.conftest import file_keys
 from tests.helpers import background, cli_env
 
@@ -103,7 +103,7 @@ def test_a_backup_run_shows_its_task_runs_and_artifact_and_a_restore_runs_from_t
     page.goto(f"{ui}/runs/flow-run/{run_id}")
     page.get_by_text("Completed").first.wait_for()
     open_tab(page, "Task Runs")
-    for name in ("log", "verify", "manifest", "dump-globals"):  # as listed: name-<short id>
+    for name in ("log", "verify-dump", "manifest", "dump-globals"):  # as listed: name-<short id>
         page.get_by_role("link", name=re.compile(rf"^{name}-[0-9a-f]{{3}}$")).first.wait_for()
     # The stream (dump → compress → encrypt → upload) is a subflow: one run per attempt.
     stream = httpx.post(f"{api}/flow_runs/filter", json={

@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import BackupError, ConfigError
-from .settings import CONFIG_ENV, Settings, load_settings
+from luxima_backup.errors import BackupError, ConfigError
+from luxima_backup.settings import CONFIG_ENV, Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Backup, restore and disaster recovery of the Luxima Core Platform.")
 backup_app = typer.Typer(no_args_is_help=True, help="Run a backup now.")
@@ -42,7 +42,7 @@ def _secret_variables(value: Any) -> set[str]:
     """The environment variables the settings read secrets from (``env:NAME`` references), at any depth."""
     from pydantic import BaseModel
 
-    from .secrets import SecretRef
+    from luxima_backup.secrets import SecretRef
 
     if isinstance(value, SecretRef):
         return {value.target} if value.scheme == "env" else set()
@@ -77,7 +77,7 @@ def _ready_to_run(settings: Settings) -> None:
 
 
 def _fail(exc: BaseException) -> None:
-    from .secrets import redact
+    from luxima_backup.secrets import redact
 
     typer.echo(f"error: {redact(str(exc))}", err=True)
     raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
@@ -247,7 +247,7 @@ def list_cmd(
 ) -> None:
     """List backups from the manifests in storage alone (no database, no Prefect server)."""
     _use_config(config)
-    from . import catalog
+    from luxima_backup import catalog
 
     try:
         settings = load_settings()
@@ -271,7 +271,7 @@ def list_cmd(
 
 def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
     """Where a component's manifests are: config archives may have their own storage ([configs.storage])."""
-    from . import runtime
+    from luxima_backup import runtime
 
     if component == "configs":
         return runtime.config_store(settings), runtime.config_prefix(settings)
@@ -292,7 +292,7 @@ def show_cmd(
 ) -> None:
     """Print a backup's manifest (sizes, checksums, row counts, key id; no secrets)."""
     _use_config(config)
-    from . import catalog
+    from luxima_backup import catalog
 
     try:
         settings = load_settings()
@@ -314,7 +314,7 @@ def decrypt_cmd(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Stream-decrypt one backup object, authenticating every chunk (break-glass; no database needed)."""
-    from .breakglass import decrypt_object
+    from luxima_backup.breakglass import decrypt_object
 
     if (object_key is None) == (input_file is None):
         _fail(ConfigError("give either an OBJECT_KEY or --input FILE"))
@@ -434,7 +434,7 @@ def migrate_cmd(database: Optional[str] = typer.Option(None, help="[databases.NA
     _use_config(config)
     from tasks.log import log_database, migrate
 
-    from . import pg
+    from luxima_backup import pg
 
     try:
         settings = load_settings()
@@ -449,7 +449,7 @@ def migrate_cmd(database: Optional[str] = typer.Option(None, help="[databases.NA
 @keys_app.command("generate")
 def keys_generate(path: Path = typer.Argument(..., help="where to write the new key file (must not exist)")) -> None:
     """Write a new random 256-bit master key file (mode 0600), for the 'file' key provider."""
-    from .keys import fingerprint, load_key_file, new_master_key
+    from luxima_backup.keys import fingerprint, load_key_file, new_master_key
 
     if path.exists():
         _fail(ConfigError(f"{path} already exists; refusing to overwrite a key (old backups may need it)"))
@@ -465,7 +465,7 @@ def demo(workdir: Path = typer.Option(Path(".local/demo"), help="where the demo 
          wait: bool = typer.Option(True, "--wait/--no-wait", help="stay up until Ctrl-C (default) or clean up at once"),
          stop: bool = typer.Option(False, "--stop", help="stop a demo running in another shell, and clean up")) -> None:
     """Everything on local defaults: servers, sample data, deployments, a backup and a verified restore."""
-    from .demo import run_demo, stop_demo
+    from devkit.demo import run_demo, stop_demo
 
     if stop:
         typer.echo("stopped the running demo" if stop_demo(workdir.resolve()) else "no demo was running")
@@ -488,7 +488,7 @@ def _stop_on_signal() -> None:
     import signal
     import threading
 
-    from . import procs
+    from luxima_backup import procs
 
     def interrupt(signum: int, frame: Any) -> None:
         procs.stop_all(grace=5)
@@ -520,7 +520,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        from . import procs
+        from luxima_backup import procs
 
         procs.stop_all(grace=5)
         sys.exit(130)

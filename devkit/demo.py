@@ -28,8 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from .keys import new_master_key
-from .sandbox import MotoS3Server, PostgresCluster, PrefectServer, SshServer, free_port, reap_orphans, stop_group
+from luxima_backup.keys import new_master_key
+from devkit.sandbox import MotoS3Server, PostgresCluster, PrefectServer, SshServer, free_port, reap_orphans, stop_group
 
 BUCKET = "luxima-backups"
 UI_PORT = 4200
@@ -157,7 +157,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
-    from . import sample
+    from devkit import sample
 
     reap_orphans()
     if (workdir / STATE_FILE).exists():

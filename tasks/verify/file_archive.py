@@ -1,0 +1,77 @@
+"""Verify a stored file archive: read back with its index, every stored file against the index, its chain present."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import runtime
+from luxima_backup.compression import DecompressingReader
+from luxima_backup.envelope import DecryptingReader
+from luxima_backup.errors import ObjectNotFound, VerificationError
+from luxima_backup.keys import KeyProvider
+from luxima_backup.pipes import Meter, MeteredReader, drain
+from luxima_backup.storage import ObjectStore
+from tasks.verify.readback import compare, read_back
+
+
+def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any],
+                  stored: Any, backup_id: str) -> dict[str, Any]:
+    """One streaming pass over a stored file archive: ciphertext sha256, every chunk authenticated, the tar
+    parsed, and each file this backup stored compared with its index entry (size, md5, sha256)."""
+    from luxima_backup.filetree import FILE, content_mismatch, copy_member, members_for, open_tar_reader
+
+    info = store.stat(key)
+    if info.size != expected["encrypted_bytes"]:
+        raise VerificationError(f"{key}: stored size {info.size} != {expected['encrypted_bytes']} bytes uploaded")
+    sealed, plain = Meter(), Meter()
+    files = 0
+    with store.load(key) as body:
+        tar_stream = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
+        tar = open_tar_reader(tar_stream)
+        wanted = (e for e in stored if e.type == FILE and e.archive == backup_id)
+        for member, entry in members_for(tar, wanted, "/nonexistent-verify-root"):
+            why = content_mismatch(entry, copy_member(tar, member, None))
+            if why:
+                raise VerificationError(f"{key}: {entry.name!r} in the archive: {why}")
+            files += 1
+        drain(tar_stream)  # the end of the archive must authenticate too
+    compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
+    compare(key, "sha256 of the tar stream", plain.hexdigest, expected["plain_sha256"])
+    return {"size": info.size, "sha256": sealed.hexdigest, "tar_sha256": plain.hexdigest, "files_checked": files,
+            "deep": True}
+
+
+@task(name="verify-file-archive", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
+def verify_file_archive(backup_id: str, archive: dict[str, Any], index: dict[str, Any], index_spool: str,
+                 older_archives: dict[str, dict[str, Any]], deep: bool) -> dict[str, Any]:
+    """Read the stored archive and index back and check them; the older archives this backup relies on must still be there."""
+    from tasks.archive import load_index
+
+    settings = runtime.settings()
+    store = runtime.store(settings)
+    provider = runtime.key_provider(settings)
+    read_back(store, index["key"], index["size_encrypted"], index["sha256_encrypted"])
+    for older_id, older in older_archives.items():
+        try:
+            got = store.stat(older["key"]).size
+        except ObjectNotFound:
+            raise VerificationError(
+                f"{older['key']} (the archive of {older_id}, which this incremental backup still needs) is missing "
+                "from storage: the chain is broken",
+                hint="run a full backup (full = true); a restore of this backup would lack the files only that archive holds",
+            ) from None
+        if got != older["size_encrypted"]:
+            raise VerificationError(f"{older['key']} (archive of {older_id}, still needed) is {got} bytes, expected {older['size_encrypted']}")
+    expected = {"encrypted_bytes": archive["size_encrypted"], "encrypted_sha256": archive["sha256_encrypted"],
+                "plain_sha256": archive["sha256_plain"]}
+    if deep:
+        entries = load_index(index_spool, index["compression"]["codec"], provider.unwrap)
+        result = check_archive(store, archive["key"], provider, archive["compression"]["codec"], expected, entries, backup_id)
+    else:
+        result = read_back(store, archive["key"], expected["encrypted_bytes"], expected["encrypted_sha256"])
+    result["older_archives_present"] = len(older_archives)
+    get_run_logger().info("verified %s (%s)", archive["key"], "deep" if deep else "size and sha256")
+    return result
