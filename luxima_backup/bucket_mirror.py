@@ -8,11 +8,13 @@ import mimetypes
 import os
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError, IntegrityError, ObjectNotFound, StorageError
+from .settings import FileSource, Settings
 from .storage import _TranslatingReader, translate_errors
 
 BLOCK = 1 << 20
@@ -330,3 +332,25 @@ def _exists(client: Any, bucket: str, key: str) -> bool:
         return False
     return True
 
+
+_clients_lock = threading.Lock()
+
+
+def source_client(settings: Settings, source: FileSource) -> Any:
+    """A boto3 S3 client for a bucket source (its own endpoint and credentials, not the backup storage's)."""
+    import boto3
+    from botocore.config import Config
+
+    from . import runtime
+
+    creds: dict[str, Any] = {}
+    if source.access_key_id is not None and source.secret_access_key is not None:
+        creds = {"aws_access_key_id": runtime.secret(source.access_key_id, settings),
+                 "aws_secret_access_key": runtime.secret(source.secret_access_key, settings)}
+    config = Config(retries={"mode": "standard", "max_attempts": settings.storage.max_attempts},
+                    s3={"addressing_style": "path"}, connect_timeout=settings.storage.connect_timeout,
+                    read_timeout=settings.storage.read_timeout, request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required")
+    with _clients_lock:  # boto3's default session is not thread-safe to create clients from
+        return boto3.session.Session().client("s3", endpoint_url=source.endpoint_url, region_name=source.region,
+                                              config=config, **creds)

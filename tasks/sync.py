@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import procs, runtime, ssh
+from luxima_backup.bucket_mirror import source_client
 from luxima_backup.workdir import ensure_private
 from luxima_backup.errors import ConfigError, SourceError, ToolError
 from luxima_backup.manifest import safe_name
@@ -139,27 +139,6 @@ def _sync_bucket(settings: Settings, name: str, source: FileSource, mirror: Path
     return {"files": stats.files, "regular_files": stats.files, "transferred_files": stats.transferred_files,
             "transferred_bytes": stats.transferred_bytes, "deleted_files": stats.deleted_files,
             "total_bytes": stats.bytes, "seconds": round(time.monotonic() - started, 3), "tool": "s3"}
-
-
-_clients_lock = threading.Lock()
-
-
-def source_client(settings: Settings, source: FileSource) -> Any:
-    """A boto3 S3 client for a bucket source (its own endpoint and credentials, not the backup storage's)."""
-    import boto3
-    from botocore.config import Config
-
-    creds: dict[str, Any] = {}
-    if source.access_key_id is not None and source.secret_access_key is not None:
-        creds = {"aws_access_key_id": runtime.secret(source.access_key_id, settings),
-                 "aws_secret_access_key": runtime.secret(source.secret_access_key, settings)}
-    config = Config(retries={"mode": "standard", "max_attempts": settings.storage.max_attempts},
-                    s3={"addressing_style": "path"}, connect_timeout=settings.storage.connect_timeout,
-                    read_timeout=settings.storage.read_timeout, request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required")
-    with _clients_lock:  # boto3's default session is not thread-safe to create clients from
-        return boto3.session.Session().client("s3", endpoint_url=source.endpoint_url, region_name=source.region,
-                                              config=config, **creds)
 
 
 @task(name="sync", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)

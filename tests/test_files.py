@@ -559,7 +559,7 @@ def test_md5_mismatch_fails_the_restore_and_is_listed(files_env: dict[str, Any])
 def test_md5_check_reads_restored_files_back(tmp_path: Path) -> None:
     """The after-restore check itself: a file altered on disk after it was written is reported."""
     from luxima_backup.filetree import FILE, Entry
-    from tasks.extract import md5_check
+    from luxima_backup.filetree import md5_check
 
     (tmp_path / "a").write_bytes(b"right")
     (tmp_path / "b").write_bytes(b"right")
