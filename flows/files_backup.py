@@ -42,7 +42,7 @@ from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
 from tasks.sync import sync
 from tasks.upload import upload
-from tasks.verify.file_archive import verify_file_archive
+from tasks.verify.file_archive import chain_gaps, verify_file_archive
 from tasks.verify.readback import read_back
 
 
@@ -308,16 +308,8 @@ def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: st
 def _chain_intact(previous: catalog.Backup, is_full: bool, why: str) -> tuple[bool, str]:
     """An incremental backup reads every archive of the previous chain: one missing or damaged (deleted by
     hand, by a lifecycle rule) would make it unrestorable, so this run writes a full archive instead."""
-    from luxima_backup.errors import ObjectNotFound
-
-    store = runtime.store()
-    broken = []
-    for backup_id, stored in previous.doc["archives"].items():
-        try:
-            if store.stat(stored["key"]).size != stored["size_encrypted"]:
-                broken.append(f"{backup_id} (damaged)")
-        except ObjectNotFound:
-            broken.append(f"{backup_id} (missing)")
+    gaps = chain_gaps(runtime.store(), previous.doc["archives"])
+    broken = [f"{backup_id} ({'missing' if size is None else 'damaged'})" for backup_id, (_, size) in gaps.items()]
     if not broken:
         return is_full, why
     get_run_logger().warning("the chain of %s is broken: the archives of %s; writing a full archive",

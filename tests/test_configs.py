@@ -615,7 +615,7 @@ def test_a_host_that_goes_silent_mid_read_is_stopped_and_tried_again_never_held(
     (big / "bundle.conf").write_bytes(os.urandom(3 * 1024 * 1024))  # far more than the proxy lets through
     proxy = StallProxy(cfg_env["sshd"].port, stall_after=256 * 1024)
 
-    def web3(io_timeout: float, stage_timeout: float) -> str:
+    def web3(io_timeout: float, stage_timeout: float) -> tuple[str, str]:
         return f"""
         [hosts.web3]
         host = "127.0.0.1"

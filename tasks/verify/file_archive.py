@@ -44,6 +44,19 @@ def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: st
             "deep": True}
 
 
+def chain_gaps(store: ObjectStore, archives: dict[str, dict[str, Any]]) -> dict[str, tuple[str, int | None]]:
+    """The archives of a chain not in storage as recorded: backup id → (key, stored size, None when missing)."""
+    gaps: dict[str, tuple[str, int | None]] = {}
+    for backup_id, stored in archives.items():
+        try:
+            size: int | None = store.stat(stored["key"]).size
+        except ObjectNotFound:
+            size = None
+        if size != stored["size_encrypted"]:
+            gaps[backup_id] = (stored["key"], size)
+    return gaps
+
+
 @task(name="verify-file-archive", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_file_archive(backup_id: str, archive: dict[str, Any], index: dict[str, Any], index_spool: str,
                  older_archives: dict[str, dict[str, Any]], deep: bool) -> dict[str, Any]:
@@ -54,17 +67,15 @@ def verify_file_archive(backup_id: str, archive: dict[str, Any], index: dict[str
     store = runtime.store(settings)
     provider = runtime.key_provider(settings)
     read_back(store, index["key"], index["size_encrypted"], index["sha256_encrypted"])
-    for older_id, older in older_archives.items():
-        try:
-            got = store.stat(older["key"]).size
-        except ObjectNotFound:
+    for older_id, (key, got) in chain_gaps(store, older_archives).items():
+        if got is None:
             raise VerificationError(
-                f"{older['key']} (the archive of {older_id}, which this incremental backup still needs) is missing "
+                f"{key} (the archive of {older_id}, which this incremental backup still needs) is missing "
                 "from storage: the chain is broken",
                 hint="run a full backup (full = true); a restore of this backup would lack the files only that archive holds",
-            ) from None
-        if got != older["size_encrypted"]:
-            raise VerificationError(f"{older['key']} (archive of {older_id}, still needed) is {got} bytes, expected {older['size_encrypted']}")
+            )
+        raise VerificationError(f"{key} (archive of {older_id}, still needed) is {got} bytes, expected "
+                                f"{older_archives[older_id]['size_encrypted']}")
     expected = {"encrypted_bytes": archive["size_encrypted"], "encrypted_sha256": archive["sha256_encrypted"],
                 "plain_sha256": archive["sha256_plain"]}
     if deep:
