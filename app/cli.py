@@ -68,10 +68,17 @@ def _ready_to_run(settings: Settings) -> None:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
     names = _secret_variables(settings) | set(_SECRET_VARIABLES)
     hidden = {name: os.environ.pop(name) for name in names if name in os.environ}
+    # A first start creates the server's database: Prefect's 20 s are too few on a busy machine, which is
+    # when a break-glass restore runs. An operator's own setting wins.
+    wait = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())}
     try:
-        SubprocessASGIServer().start()
+        with temporary_settings(updates=wait):
+            SubprocessASGIServer().start()
     finally:
         os.environ.update(hidden)
 
@@ -83,6 +90,25 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
+def _run_flow(module: str, name: str, tags: tuple[str, str], **parameters: Any) -> None:
+    """Run a flow here, now, as its deployment would (same tags: alerts match on them); print its summary as JSON.
+
+    The settings are checked first, so wrong settings stop the command before any flow run exists.
+    """
+    import importlib
+
+    try:
+        _ready_to_run(load_settings())
+        from prefect import tags as run_tags
+
+        flow_fn = getattr(importlib.import_module(module), name)
+        with run_tags(*tags):
+            summary = flow_fn(**parameters)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 @backup_app.command("db")
 def backup_db(
     database: Optional[str] = typer.Option(None, help="which [databases.NAME] to back up (default: db_backup.database)"),
@@ -91,17 +117,7 @@ def backup_db(
 ) -> None:
     """Back up a PostgreSQL database now (the db-backup flow)."""
     _use_config(config)
-    try:
-        _ready_to_run(load_settings())  # stop here, before any flow run, if the settings are wrong
-        from prefect import tags
-
-        from flows.db_backup import db_backup
-
-        with tags("backup", "db"):  # as the deployment's runs are tagged: alerts match on these
-            summary = db_backup(database=database, deep_verify=deep_verify)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2))
+    _run_flow("flows.db_backup", "db_backup", ("backup", "db"), database=database, deep_verify=deep_verify)
 
 
 @backup_app.command("files")
@@ -113,17 +129,8 @@ def backup_files(
 ) -> None:
     """Back up file sources now (the files-backup flow)."""
     _use_config(config)
-    try:
-        _ready_to_run(load_settings())
-        from prefect import tags
-
-        from flows.files_backup import files_backup
-
-        with tags("backup", "files"):
-            summary = files_backup(sources=source or None, full=full, allow_shrink=allow_shrink)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _run_flow("flows.files_backup", "files_backup", ("backup", "files"), sources=source or None, full=full,
+              allow_shrink=allow_shrink)
 
 
 @backup_app.command("configs")
@@ -133,17 +140,17 @@ def backup_configs(
 ) -> None:
     """Back up service configs now: git commit & push (secrets redacted), encrypted archive (the config-backup flow)."""
     _use_config(config)
-    try:
-        _ready_to_run(load_settings())
-        from prefect import tags
+    _run_flow("flows.config_backup", "config_backup", ("backup", "configs"), hosts=host or None)
 
-        from flows.config_backup import config_backup
 
-        with tags("backup", "configs"):
-            summary = config_backup(hosts=host or None)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+@backup_app.command("vms")
+def backup_vms(
+    guest: list[str] = typer.Option([], help="vmid or name of a guest (repeatable; default: vm_backup.guests, pools or all)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Back up Proxmox guests now with vzdump, verified, the newest good archives kept (the vm-backup flow)."""
+    _use_config(config)
+    _run_flow("flows.vm_backup", "vm_backup", ("backup", "vm"), guests=guest or None)
 
 
 @restore_app.command("configs")
@@ -162,18 +169,9 @@ def restore_configs(
     if apply and confirm != host:  # the flow refuses too; saying so here spares a failed run for a missing option
         _fail(ConfigError(f"writing configs on {host} needs confirm = {host!r}",
                           hint=f"run without --apply first and read the diff; then add --confirm {host}"))
-    try:
-        _ready_to_run(load_settings())
-        from prefect import tags
-
-        from flows.config_restore import config_restore
-
-        with tags("restore", "configs"):
-            summary = config_restore(host=host, version=version, paths=path or None, dry_run=not apply, confirm=confirm,
-                                     reload_services=not no_reload, remove_extra=remove_extra)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _run_flow("flows.config_restore", "config_restore", ("restore", "configs"), host=host, version=version,
+              paths=path or None, dry_run=not apply, confirm=confirm, reload_services=not no_reload,
+              remove_extra=remove_extra)
 
 
 @restore_app.command("files")
@@ -189,18 +187,8 @@ def restore_files(
 ) -> None:
     """Restore a file backup and check the md5 of every restored file (the files-restore flow; no Prefect server needed)."""
     _use_config(config)
-    try:
-        _ready_to_run(load_settings())
-        from prefect import tags
-
-        from flows.files_restore import files_restore
-
-        with tags("restore", "files"):
-            summary = files_restore(destination=destination, backup=backup, source=source, as_of=as_of, path=path,
-                                    confirm=confirm, allow_escaping_links=allow_escaping_links)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _run_flow("flows.files_restore", "files_restore", ("restore", "files"), destination=destination, backup=backup,
+              source=source, as_of=as_of, path=path, confirm=confirm, allow_escaping_links=allow_escaping_links)
 
 
 @restore_app.command("db")
@@ -223,24 +211,14 @@ def restore_db(
     _use_config(config)
     if mode not in {"new", "replace"}:
         _fail(ConfigError(f"--mode must be new or replace, not {mode!r}"))
-    try:
-        _ready_to_run(load_settings())
-        from prefect import tags
-
-        from flows.db_restore import db_restore
-
-        with tags("restore", "db"):
-            summary = db_restore(backup=backup, as_of=as_of, source=source, target=target, target_database=target_database,
-                                 mode=mode, confirm=confirm, schemas=schema, tables=table, jobs=jobs,  # type: ignore[arg-type]
-                                 restore_globals_first=restore_globals, no_owner=no_owner)
-    except BackupError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _run_flow("flows.db_restore", "db_restore", ("restore", "db"), backup=backup, as_of=as_of, source=source,
+              target=target, target_database=target_database, mode=mode, confirm=confirm, schemas=schema,
+              tables=table, jobs=jobs, restore_globals_first=restore_globals, no_owner=no_owner)
 
 
 @app.command("list")
 def list_cmd(
-    component: str = typer.Option("db", help="db, files or configs"),
+    component: str = typer.Option("db", help="db, files, configs or vm"),
     source: Optional[str] = typer.Option(None, help="only backups of this source (for db: the NAME of a [databases.NAME] section)"),
     as_json: bool = typer.Option(False, "--json", help="print the manifests' summaries as JSON"),
     config: Optional[Path] = ConfigOpt,
@@ -257,8 +235,7 @@ def list_cmd(
         _fail(exc)
     backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
     rows = [{"backup_id": b.backup_id, "completed_at": b.completed_at.isoformat(timespec="seconds"), "status": b.status,
-             "type": b.doc.get("type", "full"), "size": _data(b.doc).get("size_encrypted"),
-             "key_id": _data(b.doc).get("encryption", {}).get("key_id"), "object_key": b.data_key} for b in backups]
+             **b.manifest.brief()} for b in backups]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -278,15 +255,10 @@ def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
     return runtime.store(settings), settings.storage.prefix
 
 
-def _data(doc: dict) -> dict:  # type: ignore[type-arg]
-    """The backup's main object: the dump (db) or the archive (files)."""
-    return dict(doc.get("dump") or doc.get("archive") or {})
-
-
 @app.command("show")
 def show_cmd(
     backup: str = typer.Argument(..., help="a backup id, an object key, or latest"),
-    component: str = typer.Option("db", help="db, files or configs"),
+    component: str = typer.Option("db", help="db, files, configs or vm"),
     source: Optional[str] = typer.Option(None, help="with latest: which source"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -301,7 +273,7 @@ def show_cmd(
                                 also_under=catalog.legacy_folders(settings, component, source))
     except BackupError as exc:
         _fail(exc)
-    typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.doc}, indent=2))
+    typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.manifest.model_dump(mode="json", by_alias=True)}, indent=2))
 
 
 @app.command("decrypt")

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import manifest, runtime
-from luxima_backup.errors import BackupError, TimeLimitExceeded, is_transient
+from luxima_backup.errors import BackupError, TimeLimitExceeded, should_retry
 from luxima_backup.secrets import redact
 
 
@@ -47,7 +47,7 @@ def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...],
             exc = state.result(raise_on_failure=False)
             if not isinstance(exc, BaseException):
                 exc = BackupError(f"stream attempt {attempt} ended {state.type.value}: {state.message}")
-        if attempt == attempts or not is_transient(exc):
+        if attempt == attempts or not should_retry(exc):
             raise exc
         delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
         logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
@@ -75,10 +75,17 @@ def outcome(state: Any) -> tuple[Any, BaseException | None]:
 
 
 @task(name="manifest", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def save_manifest(key: str, document: dict[str, Any], configs: bool = False) -> str:
+def save_manifest(key: str, document: manifest.Manifest, configs: bool = False) -> str:
     """Write the manifest, last: from now on the backup exists (``configs``: in the config archive storage)."""
     manifest.save(runtime.config_store() if configs else runtime.store(), key, document)
     return key
+
+
+def sealed_with(encrypted: dict[str, Any]) -> manifest.Encryption:
+    """The manifest's record of how an encrypt stage sealed its object: format, chunk size, the key's id (the
+    wrapped data key is in the object's header, not here)."""
+    return manifest.Encryption(format=encrypted["format"], chunk_size=encrypted["chunk_size"],
+                               **{k: v for k, v in encrypted["key"].items() if k != "wrapped"})
 
 
 def discard(keys: list[str], logger: Any, store: Any = None, manifest_key: str | None = None) -> None:

@@ -39,7 +39,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
+from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.commit import GATE_HINT, commit
 from tasks.compress import compress
@@ -104,28 +104,23 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
             verification = verify_config_archive(keys.archive, a["codec"], expected, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
         host_cfg = settings.hosts[host]
-        document = {
-            "manifest_version": manifest.MANIFEST_VERSION, "backup_id": keys.backup_id, "component": "configs",
-            "status": "verified", "started_at": started.isoformat(), "completed_at": finished.isoformat(),
-            "source": {"name": host, "kind": "ssh", "host": host_cfg.host, "paths": settings.config_host(host).paths},
-            "tool": {"luxima_backup": __version__},
-            "archive": {
-                "key": keys.archive, "format": "tar-pax+index", "compression": {"codec": a["codec"], "level": a["level"]},
-                "encryption": {"format": e["format"], "version": 1, "chunk_size": e["chunk_size"],
-                               **{k: v for k, v in e["key"].items() if k != "wrapped"}},
-                "size_plain": a["plain_bytes"], "size_compressed": a["compressed_bytes"], "size_encrypted": u["bytes"],
-                "sha256_plain": a["plain_sha256"], "sha256_encrypted": u["sha256"],
-            },
-            "totals": {k: f[k] for k in ("files", "symlinks", "bytes", "redactions")},
-            "missing": f["missing"], "too_large": f["too_large"],
-            # the keyed digest of the fetched set, also in the git copy's meta file: commit → archive
-            "content_digest": f["content_digest"],
-            "retention_days": cfg.retention_days,
-            "expires_at": (finished + timedelta(days=cfg.retention_days)).isoformat(),
-            "verification": {**verification, "verified_at": finished.isoformat()},
-            "timings": {"fetch": f["seconds"], "total": round((finished - started).total_seconds(), 3)},
-            "flow_run_id": str(flow_run.id) if flow_run.id else None,
-        }
+        document = manifest.ConfigManifest(
+            backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+            source=manifest.ConfigSource(name=host, kind="ssh", host=host_cfg.host, paths=settings.config_host(host).paths),
+            tool={"luxima_backup": __version__},
+            archive=manifest.DataObject(
+                key=keys.archive, format="tar-pax+index", compression=manifest.Compression(codec=a["codec"], level=a["level"]),
+                encryption=sealed_with(e), size_plain=a["plain_bytes"], size_compressed=a["compressed_bytes"],
+                size_encrypted=u["bytes"], sha256_plain=a["plain_sha256"], sha256_encrypted=u["sha256"]),
+            totals={k: f[k] for k in ("files", "symlinks", "bytes", "redactions")},
+            missing=f["missing"], too_large=f["too_large"],
+            content_digest=f["content_digest"],
+            retention_days=cfg.retention_days,
+            expires_at=finished + timedelta(days=cfg.retention_days),
+            verification={**verification, "verified_at": finished.isoformat()},
+            timings={"fetch": f["seconds"], "total": round((finished - started).total_seconds(), 3)},
+            flow_run_id=str(flow_run.id) if flow_run.id else None,
+        )
         save_manifest(keys.manifest, document, True)
     except BaseException as exc:
         if events.is_verification_failure(exc):
@@ -135,7 +130,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     logger.info("config backup %s of %s: %d files, %s (%d bytes encrypted)", keys.backup_id, host, f["files"],
                 keys.archive, u["bytes"])
     return {"backup_id": keys.backup_id, "started_at": started.isoformat(), "manifest_key": keys.manifest,
-            "object_key": keys.archive, "stage_dir": stage_dir, "totals": document["totals"], "missing": f["missing"],
+            "object_key": keys.archive, "stage_dir": stage_dir, "totals": document.totals, "missing": f["missing"],
             "too_large": f["too_large"], "content_digest": f["content_digest"],
             "sizes": {"size_raw": a["plain_bytes"], "size_compressed": a["compressed_bytes"], "size_encrypted": u["bytes"],
                       "sha256_raw": a["plain_sha256"], "sha256_encrypted": u["sha256"], "key_id": e["key"]["key_id"]}}

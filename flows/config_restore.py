@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from luxima_backup import catalog, events, runtime
 from luxima_backup.errors import BackupError, ConfigError, VerificationError
+from luxima_backup.manifest import ConfigManifest
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from flows.common import logged
@@ -76,7 +77,7 @@ def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
         raise ConfigError(f"commit {commit} has no configs of {host} (or is not in the config repository)")
     digest = json.loads(raw)["content_digest"]
     found = [b for b in catalog.list_backups(runtime.config_store(settings), runtime.config_prefix(settings), "configs", host)
-             if b.verified and b.doc.get("content_digest") == digest]
+             if b.verified and isinstance(b.manifest, ConfigManifest) and b.manifest.content_digest == digest]
     if not found:
         raise ConfigError(
             f"no kept archive holds the configs of {host} as commit {commit} recorded them",
@@ -112,16 +113,16 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
         stamp = started.strftime("%Y%m%dT%H%M%SZ")
         t0 = time.monotonic()
         backup, how = find_backup(settings, host, version)
-        a = backup.doc["archive"]
+        a = backup.manifest.data
         logger.info("restoring %s from %s (%s)%s", host, backup.backup_id, how, " - DRY RUN" if dry_run else "")
         work = private_dir(settings.work_dir, "config-restore-")
-        outcome: dict[str, Any] = {"backup_id": backup.backup_id, "object_key": a["key"], "version": how, "dry_run": dry_run}
+        outcome: dict[str, Any] = {"backup_id": backup.backup_id, "object_key": a.key, "version": how, "dry_run": dry_run}
         error: BaseException | None = None
         plan: dict[str, Any] | None = None
         try:
             spool = str(work / "archive.enc")
-            download(a["key"], spool, a["size_encrypted"], a["sha256_encrypted"], True)
-            plan = diff(host, spool, a["compression"]["codec"], paths, remove_extra)
+            download(a.key, spool, a.size_encrypted, a.sha256_encrypted, True)
+            plan = diff(host, spool, a.compression.codec, paths, remove_extra)
             outcome.update(counts=plan["counts"], steps=[_brief(s) for s in plan["steps"]])
             conflicts = [s for s in plan["steps"] if s["action"] == "conflict"]
             if conflicts and not dry_run:
@@ -130,7 +131,7 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
                                   hint="move them aside on the host, or restore other paths")
             todo = [s for s in plan["steps"] if s["action"] in ("create", "update", "metadata", "remove")]
             if not dry_run and todo:
-                outcome.update(_apply(host, spool, a["compression"]["codec"], todo, stamp, reload_services))
+                outcome.update(_apply(host, spool, a.compression.codec, todo, stamp, reload_services))
             elif not dry_run:
                 outcome["applied"] = 0
                 logger.info("the host already has every file of the backup as it is: nothing to write")
@@ -143,7 +144,7 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
             _publish(host, backup.backup_id, how, outcome, plan, error)
             status = "failed" if error is not None else "success"
             if settings.log.enabled:
-                logged(log_run, "restore", "restore", "configs", host, host, status, started, backup.backup_id, a["key"],
+                logged(log_run, "restore", "restore", "configs", host, host, status, started, backup.backup_id, a.key,
                        str(flow_run.id) if flow_run.id else None,
                        redact(f"{type(error).__name__}: {error}") if error is not None else None,
                        {k: v for k, v in outcome.items() if k != "steps"}, {})

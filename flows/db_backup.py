@@ -28,7 +28,7 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import PostgresConnection
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
-from flows.common import discard, logged, save_manifest, stream_with_retries
+from flows.common import discard, logged, save_manifest, sealed_with, stream_with_retries
 from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
@@ -135,7 +135,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             raise
         summary = _summary(document, keys.manifest, time.monotonic() - t0)
         _publish(document, summary, name)
-        logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document["timings"]},
+        logged(log_finish, "finish", entry, name, "success", None, {"row_counts": d["row_counts"], "timings": document.timings},
                 {"object_key": keys.data, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
                  "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
                  "key_id": e["key"]["key_id"]}, skip=entry is None)
@@ -146,88 +146,79 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
 
 def _manifest(keys: manifest.BackupKeys, name: str, target: PostgresConnection, started: datetime, finished: datetime,
               d: dict[str, Any], c: dict[str, Any], e: dict[str, Any], u: dict[str, Any], g: dict[str, Any],
-              verification: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+              verification: dict[str, Any], run_id: str | None) -> manifest.DbManifest:
+    return manifest.DbManifest(
+        backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+        source=manifest.DbSource(
+            name=name, database=target.dbname, host=target.host, port=target.port,
+            system_identifier=d["system_identifier"], server_version=d["server_version"],
+            server_version_num=d["server_version_num"], snapshot=d["snapshot"], exclude_schemas=list(target.exclude_schemas)),
+        tool={"luxima_backup": __version__, "pg_dump_version": d["pg_dump_version"]},
+        dump=manifest.DataObject(
+            key=keys.data, format="pg_dump-custom", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
+            encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],
+            size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"]),
+        globals=manifest.DbGlobals(**g),
+        row_counts=d["row_counts"],
+        tables={f"{t['schema']}.{t['name']}": manifest.Table(schema=t["schema"], name=t["name"], kind=t["kind"],
+                                                             partitions=len(t["data_oids"]) if t["kind"] == "p" else None)
+                for t in d["tables"]},
+        large_objects=d["large_objects"],
+        verification={**verification, "verified_at": finished.isoformat()},
+        timings={"dump": round(d["seconds"], 3), "compress": round(c["seconds"], 3),
+                 "encrypt": round(e["seconds"], 3), "upload": round(u["seconds"], 3),
+                 "total": round((finished - started).total_seconds(), 3)},
+        flow_run_id=run_id,
+    )
+
+
+def _summary(doc: manifest.DbManifest, manifest_key: str, seconds: float) -> dict[str, Any]:
+    dump_info = doc.dump
     return {
-        "manifest_version": manifest.MANIFEST_VERSION,
-        "backup_id": keys.backup_id,
-        "component": "db",
-        "status": "verified",
-        "started_at": started.isoformat(),
-        "completed_at": finished.isoformat(),
-        "source": {"name": name, "database": target.dbname, "host": target.host, "port": target.port,
-                   "system_identifier": d["system_identifier"], "server_version": d["server_version"],
-                   "server_version_num": d["server_version_num"], "snapshot": d["snapshot"],
-                   "exclude_schemas": list(target.exclude_schemas)},
-        "tool": {"luxima_backup": __version__, "pg_dump_version": d["pg_dump_version"]},
-        "dump": {
-            "key": keys.data, "format": "pg_dump-custom",
-            "compression": {"codec": c["codec"], "level": c["level"]},
-            "encryption": {"format": e["format"], "version": 1, "chunk_size": e["chunk_size"], **{k: v for k, v in e["key"].items() if k != "wrapped"}},
-            "size_plain": c["plain_bytes"], "size_compressed": c["compressed_bytes"], "size_encrypted": u["bytes"],
-            "sha256_plain": c["plain_sha256"], "sha256_encrypted": u["sha256"],
-        },
-        "globals": g,
-        "row_counts": d["row_counts"],
-        # (schema, name) of each counted table: a key such as "a.b.c" alone cannot say where the schema ends
-        "tables": {f"{t['schema']}.{t['name']}": {"schema": t["schema"], "name": t["name"], "kind": t["kind"],
-                                                   "partitions": len(t["data_oids"]) if t["kind"] == "p" else None}
-                   for t in d["tables"]},
-        "large_objects": d["large_objects"],
-        "verification": {**verification, "verified_at": finished.isoformat()},
-        "timings": {"dump": round(d["seconds"], 3), "compress": round(c["seconds"], 3),
-                    "encrypt": round(e["seconds"], 3), "upload": round(u["seconds"], 3),
-                    "total": round((finished - started).total_seconds(), 3)},
-        "flow_run_id": run_id,
+        "backup_id": doc.backup_id, "object_key": dump_info.key, "manifest_key": manifest_key,
+        "size_plain": dump_info.size_plain, "size_compressed": dump_info.size_compressed,
+        "size_encrypted": dump_info.size_encrypted, "sha256_plain": dump_info.sha256_plain,
+        "sha256_encrypted": dump_info.sha256_encrypted, "row_counts": doc.row_counts,
+        "key_id": dump_info.encryption.key_id, "timings": doc.timings, "seconds": round(seconds, 3),
     }
 
 
-def _summary(doc: dict[str, Any], manifest_key: str, seconds: float) -> dict[str, Any]:
-    dump_info = doc["dump"]
-    return {
-        "backup_id": doc["backup_id"], "object_key": dump_info["key"], "manifest_key": manifest_key,
-        "size_plain": dump_info["size_plain"], "size_compressed": dump_info["size_compressed"],
-        "size_encrypted": dump_info["size_encrypted"], "sha256_plain": dump_info["sha256_plain"],
-        "sha256_encrypted": dump_info["sha256_encrypted"], "row_counts": doc["row_counts"],
-        "key_id": dump_info["encryption"]["key_id"], "timings": doc["timings"], "seconds": round(seconds, 3),
-    }
-
-
-def _publish(doc: dict[str, Any], summary: dict[str, Any], name: str) -> None:
+def _publish(doc: manifest.DbManifest, summary: dict[str, Any], name: str) -> None:
     """The run's artifact in the Prefect UI: sizes, ratio, stage speeds, checksums, row counts."""
-    d = doc["dump"]
+    d = doc.dump
     mib = 1024 * 1024
-    ratio = d["size_plain"] / d["size_compressed"] if d["size_compressed"] else 0.0
+    ratio = d.size_plain / d.size_compressed if d.size_compressed else 0.0
     lines = [
-        f"## Database backup `{doc['backup_id']}`",
+        f"## Database backup `{doc.backup_id}`",
         "",
-        f"Object `{d['key']}` — key `{d['encryption']['key_id']}`, {d['compression']['codec']} level {d['compression']['level']}, ratio {ratio:.2f}×",
+        f"Object `{d.key}` — key `{d.encryption.key_id}`, {d.compression.codec} level {d.compression.level}, ratio {ratio:.2f}×",
         "",
         "| stage | seconds | MiB/s |",
         "|---|---:|---:|",
     ]
-    for stage, size in (("dump", d["size_plain"]), ("compress", d["size_plain"]), ("encrypt", d["size_compressed"]), ("upload", d["size_encrypted"])):
-        secs = doc["timings"][stage]
+    for stage, size in (("dump", d.size_plain), ("compress", d.size_plain), ("encrypt", d.size_compressed), ("upload", d.size_encrypted)):
+        secs = doc.timings[stage]
         lines.append(f"| {stage} | {secs:.2f} | {size / mib / secs if secs else 0:.1f} |")
     lines += [
-        f"| total | {doc['timings']['total']:.2f} | |",
+        f"| total | {doc.timings['total']:.2f} | |",
         "",
         "| size | bytes | sha256 |",
         "|---|---:|---|",
-        f"| raw dump | {d['size_plain']} | `{d['sha256_plain']}` |",
-        f"| compressed | {d['size_compressed']} | |",
-        f"| encrypted | {d['size_encrypted']} | `{d['sha256_encrypted']}` |",
+        f"| raw dump | {d.size_plain} | `{d.sha256_plain}` |",
+        f"| compressed | {d.size_compressed} | |",
+        f"| encrypted | {d.size_encrypted} | `{d.sha256_encrypted}` |",
         "",
-        f"Verification: {'deep (decrypt, decompress, pg_restore --list)' if doc['verification'].get('deep') else 'size and sha256'} — passed",
+        f"Verification: {'deep (decrypt, decompress, pg_restore --list)' if doc.verification.get('deep') else 'size and sha256'} — passed",
         "",
         "| table | rows |",
         "|---|---:|",
     ]
-    lines += [f"| {t} | {n} |" for t, n in doc["row_counts"].items()]
-    foreign = [k for k, t in doc["tables"].items() if t["kind"] == "f"]
+    lines += [f"| {t} | {n} |" for t, n in doc.row_counts.items()]
+    foreign = [k for k, t in doc.tables.items() if t.kind == "f"]
     if foreign:
         lines += ["", f"Foreign tables (their rows live on another server and are not in a dump): {', '.join(foreign)}"]
-    if doc["globals"].get("warning"):
-        lines += ["", f"Warning: {doc['globals']['warning']}"]
+    if doc.globals.warning:
+        lines += ["", f"Warning: {doc.globals.warning}"]
     create_markdown_artifact(
         key=f"db-backup-{_artifact_key(name)}", markdown=redact("\n".join(lines)), description=f"Backup {summary['backup_id']}",
     )

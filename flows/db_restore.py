@@ -29,7 +29,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from luxima_backup import catalog, events, pg, runtime
 from luxima_backup.catalog import Backup
 from luxima_backup.envelope import DecryptingReader
-from luxima_backup.errors import BackupError, ConfigError, VerificationError, is_transient
+from luxima_backup.manifest import DbManifest
+from luxima_backup.errors import BackupError, ConfigError, VerificationError, should_retry
 from luxima_backup.pipes import Link
 from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
@@ -72,6 +73,11 @@ class Plan:
     def selective(self) -> bool:
         return bool(self.schemas or self.tables)
 
+    @property
+    def manifest(self) -> DbManifest:
+        assert isinstance(self.backup.manifest, DbManifest)  # plan_restore took only database backups
+        return self.backup.manifest
+
 
 def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source: str | None, target: str | None,
                  target_database: str | None, mode: str, confirm: str | None, schemas: list[str], tables: list[str],
@@ -85,14 +91,15 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
     found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "db", backup,
                             source=source_name, as_of=as_of,
                             also_under=catalog.legacy_folders(settings, "db", source_name))
-    if found.component != "db" or "dump" not in found.doc:
-        raise ConfigError(f"{found.manifest_key} is not a database backup")
+    if not isinstance(found.manifest, DbManifest):
+        raise ConfigError(f"{found.manifest_key} is not a database backup",
+                          hint="name a backup listed by `luxima-backup list --component db`")
     stamp = now.strftime("%Y%m%d%H%M%S")
     tables = [t if "." in t else f"public.{t}" for t in tables]
     plan = Plan(found, source_name, target_name, mode, restore_into="", schemas=list(schemas), tables=tables,
                 jobs=jobs or settings.restore.jobs)
     if mode == "new":
-        plan.restore_into = target_database or f"{found.doc['source']['database']}_restore_{stamp}"
+        plan.restore_into = target_database or f"{found.manifest.source.database}_restore_{stamp}"
     else:
         replaced = target_database or target_cfg.dbname
         if plan.selective:
@@ -109,14 +116,14 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
     for name in filter(None, (plan.restore_into, plan.retired_as)):
         if len(name.encode()) > MAX_IDENT:
             raise ConfigError(f"database name {name!r} is longer than {MAX_IDENT} bytes", hint="set a shorter target_database")
-    counted: dict[str, int] = dict(found.doc.get("row_counts", {}))
+    counted: dict[str, int] = dict(found.manifest.row_counts)
     if plan.selective:
         counted = {t: n for t, n in counted.items() if t in tables or t.split(".", 1)[0] in schemas}
-        unknown = [t for t in tables if t not in found.doc.get("row_counts", {})]
+        unknown = [t for t in tables if t not in found.manifest.row_counts]
         if unknown:
             get_run_logger().warning("tables not counted at backup time, restored unchecked: %s", ", ".join(unknown))
     plan.expected_counts = counted
-    plan.table_names = {k: (v["schema"], v["name"]) for k, v in found.doc.get("tables", {}).items()}
+    plan.table_names = {k: (v.schema_name, v.name) for k, v in found.manifest.tables.items()}
     return plan
 
 
@@ -172,11 +179,11 @@ def db_restore(
         logger = get_run_logger()
         plan = plan_restore(settings, backup, as_of, source, target, target_database, mode, confirm,
                             list(schemas or []), list(tables or []), jobs, started)
-        doc = plan.backup.doc
-        dump_info = doc["dump"]
-        codec = dump_info["compression"]["codec"]
-        dump_major = int(str(doc["tool"]["pg_dump_version"]).split(".")[0])
-        logger.info("restoring %s (%s) into %s on %s%s", plan.backup.backup_id, dump_info["key"], plan.restore_into,
+        doc = plan.manifest
+        dump_info = doc.dump
+        codec = dump_info.compression.codec
+        dump_major = int(str(doc.tool["pg_dump_version"]).split(".")[0])
+        logger.info("restoring %s (%s) into %s on %s%s", plan.backup.backup_id, dump_info.key, plan.restore_into,
                     plan.target, f", then replacing {plan.replaces}" if plan.replaces else "")
         target_cfg = settings.database(plan.target)
         timings: dict[str, float] = {}
@@ -187,28 +194,28 @@ def db_restore(
         try:
             spool = str(work / "backup.enc")
             with stage_limit("download"):
-                dl = download(dump_info["key"], spool, dump_info["size_encrypted"], dump_info["sha256_encrypted"])
+                dl = download(dump_info.key, spool, dump_info.size_encrypted, dump_info.sha256_encrypted)
             timings["download"] = dl["seconds"]
-            checks.append(check_row("sha256 of the stored object", dump_info["sha256_encrypted"], dl["sha256"]))
+            checks.append(check_row("sha256 of the stored object", dump_info.sha256_encrypted, dl["sha256"]))
 
             # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
             dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
             link = Link("decrypt→decompress")
-            checking = Progress("decrypting and checking the dump", dump_info["size_plain"])
+            checking = Progress("decrypting and checking the dump", dump_info.size_plain)
             with stage_limit("decrypting and checking the dump"):
                 dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
                                                     fs.append(decompress.submit(link, codec, to_file=dump_file,
                                                                                 progress=checking))), [link])
             timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
-            checks.append(check_row("sha256 of the dump", dump_info["sha256_plain"], plain["plain_sha256"]))
-            checks.append(check_row("size of the dump", dump_info["size_plain"], plain["plain_bytes"]))
-            if plain["plain_sha256"] != dump_info["sha256_plain"] or plain["plain_bytes"] != dump_info["size_plain"]:
+            checks.append(check_row("sha256 of the dump", dump_info.sha256_plain, plain["plain_sha256"]))
+            checks.append(check_row("size of the dump", dump_info.size_plain, plain["plain_bytes"]))
+            if plain["plain_sha256"] != dump_info.sha256_plain or plain["plain_bytes"] != dump_info.size_plain:
                 raise VerificationError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; nothing was restored")
 
             if restore_globals_first:
-                if not doc.get("globals", {}).get("key"):
-                    raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.get('globals', {}).get('warning', '')}")
-                restore_globals(plan.target, doc["globals"]["key"], codec, dump_major)
+                if not doc.globals.key:
+                    raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.globals.warning or ''}")
+                restore_globals(plan.target, doc.globals.key, codec, dump_major)
 
             create_database(target_cfg, plan.restore_into)
             created = True
@@ -248,7 +255,7 @@ def db_restore(
         database = plan.replaces or plan.restore_into
         events.restore_succeeded("db", plan.source, plan.backup.backup_id, database=database, rto_seconds=outcome["rto_seconds"])
         summary = {
-            "backup_id": plan.backup.backup_id, "object_key": dump_info["key"], "database": database,
+            "backup_id": plan.backup.backup_id, "object_key": dump_info.key, "database": database,
             "target": plan.target, "mode": plan.mode, "retired_database": plan.retired_as,
             "checks_passed": len(checks), "timings": timings, **{k: v for k, v in outcome.items() if k != "status"},
         }
@@ -273,13 +280,13 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
                     run_linked(lambda fs: (
                         fs.append(decrypt.submit(spool, decrypted)),
                         fs.append(decompress.submit(decrypted, codec, sink=dumped,
-                                                    progress=Progress(f"restore into {plan.restore_into}", plan.backup.doc["dump"]["size_plain"]))),
+                                                    progress=Progress(f"restore into {plan.restore_into}", plan.manifest.dump.size_plain))),
                         fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
                                                  plan.tables, no_owner, source=dumped)),
                     ), list(links))
             return round(time.monotonic() - t, 3)
         except BackupError as exc:
-            if attempt == attempts or not is_transient(exc):
+            if attempt == attempts or not should_retry(exc):
                 raise
             get_run_logger().warning("restore attempt %d/%d failed with a transient error (%s); starting over", attempt, attempts, exc)
             drop_database(target_cfg, plan.restore_into)
@@ -303,7 +310,7 @@ def _database_properties(settings: Settings, plan: Plan, work: Any, spool: str, 
         return reader
 
     tool = pg.find_tool("pg_restore", dump_major, settings.db_backup.pg_bin_dir)
-    statements = database_properties(tool, read_dump, str(work), plan.backup.doc["source"]["database"],
+    statements = database_properties(tool, read_dump, str(work), plan.manifest.source.database,
                                       plan.replaces or plan.restore_into, quote_ident(target_cfg), no_owner)
     get_run_logger().info("%d database-level statement(s) from the backup (owner, grants, settings, comment)", len(statements))
     return statements
@@ -351,15 +358,15 @@ def _log(settings: Settings, plan: Plan, started: datetime, outcome: dict[str, A
     """One row in internal.backup_logs for this restore; a log failure is only a warning."""
     if not settings.log.enabled or not outcome:
         return
-    doc = plan.backup.doc
+    dump_info = plan.manifest.dump
     state = log_run(
         "restore", "db", f"{plan.target}/{plan.replaces or plan.restore_into}", plan.source, outcome["status"], started,
-        plan.backup.backup_id, doc["dump"]["key"], str(flow_run.id) if flow_run.id else None, outcome.get("error"),
+        plan.backup.backup_id, dump_info.key, str(flow_run.id) if flow_run.id else None, outcome.get("error"),
         {"timings": timings, "checks": checks, "mode": plan.mode, "restored_into": plan.restore_into,
          "retired_database": plan.retired_as, "rto_seconds": outcome.get("rto_seconds")},
-        {"size_raw": doc["dump"]["size_plain"], "size_encrypted": doc["dump"]["size_encrypted"],
-         "sha256_raw": doc["dump"]["sha256_plain"], "sha256_encrypted": doc["dump"]["sha256_encrypted"],
-         "key_id": doc["dump"]["encryption"].get("key_id")},
+        {"size_raw": dump_info.size_plain, "size_encrypted": dump_info.size_encrypted,
+         "sha256_raw": dump_info.sha256_plain, "sha256_encrypted": dump_info.sha256_encrypted,
+         "key_id": dump_info.encryption.key_id},
         return_state=True,
     )
     if not state.is_completed():

@@ -33,7 +33,7 @@ from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, save_manifest, stream_with_retries
+from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.archive import archive
 from tasks.compress import compress
@@ -101,9 +101,9 @@ def wants_full(settings: Settings, previous: catalog.Backup | None, now: datetim
         return True, "no earlier verified backup"
     if every == 0:
         return True, "files_backup.full_every_days = 0"
-    if previous.doc.get("archive", {}).get("compression", {}).get("codec") != settings.files_backup.compression:
+    if previous.manifest.archive.compression.codec != settings.files_backup.compression:
         return True, "compression changed"
-    full_at = catalog._parse_time(previous.doc["full_completed_at"])
+    full_at = previous.manifest.full_completed_at
     if now - full_at >= timedelta(days=every):
         return True, f"the last full archive is older than {every} days"
     return False, f"incremental on {previous.backup_id}"
@@ -138,9 +138,9 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     run_id = str(flow_run.id) if flow_run.id else None
     previous = previous_backup(settings, name)
     is_full, why = wants_full(settings, previous, started, full)
-    previous_files = int(previous.doc["totals"]["files"]) if previous else None
+    previous_files = previous.manifest.totals["files"] if previous else None
     # rsync's --max-delete counts folders and links as well as files
-    previous_entries = sum(int(previous.doc["totals"][k]) for k in ("files", "dirs", "symlinks")) if previous else None
+    previous_entries = sum(previous.manifest.totals.get(k, 0) for k in ("files", "dirs", "symlinks")) if previous else None
     logger.info("backing up %s (%s): %s", name, "full" if is_full else "incremental", why)
 
     entry = None
@@ -168,39 +168,36 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
             raise BackupError("the bytes uploaded differ from the bytes encrypted")
         check_counts(name, source, a["totals"]["files"], previous_files, allow_shrink)
-        index_info = {"key": keys.index, **a["index"]}
+        index_info = manifest.FileIndex(key=keys.index, **a["index"])
         uploaded.append(keys.index)
-        upload_index(index_spool, keys.index, index_info["size_encrypted"], index_info["sha256_encrypted"])
-        this_archive = {
-            "key": keys.archive, "format": "tar-pax", "compression": {"codec": c["codec"], "level": c["level"]},
-            "encryption": {"format": e["format"], "version": 1, "chunk_size": e["chunk_size"],
-                           **{k: v for k, v in e["key"].items() if k != "wrapped"}},
-            "size_plain": c["plain_bytes"], "size_compressed": c["compressed_bytes"], "size_encrypted": u["bytes"],
-            "sha256_plain": c["plain_sha256"], "sha256_encrypted": u["sha256"],
-            "files": a["stored"]["files"], "bytes": a["stored"]["bytes"],
-        }
+        upload_index(index_spool, keys.index, index_info.size_encrypted, index_info.sha256_encrypted)
+        this_archive = manifest.FileArchive(
+            key=keys.archive, format="tar-pax", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
+            encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],
+            size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"],
+            files=a["stored"]["files"], bytes=a["stored"]["bytes"])
         older = _older_archives(previous, is_full)
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
             verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
         finished = datetime.now(timezone.utc)
-        document = {
-            "manifest_version": manifest.MANIFEST_VERSION, "backup_id": keys.backup_id, "component": "files",
-            "status": "verified", "started_at": started.isoformat(), "completed_at": finished.isoformat(),
-            "source": {"name": name, "kind": source.kind, "host": source.host, "path": source.path, "bucket": source.bucket},
-            "tool": {"luxima_backup": __version__},
-            "type": "full" if is_full else "incremental", "reason": why,
-            "previous": previous.backup_id if previous else None,
-            "full_completed_at": finished.isoformat() if is_full or previous is None else previous.doc["full_completed_at"],
-            "archive": this_archive, "index": index_info,
-            # every archive a restore of this backup reads, oldest first: the chain back to the full one
-            "archives": {**older, keys.backup_id: {k: this_archive[k] for k in ("key", "compression", "size_encrypted", "sha256_encrypted")}},
-            "totals": a["totals"], "changes": a["changes"], "sync": synced,
-            "verification": {**verification, "verified_at": finished.isoformat()},
-            "timings": {"sync": synced["seconds"], "archive": round(a["seconds"], 3),
-                        "compress": round(c["seconds"], 3), "encrypt": round(e["seconds"], 3),
-                        "upload": round(u["seconds"], 3), "total": round((finished - started).total_seconds(), 3)},
-            "flow_run_id": run_id,
-        }
+        document = manifest.FilesManifest(
+            backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+            source=manifest.FilesSource(name=name, kind=source.kind, host=source.host, path=source.path, bucket=source.bucket),
+            tool={"luxima_backup": __version__},
+            type="full" if is_full else "incremental", reason=why,
+            previous=previous.backup_id if previous else None,
+            full_completed_at=finished if is_full or previous is None else previous.manifest.full_completed_at,
+            archive=this_archive, index=index_info,
+            archives={**older, keys.backup_id: manifest.StoredObject(
+                key=this_archive.key, compression=this_archive.compression, size_encrypted=this_archive.size_encrypted,
+                sha256_encrypted=this_archive.sha256_encrypted)},
+            totals=a["totals"], changes=a["changes"], sync=synced,
+            verification={**verification, "verified_at": finished.isoformat()},
+            timings={"sync": synced["seconds"], "archive": round(a["seconds"], 3),
+                     "compress": round(c["seconds"], 3), "encrypt": round(e["seconds"], 3),
+                     "upload": round(u["seconds"], 3), "total": round((finished - started).total_seconds(), 3)},
+            flow_run_id=run_id,
+        )
         save_manifest(keys.manifest, document)
     except BaseException as exc:
         if events.is_verification_failure(exc) or isinstance(exc, SourceError):
@@ -216,16 +213,16 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     seconds = time.monotonic() - t0
     _publish(document, seconds)
     logged(log_finish, "finish", entry, name, "success", None,
-            {"type": document["type"], "totals": document["totals"], "changes": document["changes"],
-             "sync": synced, "timings": document["timings"]},
+            {"type": document.type, "totals": document.totals, "changes": document.changes,
+             "sync": synced, "timings": document.timings},
             {"object_key": keys.archive, "size_raw": c["plain_bytes"], "size_compressed": c["compressed_bytes"],
              "size_encrypted": u["bytes"], "sha256_raw": c["plain_sha256"], "sha256_encrypted": u["sha256"],
              "key_id": e["key"]["key_id"]}, "files", skip=entry is None)
     events.backup_succeeded("files", name, keys.backup_id, object_key=keys.archive, size_encrypted=u["bytes"])
-    logger.info("backup %s complete: %d files, %s (%d bytes encrypted)", keys.backup_id, document["totals"]["files"],
+    logger.info("backup %s complete: %d files, %s (%d bytes encrypted)", keys.backup_id, document.totals["files"],
                 keys.archive, u["bytes"])
-    return {"backup_id": keys.backup_id, "type": document["type"], "manifest_key": keys.manifest,
-            "object_key": keys.archive, "totals": document["totals"], "changes": document["changes"],
+    return {"backup_id": keys.backup_id, "type": document.type, "manifest_key": keys.manifest,
+            "object_key": keys.archive, "totals": document.totals, "changes": document.changes,
             "stored": a["stored"], "transferred_files": synced["transferred_files"],
             "transferred_bytes": synced["transferred_bytes"], "size_encrypted": u["bytes"], "seconds": round(seconds, 3)}
 
@@ -291,11 +288,11 @@ def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: st
 
     from tasks.archive import load_index
 
-    idx = previous.doc["index"]
+    idx = previous.manifest.index
     spool = str(work / "previous-index.enc")
     try:
-        download(idx["key"], spool, idx["size_encrypted"], idx["sha256_encrypted"])
-        codec = idx["compression"]["codec"]
+        download(idx.key, spool, idx.size_encrypted, idx.sha256_encrypted)
+        codec = idx.compression.codec
         next(iter(load_index(spool, codec, runtime.key_provider().unwrap)), None)  # unwraps the key, checks the first chunk
         return {"spool": spool, "codec": codec}, is_full, why
     except (IntegrityError, KeyProviderError, ObjectNotFound) as exc:
@@ -308,7 +305,7 @@ def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: st
 def _chain_intact(previous: catalog.Backup, is_full: bool, why: str) -> tuple[bool, str]:
     """An incremental backup reads every archive of the previous chain: one missing or damaged (deleted by
     hand, by a lifecycle rule) would make it unrestorable, so this run writes a full archive instead."""
-    gaps = chain_gaps(runtime.store(), previous.doc["archives"])
+    gaps = chain_gaps(runtime.store(), previous.manifest.archives)
     broken = [f"{backup_id} ({'missing' if size is None else 'damaged'})" for backup_id, (_, size) in gaps.items()]
     if not broken:
         return is_full, why
@@ -317,33 +314,33 @@ def _chain_intact(previous: catalog.Backup, is_full: bool, why: str) -> tuple[bo
     return True, f"the archives of {', '.join(broken)} are not in storage as recorded"
 
 
-def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, dict[str, Any]]:
+def _older_archives(previous: catalog.Backup | None, full: bool) -> dict[str, manifest.StoredObject]:
     """The archives of earlier backups an incremental one still reads (all of the previous chain; a superset is safe)."""
     if full or previous is None:
         return {}
-    return dict(previous.doc["archives"])
+    return dict(previous.manifest.archives)
 
 
-def _publish(doc: dict[str, Any], seconds: float) -> None:
+def _publish(doc: manifest.FilesManifest, seconds: float) -> None:
     """The run's artifact: counts, sizes, throughput, and what changed since the last backup."""
-    a, t, ch, sy = doc["archive"], doc["totals"], doc["changes"], doc["sync"]
+    a, t, ch, sy = doc.archive, doc.totals, doc.changes, doc.sync
     mib = 1024 * 1024
     lines = [
-        f"## File backup `{doc['backup_id']}` ({doc['type']})",
+        f"## File backup `{doc.backup_id}` ({doc.type})",
         "",
-        f"Source `{doc['source']['name']}` ({doc['source']['kind']}): **{t['files']} files**, {t['dirs']} folders, "
+        f"Source `{doc.source.name}` ({doc.source.kind}): **{t['files']} files**, {t['dirs']} folders, "
         f"{t['symlinks']} symlinks, {t['bytes'] / mib:.1f} MiB" + (f"; {t['skipped_special']} special files skipped" if t["skipped_special"] else ""),
         "",
         f"Sync ({sy['tool']}): {sy['transferred_files']} files transferred ({sy['transferred_bytes'] / mib:.1f} MiB), "
         f"{sy['deleted_files']} deleted, in {sy['seconds']:.1f}s",
         "",
-        f"Archive `{a['key']}`: {a['files']} files stored ({a['bytes'] / mib:.1f} MiB); tar {a['size_plain']} bytes → "
-        f"{a['compression']['codec']} {a['size_compressed']} → encrypted {a['size_encrypted']} bytes, key `{a['encryption']['key_id']}`",
+        f"Archive `{a.key}`: {a.files} files stored ({a.bytes / mib:.1f} MiB); tar {a.size_plain} bytes → "
+        f"{a.compression.codec} {a.size_compressed} → encrypted {a.size_encrypted} bytes, key `{a.encryption.key_id}`",
         "",
-        f"Restores read {len(doc['archives'])} archive(s). Took {seconds:.1f}s "
-        f"({a['size_plain'] / mib / seconds if seconds else 0:.1f} MiB/s of tar).",
+        f"Restores read {len(doc.archives)} archive(s). Took {seconds:.1f}s "
+        f"({a.size_plain / mib / seconds if seconds else 0:.1f} MiB/s of tar).",
         "",
-        "### Changes since the previous backup" + (f" `{doc['previous']}`" if doc["previous"] else " (none: everything is new)"),
+        "### Changes since the previous backup" + (f" `{doc.previous}`" if doc.previous else " (none: everything is new)"),
         "",
         "| change | entries | bytes |",
         "|---|---:|---:|",
@@ -352,5 +349,5 @@ def _publish(doc: dict[str, Any], seconds: float) -> None:
         f"| removed | {ch['removed']} | |",
         f"| unchanged | {ch['unchanged']} | |",
     ]
-    key = "".join(ch_ if ch_.isalnum() else "-" for ch_ in f"files-backup-{doc['source']['name']}".lower())
-    create_markdown_artifact(key=key, markdown=redact("\n".join(lines)), description=f"Backup {doc['backup_id']}")
+    key = "".join(ch_ if ch_.isalnum() else "-" for ch_ in f"files-backup-{doc.source.name}".lower())
+    create_markdown_artifact(key=key, markdown=redact("\n".join(lines)), description=f"Backup {doc.backup_id}")

@@ -34,6 +34,7 @@ from luxima_backup.catalog import Backup
 from luxima_backup.destinations import Destination
 from luxima_backup.errors import ConfigError, VerificationError
 from luxima_backup.filetree import DIR, FILE, Entry
+from luxima_backup.manifest import FilesManifest, StoredObject
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.workdir import private_dir
@@ -55,11 +56,16 @@ class Plan:
     bytes: int = 0
     dirs: int = 0
     symlinks: int = 0
-    archives: dict[str, dict[str, Any]] = field(default_factory=dict)  # needed ones, in chain order
+    archives: dict[str, StoredObject] = field(default_factory=dict)  # needed ones, in chain order
     conflicts: list[str] = field(default_factory=list)
     conflict_count: int = 0
     escaping_links: list[str] = field(default_factory=list)
     escaping_count: int = 0
+
+    @property
+    def manifest(self) -> FilesManifest:
+        assert isinstance(self.backup.manifest, FilesManifest)  # the flow took only file backups
+        return self.backup.manifest
 
 
 def scan(plan: Plan, entries: Iterator[Entry], allow_escaping_links: bool,
@@ -89,10 +95,10 @@ def scan(plan: Plan, entries: Iterator[Entry], allow_escaping_links: bool,
             plan.conflict_count += 1
             if len(plan.conflicts) < EXAMPLES:
                 plan.conflicts.append(overwritten)
-    missing = needed - set(plan.backup.doc["archives"])
+    missing = needed - set(plan.manifest.archives)
     if missing:
         raise ConfigError(f"the manifest of {plan.backup.backup_id} does not name archives {sorted(missing)}")
-    plan.archives = {k: v for k, v in plan.backup.doc["archives"].items() if k in needed}
+    plan.archives = {k: v for k, v in plan.manifest.archives.items() if k in needed}
     if plan.escaping_count and not allow_escaping_links:
         raise ConfigError(
             f"{plan.escaping_count} symlinks point outside the destination, e.g. {plan.escaping_links[:3]}",
@@ -160,17 +166,18 @@ def files_restore(
                 raise ConfigError(f"say which source to restore: one of {names}", hint="set source")
             source = names[0]
         found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "files", backup, source=source, as_of=as_of)
-        if found.component != "files" or "index" not in found.doc:
-            raise ConfigError(f"{found.manifest_key} is not a file backup")
-        source_name = found.doc["source"]["name"]
+        if not isinstance(found.manifest, FilesManifest):
+            raise ConfigError(f"{found.manifest_key} is not a file backup",
+                              hint="name a backup listed by `luxima-backup list --component files`")
+        source_name = found.manifest.source.name
         confirmed = confirm is not None and confirm.strip() == destination.strip()
         if confirm is not None and not confirmed:
             raise ConfigError(f"confirm = {confirm!r} does not match destination {destination!r}",
                               hint="confirm must repeat the destination exactly")
         stamp = started.strftime("%Y%m%dT%H%M%SZ")
         plan = Plan(found, dest, path)
-        idx = found.doc["index"]
-        codec = idx["compression"]["codec"]
+        idx = found.manifest.index
+        codec = idx.compression.codec
         timings: dict[str, float] = {}
         checks: list[dict[str, Any]] = []
         mismatches: list[dict[str, Any]] = []
@@ -179,7 +186,7 @@ def files_restore(
         staging: Path | None = None
         try:
             index_spool = str(work / "index.enc")
-            dl = download(idx["key"], index_spool, idx["size_encrypted"], idx["sha256_encrypted"])
+            dl = download(idx.key, index_spool, idx.size_encrypted, idx.sha256_encrypted)
             timings["index"] = dl["seconds"]
             unwrap = runtime.key_provider(settings).unwrap
             # a bucket holds no links: they are counted, not refused
@@ -254,7 +261,7 @@ def _check(name: str, expected: Any, actual: Any) -> dict[str, Any]:
 
 def _publish(plan: Plan, checks: list[dict[str, Any]], mismatches: list[dict[str, Any]], rto: float, rto_target: float,
              timings: dict[str, float], delivered: dict[str, Any]) -> None:
-    key = "".join(ch if ch.isalnum() else "-" for ch in f"files-restore-{plan.backup.doc['source']['name']}".lower())
+    key = "".join(ch if ch.isalnum() else "-" for ch in f"files-restore-{plan.manifest.source.name}".lower())
     if mismatches:
         create_table_artifact(key=f"{key}-mismatches", table=mismatches[:1000],
                               description=f"Files of {plan.backup.backup_id} that do not match the backup ({len(mismatches)})")
@@ -284,13 +291,13 @@ def _log(settings: Settings, plan: Plan, source: str, started: datetime, outcome
          checks: list[dict[str, Any]], mismatches: list[dict[str, Any]]) -> None:
     if not settings.log.enabled or not outcome:
         return
-    a = plan.backup.doc["archive"]
+    a = plan.manifest.archive
     state = log_run(
-        "restore", "files", plan.destination.label, source, outcome["status"], started, plan.backup.backup_id, a["key"],
+        "restore", "files", plan.destination.label, source, outcome["status"], started, plan.backup.backup_id, a.key,
         str(flow_run.id) if flow_run.id else None, outcome.get("error"),
         {"timings": timings, "checks": checks, "mismatches": mismatches[:100], "path": plan.path_filter,
          "files": plan.files, "bytes": plan.bytes, "archives": list(plan.archives), "rto_seconds": outcome.get("rto_seconds")},
-        {"size_encrypted": a["size_encrypted"], "sha256_encrypted": a["sha256_encrypted"], "key_id": a["encryption"].get("key_id")},
+        {"size_encrypted": a.size_encrypted, "sha256_encrypted": a.sha256_encrypted, "key_id": a.encryption.key_id},
         return_state=True,
     )
     if not state.is_completed():

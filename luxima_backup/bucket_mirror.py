@@ -347,7 +347,7 @@ def source_client(settings: Settings, source: FileSource) -> Any:
     if source.access_key_id is not None and source.secret_access_key is not None:
         creds = {"aws_access_key_id": runtime.secret(source.access_key_id, settings),
                  "aws_secret_access_key": runtime.secret(source.secret_access_key, settings)}
-    config = Config(retries={"mode": "standard", "max_attempts": settings.storage.max_attempts},
+    config = Config(retries={"mode": "standard", "total_max_attempts": settings.storage.max_attempts},  # the first try included
                     s3={"addressing_style": "path"}, connect_timeout=settings.storage.connect_timeout,
                     read_timeout=settings.storage.read_timeout, request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from . import manifest
 from .errors import ConfigError, FormatError, ObjectNotFound
+from .manifest import Manifest
 from .storage import ObjectStore
 
 if TYPE_CHECKING:
@@ -23,42 +24,36 @@ class Backup:
     """One backup as its manifest describes it."""
 
     manifest_key: str
-    doc: dict[str, Any]
+    manifest: Manifest
 
     @property
     def backup_id(self) -> str:
-        return str(self.doc["backup_id"])
+        return self.manifest.backup_id
 
     @property
     def component(self) -> str:
-        return str(self.doc.get("component", ""))
+        return self.manifest.component
 
     @property
     def status(self) -> str:
-        return str(self.doc.get("status", ""))
+        return self.manifest.status
 
     @property
     def completed_at(self) -> datetime:
-        return _parse_time(self.doc["completed_at"])
+        return self.manifest.completed_at
 
     @property
     def data_key(self) -> str:
-        return str(self.doc["dump"]["key"]) if "dump" in self.doc else str(self.doc.get("archive", {}).get("key", ""))
+        return str(self.manifest.brief()["object_key"])
 
     @property
     def verified(self) -> bool:
-        return self.status == "verified"
+        return self.manifest.verified
 
     @property
     def source_name(self) -> str | None:
         """The settings section it was taken of (``[databases.NAME]``, a file source, a config host)."""
-        source = self.doc.get("source")
-        return str(source["name"]) if isinstance(source, dict) and source.get("name") else None
-
-
-def _parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return self.manifest.source.name
 
 
 def list_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,
@@ -97,6 +92,9 @@ def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | 
                 continue
             except ObjectNotFound:  # removed by retention while listing
                 continue
+            if backup.component != component:  # misfiled: never offered as a backup of this component
+                yield FormatError(f"manifest {key} is of a {backup.component} backup, filed under {component}/")
+                continue
             if source is None or backup.source_name in (None, source):
                 yield backup
 
@@ -125,10 +123,14 @@ def resolve(store: ObjectStore, prefix: str, component: str, spec: str, source: 
     if "/" in spec:  # an object key: the manifest itself, or one of the backup's objects
         key = spec if spec.endswith(manifest.MANIFEST_SUFFIX) else manifest.manifest_key_for(spec)
         try:
-            return _of_source(Backup(key, manifest.load(store, key)), source)
+            found = Backup(key, manifest.load(store, key))
         except ObjectNotFound:
             raise ConfigError(f"no manifest {key} for {spec!r}",
                               hint="a backup without a manifest did not complete; choose another with `luxima-backup list`") from None
+        if found.component != component:
+            raise ConfigError(f"{spec} is a {found.component} backup, not a {component} one",
+                              hint=f"use the {found.component} command, or name a {component} backup")
+        return _of_source(found, source)
     for backup in list_backups(store, prefix, component, source, also_under):
         if backup.backup_id == spec:
             return backup

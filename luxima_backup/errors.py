@@ -3,7 +3,9 @@
 Retries are decided here and nowhere else: an error is retried when its ``transient``
 flag is set (a connection reset, an S3 5xx, Vault sealed or unreachable). Bad
 configuration, authentication failures and corrupt data are permanent: retrying them
-only delays the alert.
+only delays the alert. Each kind of failure has one retry layer (docs/architecture.md):
+an error its own layer already retried (an S3 request botocore gave up on) says so in
+``retried``, and no layer above tries it again.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ class BackupError(Exception):
     """Root of the project's errors. ``hint`` tells the operator what to do about it."""
 
     transient: bool = False
+    retried: bool = False  # the layer that owns this kind of failure has retried it already
 
-    def __init__(self, message: str, *, hint: str | None = None, transient: bool | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool | None = None, retried: bool = False):
         super().__init__(message)
         self.message = message
         self.hint = hint
         if transient is not None:
             self.transient = transient
+        if retried:
+            self.retried = True
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
@@ -74,6 +79,10 @@ class GitError(BackupError):
     """A git command on the config repository failed (a network failure reaching the remote is transient)."""
 
 
+class ProxmoxError(BackupError):
+    """The Proxmox VE API refused or failed a request, or a task it ran did not end OK."""
+
+
 class VerificationError(BackupError):
     """A backup or restore did not match what was recorded for it."""
 
@@ -111,6 +120,13 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}:
         return True
     return False
+
+
+def should_retry(exc: BaseException) -> bool:
+    """Whether a retry layer (a task's retries, a new stream attempt) should try again after ``exc``: transient,
+    and not already retried by the layer below that owns its kind (retries that multiply make a failing run
+    take unpredictably long to report)."""
+    return is_transient(exc) and not getattr(exc, "retried", False)
 
 
 def root_cause(errors: list[BaseException]) -> BaseException:

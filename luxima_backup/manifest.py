@@ -10,12 +10,15 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError, field_validator
 
 from .errors import FormatError
 from .storage import ObjectStore
 
 MANIFEST_VERSION = 1
+READABLE_VERSIONS = frozenset({1})
 MANIFEST_SUFFIX = ".manifest.json"
 
 
@@ -94,20 +97,310 @@ def manifest_key_for(object_key: str) -> str:
     return f"{directory}/{base}{MANIFEST_SUFFIX}" if directory else f"{base}{MANIFEST_SUFFIX}"
 
 
-def save(store: ObjectStore, key: str, manifest: dict[str, Any]) -> None:
-    store.save_bytes(key, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), "application/json")
+# ---------------------------------------------------------------------------------------------------
+# The manifest documents. One model per component, written by its backup flow and read by the catalog,
+# the restores and the retention; ``component`` tells them apart. Version 1 is every manifest written
+# so far: fields added since its first release have defaults, so older manifests still read.
 
 
-def load(store: ObjectStore, key: str) -> dict[str, Any]:
-    with store.load(key) as body:
-        raw = body.read()
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+# An aware time, written as Python's isoformat ("+00:00"), as every manifest so far was.
+Timestamp = Annotated[datetime, AfterValidator(_aware), PlainSerializer(lambda v: v.isoformat(), return_type=str)]
+
+
+class _Part(BaseModel):
+    # A field a newer writer of the same version added survives being read and written again
+    # (a key rewrap, a retention mark) instead of being dropped.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Compression(_Part):
+    codec: str
+    level: int | None = None
+
+
+class Encryption(_Part):
+    """How an object is encrypted: the envelope format and which key wraps its data key (never a key)."""
+
+    format: str = "LXB1"
+    version: int = 1
+    chunk_size: int
+    provider: str
+    key_id: str
+    key_version: int | None = None
+
+
+class StoredObject(_Part):
+    """An encrypted object as a reader needs it: where it is, how to decompress it, and what to check it against."""
+
+    key: str
+    compression: Compression
+    size_encrypted: int
+    sha256_encrypted: str
+
+
+class DataObject(StoredObject):
+    """The object a backup exists for (a dump, an archive), described in full."""
+
+    format: str
+    encryption: Encryption
+    size_plain: int
+    size_compressed: int
+    sha256_plain: str
+
+
+class _Manifest(_Part):
+    manifest_version: Literal[1] = MANIFEST_VERSION
+    backup_id: str
+    status: str
+    started_at: Timestamp
+    completed_at: Timestamp
+    tool: dict[str, Any] = Field(default_factory=dict)
+    verification: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    flow_run_id: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.status == "verified"
+
+    @property
+    def source_name(self) -> str | None:
+        return getattr(self.source, "name", None)  # type: ignore[attr-defined]
+
+    @property
+    def data(self) -> DataObject:
+        """The object this backup exists for."""
+        raise NotImplementedError
+
+    def objects(self) -> list[str]:
+        """Every object key this backup wrote besides its manifest (what deleting it removes)."""
+        raise NotImplementedError
+
+    def brief(self) -> dict[str, Any]:
+        """One line of a listing: type, size, key id and where the backup's data is."""
+        d = self.data
+        return {"type": getattr(self, "type", "full"), "size": d.size_encrypted, "key_id": d.encryption.key_id,
+                "object_key": d.key}
+
+
+class DbSource(_Part):
+    name: str | None = None  # the [databases.NAME] section; older manifests did not say
+    database: str
+    host: str | None = None
+    port: int | None = None
+    system_identifier: str | None = None
+    server_version: str | None = None
+    server_version_num: int | None = None
+    snapshot: str | None = None
+    exclude_schemas: list[str] = Field(default_factory=list)
+
+    @field_validator("system_identifier", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:  # a 64-bit number, kept as text (JSON readers lose precision past 2**53)
+        return str(value) if isinstance(value, int) else value
+
+
+class Table(_Part):
+    schema_name: str = Field(alias="schema")
+    name: str
+    kind: str
+    partitions: int | None = None
+
+
+class DbGlobals(_Part):
+    """Roles and tablespaces (``pg_dumpall --globals-only``), when the role could read them."""
+
+    key: str | None = None
+    plain_bytes: int | None = None
+    encrypted_bytes: int | None = None
+    encrypted_sha256: str | None = None
+    plain_sha256: str | None = None
+    warning: str | None = None
+
+
+class DbManifest(_Manifest):
+    component: Literal["db"] = "db"
+    source: DbSource
+    dump: DataObject
+    globals: DbGlobals = Field(default_factory=DbGlobals)
+    row_counts: dict[str, int] = Field(default_factory=dict)
+    # (schema, name) of each counted table: a key such as "a.b.c" alone cannot say where the schema ends
+    tables: dict[str, Table] = Field(default_factory=dict)
+    large_objects: int | None = None
+
+    @property
+    def data(self) -> DataObject:
+        return self.dump
+
+    def objects(self) -> list[str]:
+        return [self.dump.key] + ([self.globals.key] if self.globals.key else [])
+
+
+class FilesSource(_Part):
+    name: str
+    kind: str
+    host: str | None = None
+    path: str | None = None
+    bucket: str | None = None
+
+
+class FileArchive(DataObject):
+    files: int  # stored in this archive (an incremental one holds the new and changed files only)
+    bytes: int
+
+
+class FileIndex(StoredObject):
+    """Every entry of the source at backup time, with its md5: what a restore lays out and checks."""
+
+    entries: int
+    encryption: Encryption
+    size_plain: int
+    sha256_plain: str
+
+
+class FilesManifest(_Manifest):
+    component: Literal["files"] = "files"
+    source: FilesSource
+    type: Literal["full", "incremental"] = "full"
+    reason: str | None = None
+    previous: str | None = None  # the backup an incremental one was taken on
+    full_completed_at: Timestamp  # when the full archive its chain starts with was completed
+    archive: FileArchive
+    index: FileIndex
+    # every archive a restore of this backup reads, by backup id, oldest first: the chain back to the full one
+    archives: dict[str, StoredObject]
+    totals: dict[str, int]
+    changes: dict[str, int] = Field(default_factory=dict)
+    sync: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def data(self) -> DataObject:
+        return self.archive
+
+    def objects(self) -> list[str]:
+        # the older archives of its chain belong to the backups that wrote them
+        return [self.archive.key, self.index.key]
+
+
+class ConfigSource(_Part):
+    name: str
+    kind: str = "ssh"
+    host: str | None = None
+    paths: list[str] = Field(default_factory=list)
+
+
+class ConfigManifest(_Manifest):
+    component: Literal["configs"] = "configs"
+    source: ConfigSource
+    archive: DataObject
+    totals: dict[str, int]
+    missing: list[str] = Field(default_factory=list)
+    too_large: list[str] = Field(default_factory=list)
+    # the keyed digest of the fetched set, also in the git copy's meta file: commit → archive
+    content_digest: str
+    retention_days: int | None = None
+    expires_at: Timestamp | None = None
+
+    @property
+    def data(self) -> DataObject:
+        return self.archive
+
+    def objects(self) -> list[str]:
+        return [self.archive.key]
+
+
+class VmSource(_Part):
+    name: str  # the guest's name (or its vmid when it has none): the folder its manifests are filed under
+    vmid: int
+    type: Literal["qemu", "lxc"]
+    node: str
+    proxmox: str  # the [proxmox.NAME] it was reached through
+
+
+class VmArchive(_Part):
+    """A vzdump archive on the Proxmox backup storage (it never passes through this machine)."""
+
+    volid: str
+    node: str
+    storage: str
+    format: str | None = None
+    size: int
+    ctime: int
+    notes: str | None = None
+    protected: bool = False
+    verification: dict[str, Any] | None = None  # a Proxmox Backup Server storage's own verification state
+
+
+class VmManifest(_Manifest):
+    component: Literal["vm"] = "vm"
+    source: VmSource
+    archive: VmArchive
+    mode: str
+    task: dict[str, Any] = Field(default_factory=dict)  # upid, exitstatus, warnings
+    # the guest config read back from the archive (extractconfig), secret-bearing keys left out
+    config: dict[str, str] = Field(default_factory=dict)
+    networks: dict[str, dict[str, str]] = Field(default_factory=dict)  # net* devices: model, MAC, bridge, tag, firewall
+    snapshot: str | None = None  # the Proxmox snapshot taken with it, if any
+
+    @property
+    def data(self) -> DataObject:
+        raise AttributeError("a VM backup's data is a vzdump archive on Proxmox storage: see archive")
+
+    def objects(self) -> list[str]:
+        return []  # the archive lives on the Proxmox storage, pruned there
+
+    def brief(self) -> dict[str, Any]:
+        return {"type": f"vzdump-{self.source.type}", "size": self.archive.size, "key_id": None,
+                "object_key": self.archive.volid}
+
+
+Manifest = Annotated[Union[DbManifest, FilesManifest, ConfigManifest, VmManifest], Field(discriminator="component")]
+_ADAPTER: TypeAdapter[Manifest] = TypeAdapter(Manifest)
+
+
+def save(store: ObjectStore, key: str, document: Manifest) -> None:
+    store.save_bytes(key, dump_json(document), "application/json")
+
+
+def dump_json(document: Manifest) -> bytes:
+    return json.dumps(document.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True).encode()
+
+
+def parse(raw: bytes, key: str = "manifest") -> Manifest:
+    """A manifest's bytes as its typed model; anything else is a ``FormatError`` that says what is wrong."""
     try:
         doc = json.loads(raw)
     except ValueError as exc:
-        raise FormatError(f"manifest {key} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("manifest_version") != MANIFEST_VERSION:
-        raise FormatError(f"manifest {key} has unsupported version {doc.get('manifest_version') if isinstance(doc, dict) else '?'}")
-    return doc
+        raise FormatError(f"{key} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{key} is not a manifest (a JSON object was expected)")
+    version = doc.get("manifest_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > MANIFEST_VERSION
+        raise FormatError(f"{key} has manifest version {version!r}; this luxima-backup reads {sorted(READABLE_VERSIONS)}",
+                          hint="upgrade luxima-backup to read it" if newer else "it was not written by luxima-backup")
+    try:
+        return _ADAPTER.validate_python(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()[:5])
+        raise FormatError(f"{key} is not a valid backup manifest: {problems}",
+                          hint="it was altered or written by something else; choose another backup") from None
+
+
+def load(store: ObjectStore, key: str) -> Manifest:
+    with store.load(key) as body:
+        raw = body.read()
+    return parse(raw, f"manifest {key}")
+
+
+def vm_keys(prefix: str, guest: str, started: datetime) -> tuple[str, str]:
+    """A VM backup's id and its manifest's key: ``<prefix>/vm/<guest>/<YYYY>/<MM>/<DD>/<UTC time>.manifest.json``."""
+    backup_id, base = _stem(prefix, "vm", guest, started)
+    return backup_id, f"{base}{MANIFEST_SUFFIX}"
 
 
 def iter_manifest_keys(store: ObjectStore, prefix: str) -> Iterator[str]:

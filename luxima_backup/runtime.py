@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 from prefect.tasks import exponential_backoff
 
 from . import procs
-from .errors import TimeLimitExceeded, TimeLimitInterrupt, is_transient
+from .errors import TimeLimitExceeded, TimeLimitInterrupt, should_retry
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
 from .storage import ObjectStore, store_from_settings
@@ -86,12 +86,22 @@ def connect_host(name: str, s: Settings | None = None) -> Any:
     return ssh.connect(cfg, secret(cfg.key, s))
 
 
+def proxmox(name: str | None = None, s: Settings | None = None) -> Any:
+    """A ``ProxmoxClient`` for ``[proxmox.NAME]`` (default: vm_backup.proxmox), its token resolved through ``secret``."""
+    from .proxmox import ProxmoxClient
+
+    s = s or settings()
+    name = name or s.vm_backup.proxmox
+    cfg = s.proxmox_endpoint(name)
+    return ProxmoxClient(name, cfg, secret(cfg.token_secret, s))
+
+
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a task only when its error says it is transient."""
     try:
         state.result()
     except Exception as exc:  # the task's own exception, re-raised by result()
-        return is_transient(exc)
+        return should_retry(exc)
     return False
 
 

@@ -127,7 +127,10 @@ class StorageSettings(_Section):
         "(78 GiB at 8 MiB); raise it for larger databases, at the cost of memory",
     )
     max_concurrency: int = Field(2, ge=1, le=32, description="parts in flight; memory ~ part size x (this + 1)")
-    max_attempts: int = Field(6, ge=1, le=20, description="attempts per HTTP request (botocore standard retry mode)")
+    max_attempts: int = Field(
+        10, ge=1, le=20,
+        description="attempts per HTTP request, the only retry of a failed S3 request (botocore standard mode: "
+        "backoff doubling up to 20 s, so 10 attempts ride out about 2 minutes of unavailable storage)")
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
 
@@ -508,6 +511,77 @@ class RestoreSettings(_Section):
     app_check: AppCheck = Field(default_factory=AppCheck)
 
 
+class ProxmoxEndpoint(_Section):
+    """A Proxmox VE API (one node, or any node of a cluster), reached with an API token."""
+
+    address: str = Field(pattern=r"^https://[^/]+$", description="https://HOST:8006 (no path)")
+    nodes: list[str] = Field(min_length=1, description="the node names this API serves, e.g. ['proxmox-node1', 'proxmox-node2']")
+    token_id: str = Field(pattern=r"^[^@!\s]+@[^@!\s]+![A-Za-z][A-Za-z0-9._-]*$", description="USER@REALM!TOKENID")
+    token_secret: Secret = Field(description="reference to the token's secret (vault: or env:)")
+    ca_cert: Path | None = Field(None, description="PEM file of the CA (or the self-signed certificate) the API's certificate must chain to")
+    fingerprint: str | None = Field(
+        None, pattern=r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$",
+        description="SHA-256 fingerprint of the API's certificate (as the node's Certificates page shows it): pins "
+        "that certificate instead of checking a CA",
+    )
+    verify_tls: bool = Field(True, description="false only with a fingerprint (pinning replaces the CA check)")
+    timeout: float = Field(30, gt=0, description="seconds per HTTP request")
+
+    @model_validator(mode="after")
+    def _tls(self) -> "ProxmoxEndpoint":
+        if not self.verify_tls and self.fingerprint is None:
+            raise ValueError("verify_tls = false needs a fingerprint: an unverified Proxmox API would receive the "
+                             "token from anyone in the middle (pin the certificate's SHA-256 fingerprint, or set ca_cert)")
+        if self.ca_cert is not None and self.fingerprint is not None:
+            raise ValueError("set ca_cert or fingerprint, not both")
+        return self
+
+
+class VmBackupSettings(_Section):
+    """Weekly vzdump backups of Proxmox guests, kept a number of cycles on the node's backup storage."""
+
+    proxmox: str = Field("main", description="which [proxmox.NAME] to use")
+    guests: list[int | str] = Field(default_factory=list, description="vmids or guest names to back up")
+    pools: list[str] = Field(default_factory=list, description="back up every guest in these pools")
+    all: bool = Field(False, description="back up every guest (QEMU VMs and LXC containers) but those excluded")
+    exclude: list[int | str] = Field(default_factory=list, description="vmids or names never backed up")
+    include_templates: bool = False
+    storage: str = Field("backup", description="the backup storage on the nodes (a directory or Proxmox Backup Server storage)")
+    mode: Literal["snapshot", "suspend", "stop"] = Field("snapshot", description="vzdump mode: snapshot keeps the guest running")
+    compress: Literal["zstd", "gzip", "lzo", "0"] = "zstd"
+    keep: int = Field(2, ge=1, le=100, description="successful, verified archives kept per guest (the procedure: 2 weekly cycles)")
+    notes_template: str = Field("{{guestname}} (luxima-backup)", description="vzdump notes: {{guestname}}, {{vmid}}, {{node}}, {{cluster}}")
+    bwlimit_kib: int | None = Field(None, ge=1, description="vzdump bandwidth limit, KiB/s")
+    snapshots: bool = Field(False, description="also take a Proxmox snapshot (fast rollback; lives on the VM's own disks, not a backup)")
+    snapshot_keep: int = Field(2, ge=1, le=20)
+    task_timeout_seconds: float = Field(4 * 3600, gt=0, description="one guest's vzdump task fails after this")
+    timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole vm-backup run ends TimedOut after this")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.guests or self.pools or self.all)
+
+
+class VmCheck(_Section):
+    """What proves a restored guest is reachable: TCP ports and an HTTP health URL, from the worker."""
+
+    tcp_ports: list[int] = Field(default_factory=list, description="ports that must accept a connection on the guest's address")
+    http_url: str | None = Field(None, pattern=r"^https?://", description="a health URL; {address} is replaced by the guest's address")
+    addresses: list[str] = Field(default_factory=list, description="addresses the guest must report (default: those in the manifest)")
+
+
+class VmRestoreSettings(_Section):
+    """Restores of Proxmox guests and the checks that follow them."""
+
+    storage: str | None = Field(None, description="target storage for the restored disks (default: as in the archive)")
+    start_timeout_seconds: float = Field(300, gt=0, description="from start until the guest reports running")
+    agent_timeout_seconds: float = Field(600, gt=0, description="from start until the guest agent answers (it errors while the guest boots)")
+    connect_timeout_seconds: float = Field(10, gt=0, description="per TCP or HTTP check")
+    task_timeout_seconds: float = Field(4 * 3600, gt=0, description="the restore task fails after this")
+    timeout_seconds: float = Field(4 * 3600, gt=0, description="the whole vm-restore run ends TimedOut after this")
+    checks: dict[str, VmCheck] = Field(default_factory=dict, description="per guest name (or vmid): its connectivity checks")
+
+
 class AlertChannel(_Section):
     """One chat or webhook destination, saved as a Prefect notification block."""
 
@@ -576,6 +650,9 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    proxmox: dict[str, ProxmoxEndpoint] = Field(default_factory=dict, description="Proxmox VE APIs (VM backups and restores)")
+    vm_backup: VmBackupSettings = Field(default_factory=VmBackupSettings)
+    vm_restore: VmRestoreSettings = Field(default_factory=VmRestoreSettings)
     work_dir: Path = Field(
         Path("/var/lib/luxima-backup"),
         description="private scratch space: spools, the files mirror, restore staging (created 0700; one that is a "
@@ -594,6 +671,8 @@ class Settings(BaseSettings):
         for name, src in self.files_backup.sources.items():
             if src.host is not None and src.host not in self.hosts:
                 raise ValueError(f"files_backup.sources.{name}.host = {src.host!r} is not one of [hosts.*]: {sorted(self.hosts)}")
+        if self.vm_backup.configured and self.vm_backup.proxmox not in self.proxmox:
+            raise ValueError(f"vm_backup.proxmox = {self.vm_backup.proxmox!r} is not one of [proxmox.*]: {sorted(self.proxmox)}")
         for name in self.configs.hosts:
             if name not in self.hosts:
                 raise ValueError(f"configs.hosts.{name} has no [hosts.{name}] saying how to reach it: {sorted(self.hosts)}")
@@ -612,6 +691,14 @@ class Settings(BaseSettings):
         except KeyError:
             raise ConfigError(f"no config host named {name!r} in the settings",
                               hint=f"use one of {sorted(self.configs.hosts)} ([configs.hosts.NAME])") from None
+
+    def proxmox_endpoint(self, name: str | None = None) -> ProxmoxEndpoint:
+        name = name or self.vm_backup.proxmox
+        try:
+            return self.proxmox[name]
+        except KeyError:
+            raise ConfigError(f"no Proxmox API named {name!r} in the settings",
+                              hint=f"add [proxmox.{name}] (address, nodes, token_id, token_secret) or use one of {sorted(self.proxmox)}") from None
 
     @property
     def config_repo(self) -> Path:

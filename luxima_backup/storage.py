@@ -57,8 +57,14 @@ _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "4
 
 
 @contextlib.contextmanager
-def translate_errors(action: str) -> Iterator[None]:
-    """botocore/s3transfer failures as ``StorageError``s, transient or not."""
+def translate_errors(action: str, mid_body: bool = False) -> Iterator[None]:
+    """botocore/s3transfer failures as ``StorageError``s, transient or not.
+
+    A request's failure reaches here after botocore's own retries (``storage.max_attempts``): it is marked
+    ``retried`` so no layer above repeats them. A body cut while it is read (``mid_body``) botocore cannot
+    retry: the step reading it is retried whole instead.
+    """
+    retried = not mid_body
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
         BotoCoreError, ClientError, ConnectionError as BotoConnectionError, IncompleteReadError, ReadTimeoutError,
@@ -68,21 +74,21 @@ def translate_errors(action: str) -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
-        raise _from_client_error(exc, action) from None
+        raise _from_client_error(exc, action, retried) from None
     except S3UploadFailedError as exc:
         # s3transfer wraps the last ClientError in text only; classify by that text.
         text = str(exc)
         transient = any(code in text for code in _TRANSIENT_CODES) or "reached max retries" in text
-        raise StorageError(f"upload failed while {action}: {text}", transient=transient) from None
+        raise StorageError(f"upload failed while {action}: {text}", transient=transient, retried=transient) from None
     except (BotoConnectionError, ReadTimeoutError) as exc:
-        raise StorageError(f"cannot reach object storage while {action}: {exc}", transient=True) from None
+        raise StorageError(f"cannot reach object storage while {action}: {exc}", transient=True, retried=retried) from None
     except (IncompleteReadError, ResponseStreamingError) as exc:  # a connection cut mid-body
         raise StorageError(f"connection lost while {action}: {exc}", transient=True) from None
     except BotoCoreError as exc:
         raise StorageError(f"object storage error while {action}: {exc}") from None
 
 
-def _from_client_error(exc: Any, action: str) -> StorageError:
+def _from_client_error(exc: Any, action: str, retried: bool = True) -> StorageError:
     err = exc.response.get("Error", {})
     code = str(err.get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -92,7 +98,7 @@ def _from_client_error(exc: Any, action: str) -> StorageError:
     if code in _AUTH_CODES:
         return StorageError(f"object storage denied access while {action} ({msg})", hint="check the storage credentials and bucket policy")
     transient = code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
-    return StorageError(f"object storage failed while {action} ({msg})", transient=transient)
+    return StorageError(f"object storage failed while {action} ({msg})", transient=transient, retried=transient and retried)
 
 
 class S3Store:
@@ -171,7 +177,7 @@ class _TranslatingReader:
         self._key = key
 
     def read(self, n: int = -1) -> bytes:
-        with translate_errors(f"reading {self._key}"):
+        with translate_errors(f"reading {self._key}", mid_body=True):
             try:
                 return self._body.read(n if n >= 0 else None)
             except (ConnectionError, OSError) as exc:
@@ -197,7 +203,8 @@ def make_bucket(cfg: StorageSettings) -> "S3Bucket":
         verify=str(cfg.ca_bundle) if cfg.ca_bundle else cfg.verify_tls,
         config={
             "s3": {"addressing_style": cfg.addressing_style},
-            "retries": {"mode": "standard", "max_attempts": cfg.max_attempts},
+            # total_max_attempts counts the first try; botocore's max_attempts would count retries only (one more request)
+            "retries": {"mode": "standard", "total_max_attempts": cfg.max_attempts},
             "connect_timeout": cfg.connect_timeout,
             "read_timeout": cfg.read_timeout,
             # Checksums only when the operation needs them: many S3-compatible servers reject

@@ -26,6 +26,7 @@ from luxima_backup.filetree import (
     DIR, FILE, SYMLINK, Entry, check_relative, content_mismatch, copy_member, members_for, open_tar_reader,
 )
 from luxima_backup.keys import KeyProvider
+from luxima_backup.manifest import StoredObject
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.storage import ObjectStore
 from tasks.archive import load_index
@@ -144,7 +145,7 @@ def make_links_and_dirs(entries: Iterable[Entry], staging: Path, allow_escaping_
 
 
 @task(name="extract", cache_policy=NO_CACHE, persist_result=False)
-def extract(archive_id: str, info: dict[str, Any], index_spool: str, index_codec: str, path_filter: str | None,
+def extract(archive_id: str, info: StoredObject, index_spool: str, index_codec: str, path_filter: str | None,
             staging: str) -> dict[str, Any]:
     """Stream one archive from storage, authenticating every chunk, and write the selected files it holds."""
     settings = runtime.settings()
@@ -152,8 +153,8 @@ def extract(archive_id: str, info: dict[str, Any], index_spool: str, index_codec
     keep = selector(path_filter)
     wanted = (e for e in load_index(index_spool, index_codec, provider.unwrap)
               if e.type == FILE and e.archive == archive_id and keep(e))
-    progress = Progress(f"extracting {info['key'].rsplit('/', 1)[-1]}", info["size_encrypted"])
-    written, mismatches = extract_archive(runtime.store(settings), info["key"], info["compression"]["codec"], provider,
-                                          info["sha256_encrypted"], wanted, Path(staging), progress)
-    get_run_logger().info("extracted %d files from %s", written, info["key"])
+    progress = Progress(f"extracting {info.key.rsplit('/', 1)[-1]}", info.size_encrypted)
+    written, mismatches = extract_archive(runtime.store(settings), info.key, info.compression.codec, provider,
+                                          info.sha256_encrypted, wanted, Path(staging), progress)
+    get_run_logger().info("extracted %d files from %s", written, info.key)
     return {"archive": archive_id, "files": written, "mismatches": mismatches}

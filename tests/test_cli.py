@@ -194,7 +194,6 @@ def test_sigterm_stops_the_backup_its_children_and_its_temporary_server_none_hol
     path = write_settings(database, bucket, file_keys(key_file))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no server: the CLI starts its own
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                LUXIMA_BACKUP_CONFIG=str(path), LUXIMA_BACKUP__DB_BACKUP__LOCK_WAIT_TIMEOUT_SECONDS="600",
                LUXIMA_TEST_DB_PASSWORD=DB_PASSWORD)
     with pg_cluster.connect(database) as holder:

@@ -390,6 +390,7 @@ def test_a_manifest_that_landed_though_its_write_failed_is_removed_before_the_da
     seen = proxy.seen
     manifest_puts = [s for s in seen if s[0] == "PUT" and urlsplit(s[1]).path.endswith(".manifest.json")]
     assert manifest_puts and all(up == 200 and answered == 500 for _, _, up, answered in manifest_puts)
+    assert len(manifest_puts) == 1  # max_attempts = 1, and the manifest task does not retry what botocore gave up on
     manifest_key = urlsplit(manifest_puts[0][1]).path.split(f"/{bucket}/", 1)[1]
     client = s3_server.client()
     versions = client.list_object_versions(Bucket=bucket, Prefix=manifest_key)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
+from luxima_backup import manifest
 from luxima_backup.envelope import DecryptingReader, encrypt_bytes
 from luxima_backup.errors import ConfigError, IntegrityError, SourceError, VerificationError
 from luxima_backup.keys import KeyFileProvider
@@ -270,10 +271,13 @@ def test_a_broken_chain_makes_the_next_backup_full_and_fails_the_verify_of_one_t
     files_env["s3"].client().delete_object(Bucket=files_env["bucket"], Key=gone)  # a lifecycle rule, a hand
 
     # The verify of a backup whose chain lost an archive fails, naming it (the check itself, on real storage).
+    typed = manifest.parse(json.dumps(doc).encode())
+    assert isinstance(typed, manifest.FilesManifest)
+
     @flow(name="verify-probe")
     def verify_again() -> Any:
-        older = {k: v for k, v in doc["archives"].items() if k != doc["backup_id"]}
-        return verify_file_archive(doc["backup_id"], doc["archive"], doc["index"], "", older, False)
+        older = {k: v for k, v in typed.archives.items() if k != typed.backup_id}
+        return verify_file_archive(typed.backup_id, typed.archive, typed.index, "", older, False)
 
     exc = error_of(verify_again(return_state=True))
     assert isinstance(exc, VerificationError) and gone in str(exc) and "chain is broken" in str(exc)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from luxima_backup.errors import ObjectNotFound, StorageError, is_transient
+from luxima_backup.errors import ObjectNotFound, StorageError, is_transient, should_retry
 from luxima_backup.settings import StorageSettings
 from luxima_backup.storage import LocalStore, ObjectStore, S3Store, store_from_settings
 from tests.fault_proxy import FaultProxy
@@ -112,6 +112,8 @@ def test_s3_unavailable_is_transient_and_denied_is_not(s3_server: Any, bucket: s
         with pytest.raises(StorageError) as err:
             store.stat("backups/x")
         assert is_transient(err.value)
+        # botocore tried it max_attempts (2) times; that was its one retry layer, so none above tries again
+        assert proxy.count("HEAD", "", 503) == 2 and err.value.retried and not should_retry(err.value)
     finally:
         proxy.stop()
     proxy = FaultProxy(s3_server.url).start()

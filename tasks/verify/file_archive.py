@@ -12,6 +12,7 @@ from luxima_backup.compression import DecompressingReader
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ObjectNotFound, VerificationError
 from luxima_backup.keys import KeyProvider
+from luxima_backup.manifest import FileArchive, FileIndex, StoredObject
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.storage import ObjectStore
 from tasks.verify.readback import compare, read_back
@@ -44,29 +45,29 @@ def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: st
             "deep": True}
 
 
-def chain_gaps(store: ObjectStore, archives: dict[str, dict[str, Any]]) -> dict[str, tuple[str, int | None]]:
+def chain_gaps(store: ObjectStore, archives: dict[str, StoredObject]) -> dict[str, tuple[str, int | None]]:
     """The archives of a chain not in storage as recorded: backup id → (key, stored size, None when missing)."""
     gaps: dict[str, tuple[str, int | None]] = {}
     for backup_id, stored in archives.items():
         try:
-            size: int | None = store.stat(stored["key"]).size
+            size: int | None = store.stat(stored.key).size
         except ObjectNotFound:
             size = None
-        if size != stored["size_encrypted"]:
-            gaps[backup_id] = (stored["key"], size)
+        if size != stored.size_encrypted:
+            gaps[backup_id] = (stored.key, size)
     return gaps
 
 
 @task(name="verify-file-archive", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def verify_file_archive(backup_id: str, archive: dict[str, Any], index: dict[str, Any], index_spool: str,
-                 older_archives: dict[str, dict[str, Any]], deep: bool) -> dict[str, Any]:
+def verify_file_archive(backup_id: str, archive: FileArchive, index: FileIndex, index_spool: str,
+                        older_archives: dict[str, StoredObject], deep: bool) -> dict[str, Any]:
     """Read the stored archive and index back and check them; the older archives this backup relies on must still be there."""
     from tasks.archive import load_index
 
     settings = runtime.settings()
     store = runtime.store(settings)
     provider = runtime.key_provider(settings)
-    read_back(store, index["key"], index["size_encrypted"], index["sha256_encrypted"])
+    read_back(store, index.key, index.size_encrypted, index.sha256_encrypted)
     for older_id, (key, got) in chain_gaps(store, older_archives).items():
         if got is None:
             raise VerificationError(
@@ -75,14 +76,14 @@ def verify_file_archive(backup_id: str, archive: dict[str, Any], index: dict[str
                 hint="run a full backup (full = true); a restore of this backup would lack the files only that archive holds",
             )
         raise VerificationError(f"{key} (archive of {older_id}, still needed) is {got} bytes, expected "
-                                f"{older_archives[older_id]['size_encrypted']}")
-    expected = {"encrypted_bytes": archive["size_encrypted"], "encrypted_sha256": archive["sha256_encrypted"],
-                "plain_sha256": archive["sha256_plain"]}
+                                f"{older_archives[older_id].size_encrypted}")
+    expected = {"encrypted_bytes": archive.size_encrypted, "encrypted_sha256": archive.sha256_encrypted,
+                "plain_sha256": archive.sha256_plain}
     if deep:
-        entries = load_index(index_spool, index["compression"]["codec"], provider.unwrap)
-        result = check_archive(store, archive["key"], provider, archive["compression"]["codec"], expected, entries, backup_id)
+        entries = load_index(index_spool, index.compression.codec, provider.unwrap)
+        result = check_archive(store, archive.key, provider, archive.compression.codec, expected, entries, backup_id)
     else:
-        result = read_back(store, archive["key"], expected["encrypted_bytes"], expected["encrypted_sha256"])
+        result = read_back(store, archive.key, archive.size_encrypted, archive.sha256_encrypted)
     result["older_archives_present"] = len(older_archives)
-    get_run_logger().info("verified %s (%s)", archive["key"], "deep" if deep else "size and sha256")
+    get_run_logger().info("verified %s (%s)", archive.key, "deep" if deep else "size and sha256")
     return result
