@@ -7,7 +7,9 @@ Three kinds, each sending to every configured channel (a Prefect notification bl
   * a ``luxima.verification.failed`` event (a backup's read-back or a restore's checks);
   * a ``luxima.config.drift`` event: a host's configs changed since the last config backup;
   * the RPO watchdog, per scheduled backup component: no ``luxima.backup.succeeded`` event
-    within its window (``alerts.rpo``; 26 h for the daily database backup).
+    within its window (``alerts.rpo``; 26 h for the daily database backup); and per target (a
+    database section, a file source, a config host, a guest) once it has been backed up: one
+    failing guest among many that succeed alerts too.
 Running setup again updates the blocks and automations in place and never duplicates them;
 an automation that is already as wanted is left alone (an update would restart its window).
 Messages carry the flow, deployment, state, error and a link to the run; the error text is
@@ -62,6 +64,13 @@ RPO_BODY = (
     "No successful {component} backup (event luxima.backup.succeeded) arrived within {window}, "
     "the RPO window of this component. Checked at {{{{ firing.triggered }}}}.\n"
     "Look at the {component} backup deployment's recent runs in the Prefect UI."
+)
+
+RPO_TARGET_SUBJECT = "[luxima-backup] a {component} backup target has had no successful backup for {window}"
+RPO_TARGET_BODY = (
+    "{{{{ firing.triggering_labels['prefect.resource.id'] }}}} was backed up before, but no successful backup of it "
+    "arrived within {window}, the RPO window of {component} backups. Checked at {{{{ firing.triggered }}}}.\n"
+    "Its backups are failing or it is no longer selected: look at the {component} backup deployment's recent runs."
 )
 
 
@@ -176,6 +185,19 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
             ),
             actions=notify(RPO_SUBJECT.format(component=component, window=window),
                            RPO_BODY.format(component=component, window=window)),
+        ))
+        wanted.append(Automation(
+            name=f"{p}: RPO {component} per target",
+            description=f"A {component} target (a database, a host, a guest) backed up before has had no successful "
+                        f"backup within {window}, while others may have.",
+            # After each target's success, another must follow within the window (one watch per target).
+            trigger=EventTrigger(
+                after={events.SUCCEEDED}, expect={events.SUCCEEDED},
+                match={"prefect.resource.id": f"luxima.backup.{component}.*"},
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=window,
+            ),
+            actions=notify(RPO_TARGET_SUBJECT.format(component=component, window=window),
+                           RPO_TARGET_BODY.format(component=component, window=window)),
         ))
     return wanted
 

@@ -21,6 +21,8 @@ from .settings import ProxmoxEndpoint
 _WARNINGS = re.compile(r"^WARNINGS: (\d+)$")
 _PRIVILEGE = re.compile(r"Permission check failed \(([^,]+), ([^)]+)\)")
 TASK_POLL_SECONDS = 1.0
+_TRANSIENT_500 = re.compile(r"timeout|timed out|no quorum|temporarily|try again|connection refused|unable to connect|"
+                            r"cfs-lock|got lock request timeout", re.I)
 
 
 @dataclass
@@ -207,7 +209,11 @@ def _from_resource(exc: Any, action: str, name: str) -> ProxmoxError:
         what = f"the privilege {m.group(2)} on {m.group(1)}" if m else "a privilege"
         return ProxmoxError(f"the Proxmox token lacks {what} ({action}): {detail}",
                             hint="grant it to the token's role; docs/proxmox.md lists what each flow needs")
-    transient = status >= 500 or status == 0
+    # A handler that dies answers 500 with its message, whatever the cause: mostly permanent (a missing guest, a
+    # damaged archive). Transient are the proxy's own answers (a node it cannot reach: 595/596, busy: 502-504)
+    # and a 500 whose message says so.
+    transient = status == 0 or status in (502, 503, 504, 595, 596, 599) or (
+        status == 500 and bool(_TRANSIENT_500.search(f"{message} {content}")))
     return ProxmoxError(f"Proxmox answered {status} {message} to {action}: {detail}", transient=transient)
 
 

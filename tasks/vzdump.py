@@ -152,8 +152,11 @@ def vzdump(guest: Guest) -> dict[str, Any]:
     logger = get_run_logger()
     result, path = run_vzdump(px, guest, cfg, lambda line: logger.info("vzdump %s: %s", guest.vmid, line))
     if not result.ok:
+        # Proxmox checks VM.Backup inside the task: a missing privilege is its exit status, not a 403
+        denied = "Permission check failed" in result.exitstatus
         raise ProxmoxError(f"vzdump of {guest.label} ended {result.exitstatus!r}; its log ends: " + " | ".join(result.log_tail[-8:]),
-                           hint="read the whole task log in the Proxmox UI (Tasks)")
+                           hint="grant the privilege to the token's role (docs/proxmox.md)" if denied
+                           else "read the whole task log in the Proxmox UI (Tasks)")
     if result.warnings:
         logger.warning("vzdump of %s ended with %d warning(s)", guest.label, result.warnings)
     archive = _new_archive(px, guest, cfg.storage, int(parse_upid(result.upid)["starttime"], 16), path)

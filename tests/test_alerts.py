@@ -171,7 +171,7 @@ def test_rpo_watchdog_watches_the_scheduled_components_and_fires_without_success
     defaults = AlertSettings().rpo  # db, files, configs and vm
     done = setup_alerts(alert_settings(receiver, monkeypatch, prefix).model_copy(update={"rpo": defaults}))
     rpo = sorted(name.split(": RPO ")[1] for name in done if ": RPO " in name)
-    assert rpo == ["configs", "db", "files"]  # no vm: nothing schedules a VM backup yet
+    assert rpo == [f"{c}{each}" for c in ("configs", "db", "files", "vm") for each in ("", " per target")]
 
     # What keeps a watchdog quiet is the real flows' own success event.
     write_settings(database, bucket, file_keys(key_file))
@@ -199,6 +199,27 @@ def test_rpo_watchdog_watches_the_scheduled_components_and_fires_without_success
     assert fired is not None, f"the RPO watchdog did not fire; received: {receiver.messages}"
     assert "0:00:10" in fired["body"]
     assert not [m for m in receiver.messages if healthy in m.get("subject", "")]
+
+
+def test_rpo_watchdog_per_target_names_the_guest_that_stopped_succeeding(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str,
+) -> None:
+    """Per guest: among guests that keep succeeding, the one whose backups stopped is named (its component does not
+    go quiet, so only the per-target watch sees it)."""
+    from luxima_backup import events
+
+    component = f"vm{uuid.uuid4().hex[:6]}"
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix, **{component: 10}), components=[component])
+    events.backup_succeeded(component, "db-server", "vm-1")  # backed up once, then its backups fail
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        events.backup_succeeded(component, "web", "vm-2")  # keeps succeeding
+        time.sleep(2)
+    fired = receiver.wait_for(lambda m: f"a {component} backup target" in m.get("subject", ""), timeout=30)
+    assert fired is not None, f"the per-target watchdog did not fire; received: {receiver.messages}"
+    assert f"luxima.backup.{component}.db-server" in fired["body"] and "0:00:10" in fired["body"]
+    assert not [m for m in receiver.messages if f"luxima.backup.{component}.web" in m.get("body", "")]
+    assert not [m for m in receiver.messages if f"no successful {component} backup" in m.get("subject", "")]
 
 
 def test_an_event_that_cannot_be_sent_is_logged_as_an_error(tmp_path: Path) -> None:
