@@ -191,6 +191,33 @@ def restore_files(
               source=source, as_of=as_of, path=path, confirm=confirm, allow_escaping_links=allow_escaping_links)
 
 
+@restore_app.command("vm")
+def restore_vm_cmd(
+    guest: str = typer.Argument(..., help="the guest's name (or vmid) as `list --component vm` shows"),
+    backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or an archive's volid"),
+    as_of: Optional[datetime] = typer.Option(None, help="with latest: newest verified backup completed by this time (ISO 8601)"),
+    target_node: Optional[str] = typer.Option(None, help="node to restore on (default: the original's)"),
+    target_vmid: Optional[int] = typer.Option(None, help="id of the restored guest (default: a free one, beside the original)"),
+    connected: bool = typer.Option(False, "--connected", help="keep the NICs' links up (default: cut, for a test restore)"),
+    replace: bool = typer.Option(False, "--replace", help="overwrite the original guest (needs --confirm; backs it up first)"),
+    confirm: Optional[str] = typer.Option(None, help="with --replace or --rollback-snapshot: the guest's name, repeated"),
+    skip_safety_backup: bool = typer.Option(False, "--skip-safety-backup", help="replace without backing the guest up first"),
+    rollback_snapshot: Optional[str] = typer.Option(None, help="roll the original back to this Proxmox snapshot instead"),
+    no_start: bool = typer.Option(False, "--no-start", help="restore and check the configuration only"),
+    cleanup: bool = typer.Option(False, "--cleanup", help="remove the restored guest at the end (test restores)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Restore a Proxmox guest, check its network configuration, start it and test connectivity (the vm-restore flow)."""
+    _use_config(config)
+    if (replace or rollback_snapshot) and confirm != guest:
+        _fail(ConfigError(f"replacing or rolling back {guest} needs --confirm {guest}",
+                          hint="or restore it beside the original first (the default)"))
+    _run_flow("flows.vm_restore", "vm_restore", ("restore", "vm"), guest=guest, backup=backup, as_of=as_of,
+              target_node=target_node, target_vmid=target_vmid, isolated=not connected, replace=replace, confirm=confirm,
+              skip_safety_backup=skip_safety_backup, rollback_snapshot=rollback_snapshot, start=not no_start,
+              cleanup=cleanup)
+
+
 @restore_app.command("db")
 def restore_db(
     backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or an object key"),

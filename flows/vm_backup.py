@@ -28,8 +28,12 @@ from tasks.vzdump import Guest, check_guest, choose_guests, snapshot, vzdump
 
 
 @flow(name="vm-backup-guest", validate_parameters=False, persist_result=False)
-def backup_guest(guest: Guest) -> dict[str, Any]:
-    """Back up one guest: check, vzdump, verify, manifest, log, prune; a Proxmox snapshot too when configured."""
+def backup_guest(guest: Guest, prune: bool = True) -> dict[str, Any]:
+    """Back up one guest: check, vzdump, verify, manifest, log, prune; a Proxmox snapshot too when configured.
+
+    ``prune`` false: the safety backup a replacing restore takes first, which must not remove the very archive
+    about to be restored.
+    """
     settings = runtime.settings()
     install_log_redaction()
     logger = get_run_logger()
@@ -40,7 +44,7 @@ def backup_guest(guest: Guest) -> dict[str, Any]:
     run_id = str(flow_run.id) if flow_run.id else None
     entry = logged(log_start, "start", "backup", "vm", guest.name, backup_id, None, run_id) if settings.log.enabled else None
     try:
-        check_guest(guest)
+        checked_guest = check_guest(guest)
         dumped = vzdump(guest)
         archive = dumped["archive"]
         checked = verify_vm_archive(guest, archive)
@@ -51,7 +55,8 @@ def backup_guest(guest: Guest) -> dict[str, Any]:
             source=manifest.VmSource(name=guest.name, vmid=guest.vmid, type=guest.type, node=guest.node, proxmox=cfg.proxmox),
             archive=manifest.VmArchive(**archive), mode=cfg.mode,
             task={k: dumped[k] for k in ("upid", "exitstatus", "warnings")},
-            config=checked["config"], networks=checked["networks"], snapshot=snap["name"] if snap else None,
+            config=checked["config"], networks=checked["networks"], addresses=checked_guest["addresses"],
+            snapshot=snap["name"] if snap else None,
             tool={"luxima_backup": __version__},
             verification={"read_back": True, "pbs_verification": checked["pbs_verification"], "verified_at": finished.isoformat()},
             timings={"vzdump": dumped["seconds"], "total": round((finished - started).total_seconds(), 3)},
@@ -66,7 +71,7 @@ def backup_guest(guest: Guest) -> dict[str, Any]:
                skip=entry is None)
         raise
     # Only after this backup is verified and recorded: a run that failed never removes an older archive.
-    pruned = prune_vm_archives(guest)
+    pruned = prune_vm_archives(guest) if prune else []
     logged(log_finish, "finish", entry, guest.name, "success", None,
            {"vmid": guest.vmid, "node": guest.node, "volid": archive["volid"], "warnings": dumped["warnings"],
             "pruned": [r for r in pruned if r["action"] != "kept"], "timings": document.timings},

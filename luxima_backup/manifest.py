@@ -344,6 +344,7 @@ class VmManifest(_Manifest):
     # the guest config read back from the archive (extractconfig), secret-bearing keys left out
     config: dict[str, str] = Field(default_factory=dict)
     networks: dict[str, dict[str, str]] = Field(default_factory=dict)  # net* devices: model, MAC, bridge, tag, firewall
+    addresses: list[str] = Field(default_factory=list)  # what the running guest reported (agent), for restore checks
     snapshot: str | None = None  # the Proxmox snapshot taken with it, if any
 
     @property

@@ -121,7 +121,24 @@ def check_guest(guest: Guest) -> dict[str, Any]:
         raise SourceError(f"backup storage {cfg.storage} on {guest.node} has {avail} bytes free; the last archive of "
                           f"{guest.label} took {last_size}",
                           hint="free space on the storage (older archives, other content) or lower vm_backup.keep")
-    return {"status": status.get("status"), "avail": avail, "last_size": last_size}
+    return {"status": status.get("status"), "avail": avail, "last_size": last_size,
+            "addresses": guest_addresses(px, guest) if status.get("status") == "running" else []}
+
+
+def guest_addresses(px: ProxmoxClient, guest: Guest) -> list[str]:
+    """The addresses the running guest reports (its agent; a container's interfaces), recorded so a restore can
+    check the restored guest comes up with them. Best effort: no agent, or no VM.Monitor, is no address."""
+    try:
+        if guest.type == "qemu":
+            interfaces = (px.get(f"{guest.path}/agent/network-get-interfaces") or {}).get("result", [])
+        else:
+            interfaces = px.get(f"{guest.path}/interfaces") or []
+    except ProxmoxError as exc:
+        get_run_logger().info("addresses of %s not recorded: %s", guest.label, exc)
+        return []
+    # the loopback interface and link-local addresses say nothing about how the guest is reached
+    return [a["ip-address"] for i in interfaces if i.get("name") != "lo" for a in i.get("ip-addresses", [])
+            if not str(a.get("ip-address", "")).lower().startswith("fe80")]
 
 
 def run_vzdump(px: ProxmoxClient, guest: Guest, cfg: VmBackupSettings, on_log: Any) -> tuple[TaskResult, str | None]:

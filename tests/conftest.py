@@ -25,7 +25,7 @@ from devkit.sandbox import MotoS3Server, PostgresCluster, PrefectServer, reap_or
 
 DB_PASSWORD = "pg-" + secrets.token_urlsafe(16)
 
-pytest_plugins = ["tests.alerting", "tests.browser"]  # chat receiver and automations; a real Chromium
+pytest_plugins = ["tests.alerting", "tests.browser", "tests.vm_env"]  # chat receiver and automations; a real Chromium
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
