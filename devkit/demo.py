@@ -7,8 +7,10 @@ receiver that writes them to ``alerts.log``), starts a process worker, runs the 
 backup deployment and then a restore into a scratch database with verification, then the
 files backup of a sample user-files tree served over SSH (its own sshd) and its md5-checked
 restore into a folder, then the config backup of a sample app server's configs (pushed to a
-bare git repository over SSH, secrets redacted) and a config restore dry run, prints a
-summary and where to look in the UI, and stays up until Ctrl-C or `luxima-backup demo --stop`;
+bare git repository over SSH, secrets redacted) and a config restore dry run, then the VM
+backup of a guest on a simulated two-node Proxmox VE cluster (the API simulator of the tests,
+run as its own process) and its restore beside the original on the second node with every
+check, prints a summary and where to look in the UI, and stays up until Ctrl-C or `luxima-backup demo --stop`;
 then stops everything it started and removes what it created.
 """
 
@@ -37,7 +39,8 @@ STATE_FILE = "demo.json"
 
 
 def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path, sshd: SshServer,
-                   known_hosts: Path, user_files: Path, configs: Path, config_remote: Path, fingerprint_key: Path) -> None:
+                   known_hosts: Path, user_files: Path, configs: Path, config_remote: Path, fingerprint_key: Path,
+                   pve: dict[str, Any]) -> None:
     path.write_text(f"""# Written by `luxima-backup demo`: local servers, a development key file.
 work_dir = "{work}"
 
@@ -104,6 +107,23 @@ validate_command = "grep -q '^worker_processes' {configs}/etc/nginx/nginx.conf"
 user = "luxima_app"
 password = "env:LUXIMA_DEMO_APP_PASSWORD"
 queries = [{{ sql = "SELECT id, email FROM public.profiles LIMIT 10", min_rows = 1 }}]
+
+[proxmox.main]                             # a simulated two-node Proxmox VE cluster
+address = "{pve['url']}"
+nodes = ["proxmox-node1", "proxmox-node2"]
+token_id = "{pve['token_id']}"
+token_secret = "env:LUXIMA_DEMO_PVE_TOKEN"
+ca_cert = "{pve['ca_path']}"
+
+[vm_backup]
+guests = ["web"]
+storage = "backup"
+
+[vm_restore]
+storage = "local-lvm"
+
+[vm_restore.checks.web]
+tcp_ports = [{pve['service_port']}]
 
 [[alerts.channels]]
 kind = "webhook"
@@ -194,6 +214,8 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
               flush=True)
         alerts = AlertLog(workdir / "alerts.log")
         cleanup.append(alerts.stop)
+        pve = _start_proxmox(workdir, cleanup)
+        os.environ["LUXIMA_DEMO_PVE_TOKEN"] = pve["token_secret"]
         os.environ.update(prefect.env())
         os.environ["LUXIMA_DEMO_S3_ACCESS_KEY"], os.environ["LUXIMA_DEMO_S3_SECRET_KEY"] = s3.access_key, s3.secret_key
         s3.create_bucket(BUCKET, versioning=True)
@@ -210,7 +232,7 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         settings_path = workdir / "luxima-backup.toml"
         os.environ["LUXIMA_DEMO_ALERT_URL"] = alerts.url
         write_settings(settings_path, pg, s3, key_file, workdir / "work", sshd, known_hosts, user_files, configs,
-                       config_remote, fingerprint_key)
+                       config_remote, fingerprint_key, pve)
         os.environ["LUXIMA_BACKUP_CONFIG"] = str(settings_path)
         (workdir / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "ui": prefect.api_url[:-4]}))
 
@@ -246,11 +268,18 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         cfg_plan = _run_deployment("config-restore/config-restore", {"host": "app1"})
         print(f"demo: config restore dry run (after editing nginx.conf on the host): {cfg_plan['counts']}; "
               "the diff is in the run's artifact", flush=True)
+        vms = _run_deployment("vm-backup/vm-backup", {})["guests"]["web"]
+        print(f"demo: VM backup complete: {vms['backup_id']}: vzdump of {vms['vmid']} on {vms['node']} -> {vms['volid']} "
+              f"({vms['size']} bytes), its config read back from the archive", flush=True)
+        vm_restored = _run_deployment("vm-restore/vm-restore", {"guest": "web", "target_node": "proxmox-node2",
+                                                                 "isolated": False})
+        print(f"demo: VM restore checked: {vm_restored['vmid']} on {vm_restored['node']} (beside the original, new MACs), "
+              f"{vm_restored['checks']} checks passed, RTO {vm_restored['rto_seconds']:.0f}s", flush=True)
         ui = prefect.api_url[:-4]
         print(f"""demo: summary
   Prefect UI         {ui}  (Runs: the flow runs and their tasks; Artifacts: backup and restore reports;
-                     Deployments: db-backup daily 03:00, files-backup daily 04:00, config-backup Sundays
-                     02:00 Asia/Jakarta, restores by hand;
+                     Deployments: db-backup daily 03:00, files-backup daily 04:00, vm-backup Sundays 01:00,
+                     config-backup Sundays 02:00 Asia/Jakarta, restores by hand;
                      Automations: alerts)
   settings           {settings_path}
   alerts ("chat")    {workdir / 'alerts.log'}
@@ -260,7 +289,9 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
   files restore      {json.dumps({k: files_restore[k] for k in ('destination', 'files', 'md5_checked', 'rto_seconds')})}
   config backup      {json.dumps({'backup_id': app1['backup_id'], 'commit': cfg['git']['commit'], 'totals': app1['totals']})}
   config repository  git --git-dir {config_remote} log -p   (secrets are luxima-redacted:hmac-sha256 fingerprints)
-  config restore     dry run: {json.dumps(cfg_plan['counts'])}""", flush=True)
+  config restore     dry run: {json.dumps(cfg_plan['counts'])}
+  VM backup          {json.dumps({k: vms[k] for k in ('backup_id', 'vmid', 'node', 'volid')})}
+  VM restore         {json.dumps({k: vm_restored[k] for k in ('vmid', 'node', 'checks', 'rto_seconds')})}""", flush=True)
         if wait:
             print("demo: running; press Ctrl-C (or run `./run demo --stop`) to stop everything and clean up", flush=True)
             _wait_for_stop()
@@ -274,6 +305,23 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
                 print(f"demo: while stopping: {exc}", file=sys.stderr)
         # Settings, the demo key, logs and spools: all throwaway, like the servers.
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_proxmox(workdir: Path, cleanup: list[Callable[[], Any]]) -> dict[str, Any]:
+    """The tests' Proxmox VE API simulator as its own process (the demo's stand-in for a cluster); what it wrote
+    about itself: address, CA, token, the guest's service port."""
+    state = workdir / "proxmox.json"
+    root = Path(__file__).resolve().parent.parent
+    with open(workdir / "proxmox.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.simulators.proxmox", str(workdir / "proxmox"), str(state)],
+                                cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cleanup.append(lambda: stop_group(proc, 10))
+    deadline = time.monotonic() + 60
+    while not state.exists():  # renamed into place whole
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Proxmox simulator did not start; see {workdir / 'proxmox.log'}")
+        time.sleep(0.2)
+    return dict(json.loads(state.read_text()))
 
 
 def _run_deployment(name: str, parameters: dict[str, Any]) -> dict[str, Any]:

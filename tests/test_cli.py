@@ -99,13 +99,16 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
                           text=True, env=env, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert "deployed: db-backup, db-restore, files-backup, files-restore, config-backup, config-restore" in out
+    assert ("deployed: db-backup, db-restore, files-backup, files-restore, config-backup, config-restore, vm-backup, "
+            "vm-restore") in out
     assert "demo: backup complete: db-main-" in out  # filed by the [databases.main] section
     assert "demo: restore verified: luxima_restore_demo" in out and "checks passed" in out
     assert "demo: files backup complete: files-userfiles-" in out and "transferred over rsync/SSH" in out
     assert "demo: files restore verified: 40 files" in out and "md5 of 40 checked" in out  # 200 x scale 0.2
     assert "demo: config backup complete: configs-app1-" in out and "6 files" in out and "pushed to" in out
     assert "demo: config restore dry run (after editing nginx.conf on the host): {'same': 6, 'update': 1}" in out
+    assert "demo: VM backup complete: vm-web-" in out and "its config read back from the archive" in out
+    assert "demo: VM restore checked: 101 on proxmox-node2" in out and "checks passed" in out
     assert "Prefect UI         http://127.0.0.1:" in out
     assert "stopping and removing everything" in out
     assert not work.exists()  # settings, key file and logs removed with the servers

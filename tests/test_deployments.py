@@ -66,6 +66,10 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     assert set(configs.tags) == {"backup", "configs"} and configs.global_concurrency_limit.limit == 1
     assert (configs.schedules[0].schedule.cron, configs.schedules[0].schedule.timezone) == ("0 2 * * 0", "Asia/Jakarta")
     assert not _deployment("config-restore/config-restore").schedules
+    vms = _deployment("vm-backup/vm-backup")
+    assert set(vms.tags) == {"backup", "vm"} and vms.global_concurrency_limit.limit == 1
+    assert (vms.schedules[0].schedule.cron, vms.schedules[0].schedule.timezone) == ("0 1 * * 0", "Asia/Jakarta")
+    assert not _deployment("vm-restore/vm-restore").schedules
 
     # The bucket block registered from the settings works as storage on its own.
     from luxima_backup.secrets import SecretRef

@@ -90,6 +90,7 @@ import io
 import ipaddress
 import json
 import random
+import os
 import re
 import secrets
 import shlex
@@ -2304,3 +2305,51 @@ class ProxmoxSimulator:
                 raise
 
         return self._start_task(call, node, "vzrestore", str(vmid), work)
+
+
+def serve_demo(workdir: Path, state_file: Path) -> None:
+    """``python -m tests.simulators.proxmox DIR STATE``: the demo's Proxmox cluster, until SIGTERM or SIGINT.
+
+    Two nodes sharing a backup storage under DIR (as an NFS or Proxmox Backup Server storage would be
+    shared), a VM "web" whose agent reports 127.0.0.2 with a TCP service there, and a token with the
+    privileges docs/proxmox.md lists; the address, CA, token and the service's port go to STATE (0600).
+    """
+    import signal
+    import socket as socket_mod
+
+    sim = ProxmoxSimulator(task_seconds=0.5).start()
+    try:
+        sim.add_storage("proxmox-node1", "backup", workdir / "backup", shared=True)
+        sim.add_guest("proxmox-node1", 100, "qemu", name="web", agent_ip=["127.0.0.2/8"],
+                      config={"name": "web", "memory": "2048", "cores": "2", "agent": "1", "ostype": "l26",
+                              "scsi0": "local-lvm:vm-100-disk-0,size=8G", "boot": "order=scsi0",
+                              "net0": "virtio=BC:24:11:00:01:00,bridge=vmbr0,firewall=1"})
+        privileges = {"VM.Audit", "VM.Backup", "VM.Snapshot", "VM.Allocate", "VM.PowerMgmt", "VM.Monitor", "VM.Config.Network",
+                      "VM.Config.Disk", "VM.Config.CPU", "VM.Config.Memory", "VM.Config.Options"}
+        secret = sim.add_token("backup@pve", "luxima", {
+            "/vms": privileges, "/storage/backup": {"Datastore.Audit", "Datastore.AllocateSpace", "Datastore.Allocate"},
+            "/storage/local-lvm": {"Datastore.AllocateSpace"}, "/sdn/zones/localnetwork": {"SDN.Audit"}, "/": {"Sys.Audit"}})
+        service = socket_mod.create_server(("127.0.0.2", 0))  # the guest's web port, for the connectivity check
+        service.settimeout(0.5)
+        partial = state_file.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"url": sim.url, "ca_path": str(sim.ca_path), "token_id": "backup@pve!luxima", "token_secret": secret,
+                       "service_port": service.getsockname()[1]}, out)
+        os.replace(partial, state_file)  # whole, or not there
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.is_set():
+            try:
+                conn, _ = service.accept()
+                conn.close()
+            except OSError:
+                pass
+        service.close()
+    finally:
+        sim.stop()
+
+
+if __name__ == "__main__":
+    serve_demo(Path(sys.argv[1]), Path(sys.argv[2]))
