@@ -25,6 +25,8 @@ alerts_app = typer.Typer(no_args_is_help=True, help="Chat alerts (Prefect automa
 app.add_typer(alerts_app, name="alerts")
 restore_app = typer.Typer(no_args_is_help=True, help="Restore a backup (runs with or without a Prefect server).")
 app.add_typer(restore_app, name="restore")
+storage_app = typer.Typer(no_args_is_help=True, help="The backup storage.")
+app.add_typer(storage_app, name="storage")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help=f"settings file (default: ${CONFIG_ENV})", envvar=CONFIG_ENV)
 
@@ -189,6 +191,75 @@ def restore_files(
     _use_config(config)
     _run_flow("flows.files_restore", "files_restore", ("restore", "files"), destination=destination, backup=backup,
               source=source, as_of=as_of, path=path, confirm=confirm, allow_escaping_links=allow_escaping_links)
+
+
+@app.command("status")
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print every target's status as JSON"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Every backup target's last good backup against its RPO, what is kept and stored (from storage alone).
+
+    Exits 1 when any target is beyond its RPO (or was never backed up): usable by monitoring.
+    """
+    _use_config(config)
+    from datetime import timezone
+
+    from luxima_backup.status import age_text, collect
+
+    try:
+        settings = load_settings()
+        statuses = collect(settings, datetime.now(timezone.utc))
+    except BackupError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([s.as_json() for s in statuses], indent=2))
+    else:
+        typer.echo(f"{'target':<28} {'state':<11} {'last success':<17} {'age':>8} {'RPO':>7} {'kept':>5} {'MiB':>9}")
+        for s in statuses:
+            last = s.last_success.strftime("%Y-%m-%d %H:%M") if s.last_success else "never"
+            typer.echo(f"{s.component + '/' + s.target:<28} {'BEYOND RPO' if s.beyond_rpo else 'ok':<11} {last:<17} "
+                       f"{age_text(s.age_hours):>8} {age_text(s.rpo_hours) if s.rpo_hours else '-':>7} {s.kept:>5} "
+                       f"{s.bytes_stored / 2**20:>9.1f}" + (f"  ({s.unreadable} unreadable manifest(s))" if s.unreadable else ""))
+    raise typer.Exit(1 if any(s.beyond_rpo for s in statuses) else 0)
+
+
+@storage_app.command("check")
+def storage_check(config: Optional[Path] = ConfigOpt) -> None:
+    """Report the storage's protection (versioning, object lock, default retention) against the settings; exit 1 on a gap."""
+    _use_config(config)
+    from luxima_backup import runtime
+    from luxima_backup.storage import protection, protection_problems
+
+    try:
+        settings = load_settings()
+        places = [("storage", settings.storage, runtime.store(settings))]
+        if settings.configs.storage is not None:
+            places.append(("configs.storage", settings.configs.storage, runtime.config_store(settings)))
+        report = []
+        for name, cfg, store in places:
+            found = protection(store)
+            report.append({"section": name, **found, "object_lock_setting": cfg.object_lock,
+                           "problems": protection_problems(cfg, found)})
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2, default=str))
+    problems = [p for r in report for p in r["problems"]]
+    for p in problems:
+        typer.echo(f"warning: {p}", err=True)
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command("prune")
+def prune_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed (the same table), remove nothing"),
+    force: bool = typer.Option(False, "--force", help="allow removing more than retention.max_delete_percent of a target"),
+    component: list[str] = typer.Option([], help="db, files or configs (repeatable; default: all)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Apply the retention policies: remove backups no longer kept and what failed runs left (the prune flow)."""
+    _use_config(config)
+    _run_flow("flows.prune", "prune", ("prune", "retention"), dry_run=dry_run, force=force, components=component or None)
 
 
 @restore_app.command("vm")

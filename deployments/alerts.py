@@ -59,6 +59,13 @@ HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 # Runs send heartbeats when this is set in their process (the worker's and serve's environment):
 # the Prefect engine's minimum interval, 30 s.
 HEARTBEAT_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+HELD_SUBJECT = ("[luxima-backup] retention held: {{ event.resource['luxima.component'] }} {{ event.resource['luxima.target'] }}"
+                " is failing")
+HELD_BODY = (
+    "The prune kept every backup of {{ event.resource['luxima.component'] }} {{ event.resource['luxima.target'] }}: "
+    "{{ event.payload.why }}.\n"
+    "Nothing of it is removed until a backup of it succeeds again; look at its backup runs."
+)
 RPO_SUBJECT = "[luxima-backup] no successful {component} backup for {window}"
 RPO_BODY = (
     "No successful {component} backup (event luxima.backup.succeeded) arrived within {window}, "
@@ -120,11 +127,12 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
     from prefect.events.actions import ChangeFlowRunState
 
     p = cfg.automation_prefix
-    ours = {"prefect.resource.role": "tag", "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore"]}
+    ours = {"prefect.resource.role": "tag",
+            "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore", "prefect.tag.prune"]}
     wanted = [
         Automation(
             name=f"{p}: backup or restore run failed",
-            description="A flow run tagged backup or restore ended Failed, Crashed or TimedOut.",
+            description="A flow run tagged backup, restore or prune ended Failed, Crashed or TimedOut.",
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
                 match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -159,6 +167,15 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
                 for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
             ),
             actions=notify(VERIFY_SUBJECT, VERIFY_BODY),
+        ),
+        Automation(
+            name=f"{p}: retention held",
+            description="The prune kept every backup of a target whose newest verified backup is past its RPO window.",
+            trigger=EventTrigger(
+                expect={events.RETENTION_HELD}, match={"prefect.resource.id": "luxima.backup.*"},
+                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
+            ),
+            actions=notify(HELD_SUBJECT, HELD_BODY),
         ),
         Automation(
             name=f"{p}: config drift",

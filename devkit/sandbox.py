@@ -220,11 +220,14 @@ class MotoS3Server:
     access_key = "luxima-test-access"
     secret_key = "luxima-test-secret-key"
 
-    def __init__(self, port: int | None = None, root: Path | None = None):
+    def __init__(self, port: int | None = None, root: Path | None = None, auth_after: int | None = None):
+        """``auth_after``: moto answers that many requests unchecked (to set up users and policies), then checks every
+        request against IAM as AWS does (unknown keys refused, each action needing a policy that allows it)."""
         self.port = port or free_port()
         self.root = root or Path(tempfile.mkdtemp(prefix="luxima-s3-"))
         self.log = self.root / "moto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.auth_after = auth_after
 
     @property
     def url(self) -> str:
@@ -232,6 +235,8 @@ class MotoS3Server:
 
     def start(self) -> "MotoS3Server":
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        if self.auth_after is not None:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(self.auth_after)
         self.proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                            self.log, self.root, "s3", env)
         wait_for(lambda: urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2).status == 200, 60,
@@ -244,10 +249,11 @@ class MotoS3Server:
         return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
                             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
 
-    def create_bucket(self, name: str, versioning: bool = False) -> None:
+    def create_bucket(self, name: str, versioning: bool = False, object_lock: bool = False) -> None:
+        """A bucket; ``object_lock`` makes it one with S3 Object Lock (which turns versioning on, as S3 does)."""
         c = self.client()
-        c.create_bucket(Bucket=name)
-        if versioning:
+        c.create_bucket(Bucket=name, **({"ObjectLockEnabledForBucket": True} if object_lock else {}))
+        if versioning and not object_lock:
             c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
 
     def stop(self) -> None:

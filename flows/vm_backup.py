@@ -80,7 +80,8 @@ def backup_guest(guest: Guest, prune: bool = True) -> dict[str, Any]:
     logger.info("backup %s of %s complete: %s (%d bytes)", backup_id, guest.label, archive["volid"], archive["size"])
     return {"backup_id": backup_id, "manifest_key": manifest_key, "guest": guest.name, "vmid": guest.vmid,
             "node": guest.node, "volid": archive["volid"], "size": archive["size"], "warnings": dumped["warnings"],
-            "log_tail": dumped["log_tail"][-5:] if dumped["warnings"] else [], "snapshot": document.snapshot,
+            "log_tail": (dumped["warning_lines"] or dumped["log_tail"][-5:]) if dumped["warnings"] else [],
+            "snapshot": document.snapshot,
             "pruned": pruned, "seconds": round(time.monotonic() - t0, 3)}
 
 

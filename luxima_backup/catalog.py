@@ -74,9 +74,21 @@ def legacy_folders(settings: Settings, component: str, source: str | None) -> li
     return []
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A manifest that could not be read (damaged, foreign, misfiled): never offered as a backup; reported."""
+
+    manifest_key: str
+    folder: str  # the target folder it was found in
+    error: FormatError
+
+    def __str__(self) -> str:
+        return str(self.error)
+
+
 def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,
-                 also_under: list[str] | tuple[str, ...] = ()) -> Iterator[Backup | FormatError]:
-    """Each manifest under ``<prefix>/<component>/[<source>/]`` as a ``Backup``, or the error reading it.
+                 also_under: list[str] | tuple[str, ...] = ()) -> Iterator[Backup | Unreadable]:
+    """Each manifest under ``<prefix>/<component>/[<source>/]`` as a ``Backup``, or ``Unreadable`` with the reason.
 
     With a ``source``, only backups whose manifest names that source are yielded, also from the folders
     ``also_under``: database backups were once filed by database name (``db/postgres/``), which several
@@ -85,15 +97,16 @@ def iter_backups(store: ObjectStore, prefix: str, component: str, source: str | 
     folders = [f"{manifest.safe_name(d)}/" for d in dict.fromkeys([source, *also_under]) if d] if source else [""]
     for folder in folders:
         for key in manifest.iter_manifest_keys(store, f"{prefix}/{component}/{folder}"):
+            where = key[len(prefix) + len(component) + 2:].split("/", 1)[0]
             try:
                 backup = Backup(key, manifest.load(store, key))
             except FormatError as exc:
-                yield exc
+                yield Unreadable(key, where, exc)
                 continue
             except ObjectNotFound:  # removed by retention while listing
                 continue
             if backup.component != component:  # misfiled: never offered as a backup of this component
-                yield FormatError(f"manifest {key} is of a {backup.component} backup, filed under {component}/")
+                yield Unreadable(key, where, FormatError(f"manifest {key} is of a {backup.component} backup, filed under {component}/"))
                 continue
             if source is None or backup.source_name in (None, source):
                 yield backup

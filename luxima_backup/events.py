@@ -16,6 +16,7 @@ SUCCEEDED = "luxima.backup.succeeded"
 RESTORED = "luxima.restore.succeeded"
 VERIFICATION_FAILED = "luxima.verification.failed"
 CONFIG_DRIFT = "luxima.config.drift"
+RETENTION_HELD = "luxima.retention.held"
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,13 @@ def _emit(event: str, component: str, target: str, payload: dict[str, Any]) -> N
     """Send one event. One that cannot be sent never changes a backup's outcome, but is logged as an error
     where the operator looks (the run's log): the alerts and the RPO watchdog it feeds would stay silent."""
     from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
+    if not PREFECT_API_URL.value() and not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        # Prefect would queue it for a temporary server it may not start, and drop it later, unsaid
+        _logger().error("could not emit %s for %s %s, so no alert or RPO check sees it: no Prefect API is set "
+                        "(PREFECT_API_URL) and a temporary server is not allowed", event, component, target)
+        return
     try:
         sent = emit_event(event=event, resource=resource(component, target), payload=redacted(payload))
     except Exception as exc:
@@ -92,3 +99,8 @@ def config_drift(host: str, changes: dict[str, list[str]], commit: str | None) -
     listed = {k: v[:50] for k, v in changes.items() if v}
     _emit(CONFIG_DRIFT, "configs", host, {"changes": listed, "counts": {k: len(v) for k, v in changes.items()},
                                            "commit": commit})
+
+
+def retention_held(component: str, target: str, why: str) -> None:
+    """A prune left a target alone because its backups are failing (its newest verified one is past the RPO)."""
+    _emit(RETENTION_HELD, component, target, {"why": why})

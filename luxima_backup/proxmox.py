@@ -20,7 +20,8 @@ from .settings import ProxmoxEndpoint
 # the task is still running / its exit status: only "OK" is success ("WARNINGS: n" is a success with warnings)
 _WARNINGS = re.compile(r"^WARNINGS: (\d+)$")
 _PRIVILEGE = re.compile(r"Permission check failed \(([^,]+), ([^)]+)\)")
-TASK_POLL_SECONDS = 1.0
+# A task is polled soon after it starts (most are short), then less and less often (a vzdump takes hours).
+TASK_POLL_FIRST, TASK_POLL_MAX = 0.25, 5.0
 _TRANSIENT_500 = re.compile(r"timeout|timed out|no quorum|temporarily|try again|connection refused|unable to connect|"
                             r"cfs-lock|got lock request timeout", re.I)
 
@@ -156,8 +157,7 @@ class ProxmoxClient:
 
     # -- tasks --
 
-    def wait_task(self, node: str, upid: str, timeout: float, on_log: Callable[[str], None] | None = None,
-                  poll: float = TASK_POLL_SECONDS) -> TaskResult:
+    def wait_task(self, node: str, upid: str, timeout: float, on_log: Callable[[str], None] | None = None) -> TaskResult:
         """Wait for a task until it stops or ``timeout`` seconds pass, handing each new log line to ``on_log``.
 
         A task still running at the limit raises a ``ProxmoxError`` with its log's tail (the task itself goes on in
@@ -166,6 +166,7 @@ class ProxmoxClient:
         started = time.monotonic()
         seen = 0
         tail: list[str] = []
+        poll = TASK_POLL_FIRST
 
         def drain() -> None:
             nonlocal seen
@@ -183,16 +184,27 @@ class ProxmoxClient:
                 if len(lines) < 500:
                     return
 
+        unreachable: ProxmoxError | None = None
         while True:
-            status = self.get(f"nodes/{node}/tasks/{upid}/status")
-            drain()
+            try:
+                status = self.get(f"nodes/{node}/tasks/{upid}/status")
+                drain()
+                unreachable = None
+            except ProxmoxError as exc:
+                # The task runs on in Proxmox whatever happens to this connection: a blip while following it is
+                # waited out (up to the task's limit), never a failed backup or a second task.
+                if not exc.transient:
+                    raise
+                unreachable, status = exc, {}
             if status.get("status") == "stopped":
                 drain()
                 return TaskResult(upid, str(status.get("exitstatus", "unknown")), list(tail), time.monotonic() - started)
             if time.monotonic() - started > timeout:
-                raise ProxmoxError(f"task {upid} still running after {timeout:.0f}s; last log lines: " + " | ".join(tail[-5:]),
+                why = f"Proxmox unreachable: {unreachable}" if unreachable else "last log lines: " + " | ".join(tail[-5:])
+                raise ProxmoxError(f"task {upid} still running after {timeout:.0f}s; {why}",
                                    hint="raise the task_timeout_seconds setting, or look at the task in the Proxmox UI")
-            time.sleep(poll)
+            time.sleep(min(poll, max(0.0, timeout - (time.monotonic() - started)) + 0.05))
+            poll = min(poll * 1.5, TASK_POLL_MAX)
 
 
 def _from_resource(exc: Any, action: str, name: str) -> ProxmoxError:

@@ -30,13 +30,28 @@ def settings() -> Settings:
     return load_settings()
 
 
+def lock_days(s: Settings) -> dict[str, int]:
+    """How long object lock retains each component's objects (with storage.object_lock on): its retention."""
+    return {"db": s.db_backup.retention_days, "files": s.files_backup.retention_days, "configs": s.configs.retention_days}
+
+
 def store(s: Settings | None = None) -> ObjectStore:
     s = s or settings()
     with _lock:
         cached = _stores.get(id(s))
         if cached is None or cached[0] is not s:
-            cached = _stores[id(s)] = (s, store_from_settings(s.storage))
+            cached = _stores[id(s)] = (s, store_from_settings(s.storage, lock_days(s)))
         return cached[1]
+
+
+def pruner_store(component: str, s: Settings | None = None) -> ObjectStore:
+    """The store a prune deletes from: reached with the pruner's credentials when they are set (the backups' own
+    credentials then need no right to delete, and a stolen one cannot destroy backups)."""
+    s = s or settings()
+    cfg = s.configs.storage if component == "configs" and s.configs.storage is not None else s.storage
+    if cfg.pruner_access_key_id is None:
+        return config_store(s) if component == "configs" else store(s)
+    return store_from_settings(cfg.for_pruner(), lock_days(s))
 
 
 def config_store(s: Settings | None = None) -> ObjectStore:
@@ -47,7 +62,7 @@ def config_store(s: Settings | None = None) -> ObjectStore:
     with _lock:
         cached = _config_stores.get(id(s))
         if cached is None or cached[0] is not s:
-            cached = _config_stores[id(s)] = (s, store_from_settings(s.configs.storage))
+            cached = _config_stores[id(s)] = (s, store_from_settings(s.configs.storage, lock_days(s)))
         return cached[1]
 
 

@@ -133,18 +133,39 @@ class StorageSettings(_Section):
         "backoff doubling up to 20 s, so 10 attempts ride out about 2 minutes of unavailable storage)")
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
+    object_lock: Literal["off", "governance", "compliance"] = Field(
+        "off",
+        description="write every object under S3 Object Lock until its retention (+ lock_margin_days) has passed; the "
+        "bucket needs versioning and object lock enabled (`luxima-backup storage check`). governance: removable early "
+        "only with s3:BypassGovernanceRetention; compliance: by nobody",
+    )
+    lock_margin_days: int = Field(1, ge=0, le=365, description="added to each component's retention for its lock")
+    pruner_access_key_id: Secret | None = Field(
+        None, description="credentials the prune uses to delete (the backup credentials then need no delete right)")
+    pruner_secret_access_key: Secret | None = None
 
     @model_validator(mode="after")
     def _bucket_given(self) -> "StorageSettings":
         if self.kind == "local":
             if self.path is None or not self.path.is_absolute():
                 raise ValueError("storage.kind = 'local' needs storage.path, an absolute directory")
+            if self.object_lock != "off":
+                raise ValueError("storage.object_lock needs S3 object storage; a directory has no object lock")
             return self
         if not self.s3_bucket_block and not self.bucket:
             raise ValueError("set storage.bucket (with endpoint_url and credentials) or storage.s3_bucket_block")
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both storage.access_key_id and storage.secret_access_key, or neither (AWS default chain)")
+        if (self.pruner_access_key_id is None) != (self.pruner_secret_access_key is None):
+            raise ValueError("set both storage.pruner_access_key_id and storage.pruner_secret_access_key, or neither")
         return self
+
+    def for_pruner(self) -> "StorageSettings":
+        """The same storage reached with the pruner's credentials (those with the right to delete), when set."""
+        if self.pruner_access_key_id is None:
+            return self
+        return self.model_copy(update={"access_key_id": self.pruner_access_key_id,
+                                       "secret_access_key": self.pruner_secret_access_key, "s3_bucket_block": None})
 
 
 class VaultSettings(_Section):
@@ -625,6 +646,44 @@ class AlertSettings(_Section):
         return self
 
 
+class RetentionPolicy(_Section):
+    """Which verified backups of a target are kept (besides its newest, always); Proxmox Backup Server's options."""
+
+    keep_days: int | None = Field(None, ge=1, description="keep everything completed within this many days "
+                                  "(default: the component's retention_days)")
+    keep_last: int = Field(0, ge=0)
+    keep_daily: int = Field(0, ge=0)
+    keep_weekly: int = Field(0, ge=0)
+    keep_monthly: int = Field(0, ge=0)
+
+
+class RetentionSettings(_Section):
+    """The prune: what is removed from storage, and the interlocks that keep the last good backups safe."""
+
+    timezone: str = Field("Asia/Jakarta", description="days, weeks and months of the keep_* options are counted here")
+    max_delete_percent: float = Field(50, gt=0, le=100, description="a run removing more of one target's backups "
+                                      "than this is refused for that target unless forced")
+    grace_hours: float = Field(24, gt=0, description="objects no manifest names, and uploads left open, older than this "
+                               "are removed by the sweep (younger ones may belong to a running backup: keep it above "
+                               "the longest backup's duration)")
+    policies: dict[str, RetentionPolicy] = Field(
+        default_factory=dict,
+        description="by component (db, files, configs) or by target (db/main, files/userfiles, configs/app1)",
+    )
+    timeout_seconds: float = Field(2 * 3600, gt=0, description="the whole prune run ends TimedOut after this")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Jakarta)") from None
+        return value
+
+
 class LogSettings(_Section):
     """Where runs are recorded (``internal.backup_logs``)."""
 
@@ -650,6 +709,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     proxmox: dict[str, ProxmoxEndpoint] = Field(default_factory=dict, description="Proxmox VE APIs (VM backups and restores)")
     vm_backup: VmBackupSettings = Field(default_factory=VmBackupSettings)
     vm_restore: VmRestoreSettings = Field(default_factory=VmRestoreSettings)
@@ -699,6 +759,17 @@ class Settings(BaseSettings):
         except KeyError:
             raise ConfigError(f"no Proxmox API named {name!r} in the settings",
                               hint=f"add [proxmox.{name}] (address, nodes, token_id, token_secret) or use one of {sorted(self.proxmox)}") from None
+
+    def retention_policy(self, component: str, target: str) -> RetentionPolicy:
+        """The policy of one target: its own, its component's, or the component's retention_days."""
+        days = {"db": self.db_backup.retention_days, "files": self.files_backup.retention_days,
+                "configs": self.configs.retention_days}.get(component)
+        policy = self.retention.policies.get(f"{component}/{target}") or self.retention.policies.get(component)
+        if policy is None:
+            return RetentionPolicy(keep_days=days)
+        return policy if policy.keep_days is not None or any(
+            (policy.keep_last, policy.keep_daily, policy.keep_weekly, policy.keep_monthly)) else policy.model_copy(
+            update={"keep_days": days})
 
     @property
     def config_repo(self) -> Path:

@@ -20,7 +20,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Protocol
 
@@ -46,6 +46,10 @@ class ObjectStore(Protocol):
     def stat(self, key: str) -> ObjectInfo: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
     def remove(self, key: str) -> None: ...
+    def purge(self, key: str) -> None: ...
+    def locked_until(self, key: str) -> datetime | None: ...
+    def stale_uploads(self, prefix: str, older_than: datetime) -> list[tuple[str, str]]: ...
+    def abort_upload(self, key: str, upload_id: str) -> None: ...
 
 
 _TRANSIENT_CODES = {
@@ -101,13 +105,38 @@ def _from_client_error(exc: Any, action: str, retried: bool = True) -> StorageEr
     return StorageError(f"object storage failed while {action} ({msg})", transient=transient, retried=transient and retried)
 
 
+@dataclass(frozen=True)
+class LockPolicy:
+    """S3 Object Lock for what a store writes: each object retained for its component's retention (the component is
+    the key's segment after the prefix: ``<prefix>/<component>/...``) plus a margin. Keys of other components are
+    written unlocked."""
+
+    mode: str  # GOVERNANCE or COMPLIANCE
+    days: dict[str, int]
+    margin_days: int
+    prefix: str
+
+    def args(self, key: str) -> dict[str, Any]:
+        component = key[len(self.prefix) + 1:].split("/", 1)[0] if key.startswith(self.prefix + "/") else ""
+        days = self.days.get(component)
+        if days is None:
+            return {}
+        until = datetime.now(timezone.utc) + timedelta(days=days + self.margin_days)
+        # S3 takes a retention period only with a checksum of the body (Content-MD5 or a CRC)
+        return {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": until, "ChecksumAlgorithm": "CRC32"}
+
+
 class S3Store:
     """``ObjectStore`` on an S3-compatible bucket, through a prefect-aws ``S3Bucket`` block."""
 
-    def __init__(self, bucket: "S3Bucket", cfg: StorageSettings):
+    def __init__(self, bucket: "S3Bucket", cfg: StorageSettings, lock: LockPolicy | None = None):
         self.bucket = bucket
         self.cfg = cfg
         self.name = bucket.bucket_name
+        self.lock = lock
+
+    def _lock_args(self, key: str) -> dict[str, Any]:
+        return self.lock.args(key) if self.lock is not None else {}
 
     @property
     def _client(self) -> Any:
@@ -128,13 +157,14 @@ class S3Store:
         return config
 
     def save(self, key: str, src: BinaryIO) -> ObjectInfo:
+        extra = self._lock_args(key)
         with translate_errors(f"uploading {key}"):
-            self.bucket.upload_from_file_object(src, key, Config=self._transfer_config())
+            self.bucket.upload_from_file_object(src, key, Config=self._transfer_config(), **({"ExtraArgs": extra} if extra else {}))
         return self.stat(key)
 
     def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         with translate_errors(f"writing {key}"):
-            self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type)
+            self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type, **self._lock_args(key))
         return ObjectInfo(key, len(data))
 
     @contextlib.contextmanager
@@ -161,6 +191,35 @@ class S3Store:
     def remove(self, key: str) -> None:
         with translate_errors(f"removing {key}"):
             self._client.delete_object(Bucket=self.name, Key=key)
+
+    def purge(self, key: str) -> None:
+        """Remove the object for good: in a versioned bucket, every version of it (a plain delete would only hide it
+        behind a delete marker and keep its bytes). A version under object lock is refused by the storage."""
+        with translate_errors(f"listing the versions of {key}"):
+            resp = self._client.list_object_versions(Bucket=self.name, Prefix=key)
+        versions = [v for v in resp.get("Versions", []) + resp.get("DeleteMarkers", []) if v["Key"] == key]
+        if not versions:
+            return
+        for v in versions:
+            with translate_errors(f"removing {key} (version {v['VersionId']})"):
+                self._client.delete_object(Bucket=self.name, Key=key, VersionId=v["VersionId"])
+
+    def locked_until(self, key: str) -> datetime | None:
+        """The object-lock retain-until date of the current version, if it has one still ahead."""
+        with translate_errors(f"checking {key}"):
+            head = self._client.head_object(Bucket=self.name, Key=key)
+        until = head.get("ObjectLockRetainUntilDate")
+        return until if until is not None and until > datetime.now(timezone.utc) else None
+
+    def stale_uploads(self, prefix: str, older_than: datetime) -> list[tuple[str, str]]:
+        """(key, upload id) of multipart uploads started before ``older_than`` and never completed or aborted."""
+        with translate_errors(f"listing incomplete uploads under {prefix}"):
+            resp = self._client.list_multipart_uploads(Bucket=self.name, Prefix=prefix)
+        return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", []) if u["Initiated"] < older_than]
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with translate_errors(f"aborting the upload of {key}"):
+            self._client.abort_multipart_upload(Bucket=self.name, Key=key, UploadId=upload_id)
 
     def incomplete_uploads(self, prefix: str) -> list[str]:
         """Keys of multipart uploads started and never completed or aborted under ``prefix``."""
@@ -312,6 +371,34 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def purge(self, key: str) -> None:
+        self.remove(key)
+
+    def locked_until(self, key: str) -> datetime | None:
+        return None  # a directory has no object lock (an immutable NAS snapshot is outside our view)
+
+    def stale_uploads(self, prefix: str, older_than: datetime) -> list[tuple[str, str]]:
+        """Partial files of saves that never finished (a killed process leaves them), as (key, file name)."""
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root.joinpath(*base.split("/")) if base else self.root
+        found = []
+        for dirpath, _, files in os.walk(start):
+            for name in files:
+                if ".partial-" not in name:
+                    continue
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix().split(".partial-", 1)[0]
+                with contextlib.suppress(FileNotFoundError):
+                    if key.startswith(prefix) and datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < older_than:
+                        found.append((key, name))
+        return sorted(found)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        if "/" in upload_id or not upload_id.startswith(self._path(key).name + ".partial-"):
+            raise StorageError(f"{upload_id!r} is not a partial file of {key}")
+        with contextlib.suppress(FileNotFoundError):
+            (self._path(key).parent / upload_id).unlink()
+
 
 def _fsync_dir(path: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
@@ -322,8 +409,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def store_from_settings(cfg: StorageSettings) -> ObjectStore:
+def store_from_settings(cfg: StorageSettings, lock_days: dict[str, int] | None = None) -> ObjectStore:
+    """The store of these settings; with object lock on, objects of the components in ``lock_days`` are retained
+    that many days (+ the margin)."""
     if cfg.kind == "local":
         assert cfg.path is not None
         return LocalStore(cfg.path)
-    return S3Store(make_bucket(cfg), cfg)
+    lock = None
+    if cfg.object_lock != "off":
+        lock = LockPolicy(cfg.object_lock.upper(), dict(lock_days or {}), cfg.lock_margin_days, cfg.prefix)
+    return S3Store(make_bucket(cfg), cfg, lock)
+
+
+def protection(store: ObjectStore) -> dict[str, Any]:
+    """What the storage itself does to keep backups: versioning, object lock and its default retention."""
+    if not isinstance(store, S3Store):
+        return {"kind": "local", "versioning": None, "object_lock": None, "default_retention": None}
+    client = store._client
+    with translate_errors(f"reading the versioning of bucket {store.name}"):
+        versioning = client.get_bucket_versioning(Bucket=store.name).get("Status", "Disabled")
+    try:
+        with translate_errors(f"reading the object lock configuration of bucket {store.name}"):
+            conf = client.get_object_lock_configuration(Bucket=store.name).get("ObjectLockConfiguration", {})
+    except StorageError as exc:
+        if "ObjectLockConfigurationNotFound" not in str(exc):
+            raise
+        conf = {}
+    rule = conf.get("Rule", {}).get("DefaultRetention") or None
+    return {"kind": "s3", "bucket": store.name, "versioning": versioning,
+            "object_lock": conf.get("ObjectLockEnabled") == "Enabled", "default_retention": rule}
+
+
+def protection_problems(cfg: StorageSettings, found: dict[str, Any]) -> list[str]:
+    """How the storage's protection falls short of the settings (empty: as configured)."""
+    if found["kind"] != "s3":
+        return []
+    problems = []
+    if found["versioning"] != "Enabled":
+        problems.append(f"bucket {found['bucket']} has versioning {found['versioning']}: an overwritten or deleted backup "
+                        "is gone at once (enable versioning)")
+    if cfg.object_lock != "off" and not found["object_lock"]:
+        problems.append(f"storage.object_lock = {cfg.object_lock!r} but bucket {found['bucket']} has no object lock: "
+                        "it can only be enabled on a versioned bucket (create one with object lock, or ask the provider)")
+    if cfg.object_lock == "off" and found["object_lock"]:
+        problems.append(f"bucket {found['bucket']} has object lock but storage.object_lock = 'off': backups are "
+                        "written without their own retain-until dates")
+    rule = found.get("default_retention")
+    if rule and cfg.object_lock != "off" and rule.get("Mode", "").lower() != cfg.object_lock:
+        problems.append(f"the bucket's default retention mode is {rule.get('Mode')}, the settings say {cfg.object_lock.upper()}")
+    return problems

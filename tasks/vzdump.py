@@ -167,7 +167,16 @@ def vzdump(guest: Guest) -> dict[str, Any]:
     cfg = settings.vm_backup
     px = runtime.proxmox(cfg.proxmox, settings)
     logger = get_run_logger()
-    result, path = run_vzdump(px, guest, cfg, lambda line: logger.info("vzdump %s: %s", guest.vmid, line))
+    warned: list[str] = []  # Proxmox's warn() lines: what "WARNINGS: n" counts
+
+    def log_line(line: str) -> None:
+        if line.startswith(("WARN:", "WARNING:")):
+            warned.append(line)
+            logger.warning("vzdump %s: %s", guest.vmid, line)
+        else:
+            logger.info("vzdump %s: %s", guest.vmid, line)
+
+    result, path = run_vzdump(px, guest, cfg, log_line)
     if not result.ok:
         # Proxmox checks VM.Backup inside the task: a missing privilege is its exit status, not a 403
         denied = "Permission check failed" in result.exitstatus
@@ -178,7 +187,7 @@ def vzdump(guest: Guest) -> dict[str, Any]:
         logger.warning("vzdump of %s ended with %d warning(s)", guest.label, result.warnings)
     archive = _new_archive(px, guest, cfg.storage, int(parse_upid(result.upid)["starttime"], 16), path)
     logger.info("archive %s: %d bytes", archive["volid"], archive["size"])
-    return {"upid": result.upid, "exitstatus": result.exitstatus, "warnings": result.warnings,
+    return {"upid": result.upid, "exitstatus": result.exitstatus, "warnings": result.warnings, "warning_lines": warned[-20:],
             "log_tail": result.log_tail[-20:], "seconds": round(result.seconds, 3), "archive": archive}
 
 

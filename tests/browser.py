@@ -39,7 +39,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     setattr(item, f"report_{report.when}", report)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after the module: Playwright's event loop would make later flows async
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 

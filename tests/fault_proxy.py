@@ -81,6 +81,8 @@ class FaultProxy:
                     flipped[len(flipped) // 2] ^= 0x01  # one bit, mid-object: the stored object itself is intact
                     data = bytes(flipped)
                     proxy.corrupted.set()
+                # recorded before answering: a client that has its answer finds it counted
+                proxy._record(self.command, self.path, resp.status, resp.status)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in {"transfer-encoding", "connection", "content-length"}:
@@ -91,16 +93,15 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                proxy._record(self.command, self.path, resp.status, resp.status)
 
             def _answer_error(self, rule: Rule, upstream_status: int | None) -> None:
                 payload = _ERROR.replace(b"{code}", rule.code.encode())
+                proxy._record(self.command, self.path, upstream_status, rule.status)
                 self.send_response(rule.status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
-                proxy._record(self.command, self.path, upstream_status, rule.status)
 
             def _body(self) -> bytes:
                 """The request body, also when sent with chunked transfer encoding (a stream of unknown size)."""

@@ -105,7 +105,7 @@ def test_the_catalog_lists_by_component_and_never_offers_a_misfiled_manifest(tmp
     store.save_bytes(misfiled, json.dumps(configs).encode())
     found = list(catalog.iter_backups(store, "backups", "db", "main"))
     assert [b.backup_id for b in found if isinstance(b, catalog.Backup)] == [db["backup_id"]]
-    assert any(isinstance(e, FormatError) and misfiled in str(e) for e in found)
+    assert any(isinstance(e, catalog.Unreadable) and e.manifest_key == misfiled and misfiled in str(e) for e in found)
     assert catalog.resolve(store, "backups", "db", "latest", source="main").backup_id == db["backup_id"]
     with pytest.raises(ConfigError, match="is a configs backup"):
         catalog.resolve(store, "backups", "db", misfiled)

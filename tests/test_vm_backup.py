@@ -230,3 +230,52 @@ def test_an_unreachable_node_is_transient_and_a_refusal_is_not(pve: ProxmoxSimul
     with pytest.raises(ProxmoxError) as err:
         down.get("version")
     assert err.value.transient and "cannot reach" in str(err.value)
+
+
+def test_warnings_and_uncovered_guests_are_reported_and_the_command_lists_the_backups(
+    pve: ProxmoxSimulator, vm_settings: Any, prefect_server: Any,
+) -> None:
+    import httpx
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    pve.add_guest(NODE2, 150, "qemu", name="forgotten")  # no job and not selected: reported
+    pve.add_backup_job([101])  # a Proxmox job covers the container
+    config = vm_settings()
+    pve.warn_next_vzdump(100, "unable to add notes - injected warning")
+    state = run()
+    assert state.is_completed(), state  # WARNINGS: n is a success
+    result = state.result()
+    assert result["guests"]["web"]["warnings"] == 1 and result["not_covered"] == [150]
+    run_id = str(state.state_details.flow_run_id)
+    found = httpx.post(f"{prefect_server.api_url}/artifacts/filter",
+                       json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 20, "offset": 0}).json()
+    summary = next(a["data"] for a in found if a["key"] == "vm-backup-summary")
+    assert "**web** ended with 1 warning(s)" in summary and "injected warning" in summary
+    assert "forgotten (150)" in summary
+
+    listed = CliRunner().invoke(app, ["list", "--component", "vm", "--source", "web", "--json", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    assert [r["object_key"] for r in rows] == [result["guests"]["web"]["volid"]] and rows[0]["type"] == "vzdump-qemu"
+    shown = CliRunner().invoke(app, ["show", "latest", "--component", "vm", "--source", "web", "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    doc = json.loads(shown.stdout)
+    assert doc["archive"]["volid"] == rows[0]["object_key"] and doc["task"]["exitstatus"] == "WARNINGS: 1"
+
+
+def test_a_blip_while_following_a_task_is_waited_out(pve: ProxmoxSimulator) -> None:
+    """The task runs on in Proxmox: losing the node for a moment while polling it must not fail (or repeat) it."""
+    from luxima_backup.proxmox import ProxmoxClient
+    from luxima_backup.settings import ProxmoxEndpoint
+
+    px = ProxmoxClient("main", ProxmoxEndpoint.model_validate({
+        "address": pve.url, "nodes": [NODE], "token_id": "root@pam!sim", "token_secret": "env:X", "ca_cert": str(pve.ca_path)}),
+        pve.root_token.secret)
+    pve.slow_tasks(1.5)
+    upid = px.post(f"nodes/{NODE}/vzdump", vmid=100, storage="backup", mode="snapshot", compress="zstd")
+    pve.fail_next(3, 595)  # the next polls: the proxy cannot reach the node
+    result = px.wait_task(NODE, upid, timeout=60)
+    assert result.ok and any("Finished Backup of VM 100" in line for line in result.log_tail)
+    assert len(archives(pve, 100)) == 1  # one task, one archive

@@ -138,6 +138,7 @@ def test_a_dr_restore_on_the_second_node_waits_for_the_agent_and_reaches_the_gue
     assert rows[f"GET http://{TEST_ADDRESS}:{health}/health"]["actual"] == "200"
     assert "after" in rows["guest agent answers"]["actual"]
     assert rows["net0 link cut (isolated)"]["actual"] == "0"
+    assert rows["net0 MAC is new"]["ok"]  # beside the original, on the DR node: never its MAC
     status = api(pve).nodes(NODE2).qemu(102).status.current.get()
     assert status["status"] == "running"
 

@@ -1,0 +1,110 @@
+"""Where every backup target stands, from the manifests in storage alone: the last good backup against the RPO.
+
+A target is a database section, a file source, a config host or a Proxmox guest: those configured
+(even if never backed up: that is the worst status of all) and those with backups in storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import catalog, runtime
+from .manifest import ConfigManifest, DbManifest, FilesManifest, VmManifest
+from .settings import Settings
+
+COMPONENTS = ("db", "files", "configs", "vm")
+
+
+@dataclass
+class TargetStatus:
+    component: str
+    target: str
+    last_success: datetime | None
+    age_hours: float | None
+    rpo_hours: float | None
+    beyond_rpo: bool
+    last_verified: datetime | None
+    kept: int
+    bytes_stored: int
+    chain_length: int | None
+    oldest_kept: datetime | None
+    locked_until: datetime | None
+    unreadable: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
+
+
+def _bytes(m: Any) -> int:
+    if isinstance(m, DbManifest):
+        return m.dump.size_encrypted + (m.globals.encrypted_bytes or 0)
+    if isinstance(m, FilesManifest):
+        return m.archive.size_encrypted + m.index.size_encrypted
+    if isinstance(m, ConfigManifest):
+        return m.archive.size_encrypted
+    if isinstance(m, VmManifest):
+        return m.archive.size
+    return 0
+
+
+def configured(settings: Settings) -> dict[str, set[str]]:
+    """The targets the settings back up (VMs by name when named: vmids and pools resolve only on the cluster)."""
+    return {"db": {settings.db_backup.database}, "files": set(settings.files_backup.sources),
+            "configs": set(settings.configs.hosts),
+            "vm": {str(g) for g in settings.vm_backup.guests if not str(g).isdigit()}}
+
+
+def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
+    out = []
+    for component in COMPONENTS:
+        if component == "configs":
+            store, prefix = runtime.config_store(settings), runtime.config_prefix(settings)
+        else:
+            store, prefix = runtime.store(settings), settings.storage.prefix
+        backups: dict[str, list[catalog.Backup]] = {}
+        unreadable: dict[str, int] = {}
+        for b in catalog.iter_backups(store, prefix, component):
+            if isinstance(b, catalog.Backup):
+                name = b.source_name or b.manifest_key[len(prefix) + len(component) + 2:].split("/", 1)[0]
+                backups.setdefault(name, []).append(b)
+            else:
+                unreadable[b.folder] = unreadable.get(b.folder, 0) + 1
+        window = settings.alerts.rpo.get(component)
+        for name in sorted(set(backups) | configured(settings)[component] | set(unreadable)):
+            found = sorted(backups.get(name, []), key=lambda b: b.completed_at)
+            good = [b for b in found if b.verified]
+            last = good[-1] if good else None
+            age = (now - last.completed_at) if last else None
+            verified_at = None
+            if last is not None and last.manifest.verification.get("verified_at"):
+                verified_at = datetime.fromisoformat(str(last.manifest.verification["verified_at"]))
+            locked = None
+            if last is not None and not isinstance(last.manifest, VmManifest):
+                try:
+                    locked = store.locked_until(last.manifest.data.key)
+                except Exception:  # a report: an unreadable lock state is no lock state
+                    locked = None
+            out.append(TargetStatus(
+                component=component, target=name,
+                last_success=last.completed_at if last else None,
+                age_hours=round(age.total_seconds() / 3600, 2) if age is not None else None,
+                rpo_hours=round(window.total_seconds() / 3600, 2) if window else None,
+                beyond_rpo=window is not None and (age is None or age > window),
+                last_verified=verified_at,
+                kept=len(found), bytes_stored=sum(_bytes(b.manifest) for b in found),
+                chain_length=len(last.manifest.archives) if last is not None and isinstance(last.manifest, FilesManifest) else None,
+                oldest_kept=found[0].completed_at if found else None,
+                locked_until=locked, unreadable=unreadable.get(name, 0)))
+    return out
+
+
+def age_text(hours: float | None) -> str:
+    if hours is None:
+        return "never"
+    return f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
+
+
+def window_text(window: timedelta | None) -> str:
+    return age_text(window.total_seconds() / 3600) if window else "-"

@@ -1,0 +1,139 @@
+"""Retention stages: prune one target by its plan, and sweep what no backup owns.
+
+A backup goes manifest first (the catalog stops offering it), then its objects, for good (every
+version in a versioned bucket). A crash in between leaves objects without a manifest: the sweep
+removes those once they are older than the grace period, which also covers what failed runs left
+and multipart uploads never completed. Nothing under object lock is attempted before its date; a
+refusal of one object is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import catalog, events, manifest, retention, runtime
+from luxima_backup.errors import ObjectNotFound
+from luxima_backup.manifest import FilesManifest
+from luxima_backup.storage import ObjectStore
+
+# The objects a backup writes are named <UTC time>.<what>…; nothing else under the prefix is swept.
+_BACKUP_OBJECT = re.compile(r"/\d{8}T\d{6}Z\.[^/]+$")
+
+
+def location(component: str) -> tuple[ObjectStore, str]:
+    """Where a component's backups are, reached as the pruner (its own credentials when set)."""
+    settings = runtime.settings()
+    prefix = runtime.config_prefix(settings) if component == "configs" else settings.storage.prefix
+    return runtime.pruner_store(component, settings), prefix
+
+
+def _age(now: datetime, then: datetime) -> str:
+    days = (now - then).total_seconds() / 86400
+    return f"{days:.1f} d"
+
+
+@task(name="prune-target", cache_policy=NO_CACHE, persist_result=False)
+def prune_target(component: str, target: str, dry_run: bool, force: bool) -> dict[str, Any]:
+    """Decide every backup of one target and remove those the plan lets go (nothing when dry_run or held)."""
+    settings = runtime.settings()
+    logger = get_run_logger()
+    store, prefix = location(component)
+    now = datetime.now(timezone.utc)
+    backups = {b.backup_id: b for b in catalog.list_backups(store, prefix, component, target,
+                                                            catalog.legacy_folders(settings, component, target))}
+    items = [retention.Item(b.backup_id, b.completed_at, b.verified,
+                            frozenset(b.manifest.archives) if isinstance(b.manifest, FilesManifest) else frozenset())
+             for b in backups.values()]
+    policy = settings.retention_policy(component, target)
+    p = retention.plan(f"{component}/{target}", items,
+                       retention.Policy(policy.keep_days, policy.keep_last, policy.keep_daily, policy.keep_weekly,
+                                        policy.keep_monthly),
+                       now, settings.alerts.rpo.get(component), settings.retention.timezone,
+                       settings.retention.max_delete_percent, force)
+    removing = {d.backup_id for d in p.remove}
+    rows = []
+    for d in p.decisions:  # newest first: a chain goes newest first
+        row = {"target": p.target, "backup": d.backup_id, "age": _age(now, d.completed_at),
+               "action": "keep" if d.keep else ("would remove" if dry_run else "remove"), "why": d.why}
+        if not d.keep and p.held:
+            row["action"], row["why"] = "keep (held)", f"{d.why}; {p.held}"
+        elif d.backup_id in removing and not dry_run:
+            row["action"], row["why"] = _remove(store, backups[d.backup_id], d.why)
+        rows.append(row)
+    if p.held:
+        logger.warning("%s: %s", p.target, p.held)
+        if "RPO" in p.held:
+            events.retention_held(component, target, p.held)
+    removed = sum(r["action"] == "removed" for r in rows)
+    logger.info("%s: %d backup(s), %d kept, %d %s", p.target, len(rows), sum(r["action"].startswith("keep") for r in rows),
+                removed if not dry_run else len(removing), "removed" if not dry_run else "would be removed")
+    return {"target": p.target, "held": p.held, "rows": rows, "removed": removed,
+            "failed": sum(r["action"] in ("removal failed", "locked") for r in rows)}
+
+
+def _remove(store: ObjectStore, backup: catalog.Backup, why: str) -> tuple[str, str]:
+    """Manifest first, then the backup's own objects; what is locked is not attempted."""
+    keys = [backup.manifest_key, *backup.manifest.objects()]
+    try:
+        locked = [(k, until) for k in keys for until in [_locked(store, k)] if until is not None]
+        if locked:
+            key, until = locked[0]
+            return "locked", f"{why}; {key.rsplit('/', 1)[-1]} is under object lock until {until.isoformat()}"
+        for key in keys:
+            store.purge(key)
+    except Exception as exc:  # reported; the others go on, and the next run (or the sweep) tries again
+        return "removal failed", f"{why}; {type(exc).__name__}: {exc}"
+    return "removed", why
+
+
+def _locked(store: ObjectStore, key: str) -> datetime | None:
+    try:
+        return store.locked_until(key)
+    except ObjectNotFound:
+        return None
+
+
+@task(name="sweep", cache_policy=NO_CACHE, persist_result=False)
+def sweep(component: str, dry_run: bool) -> list[dict[str, Any]]:
+    """Objects no manifest names and uploads never completed, older than the grace period, removed (and listed)."""
+    settings = runtime.settings()
+    store, prefix = location(component)
+    now = datetime.now(timezone.utc)
+    cutoff = now - timedelta(hours=settings.retention.grace_hours)
+    base = f"{prefix}/{component}/"
+    objects = list(store.list(base))
+    manifests = {o.key for o in objects if o.key.endswith(manifest.MANIFEST_SUFFIX)}
+    rows = []
+    for o in objects:
+        if o.key in manifests or not _BACKUP_OBJECT.search(o.key) or manifest.manifest_key_for(o.key) in manifests:
+            continue
+        if o.last_modified is None or o.last_modified > cutoff:
+            continue  # may belong to a backup running now
+        row = {"target": component, "backup": o.key, "age": _age(now, o.last_modified),
+               "action": "would remove" if dry_run else "removed", "why": "no manifest names it (a failed or interrupted run)"}
+        if not dry_run:
+            try:
+                until = _locked(store, o.key)
+                if until is not None:
+                    row["action"], row["why"] = "locked", f"{row['why']}; under object lock until {until.isoformat()}"
+                else:
+                    store.purge(o.key)
+            except Exception as exc:
+                row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    for key, upload in store.stale_uploads(base, cutoff):
+        row = {"target": component, "backup": key, "age": f"> {settings.retention.grace_hours:g} h",
+               "action": "would abort" if dry_run else "aborted", "why": "an upload never completed"}
+        if not dry_run:
+            try:
+                store.abort_upload(key, upload)
+            except Exception as exc:
+                row["action"], row["why"] = "abort failed", f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    get_run_logger().info("sweep of %s: %d leftover(s)", base, len(rows))
+    return rows
