@@ -85,6 +85,13 @@ def _ready_to_run(settings: Settings) -> None:
         os.environ.update(hidden)
 
 
+def _targets(settings: Settings) -> dict[str, list[str]]:
+    """The configured backup targets, each watched by its own RPO alert."""
+    from luxima_backup.status import configured
+
+    return {component: sorted(names) for component, names in configured(settings).items()}
+
+
 def _fail(exc: BaseException) -> None:
     from luxima_backup.secrets import redact
 
@@ -200,7 +207,8 @@ def status_cmd(
 ) -> None:
     """Every backup target's last good backup against its RPO, what is kept and stored (from storage alone).
 
-    Exits 1 when any target is beyond its RPO (or was never backed up): usable by monitoring.
+    Exits 1 when any target is beyond its RPO (or was never backed up) or has a backup the last read-back found
+    damaged: usable by monitoring.
     """
     _use_config(config)
     from datetime import timezone
@@ -220,8 +228,9 @@ def status_cmd(
             last = s.last_success.strftime("%Y-%m-%d %H:%M") if s.last_success else "never"
             typer.echo(f"{s.component + '/' + s.target:<28} {'BEYOND RPO' if s.beyond_rpo else 'ok':<11} {last:<17} "
                        f"{age_text(s.age_hours):>8} {age_text(s.rpo_hours) if s.rpo_hours else '-':>7} {s.kept:>5} "
-                       f"{s.bytes_stored / 2**20:>9.1f}" + (f"  ({s.unreadable} unreadable manifest(s))" if s.unreadable else ""))
-    raise typer.Exit(1 if any(s.beyond_rpo for s in statuses) else 0)
+                       f"{s.bytes_stored / 2**20:>9.1f}" + (f"  ({s.unreadable} unreadable manifest(s))" if s.unreadable else "")
+                       + (f"  ({s.damaged} DAMAGED when read back)" if s.damaged else ""))
+    raise typer.Exit(1 if any(s.beyond_rpo or s.damaged for s in statuses) else 0)
 
 
 @storage_app.command("check")
@@ -412,7 +421,7 @@ def deploy_cmd(alerts: bool = typer.Option(True, "--alerts/--no-alerts", help="a
         settings = load_settings()
         storage = register_storage(settings)
         names = deploy_all()
-        result = setup_alerts(settings.alerts) if alerts else {}
+        result = setup_alerts(settings.alerts, targets=_targets(settings)) if alerts else {}
     except BackupError as exc:
         _fail(exc)
     if storage.get("s3_bucket"):
@@ -476,7 +485,7 @@ def alerts_setup(config: Optional[Path] = ConfigOpt) -> None:
 
     try:
         settings = load_settings()
-        result = setup_alerts(settings.alerts)
+        result = setup_alerts(settings.alerts, targets=_targets(settings))
     except BackupError as exc:
         _fail(exc)
     if not result:

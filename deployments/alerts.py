@@ -18,6 +18,8 @@ the flow's own, which the flows scrub of secrets before raising.
 
 from __future__ import annotations
 
+import re
+
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -81,6 +83,14 @@ RPO_TARGET_BODY = (
 )
 
 
+RPO_ONE_SUBJECT = "[luxima-backup] no successful {component} backup of {target} for {window}"
+RPO_ONE_BODY = (
+    "No successful backup of {component} {target} (event luxima.backup.succeeded) arrived within {window}, its RPO "
+    "window. Checked at {{{{ firing.triggered }}}}.\n"
+    "Look at the {component} backup deployment's recent runs; a target that never succeeded alerts from the first window."
+)
+
+
 def notification_block(channel: AlertChannel) -> Any:
     """The Prefect notification block for one channel (not yet saved)."""
     from prefect.blocks.notifications import (
@@ -116,8 +126,10 @@ def watched_components() -> list[str]:
     return found
 
 
-def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]) -> list[Any]:
-    """The automations wanted for these settings (not yet saved)."""
+def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str],
+                targets: dict[str, list[str]] | None = None) -> list[Any]:
+    """The automations wanted for these settings (not yet saved); ``targets``: the configured targets of each
+    component, each watched on its own from the start (one that never succeeds is not hidden by another that does)."""
     from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 
     def notify(subject: str, body: str) -> list[Any]:
@@ -210,12 +222,23 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
             # After each target's success, another must follow within the window (one watch per target).
             trigger=EventTrigger(
                 after={events.SUCCEEDED}, expect={events.SUCCEEDED},
-                match={"prefect.resource.id": f"luxima.backup.{component}.*"},
+                match={"prefect.resource.id": f"luxima.backup.{component}.*", "luxima.watch": "!own"},
                 for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=window,
             ),
             actions=notify(RPO_TARGET_SUBJECT.format(component=component, window=window),
                            RPO_TARGET_BODY.format(component=component, window=window)),
         ))
+        for target in sorted((targets or {}).get(component, [])):
+            wanted.append(Automation(
+                name=f"{p}: RPO {component}/{target}",
+                description=f"No successful {component} backup of {target} within {window}.",
+                trigger=EventTrigger(
+                    expect={events.SUCCEEDED}, match={"prefect.resource.id": f"luxima.backup.{component}.{target}"},
+                    posture=Posture.Proactive, threshold=1, within=window,
+                ),
+                actions=notify(RPO_ONE_SUBJECT.format(component=component, target=target, window=window),
+                               RPO_ONE_BODY.format(component=component, target=target, window=window)),
+            ))
     return wanted
 
 
@@ -238,13 +261,28 @@ def upsert(desired: Any) -> tuple[Any, str]:
     return desired, "updated"
 
 
-def setup_alerts(cfg: AlertSettings, components: list[str] | None = None) -> dict[str, str]:
-    """Save the channels' blocks and upsert the automations; returns what happened to each."""
+def setup_alerts(cfg: AlertSettings, components: list[str] | None = None,
+                 targets: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Save the channels' blocks and upsert the automations; the RPO watches of targets no longer configured are
+    removed (a target taken out of the settings must not alert forever). Returns what happened to each."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import AutomationSort
+
     if not cfg.channels:
         return {}
     block_ids = list(save_blocks(cfg).values())
     result: dict[str, str] = {}
-    for automation in automations(cfg, block_ids, watched_components() if components is None else components):
+    wanted = automations(cfg, block_ids, watched_components() if components is None else components, targets)
+    for automation in wanted:
         _, what = upsert(automation)
         result[automation.name] = what
+    if targets is not None:
+        names = {a.name for a in wanted}
+        per_target = re.compile(rf"^{re.escape(cfg.automation_prefix)}: RPO [a-z]+/.+$")
+        with get_client(sync_client=True) as client:
+            # (Prefect 3.8.8's client needs sort and limit spelt out: the server refuses nulls)
+            for existing in client.read_automations(sort=AutomationSort.NAME_ASC, limit=200, offset=0):
+                if per_target.match(existing.name) and existing.name not in names:
+                    client.delete_automation(existing.id)
+                    result[existing.name] = "removed"
     return result

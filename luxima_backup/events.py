@@ -27,7 +27,20 @@ def resource(component: str, target: str) -> dict[str, str]:
         "prefect.resource.name": f"{component} backup of {target}",
         "luxima.component": component,
         "luxima.target": target,
+        # "own": the settings name this target, and it has an RPO watch of its own; the shared per-target watch
+        # (targets found at run time: VMs of a pool) leaves it out, so one late target alerts once
+        "luxima.watch": "own" if _configured(component, target) else "shared",
     }
+
+
+def _configured(component: str, target: str) -> bool:
+    try:
+        from .runtime import settings
+        from .status import configured
+
+        return target in configured(settings()).get(component, set())
+    except Exception:  # no settings here (a test, a bare emit): nothing is watched on its own
+        return False
 
 
 def redacted(value: Any) -> Any:

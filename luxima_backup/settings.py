@@ -684,6 +684,13 @@ class RetentionSettings(_Section):
         return value
 
 
+class VerifyStoredSettings(_Section):
+    """The weekly re-verification: stored backups read back whole, a rotating share each run."""
+
+    cycle: int = Field(4, ge=1, le=365, description="runs over which every kept backup is read once (weekly: 4 weeks)")
+    timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole verify-stored run ends TimedOut after this")
+
+
 class LogSettings(_Section):
     """Where runs are recorded (``internal.backup_logs``)."""
 
@@ -710,6 +717,7 @@ class Settings(BaseSettings):
     restore: RestoreSettings = Field(default_factory=RestoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    verify_stored: VerifyStoredSettings = Field(default_factory=VerifyStoredSettings)
     proxmox: dict[str, ProxmoxEndpoint] = Field(default_factory=dict, description="Proxmox VE APIs (VM backups and restores)")
     vm_backup: VmBackupSettings = Field(default_factory=VmBackupSettings)
     vm_restore: VmRestoreSettings = Field(default_factory=VmRestoreSettings)

@@ -32,6 +32,8 @@ class TargetStatus:
     oldest_kept: datetime | None
     locked_until: datetime | None
     unreadable: int
+    reverified_at: datetime | None = None  # the last verify-stored read of any of its backups
+    damaged: int = 0  # kept backups the last reads found damaged
 
     def as_json(self) -> dict[str, Any]:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
@@ -86,6 +88,8 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
                     locked = store.locked_until(last.manifest.data.key)
                 except Exception:  # a report: an unreadable lock state is no lock state
                     locked = None
+            record = _reverified(store, prefix, component, name)
+            results = {k: v for k, v in record.get("results", {}).items() if any(b.backup_id == k for b in found)}
             out.append(TargetStatus(
                 component=component, target=name,
                 last_success=last.completed_at if last else None,
@@ -96,8 +100,24 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
                 kept=len(found), bytes_stored=sum(_bytes(b.manifest) for b in found),
                 chain_length=len(last.manifest.archives) if last is not None and isinstance(last.manifest, FilesManifest) else None,
                 oldest_kept=found[0].completed_at if found else None,
-                locked_until=locked, unreadable=unreadable.get(name, 0)))
+                locked_until=locked, unreadable=unreadable.get(name, 0),
+                reverified_at=datetime.fromisoformat(record["checked_at"]) if record.get("checked_at") else None,
+                damaged=sum(1 for r in results.values() if not r.get("ok", True))))
     return out
+
+
+def _reverified(store: Any, prefix: str, component: str, target: str) -> dict[str, Any]:
+    """What the last verify-stored runs found for this target (``<prefix>/_verify/<component>/<target>.json``)."""
+    import json
+
+    from .errors import ObjectNotFound
+
+    try:
+        with store.load(f"{prefix}/_verify/{component}/{target}.json") as f:
+            doc = json.loads(f.read())
+        return doc if isinstance(doc, dict) else {}
+    except (ObjectNotFound, ValueError):
+        return {}
 
 
 def age_text(hours: float | None) -> str:

@@ -190,8 +190,8 @@ def test_rpo_watchdog_watches_the_scheduled_components_and_their_targets_and_fir
         time.sleep(1)
 
     silent, healthy = f"silent{uuid.uuid4().hex[:6]}", f"healthy{uuid.uuid4().hex[:6]}"
-    setup_alerts(alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 20}),
-                 components=[silent, healthy])
+    cfg = alert_settings(receiver, monkeypatch, prefix, **{silent: 10, healthy: 20})
+    setup_alerts(cfg, components=[silent, healthy], targets={healthy: ["never"]})  # a configured target
     # Per target: among a component's targets that keep succeeding, one backed up once and then never again
     # (a guest whose backups fail while the others' succeed) is named, though its component never goes quiet.
     deadline = time.monotonic() + 25  # past the healthy window once, with margin
@@ -208,8 +208,13 @@ def test_rpo_watchdog_watches_the_scheduled_components_and_their_targets_and_fir
     target = receiver.wait_for(lambda m: f"luxima.backup.{healthy}.db-server" in m.get("body", ""), timeout=30)
     assert target is not None, f"the per-target watchdog did not fire; received: {receiver.messages}"
     assert f"a {healthy} backup target" in target["subject"] and "0:00:20" in target["body"]
-    assert not [m for m in receiver.messages if f"no successful {healthy} backup" in m.get("subject", "")]
+    # a configured target that never succeeded has its own watch from the start
+    never = receiver.wait_for(lambda m: f"no successful {healthy} backup of never" in m.get("subject", ""), timeout=30)
+    assert never is not None, f"the configured target's watchdog did not fire; received: {receiver.messages}"
+    assert not [m for m in receiver.messages if f"no successful {healthy} backup for" in m.get("subject", "")]
     assert not [m for m in receiver.messages if f"luxima.backup.{healthy}.main" in m.get("body", "")]
+    # taken out of the settings, its watch goes
+    assert setup_alerts(cfg, components=[silent, healthy], targets={healthy: []})[f"{prefix}: RPO {healthy}/never"] == "removed"
 
 
 def test_an_event_that_cannot_be_sent_is_logged_as_an_error(tmp_path: Path) -> None:
