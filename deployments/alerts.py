@@ -278,7 +278,7 @@ def setup_alerts(cfg: AlertSettings, components: list[str] | None = None,
         result[automation.name] = what
     if targets is not None:
         names = {a.name for a in wanted}
-        per_target = re.compile(rf"^{re.escape(cfg.automation_prefix)}: RPO [a-z]+/.+$")
+        per_target = re.compile(rf"^{re.escape(cfg.automation_prefix)}: RPO [^/ ]+/.+$")
         with get_client(sync_client=True) as client:
             # (Prefect 3.8.8's client needs sort and limit spelt out: the server refuses nulls)
             for existing in client.read_automations(sort=AutomationSort.NAME_ASC, limit=200, offset=0):
