@@ -357,9 +357,7 @@ def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
     """Where a component's manifests are: config archives may have their own storage ([configs.storage])."""
     from luxima_backup import runtime
 
-    if component == "configs":
-        return runtime.config_store(settings), runtime.config_prefix(settings)
-    return runtime.store(settings), settings.storage.prefix
+    return runtime.location(component, settings)
 
 
 @app.command("show")

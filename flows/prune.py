@@ -28,15 +28,8 @@ COMPONENTS = ("db", "files", "configs")
 
 def targets(component: str) -> tuple[list[str], list[str]]:
     """The targets with backups of ``component`` in storage, and the manifests that could not be read."""
-    store, prefix = location(component)
-    found, damaged = set(), []
-    for b in catalog.iter_backups(store, prefix, component):
-        if isinstance(b, catalog.Backup):
-            # manifests written before they named their section are filed under it
-            found.add(b.source_name or b.manifest_key[len(prefix) + len(component) + 2:].split("/", 1)[0])
-        else:
-            damaged.append(str(b))
-    return sorted(found), damaged
+    found, damaged = catalog.by_target(*location(component), component)
+    return sorted(found), [str(u) for u in damaged]
 
 
 @flow(name="prune", validate_parameters=True, persist_result=True)

@@ -65,12 +65,8 @@ def verify_stored(share: int | None = None, everything: bool = False) -> dict[st
         rows: list[dict[str, Any]] = []
         damaged: list[str] = []
         for component in COMPONENTS:
-            store = runtime.config_store(settings) if component == "configs" else runtime.store(settings)
-            prefix = runtime.config_prefix(settings) if component == "configs" else settings.storage.prefix
-            by_target: dict[str, list[catalog.Backup]] = {}
-            for b in catalog.list_backups(store, prefix, component):
-                by_target.setdefault(b.source_name or "?", []).append(b)
-            for target, backups in sorted(by_target.items()):
+            store, prefix = runtime.location(component, settings)
+            for target, backups in sorted(catalog.by_target(store, prefix, component)[0].items()):
                 chosen = [b for b in backups if everything or share_of(b.backup_id, cycle) == this]
                 if not chosen:
                     continue

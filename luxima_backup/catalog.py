@@ -56,6 +56,22 @@ class Backup:
         return self.manifest.source.name
 
 
+def by_target(store: ObjectStore, prefix: str, component: str) -> tuple[dict[str, list[Backup]], list[Unreadable]]:
+    """Every backup of ``component`` grouped by its target (oldest first), and the manifests that could not be read.
+
+    A backup's target is the section its manifest names; manifests written before they named it are filed under it.
+    """
+    found: dict[str, list[Backup]] = {}
+    unreadable: list[Unreadable] = []
+    for b in iter_backups(store, prefix, component):
+        if isinstance(b, Backup):
+            name = b.source_name or b.manifest_key[len(prefix) + len(component) + 2:].split("/", 1)[0]
+            found.setdefault(name, []).append(b)
+        else:
+            unreadable.append(b)
+    return {k: sorted(v, key=lambda b: (b.completed_at, b.backup_id)) for k, v in found.items()}, unreadable
+
+
 def list_backups(store: ObjectStore, prefix: str, component: str, source: str | None = None,
                  also_under: list[str] | tuple[str, ...] = ()) -> list[Backup]:
     """Every backup of ``component`` (optionally of one source), oldest first.

@@ -85,6 +85,13 @@ def network_devices(config: dict[str, Any]) -> dict[str, dict[str, str]]:
     return dict(sorted(out.items()))
 
 
+def interface_addresses(interfaces: list[dict[str, Any]]) -> list[str]:
+    """The addresses a guest reports (agent ``network-get-interfaces``, or a container's ``interfaces``): the loopback
+    interface and link-local addresses say nothing about how the guest is reached."""
+    return [a["ip-address"] for i in interfaces if i.get("name") != "lo" for a in i.get("ip-addresses", [])
+            if not str(a.get("ip-address", "")).lower().startswith("fe80")]
+
+
 def parse_config_text(text: str) -> dict[str, str]:
     """A guest config file as ``extractconfig`` prints it: ``key: value`` lines up to the first ``[section]``
     (snapshots and pending changes follow in sections; the current config comes first)."""

@@ -66,6 +66,14 @@ def config_store(s: Settings | None = None) -> ObjectStore:
         return cached[1]
 
 
+def location(component: str, s: Settings | None = None) -> tuple[ObjectStore, str]:
+    """Where a component's backups and manifests are: config archives may have their own storage ([configs.storage])."""
+    s = s or settings()
+    if component == "configs":
+        return config_store(s), config_prefix(s)
+    return store(s), s.storage.prefix
+
+
 def config_prefix(s: Settings | None = None) -> str:
     s = s or settings()
     return (s.configs.storage or s.storage).prefix

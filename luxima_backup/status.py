@@ -61,21 +61,14 @@ def configured(settings: Settings) -> dict[str, set[str]]:
 def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
     out = []
     for component in COMPONENTS:
-        if component == "configs":
-            store, prefix = runtime.config_store(settings), runtime.config_prefix(settings)
-        else:
-            store, prefix = runtime.store(settings), settings.storage.prefix
-        backups: dict[str, list[catalog.Backup]] = {}
+        store, prefix = runtime.location(component, settings)
+        backups, bad = catalog.by_target(store, prefix, component)
         unreadable: dict[str, int] = {}
-        for b in catalog.iter_backups(store, prefix, component):
-            if isinstance(b, catalog.Backup):
-                name = b.source_name or b.manifest_key[len(prefix) + len(component) + 2:].split("/", 1)[0]
-                backups.setdefault(name, []).append(b)
-            else:
-                unreadable[b.folder] = unreadable.get(b.folder, 0) + 1
+        for u in bad:
+            unreadable[u.folder] = unreadable.get(u.folder, 0) + 1
         window = settings.alerts.rpo.get(component)
         for name in sorted(set(backups) | configured(settings)[component] | set(unreadable)):
-            found = sorted(backups.get(name, []), key=lambda b: b.completed_at)
+            found = backups.get(name, [])
             good = [b for b in found if b.verified]
             last = good[-1] if good else None
             age = (now - last.completed_at) if last else None

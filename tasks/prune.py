@@ -28,8 +28,7 @@ _BACKUP_OBJECT = re.compile(r"/\d{8}T\d{6}Z\.[^/]+$")
 def location(component: str) -> tuple[ObjectStore, str]:
     """Where a component's backups are, reached as the pruner (its own credentials when set)."""
     settings = runtime.settings()
-    prefix = runtime.config_prefix(settings) if component == "configs" else settings.storage.prefix
-    return runtime.pruner_store(component, settings), prefix
+    return runtime.pruner_store(component, settings), runtime.location(component, settings)[1]
 
 
 def _age(now: datetime, then: datetime) -> str:

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.errors import ConfigError, ProxmoxError, SourceError
-from luxima_backup.proxmox import ProxmoxClient, TaskResult, parse_upid
+from luxima_backup.proxmox import ProxmoxClient, TaskResult, interface_addresses, parse_upid
 from luxima_backup.settings import VmBackupSettings
 
 SNAPSHOT_PREFIX = "luxima_"
@@ -136,9 +136,7 @@ def guest_addresses(px: ProxmoxClient, guest: Guest) -> list[str]:
     except ProxmoxError as exc:
         get_run_logger().info("addresses of %s not recorded: %s", guest.label, exc)
         return []
-    # the loopback interface and link-local addresses say nothing about how the guest is reached
-    return [a["ip-address"] for i in interfaces if i.get("name") != "lo" for a in i.get("ip-addresses", [])
-            if not str(a.get("ip-address", "")).lower().startswith("fe80")]
+    return interface_addresses(interfaces)
 
 
 def run_vzdump(px: ProxmoxClient, guest: Guest, cfg: VmBackupSettings, on_log: Any) -> tuple[TaskResult, str | None]:

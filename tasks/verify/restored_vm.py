@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.errors import ProxmoxError, VerificationError
-from luxima_backup.proxmox import network_devices
+from luxima_backup.proxmox import interface_addresses, network_devices
 from tasks.verify.readback import check_row
 
 _COMPARED = ("model", "bridge", "tag", "firewall")
@@ -81,9 +81,7 @@ def _agent_addresses(px: Any, node: str, kind: str, vmid: int, timeout: float) -
             else:
                 interfaces = px.get(f"{path}/interfaces") or []
             if interfaces:
-                found = [a["ip-address"] for i in interfaces if i.get("name") != "lo"
-                         for a in i.get("ip-addresses", []) if not str(a.get("ip-address", "")).lower().startswith("fe80")]
-                return found, time.monotonic() - started
+                return interface_addresses(interfaces), time.monotonic() - started
         except ProxmoxError as exc:  # "QEMU guest agent is not running" while it boots
             last = str(exc)
         if time.monotonic() - started > timeout:

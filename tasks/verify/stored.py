@@ -70,7 +70,7 @@ def check_object(store: ObjectStore, provider: KeyProvider, obj: dict[str, Any])
 def verify_stored_backup(component: str, manifest_key: str) -> dict[str, Any]:
     """Read every object of one stored backup back and check it; damage is a result (reported), not an exception."""
     settings = runtime.settings()
-    store = runtime.config_store(settings) if component == "configs" else runtime.store(settings)
+    store = runtime.location(component, settings)[0]
     provider = runtime.key_provider(settings)
     backup = catalog.Backup(manifest_key, manifest.load(store, manifest_key))
     read = 0
