@@ -21,6 +21,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Key management helpers.")
 app.add_typer(backup_app, name="backup")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+catalog_app = typer.Typer(no_args_is_help=True, help="The authenticated backup catalog (signed manifests and their index).")
+app.add_typer(catalog_app, name="catalog")
 alerts_app = typer.Typer(no_args_is_help=True, help="Chat alerts (Prefect automations).")
 app.add_typer(alerts_app, name="alerts")
 restore_app = typer.Typer(no_args_is_help=True, help="Restore a backup (runs with or without a Prefect server).")
@@ -259,6 +261,85 @@ def storage_check(config: Optional[Path] = ConfigOpt) -> None:
     raise typer.Exit(1 if problems else 0)
 
 
+@catalog_app.command("sign")
+def catalog_sign(
+    component: list[str] = typer.Option([], help="db, files, configs or vm (repeatable; default: all)"),
+    confirm: bool = typer.Option(False, "--confirm", help="sign them (without it: only list what would be signed)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Adopt manifests written before manifests were signed: each one's objects are checked (present, the sizes it
+    records), then it is signed in place with the configured key. Until then they are listed as damaged."""
+    _use_config(config)
+    from luxima_backup import runtime
+
+    rows, problems = [], 0
+    try:
+        settings = load_settings()
+        for comp in component or ["db", "files", "configs", "vm"]:
+            cat = runtime.catalog(comp, settings)
+            for key, document in cat.unsigned(comp):
+                missing = _missing_objects(cat.store, document)
+                rows.append({"manifest": key, "backup_id": document.backup_id,
+                             "action": f"refused: {missing}" if missing else ("signed" if confirm else "would sign")})
+                problems += bool(missing)
+                if confirm and not missing:
+                    cat.adopt(key, document)
+            if confirm:
+                cat.refresh(comp)  # the index sees the signed ones (older keys: a full listing)
+    except BackupError as exc:
+        _fail(exc)
+    for r in rows:
+        typer.echo(f"{r['action']:<12} {r['backup_id']:<40} {r['manifest']}")
+    typer.echo(f"{len(rows)} unsigned manifest(s)" + ("" if confirm else "; run again with --confirm to sign them"), err=True)
+    raise typer.Exit(1 if problems else 0)
+
+
+@catalog_app.command("refresh")
+def catalog_refresh(
+    component: list[str] = typer.Option([], help="db, files, configs or vm (repeatable; default: all)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """List every manifest in storage again and bring each target's index up to date (the prune does it daily; reads do
+    it once a day): after backups were removed or copied in by hand. Exit 1 when manifests cannot be used."""
+    _use_config(config)
+    from luxima_backup import catalog, runtime
+
+    damaged = 0
+    try:
+        settings = load_settings()
+        for comp in component or ["db", "files", "configs", "vm"]:
+            cat = runtime.catalog(comp, settings)
+            cat.refresh(comp)
+            found = list(cat.iter_backups(comp))
+            bad = [u for u in found if isinstance(u, catalog.Unreadable)]
+            damaged += len(bad)
+            typer.echo(f"{comp}: {len(found) - len(bad)} backup(s), {len(bad)} manifest(s) that cannot be used")
+            for u in bad:
+                typer.echo(f"warning: {u}", err=True)
+    except BackupError as exc:
+        _fail(exc)
+    raise typer.Exit(1 if damaged else 0)
+
+
+def _missing_objects(store: Any, document: Any) -> str:
+    """What a manifest names that storage does not hold as recorded (empty when all is there)."""
+    from luxima_backup.errors import ObjectNotFound
+
+    sizes = {document.data.key: document.data.size_encrypted} if document.component != "vm" else {}
+    for name in ("index", "globals"):
+        obj = getattr(document, name, None)
+        if obj is not None and getattr(obj, "key", None):
+            sizes[obj.key] = getattr(obj, "size_encrypted", None) or getattr(obj, "encrypted_bytes", None)
+    for key, size in sizes.items():
+        try:
+            found = store.stat(key).size
+        except ObjectNotFound:
+            return f"{key} is missing"
+        if size is not None and found != size:
+            return f"{key} is {found} bytes, the manifest says {size}"
+    return ""
+
+
 @app.command("prune")
 def prune_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed (the same table), remove nothing"),
@@ -332,17 +413,17 @@ def list_cmd(
 ) -> None:
     """List backups from the manifests in storage alone (no database, no Prefect server)."""
     _use_config(config)
-    from luxima_backup import catalog
+    from luxima_backup import catalog, runtime
 
     try:
         settings = load_settings()
-        store, prefix = _catalog_of(settings, component)
-        found = list(catalog.iter_backups(store, prefix, component, source, catalog.legacy_folders(settings, component, source)))
+        found = list(runtime.catalog(component, settings).iter_backups(component, source,
+                                                                      catalog.legacy_folders(settings, component, source)))
     except BackupError as exc:
         _fail(exc)
     backups = sorted((b for b in found if isinstance(b, catalog.Backup)), key=lambda b: (b.completed_at, b.backup_id))
     rows = [{"backup_id": b.backup_id, "completed_at": b.completed_at.isoformat(timespec="seconds"), "status": b.status,
-             **b.manifest.brief()} for b in backups]
+             **b.brief()} for b in backups]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -351,13 +432,6 @@ def list_cmd(
         typer.echo(f"{len(rows)} backup(s)", err=True)
     for err in (e for e in found if not isinstance(e, catalog.Backup)):
         typer.echo(f"warning: {err}", err=True)
-
-
-def _catalog_of(settings: Settings, component: str) -> tuple[Any, str]:
-    """Where a component's manifests are: config archives may have their own storage ([configs.storage])."""
-    from luxima_backup import runtime
-
-    return runtime.location(component, settings)
 
 
 @app.command("show")
@@ -369,13 +443,12 @@ def show_cmd(
 ) -> None:
     """Print a backup's manifest (sizes, checksums, row counts, key id; no secrets)."""
     _use_config(config)
-    from luxima_backup import catalog
+    from luxima_backup import catalog, runtime
 
     try:
         settings = load_settings()
-        store, prefix = _catalog_of(settings, component)
-        found = catalog.resolve(store, prefix, component, backup, source=source,
-                                also_under=catalog.legacy_folders(settings, component, source))
+        found = runtime.catalog(component, settings).resolve(component, backup, source=source,
+                                                             also_under=catalog.legacy_folders(settings, component, source))
     except BackupError as exc:
         _fail(exc)
     typer.echo(json.dumps({"manifest_key": found.manifest_key, **found.manifest.model_dump(mode="json", by_alias=True)}, indent=2))

@@ -75,9 +75,9 @@ def outcome(state: Any) -> tuple[Any, BaseException | None]:
 
 
 @task(name="manifest", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def save_manifest(key: str, document: manifest.Manifest, configs: bool = False) -> str:
-    """Write the manifest, last: from now on the backup exists (``configs``: in the config archive storage)."""
-    manifest.save(runtime.config_store() if configs else runtime.store(), key, document)
+def save_manifest(key: str, document: manifest.Manifest) -> str:
+    """Write the manifest, signed, last: from now on the backup exists (where its component's backups are)."""
+    runtime.catalog(document.component).save(key, document)
     return key
 
 

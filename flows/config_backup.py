@@ -63,7 +63,7 @@ def _stage_limit(settings: Settings) -> float:
     return settings.configs.stage_timeout_seconds
 
 @flow(name="config-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
-def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 1) -> dict[str, Any]:
+def fetch_to_storage(host: str, object_key: str, stage_dir: str, binding: dict[str, str], attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming a host's configs to storage: fetch | archive | encrypt | upload."""
     settings = runtime.settings()
     cfg = settings.configs
@@ -74,7 +74,7 @@ def fetch_to_storage(host: str, object_key: str, stage_dir: str, attempt: int = 
     def submit(futures: list[Any]) -> None:
         futures.append(fetch.submit(host, fetched, stage_dir))
         futures.append(archive.submit(fetched, packed, cfg.compression, cfg.effective_level, 1))
-        futures.append(encrypt.submit(packed, sealed, "config archive"))
+        futures.append(encrypt.submit(packed, sealed, "config archive", binding))
         futures.append(upload.submit(sealed, object_key, True))
 
     f, a, e, u = run_linked(submit, list(links))
@@ -92,7 +92,8 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     keys = manifest.config_keys(runtime.config_prefix(settings), host, started, SUFFIX[cfg.compression])
     uploaded: list[str] = []
     try:
-        stream = stream_with_retries(fetch_to_storage, (host, keys.archive, stage_dir), cfg.attempts, cfg.retry_delay_seconds,
+        stream = stream_with_retries(fetch_to_storage, (host, keys.archive, stage_dir,
+                                                        manifest.binding(keys.backup_id, "configs", host, keys.archive)), cfg.attempts, cfg.retry_delay_seconds,
                                      _stage_limit, _STAGE_SETTING)
         uploaded.append(keys.archive)
         f, a, e, u = stream["fetch"], stream["archive"], stream["encrypt"], stream["upload"]
@@ -111,7 +112,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
             archive=manifest.DataObject(
                 key=keys.archive, format="tar-pax+index", compression=manifest.Compression(codec=a["codec"], level=a["level"]),
                 encryption=sealed_with(e), size_plain=a["plain_bytes"], size_compressed=a["compressed_bytes"],
-                size_encrypted=u["bytes"], sha256_plain=a["plain_sha256"], sha256_encrypted=u["sha256"]),
+                size_encrypted=u["bytes"], sha256_plain=a["plain_sha256"], sha256_encrypted=u["sha256"], bound=e["bound"]),
             totals={k: f[k] for k in ("files", "symlinks", "bytes", "redactions")},
             missing=f["missing"], too_large=f["too_large"],
             content_digest=f["content_digest"],
@@ -121,7 +122,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
             timings={"fetch": f["seconds"], "total": round((finished - started).total_seconds(), 3)},
             flow_run_id=str(flow_run.id) if flow_run.id else None,
         )
-        save_manifest(keys.manifest, document, True)
+        save_manifest(keys.manifest, document)
     except BaseException as exc:
         if events.is_verification_failure(exc):
             events.verification_failed("backup", "configs", host, str(exc), backup_id=keys.backup_id)

@@ -21,7 +21,6 @@ from prefect.runtime import flow_run
 
 from luxima_backup import catalog, events, runtime
 from luxima_backup.errors import BackupError, ConfigError, VerificationError
-from luxima_backup.manifest import ConfigManifest
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from flows.common import logged
@@ -42,10 +41,10 @@ def find_backup(settings: Settings, host: str, version: str) -> tuple[catalog.Ba
     with an offset (``2026-11-22T03:00+07:00``) the newest completed by then. A commit means the
     archive whose fetched set is the one that commit recorded (same keyed content digest).
     """
-    store, prefix = runtime.config_store(settings), runtime.config_prefix(settings)
+    cat = runtime.catalog("configs", settings)
     v = version.strip()
     if v == "latest" or v.startswith("configs-") or "/" in v:
-        return catalog.resolve(store, prefix, "configs", v, source=host), v
+        return cat.resolve("configs", v, source=host), v
     if _COMMIT.match(v):
         return _by_commit(settings, host, v), f"commit {v}"
     try:
@@ -57,7 +56,7 @@ def find_backup(settings: Settings, host: str, version: str) -> tuple[catalog.Ba
         when = datetime.combine(when.date(), dtime.max, tzinfo=timezone.utc)
     elif when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return catalog.resolve(store, prefix, "configs", "latest", source=host, as_of=when), f"as of {when.isoformat()}"
+    return cat.resolve("configs", "latest", source=host, as_of=when), f"as of {when.isoformat()}"
 
 
 def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
@@ -76,8 +75,8 @@ def _by_commit(settings: Settings, host: str, commit: str) -> catalog.Backup:
     if raw is None:
         raise ConfigError(f"commit {commit} has no configs of {host} (or is not in the config repository)")
     digest = json.loads(raw)["content_digest"]
-    found = [b for b in catalog.list_backups(runtime.config_store(settings), runtime.config_prefix(settings), "configs", host)
-             if b.verified and isinstance(b.manifest, ConfigManifest) and b.manifest.content_digest == digest]
+    found = [b for b in runtime.catalog("configs", settings).list_backups("configs", host)
+             if b.verified and b.entry.content_digest == digest]
     if not found:
         raise ConfigError(
             f"no kept archive holds the configs of {host} as commit {commit} recorded them",
@@ -121,7 +120,7 @@ def config_restore(host: str, version: str = "latest", paths: list[str] | None =
         plan: dict[str, Any] | None = None
         try:
             spool = str(work / "archive.enc")
-            download(a.key, spool, a.size_encrypted, a.sha256_encrypted, True)
+            download(a.key, spool, a.size_encrypted, a.sha256_encrypted, True, backup.manifest.binding_of(a.key))
             plan = diff(host, spool, a.compression.codec, paths, remove_extra)
             outcome.update(counts=plan["counts"], steps=[_brief(s) for s in plan["steps"]])
             conflicts = [s for s in plan["steps"] if s["action"] == "conflict"]

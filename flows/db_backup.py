@@ -39,7 +39,7 @@ from tasks.verify.readback import read_back
 
 
 @flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
-def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[str, Any]:
+def dump_to_storage(database: str, object_key: str, binding: dict[str, str], attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming the database to storage: dump | compress | encrypt | upload."""
     settings = runtime.settings()
     cfg = settings.db_backup
@@ -50,7 +50,7 @@ def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[st
     def submit(futures: list[Any]) -> None:
         futures.append(dump.submit(database, dumped))
         futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
-        futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive"))
+        futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive", binding))
         futures.append(upload.submit(sealed, object_key))
 
     d, c, e, u = run_linked(submit, list(links))
@@ -58,7 +58,7 @@ def dump_to_storage(database: str, object_key: str, attempt: int = 1) -> dict[st
 
 
 @task(name="dump-globals", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def backup_globals(database: str, server_major: int, object_key: str) -> dict[str, Any]:
+def backup_globals(database: str, server_major: int, object_key: str, binding: dict[str, str]) -> dict[str, Any]:
     """Dump roles and tablespaces (pg_dumpall --globals-only), encrypted, beside the backup."""
     settings = runtime.settings()
     text, warning = dump_globals(settings.database(database), server_major, settings.db_backup.pg_bin_dir)
@@ -68,11 +68,12 @@ def backup_globals(database: str, server_major: int, object_key: str) -> dict[st
     comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level)
     packed = comp.compress(text) + comp.flush()
     data_key = runtime.key_provider(settings).new_data_key()
-    blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals"})
+    blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals", **binding})
     store = runtime.store(settings)
     store.save_bytes(object_key, blob)
     result = {"key": object_key, "plain_bytes": len(text), "encrypted_bytes": len(blob),
-              "encrypted_sha256": hashlib.sha256(blob).hexdigest(), "plain_sha256": hashlib.sha256(text).hexdigest()}
+              "encrypted_sha256": hashlib.sha256(blob).hexdigest(), "plain_sha256": hashlib.sha256(text).hexdigest(),
+              "bound": True}
     read_back(store, object_key, result["encrypted_bytes"], result["encrypted_sha256"])
     if warning:
         get_run_logger().warning("%s", warning)
@@ -107,7 +108,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
         uploaded: list[str] = []
         try:
-            stream = stream_with_retries(dump_to_storage, (name, keys.data), cfg.attempts, cfg.retry_delay_seconds,
+            stream = stream_with_retries(dump_to_storage, (name, keys.data, manifest.binding(keys.backup_id, "db", name, keys.data)), cfg.attempts, cfg.retry_delay_seconds,
                                      lambda s: s.db_backup.stage_timeout_seconds, "db_backup.stage_timeout_seconds")
             uploaded.append(keys.data)
             d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
@@ -117,7 +118,8 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
                 raise BackupError("the bytes uploaded differ from the bytes encrypted")
             globals_info: dict[str, Any] = {"warning": "disabled by db_backup.globals"}
             if cfg.globals:
-                globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals)
+                globals_info = backup_globals(name, d["server_version_num"] // 10000, keys.globals,
+                                              manifest.binding(keys.backup_id, "db", name, keys.globals))
                 if "key" in globals_info:
                     uploaded.append(keys.globals)
             with runtime.time_limit(lambda s: s.db_backup.stage_timeout_seconds, "verify", "db_backup.stage_timeout_seconds"):
@@ -157,7 +159,7 @@ def _manifest(keys: manifest.BackupKeys, name: str, target: PostgresConnection, 
         dump=manifest.DataObject(
             key=keys.data, format="pg_dump-custom", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
             encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],
-            size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"]),
+            size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"], bound=e["bound"]),
         globals=manifest.DbGlobals(**g),
         row_counts=d["row_counts"],
         tables={f"{t['schema']}.{t['name']}": manifest.Table(schema=t["schema"], name=t["name"], kind=t["kind"],

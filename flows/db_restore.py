@@ -88,7 +88,7 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
     target_name = target or settings.restore.target or settings.db_backup.database
     target_cfg = settings.database(target_name)
     # Backups are filed by section; those filed by database name before (db/<dbname>/) are found too.
-    found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "db", backup,
+    found = runtime.catalog("db", settings).resolve("db", backup,
                             source=source_name, as_of=as_of,
                             also_under=catalog.legacy_folders(settings, "db", source_name))
     if not isinstance(found.manifest, DbManifest):
@@ -128,12 +128,13 @@ def plan_restore(settings: Settings, backup: str, as_of: datetime | None, source
 
 
 @task(name="restore-globals", cache_policy=NO_CACHE, persist_result=False)
-def restore_globals(target: str, globals_key: str, codec: str, dump_major: int) -> dict[str, Any]:
+def restore_globals(target: str, globals_key: str, codec: str, dump_major: int, expect: dict[str, str] | None) -> dict[str, Any]:
     """Create the roles of the backed-up cluster (pg_dumpall --globals-only) on the target server."""
     settings = runtime.settings()
     cfg = settings.database(target)
     with runtime.store(settings).load(globals_key) as body:
-        text = DecompressingReader(DecryptingReader(body, runtime.key_provider(settings).unwrap), codec).read()  # type: ignore[arg-type]
+        text = DecompressingReader(DecryptingReader(body, runtime.key_provider(settings).unwrap, expect=expect, where=globals_key),  # type: ignore[arg-type]
+                                   codec).read()  # type: ignore[arg-type]
     tool = pg.find_tool("psql", dump_major, settings.db_backup.pg_bin_dir)
     existing = restore_globals_sql(tool, cfg, text)
     return {"statements_skipped": len(existing)}
@@ -194,7 +195,8 @@ def db_restore(
         try:
             spool = str(work / "backup.enc")
             with stage_limit("download"):
-                dl = download(dump_info.key, spool, dump_info.size_encrypted, dump_info.sha256_encrypted)
+                dl = download(dump_info.key, spool, dump_info.size_encrypted, dump_info.sha256_encrypted,
+                              expect=doc.binding_of(dump_info.key))
             timings["download"] = dl["seconds"]
             checks.append(check_row("sha256 of the stored object", dump_info.sha256_encrypted, dl["sha256"]))
 
@@ -215,7 +217,7 @@ def db_restore(
             if restore_globals_first:
                 if not doc.globals.key:
                     raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.globals.warning or ''}")
-                restore_globals(plan.target, doc.globals.key, codec, dump_major)
+                restore_globals(plan.target, doc.globals.key, codec, dump_major, doc.binding_of(doc.globals.key))
 
             create_database(target_cfg, plan.restore_into)
             created = True

@@ -55,7 +55,7 @@ def _stage_limit(settings: Settings) -> float:
     return settings.files_backup.stage_timeout_seconds
 
 @flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
-def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool: str,
+def archive_to_storage(source: str, backup_id: str, object_key: str, index_key: str, index_spool: str,
                        previous_index: dict[str, Any] | None, full: bool, expected_bytes: int | None,
                        attempt: int = 1) -> dict[str, Any]:
     """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload."""
@@ -67,9 +67,10 @@ def archive_to_storage(source: str, backup_id: str, object_key: str, index_spool
                         estimated=True)
 
     def submit(futures: list[Any]) -> None:
-        futures.append(archive.submit(source, tarred, backup_id, index_spool, previous_index, full))
+        futures.append(archive.submit(source, tarred, backup_id, index_spool, previous_index, full,
+                                      manifest.binding(backup_id, "files", source, index_key)))
         futures.append(compress.submit(tarred, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
-        futures.append(encrypt.submit(packed, sealed, "tar archive of files"))
+        futures.append(encrypt.submit(packed, sealed, "tar archive of files", manifest.binding(backup_id, "files", source, object_key)))
         futures.append(upload.submit(sealed, object_key))
 
     a, c, e, u = run_linked(submit, list(links))
@@ -89,7 +90,7 @@ def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> d
 
 def previous_backup(settings: Settings, source: str) -> catalog.Backup | None:
     """The newest verified backup of ``source``: the base of an incremental, and what 'changed' is measured against."""
-    found = [b for b in catalog.list_backups(runtime.store(settings), settings.storage.prefix, "files", source) if b.verified]
+    found = [b for b in runtime.catalog("files", settings).list_backups("files", source) if b.verified]
     return found[-1] if found else None
 
 
@@ -160,7 +161,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         if previous is not None and not is_full:
             is_full, why = _chain_intact(previous, is_full, why)
         index_spool = str(work / "index.enc")
-        stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, index_spool, previous_index,
+        stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, keys.index, index_spool, previous_index,
                                                           is_full, synced.get("total_bytes")),
                                      cfg.attempts, cfg.retry_delay_seconds, _stage_limit, _STAGE_SETTING)
         uploaded.append(keys.archive)
@@ -175,7 +176,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             key=keys.archive, format="tar-pax", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
             encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],
             size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"],
-            files=a["stored"]["files"], bytes=a["stored"]["bytes"])
+            files=a["stored"]["files"], bytes=a["stored"]["bytes"], bound=e["bound"])
         older = _older_archives(previous, is_full)
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
             verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
@@ -190,7 +191,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             archive=this_archive, index=index_info,
             archives={**older, keys.backup_id: manifest.StoredObject(
                 key=this_archive.key, compression=this_archive.compression, size_encrypted=this_archive.size_encrypted,
-                sha256_encrypted=this_archive.sha256_encrypted)},
+                sha256_encrypted=this_archive.sha256_encrypted, bound=this_archive.bound)},
             totals=a["totals"], changes=a["changes"], sync=synced,
             verification={**verification, "verified_at": finished.isoformat()},
             timings={"sync": synced["seconds"], "archive": round(a["seconds"], 3),
@@ -291,7 +292,7 @@ def _previous_index(previous: catalog.Backup, work: Path, is_full: bool, why: st
     idx = previous.manifest.index
     spool = str(work / "previous-index.enc")
     try:
-        download(idx.key, spool, idx.size_encrypted, idx.sha256_encrypted)
+        download(idx.key, spool, idx.size_encrypted, idx.sha256_encrypted, expect=previous.manifest.binding_of(idx.key))
         codec = idx.compression.codec
         next(iter(load_index(spool, codec, runtime.key_provider().unwrap)), None)  # unwraps the key, checks the first chunk
         return {"spool": spool, "codec": codec}, is_full, why

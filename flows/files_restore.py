@@ -29,7 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from luxima_backup import catalog, destinations, events, runtime
+from luxima_backup import destinations, events, runtime
 from luxima_backup.catalog import Backup
 from luxima_backup.destinations import Destination
 from luxima_backup.errors import ConfigError, VerificationError
@@ -165,7 +165,7 @@ def files_restore(
             if len(names) != 1:
                 raise ConfigError(f"say which source to restore: one of {names}", hint="set source")
             source = names[0]
-        found = catalog.resolve(runtime.store(settings), settings.storage.prefix, "files", backup, source=source, as_of=as_of)
+        found = runtime.catalog("files", settings).resolve("files", backup, source=source, as_of=as_of)
         if not isinstance(found.manifest, FilesManifest):
             raise ConfigError(f"{found.manifest_key} is not a file backup",
                               hint="name a backup listed by `luxima-backup list --component files`")
@@ -186,7 +186,8 @@ def files_restore(
         staging: Path | None = None
         try:
             index_spool = str(work / "index.enc")
-            dl = download(idx.key, index_spool, idx.size_encrypted, idx.sha256_encrypted)
+            dl = download(idx.key, index_spool, idx.size_encrypted, idx.sha256_encrypted,
+                          expect=found.manifest.binding_of(idx.key))
             timings["index"] = dl["seconds"]
             unwrap = runtime.key_provider(settings).unwrap
             # a bucket holds no links: they are counted, not refused
@@ -203,7 +204,7 @@ def files_restore(
 
             t = time.monotonic()
             for archive_id, info in plan.archives.items():
-                result = extract(archive_id, info, index_spool, codec, path, str(staging))
+                result = extract(archive_id, info, index_spool, codec, path, str(staging), found.manifest.binding_of(info.key))
                 mismatches += result["mismatches"]
             links = make_links_and_dirs((e for e in load_index(index_spool, codec, unwrap) if selector(path)(e)),
                                         staging, allow_escaping_links)

@@ -16,19 +16,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from luxima_backup import catalog, runtime
+from luxima_backup import runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction
 from flows.common import logged
 from tasks.log import log_run
-from tasks.prune import location, prune_target, sweep
+from tasks.prune import prune_target, sweep
 
 COMPONENTS = ("db", "files", "configs")
 
 
 def targets(component: str) -> tuple[list[str], list[str]]:
     """The targets with backups of ``component`` in storage, and the manifests that could not be read."""
-    found, damaged = catalog.by_target(*location(component), component)
+    found, damaged = runtime.catalog(component).by_target(component)
     return sorted(found), [str(u) for u in damaged]
 
 

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from luxima_backup import catalog, events, runtime
+from luxima_backup import events, runtime
 from luxima_backup.errors import ObjectNotFound, VerificationError
 from luxima_backup.secrets import install_log_redaction
 from flows.common import logged
@@ -66,7 +66,7 @@ def verify_stored(share: int | None = None, everything: bool = False) -> dict[st
         damaged: list[str] = []
         for component in COMPONENTS:
             store, prefix = runtime.location(component, settings)
-            for target, backups in sorted(catalog.by_target(store, prefix, component)[0].items()):
+            for target, backups in sorted(runtime.catalog(component, settings).by_target(component)[0].items()):
                 chosen = [b for b in backups if everything or share_of(b.backup_id, cycle) == this]
                 if not chosen:
                     continue

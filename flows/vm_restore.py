@@ -34,14 +34,14 @@ from tasks.vzdump import Guest, archives_of, list_guests
 
 def find_backup(settings: Settings, guest: str, backup: str, as_of: datetime | None) -> catalog.Backup:
     """``latest`` (verified, optionally as of a time), a backup id, or an archive's volid."""
-    store, prefix = runtime.store(settings), settings.storage.prefix
+    cat = runtime.catalog("vm", settings)
     if ":" in backup and "/" in backup and not backup.endswith(".json"):  # a volid: STORAGE:backup/vzdump-…
-        for b in reversed(catalog.list_backups(store, prefix, "vm", guest)):
-            if isinstance(b.manifest, VmManifest) and b.manifest.archive.volid == backup:
+        for b in reversed(cat.list_backups("vm", guest)):
+            if b.entry.volid == backup:
                 return b
         raise ConfigError(f"no verified backup of {guest} has the archive {backup}",
                           hint="archives made outside luxima-backup (by hand, by a Proxmox job) are restored from the Proxmox UI")
-    return catalog.resolve(store, prefix, "vm", backup, source=guest, as_of=as_of)
+    return cat.resolve("vm", backup, source=guest, as_of=as_of)
 
 
 def _guest_name(settings: Settings, spec: str) -> str:
@@ -53,9 +53,9 @@ def _guest_name(settings: Settings, spec: str) -> str:
         if g.vmid == int(spec):
             return g.name
     # a guest gone from the cluster (the disaster case): its backups still say which vmid they were of
-    for b in catalog.list_backups(runtime.store(settings), settings.storage.prefix, "vm"):
-        if isinstance(b.manifest, VmManifest) and b.manifest.source.vmid == int(spec):
-            return b.manifest.source.name
+    for b in runtime.catalog("vm", settings).list_backups("vm"):
+        if b.entry.vmid == int(spec):
+            return b.manifest.source.name  # type: ignore[union-attr]
     raise ConfigError(f"no guest and no backup of a guest with vmid {spec}", hint="name the guest as `luxima-backup list --component vm` shows")
 
 

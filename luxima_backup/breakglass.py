@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Iterator
 
 from .compression import DecompressingReader
 from .envelope import DecryptingReader
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, IntegrityError, StorageError
 from .keys import KeyFileProvider, KeyProvider
 
 READ_SIZE = 1 << 20
@@ -102,6 +102,11 @@ def decrypt_object(object_key: str | None, input_file: Path | None, output: str,
     written = 0
     with _source(object_key, input_file) as src, _sink(output) as out:
         reader: Any = DecryptingReader(src, provider.unwrap)
+        placed = reader.header.info.get("object")
+        if object_key is not None and placed is not None and placed != object_key:
+            # its authenticated header names the key it was written under: a moved or planted object
+            raise IntegrityError(f"{object_key} was written as {placed}: it was moved or copied here, not backed up here",
+                                 hint=f"decrypt {placed} itself, or pass the file with --input to read it anyway")
         if decompress:
             reader = _decompressing(reader, name)
         while True:

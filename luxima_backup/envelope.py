@@ -24,7 +24,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -245,6 +245,30 @@ class Decryptor:
 
 
 UnwrapFn = Callable[[WrappedKey], bytes]
+BOUND_FIELDS = ("backup_id", "target", "object")
+
+
+def check_binding(header: Header, expect: Mapping[str, str] | None, where: str) -> None:
+    """Refuse an object whose header does not name the backup, target and key its manifest expects (``info``).
+
+    The header is part of every chunk's associated data, so an object whose header was edited to pass this check fails
+    authentication at its first chunk: what is read is either the object its manifest names, or refused.
+    ``expect`` None: an object written before headers named their backup (its authenticated manifest says so).
+    """
+    if expect is None:
+        return
+    got = {k: header.info.get(k) for k in BOUND_FIELDS}
+    if all(v is None for v in got.values()):
+        raise IntegrityError(
+            f"{where} does not name its backup in its encryption header, though its manifest says it was written so: "
+            "an older or foreign object was put in its place",
+            hint="do not use it: restore another backup, and check who can write to the backup storage")
+    wrong = [f"{k} {got[k]!r} where {expect[k]!r} was expected" for k in BOUND_FIELDS if got[k] != expect.get(k)]
+    if wrong:
+        raise IntegrityError(
+            f"{where} is not the object its manifest names: its encryption header says " + "; ".join(wrong)
+            + " (it was moved, copied from another backup or target, or planted)",
+            hint="do not use it: restore another backup, and check who can write to the backup storage")
 
 
 class DecryptingReader(io.RawIOBase):
@@ -255,9 +279,11 @@ class DecryptingReader(io.RawIOBase):
     unproven data read to the end first.
     """
 
-    def __init__(self, src: BinaryIO, unwrap: UnwrapFn, read_size: int = 1 << 20):
+    def __init__(self, src: BinaryIO, unwrap: UnwrapFn, read_size: int = 1 << 20,
+                 expect: Mapping[str, str] | None = None, where: str = "the encrypted object"):
         super().__init__()
         self.header, preamble = read_preamble(src)
+        check_binding(self.header, expect, where)  # before the key is unwrapped: a planted object costs no Vault call
         self._src = src
         self._dec = Decryptor(unwrap(self.header.key), self.header, preamble)
         self._read_size = read_size
@@ -287,6 +313,6 @@ def encrypt_bytes(data: bytes, data_key: bytes, key: WrappedKey, chunk_size: int
     return enc.header() + enc.update(data) + enc.finalize()
 
 
-def decrypt_bytes(blob: bytes, unwrap: UnwrapFn) -> bytes:
+def decrypt_bytes(blob: bytes, unwrap: UnwrapFn, expect: Mapping[str, str] | None = None) -> bytes:
     """Decrypt a small in-memory object completely."""
-    return DecryptingReader(io.BytesIO(blob), unwrap).read()
+    return DecryptingReader(io.BytesIO(blob), unwrap, expect=expect).read()

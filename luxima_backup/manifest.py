@@ -2,6 +2,8 @@
 
 A backup exists when its manifest exists. Everything needed to list, check and restore it
 from storage alone (when the database and its log are gone) is in the manifest; no secret is.
+Manifests are written and read through the catalog (luxima_backup/catalog.py), which signs them
+and checks their MAC: this module is their model only.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError, field_validator
 
 from .errors import FormatError
-from .storage import ObjectStore
 
 MANIFEST_VERSION = 1
 READABLE_VERSIONS = frozenset({1})
@@ -90,6 +91,12 @@ def config_keys(prefix: str, host: str, started: datetime, codec_suffix: str) ->
     return ConfigKeys(backup_id=backup_id, archive=f"{base}.tar.{codec_suffix}.enc", manifest=f"{base}{MANIFEST_SUFFIX}")
 
 
+def binding(backup_id: str, component: str, target: str, key: str) -> dict[str, str]:
+    """What an object's encryption header says it is (authenticated with every chunk): moved under another key, put in
+    another target's place or planted under a newer backup's name, it is refused by the reader that expects otherwise."""
+    return {"backup_id": backup_id, "target": f"{component}/{target}", "object": key}
+
+
 def manifest_key_for(object_key: str) -> str:
     """The manifest beside one of a backup's objects (``<base>.<anything>`` -> ``<base>.manifest.json``)."""
     directory, _, name = object_key.rpartition("/")
@@ -140,6 +147,8 @@ class StoredObject(_Part):
     compression: Compression
     size_encrypted: int
     sha256_encrypted: str
+    # its encryption header names its backup, target and key (``binding``): readers refuse it under any other
+    bound: bool = False
 
 
 class DataObject(StoredObject):
@@ -179,6 +188,22 @@ class _Manifest(_Part):
     def objects(self) -> list[str]:
         """Every object key this backup wrote besides its manifest (what deleting it removes)."""
         raise NotImplementedError
+
+    def binding_of(self, key: str) -> dict[str, str] | None:
+        """What the encryption header of this backup's object ``key`` must say (``binding``); None for an object
+        written before headers named their backup. ``ValueError`` when the backup has no such object."""
+        owner, bound = self._object_owner(key)
+        return binding(owner, self.component, self.source_name or "", key) if bound else None  # type: ignore[attr-defined]
+
+    def _object_owner(self, key: str) -> tuple[str, bool]:
+        """The backup id that wrote ``key`` (an incremental backup reads archives of earlier ones) and whether it is bound."""
+        for obj in (getattr(self, name, None) for name in ("dump", "archive", "index", "globals")):
+            if obj is not None and getattr(obj, "key", None) == key:
+                return self.backup_id, bool(obj.bound)
+        for owner, obj in (getattr(self, "archives", None) or {}).items():
+            if obj.key == key:
+                return owner, obj.bound
+        raise ValueError(f"backup {self.backup_id} has no object {key}")
 
     def brief(self) -> dict[str, Any]:
         """One line of a listing: type, size, key id and where the backup's data is."""
@@ -220,6 +245,7 @@ class DbGlobals(_Part):
     encrypted_sha256: str | None = None
     plain_sha256: str | None = None
     warning: str | None = None
+    bound: bool = False
 
 
 class DbManifest(_Manifest):
@@ -363,10 +389,6 @@ Manifest = Annotated[Union[DbManifest, FilesManifest, ConfigManifest, VmManifest
 _ADAPTER: TypeAdapter[Manifest] = TypeAdapter(Manifest)
 
 
-def save(store: ObjectStore, key: str, document: Manifest) -> None:
-    store.save_bytes(key, dump_json(document), "application/json")
-
-
 def dump_json(document: Manifest) -> bytes:
     return json.dumps(document.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True).encode()
 
@@ -392,19 +414,7 @@ def parse(raw: bytes, key: str = "manifest") -> Manifest:
                           hint="it was altered or written by something else; choose another backup") from None
 
 
-def load(store: ObjectStore, key: str) -> Manifest:
-    with store.load(key) as body:
-        raw = body.read()
-    return parse(raw, f"manifest {key}")
-
-
 def vm_keys(prefix: str, guest: str, started: datetime) -> tuple[str, str]:
     """A VM backup's id and its manifest's key: ``<prefix>/vm/<guest>/<YYYY>/<MM>/<DD>/<UTC time>.manifest.json``."""
     backup_id, base = _stem(prefix, "vm", guest, started)
     return backup_id, f"{base}{MANIFEST_SUFFIX}"
-
-
-def iter_manifest_keys(store: ObjectStore, prefix: str) -> Iterator[str]:
-    for info in store.list(prefix):
-        if info.key.endswith(MANIFEST_SUFFIX):
-            yield info.key

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 from prefect.tasks import exponential_backoff
 
 from . import procs
+from .catalog import Catalog
 from .errors import TimeLimitExceeded, TimeLimitInterrupt, should_retry
 from .keys import KeyProvider, provider_from_settings
 from .settings import Settings, load_settings
@@ -72,6 +73,12 @@ def location(component: str, s: Settings | None = None) -> tuple[ObjectStore, st
     if component == "configs":
         return config_store(s), config_prefix(s)
     return store(s), s.storage.prefix
+
+
+def catalog(component: str, s: Settings | None = None) -> Catalog:
+    """The authenticated catalog of a component's backups (its manifests, checked with the configured key provider)."""
+    s = s or settings()
+    return Catalog(*location(component, s), key_provider(s))
 
 
 def config_prefix(s: Settings | None = None) -> str:

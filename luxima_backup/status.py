@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import catalog, runtime
-from .manifest import ConfigManifest, DbManifest, FilesManifest, VmManifest
+from . import runtime
 from .settings import Settings
 
 COMPONENTS = ("db", "files", "configs", "vm")
@@ -39,18 +38,6 @@ class TargetStatus:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
 
 
-def _bytes(m: Any) -> int:
-    if isinstance(m, DbManifest):
-        return m.dump.size_encrypted + (m.globals.encrypted_bytes or 0)
-    if isinstance(m, FilesManifest):
-        return m.archive.size_encrypted + m.index.size_encrypted
-    if isinstance(m, ConfigManifest):
-        return m.archive.size_encrypted
-    if isinstance(m, VmManifest):
-        return m.archive.size
-    return 0
-
-
 def configured(settings: Settings) -> dict[str, set[str]]:
     """The targets the settings back up (VMs by name when named: vmids and pools resolve only on the cluster)."""
     return {"db": {settings.db_backup.database}, "files": set(settings.files_backup.sources),
@@ -62,7 +49,7 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
     out = []
     for component in COMPONENTS:
         store, prefix = runtime.location(component, settings)
-        backups, bad = catalog.by_target(store, prefix, component)
+        backups, bad = runtime.catalog(component, settings).by_target(component)
         unreadable: dict[str, int] = {}
         for u in bad:
             unreadable[u.folder] = unreadable.get(u.folder, 0) + 1
@@ -72,13 +59,11 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
             good = [b for b in found if b.verified]
             last = good[-1] if good else None
             age = (now - last.completed_at) if last else None
-            verified_at = None
-            if last is not None and last.manifest.verification.get("verified_at"):
-                verified_at = datetime.fromisoformat(str(last.manifest.verification["verified_at"]))
+            verified_at = last.entry.verified_at if last is not None else None
             locked = None
-            if last is not None and not isinstance(last.manifest, VmManifest):
+            if last is not None and component != "vm":
                 try:
-                    locked = store.locked_until(last.manifest.data.key)
+                    locked = store.locked_until(last.data_key)
                 except Exception:  # a report: an unreadable lock state is no lock state
                     locked = None
             record = _reverified(store, prefix, component, name)
@@ -90,8 +75,8 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
                 rpo_hours=round(window.total_seconds() / 3600, 2) if window else None,
                 beyond_rpo=window is not None and (age is None or age > window),
                 last_verified=verified_at,
-                kept=len(found), bytes_stored=sum(_bytes(b.manifest) for b in found),
-                chain_length=len(last.manifest.archives) if last is not None and isinstance(last.manifest, FilesManifest) else None,
+                kept=len(found), bytes_stored=sum(b.entry.bytes_stored for b in found),
+                chain_length=last.entry.chain_length if last is not None else None,
                 oldest_kept=found[0].completed_at if found else None,
                 locked_until=locked, unreadable=unreadable.get(name, 0),
                 reverified_at=datetime.fromisoformat(record["checked_at"]) if record.get("checked_at") else None,

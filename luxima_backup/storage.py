@@ -44,7 +44,8 @@ class ObjectStore(Protocol):
     def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo: ...
     def load(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
     def stat(self, key: str) -> ObjectInfo: ...
-    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]: ...
+    def folders(self, prefix: str) -> list[str]: ...
     def remove(self, key: str) -> None: ...
     def purge(self, key: str) -> None: ...
     def locked_until(self, key: str) -> datetime | None: ...
@@ -181,12 +182,23 @@ class S3Store:
             head = self._client.head_object(Bucket=self.name, Key=key)
         return ObjectInfo(key, int(head["ContentLength"]), head.get("LastModified"), head.get("ETag"))
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix`` in key order (``start_after``: only keys after it, as S3 lists them)."""
         paginator = self._client.get_paginator("list_objects_v2")
+        extra = {"StartAfter": start_after} if start_after else {}
         with translate_errors(f"listing {prefix}"):
-            for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.name, Prefix=prefix, **extra):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"], int(obj["Size"]), obj.get("LastModified"), obj.get("ETag"))
+
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the folders directly under ``prefix`` (``prefix`` ends with ``/``)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        out = []
+        with translate_errors(f"listing the folders of {prefix}"):
+            for page in paginator.paginate(Bucket=self.name, Prefix=prefix, Delimiter="/"):
+                out += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return out
 
     def remove(self, key: str) -> None:
         with translate_errors(f"removing {key}"):
@@ -351,7 +363,14 @@ class LocalStore:
             raise ObjectNotFound(f"{key} not found under {self.root}") from None
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def folders(self, prefix: str) -> list[str]:
+        start = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix.rstrip("/") else self.root
+        try:
+            return sorted(e.name for e in os.scandir(start) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         # Keys are compared as strings, as S3 does: "backups/db/x" lists "backups/db/x1/..." too.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root.joinpath(*base.split("/")) if base else self.root
@@ -361,7 +380,7 @@ class LocalStore:
                 if ".partial-" in name:
                     continue
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
-                if key.startswith(prefix):
+                if key.startswith(prefix) and (start_after is None or key > start_after):
                     found.append(key)
         for key in sorted(found):
             with contextlib.suppress(ObjectNotFound):  # removed while listing

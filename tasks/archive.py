@@ -34,10 +34,10 @@ from tasks.sync import mirror_path
 class IndexWriter:
     """Index lines → compressor → AES-256-GCM chunks → a private file (ciphertext only on disk)."""
 
-    def __init__(self, path: str, codec: str, level: int, data_key: DataKey, chunk_size: int):
+    def __init__(self, path: str, codec: str, level: int, data_key: DataKey, chunk_size: int, binding: dict[str, str]):
         self._out = open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600))
         self._comp = compressor(codec, level, 1)
-        self._enc = Encryptor(data_key.plaintext, data_key.wrapped, chunk_size, {"content": "file index"})
+        self._enc = Encryptor(data_key.plaintext, data_key.wrapped, chunk_size, {"content": "file index", **binding})
         self.codec, self.level, self.chunk_size = codec, level, chunk_size
         self.key = data_key.wrapped.to_json()
         self.plain, self.sealed = Meter(), Meter()
@@ -65,7 +65,7 @@ class IndexWriter:
         self._out.close()
         return {"entries": self.entries, "size_plain": self.plain.size, "sha256_plain": self.plain.hexdigest,
                 "size_encrypted": self.sealed.size, "sha256_encrypted": self.sealed.hexdigest,
-                "compression": {"codec": self.codec, "level": self.level},
+                "compression": {"codec": self.codec, "level": self.level}, "bound": True,
                 "encryption": {"format": "LXB1", "chunk_size": self.chunk_size,
                                **{k: v for k, v in self.key.items() if k != "wrapped"}}}
 
@@ -176,7 +176,7 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
 def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_index: dict[str, Any] | None,
-            full: bool) -> dict[str, Any]:
+            full: bool, index_binding: dict[str, str]) -> dict[str, Any]:
     """Tar the source's staging mirror into the pipeline, writing the encrypted file index beside it."""
     settings = runtime.settings()
     cfg = settings.files_backup
@@ -185,7 +185,7 @@ def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_
     with stage(None, sink):
         # The index gets its own data key: it is a separate object, readable without the archive.
         index = IndexWriter(index_spool, cfg.compression, cfg.effective_level, provider.new_data_key(),
-                            settings.keys.chunk_kib * 1024)
+                            settings.keys.chunk_kib * 1024, index_binding)
         try:
             previous = None
             if previous_index is not None:

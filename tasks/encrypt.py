@@ -37,17 +37,18 @@ def encrypt_stream(src: BinaryIO, dst: Any, data_key: DataKey, chunk_size: int, 
 
 
 @task(name="encrypt", cache_policy=NO_CACHE, persist_result=False)
-def encrypt(source: Link, sink: Link, content: str) -> dict[str, Any]:
-    """Encrypt the compressed stream with a new data key before it leaves the machine."""
+def encrypt(source: Link, sink: Link, content: str, binding: dict[str, str]) -> dict[str, Any]:
+    """Encrypt the compressed stream with a new data key before it leaves the machine; its header names the backup,
+    target and key it is written for (``binding``), so it is refused anywhere else."""
     with stage(source, sink):
         settings = runtime.settings()
         # A new data key per object: one leaked key exposes one backup, never the history.
         data_key = runtime.key_provider(settings).new_data_key()
         plain, sealed = encrypt_stream(
-            source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024, {"content": content}
+            source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024, {"content": content, **binding}
         )
     return {
         "format": "LXB1", "chunk_size": settings.keys.chunk_kib * 1024,
         "key": data_key.wrapped.to_json(), "plain_bytes": plain.size,
-        "encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "seconds": plain.seconds,
+        "encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "seconds": plain.seconds, "bound": True,
     }

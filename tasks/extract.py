@@ -75,7 +75,8 @@ def _open_parent(root: int, rel: bytes) -> int:
 
 
 def extract_archive(store: ObjectStore, key: str, codec: str, provider: KeyProvider, expected_sha256: str,
-                    wanted: Iterator[Entry], staging: Path, progress: Any = None) -> tuple[int, list[dict[str, Any]]]:
+                    wanted: Iterator[Entry], staging: Path, progress: Any = None,
+                    expect: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Write the wanted files of one archive under ``staging``; returns (files written, content mismatches).
 
     The whole object is read and authenticated, even past the last wanted member, and its
@@ -87,7 +88,8 @@ def extract_archive(store: ObjectStore, key: str, codec: str, provider: KeyProvi
     root = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         with store.load(key) as body:
-            stream = DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec)  # type: ignore[arg-type]
+            stream = DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap,  # type: ignore[arg-type]
+                                                          expect=expect, where=key), codec)
             tar = open_tar_reader(stream)
             for member, entry in members_for(tar, wanted, str(staging)):
                 parent = _open_parent(root, entry.path)
@@ -146,7 +148,7 @@ def make_links_and_dirs(entries: Iterable[Entry], staging: Path, allow_escaping_
 
 @task(name="extract", cache_policy=NO_CACHE, persist_result=False)
 def extract(archive_id: str, info: StoredObject, index_spool: str, index_codec: str, path_filter: str | None,
-            staging: str) -> dict[str, Any]:
+            staging: str, expect: dict[str, str] | None) -> dict[str, Any]:
     """Stream one archive from storage, authenticating every chunk, and write the selected files it holds."""
     settings = runtime.settings()
     provider = runtime.key_provider(settings)
@@ -155,6 +157,6 @@ def extract(archive_id: str, info: StoredObject, index_spool: str, index_codec: 
               if e.type == FILE and e.archive == archive_id and keep(e))
     progress = Progress(f"extracting {info.key.rsplit('/', 1)[-1]}", info.size_encrypted)
     written, mismatches = extract_archive(runtime.store(settings), info.key, info.compression.codec, provider,
-                                          info.sha256_encrypted, wanted, Path(staging), progress)
+                                          info.sha256_encrypted, wanted, Path(staging), progress, expect)
     get_run_logger().info("extracted %d files from %s", written, info.key)
     return {"archive": archive_id, "files": written, "mismatches": mismatches}

@@ -18,7 +18,6 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import catalog, events, manifest, retention, runtime
 from luxima_backup.errors import ObjectNotFound
-from luxima_backup.manifest import FilesManifest
 from luxima_backup.storage import ObjectStore
 
 # The objects a backup writes are named <UTC time>.<what>…; nothing else under the prefix is swept.
@@ -43,11 +42,9 @@ def prune_target(component: str, target: str, dry_run: bool, force: bool) -> dic
     logger = get_run_logger()
     store, prefix = location(component)
     now = datetime.now(timezone.utc)
-    backups = {b.backup_id: b for b in catalog.list_backups(store, prefix, component, target,
-                                                            catalog.legacy_folders(settings, component, target))}
-    items = [retention.Item(b.backup_id, b.completed_at, b.verified,
-                            frozenset(b.manifest.archives) if isinstance(b.manifest, FilesManifest) else frozenset())
-             for b in backups.values()]
+    cat = runtime.catalog(component, settings)
+    backups = {b.backup_id: b for b in cat.list_backups(component, target, catalog.legacy_folders(settings, component, target))}
+    items = [retention.Item(b.backup_id, b.completed_at, b.verified, frozenset(b.entry.needs)) for b in backups.values()]
     policy = settings.retention_policy(component, target)
     p = retention.plan(f"{component}/{target}", items,
                        retention.Policy(policy.keep_days, policy.keep_last, policy.keep_daily, policy.keep_weekly,
@@ -69,6 +66,9 @@ def prune_target(component: str, target: str, dry_run: bool, force: bool) -> dic
         if "RPO" in p.held:
             events.retention_held(component, target, p.held)
     removed = sum(r["action"] == "removed" for r in rows)
+    if removed:  # the catalog index stops listing them now (a reader would notice, but the next one need not look)
+        for folder in {manifest.safe_name(target), *catalog.legacy_folders(settings, component, target)}:
+            cat.refresh(component, folder)
     logger.info("%s: %d backup(s), %d kept, %d %s", p.target, len(rows), sum(r["action"].startswith("keep") for r in rows),
                 removed if not dry_run else len(removing), "removed" if not dry_run else "would be removed")
     return {"target": p.target, "held": p.held, "rows": rows, "removed": removed,
@@ -77,7 +77,7 @@ def prune_target(component: str, target: str, dry_run: bool, force: bool) -> dic
 
 def _remove(store: ObjectStore, backup: catalog.Backup, why: str) -> tuple[str, str]:
     """Manifest first, then the backup's own objects; what is locked is not attempted."""
-    keys = [backup.manifest_key, *backup.manifest.objects()]
+    keys = [backup.manifest_key, *backup.entry.objects]
     try:
         locked = [(k, until) for k in keys for until in [_locked(store, k)] if until is not None]
         if locked:

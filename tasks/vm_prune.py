@@ -15,18 +15,18 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import catalog, runtime
+from luxima_backup.manifest import safe_name
 from luxima_backup.errors import ProxmoxError
-from luxima_backup.manifest import VmManifest
 from luxima_backup.proxmox import ProxmoxClient
 from tasks.vzdump import Guest, archives_of
 
 
 def plan_prune(manifests: list[catalog.Backup], present: dict[str, dict[str, Any]], keep: int) -> list[dict[str, Any]]:
     """One row per archive of the guest: what happens to it and why (oldest first)."""
-    good = [b for b in manifests if b.verified and isinstance(b.manifest, VmManifest) and b.manifest.archive.volid in present]
+    good = [b for b in manifests if b.verified and b.entry.volid in present]
     kept_ids = {b.backup_id for b in good[-keep:]}
     rows = []
-    by_volid = {b.manifest.archive.volid: b for b in good}  # type: ignore[union-attr]
+    by_volid = {b.entry.volid: b for b in good}
     for volid, entry in present.items():
         b = by_volid.get(volid)
         if b is None:
@@ -40,8 +40,8 @@ def plan_prune(manifests: list[catalog.Backup], present: dict[str, dict[str, Any
             rows.append({"volid": volid, "backup_id": b.backup_id, "action": "remove", "why": f"older than the newest {keep} good",
                          "manifest_key": b.manifest_key})
     for b in manifests:
-        if isinstance(b.manifest, VmManifest) and b.manifest.archive.volid not in present:
-            rows.append({"volid": b.manifest.archive.volid, "backup_id": b.backup_id, "action": "missing",
+        if b.entry.volid is not None and b.entry.volid not in present:
+            rows.append({"volid": b.entry.volid, "backup_id": b.backup_id, "action": "missing",
                          "why": "its archive is no longer on the storage (removed outside luxima-backup)"})
     return rows
 
@@ -63,8 +63,8 @@ def prune_vm_archives(guest: Guest) -> list[dict[str, Any]]:
     px = runtime.proxmox(cfg.proxmox, settings)
     logger = get_run_logger()
     store = runtime.store(settings)
-    manifests = catalog.list_backups(store, settings.storage.prefix, "vm", guest.name)
-    manifests = [b for b in manifests if isinstance(b.manifest, VmManifest) and b.manifest.source.vmid == guest.vmid]
+    cat = runtime.catalog("vm", settings)
+    manifests = [b for b in cat.list_backups("vm", guest.name) if b.entry.vmid == guest.vmid]
     present = {a["volid"]: a for a in archives_of(px, guest.node, cfg.storage, guest.vmid)}
     rows = plan_prune(manifests, present, cfg.keep)
     for row in rows:
@@ -78,4 +78,6 @@ def prune_vm_archives(guest: Guest) -> list[dict[str, Any]]:
         except Exception as exc:  # reported in the artifact and the log; the next run tries again
             row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
             logger.warning("could not remove %s: %s", row["volid"], exc)
+    if any(r["action"] == "removed" for r in rows):
+        cat.refresh("vm", safe_name(guest.name))
     return rows

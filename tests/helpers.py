@@ -117,3 +117,23 @@ def background(cmd: list[str], env: dict[str, str], log: Any) -> Any:
 
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def signed_manifest(key: str, doc: Any) -> bytes:
+    """A manifest (a dict or a model) as the backup flows write it, signed by the configured key provider: what a test
+    that needs a changed manifest stores, so that only the change it makes is tested (not the MAC)."""
+    import json
+
+    from luxima_backup import manifest, runtime
+
+    typed = manifest.parse(json.dumps(doc).encode()) if isinstance(doc, dict) else doc
+    return runtime.catalog(typed.component).signed(key, typed)
+
+
+def save_manifest(store: Any, key: str, doc: Any) -> None:
+    """Write a signed manifest into ``store`` (a test store holding backups of the configured prefix)."""
+    from luxima_backup import catalog, runtime
+
+    settings = runtime.settings()
+    catalog.Catalog(store, runtime.location(doc.component, settings)[1], runtime.key_provider(settings)).save(key, doc)
+

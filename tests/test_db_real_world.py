@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from luxima_backup import catalog
+from luxima_backup import catalog, runtime
 from luxima_backup import pg as pgmod
 from luxima_backup import settings as settings_mod
 from luxima_backup.errors import ConfigError, DatabaseError
@@ -33,7 +33,7 @@ from luxima_backup.storage import store_from_settings
 from luxima_backup.workdir import private_dir
 from tests.conftest import DB_PASSWORD, file_keys
 from tests.fault_proxy import FaultProxy
-from tests.helpers import error_of, log_rows, run_backup, s3_get, s3_keys
+from tests.helpers import error_of, log_rows, run_backup, s3_get, s3_keys, signed_manifest
 from tests.pg_shapes import (
     LEAF_PARTITIONS, ODD_SCHEMA, ODD_TABLE, PARTITIONED_PARENTS, UBER_TABLE, fingerprint, make_shapes,
 )
@@ -187,7 +187,7 @@ def test_two_sections_with_the_same_database_name_on_two_clusters_stay_apart(
             assert doc["source"]["name"] == name and doc["source"]["database"] == database
             assert doc["source"]["port"] == cluster.port
         assert prod_doc["source"]["system_identifier"] != staging_doc["source"]["system_identifier"]
-        keys = s3_keys(s3_server, bucket)
+        keys = [k for k in s3_keys(s3_server, bucket) if "/_catalog/" not in k]  # the catalog's index per target aside
         assert all(k.startswith((f"{prefix}/db/prod/", f"{prefix}/db/staging/")) for k in keys), keys
 
         # Latest of each section restores that section's data.
@@ -201,11 +201,12 @@ def test_two_sections_with_the_same_database_name_on_two_clusters_stay_apart(
         assert _marker(staging_cluster, f"{database}_rs") == ["staging"]
 
         # Staging's backup named as prod's is refused, by id and by key, in the catalogue and by the flow.
-        store = store_from_settings(load_settings().storage)
+        settings = load_settings()
+        cat = catalog.Catalog(store_from_settings(settings.storage), prefix, runtime.key_provider(settings))
         with pytest.raises(ConfigError, match="was taken of 'staging'"):
-            catalog.resolve(store, prefix, "db", staging_doc["backup_id"], source="prod", also_under=[database])
+            cat.resolve("db", staging_doc["backup_id"], source="prod", also_under=[database])
         with pytest.raises(ConfigError, match="was taken of 'staging'"):
-            catalog.resolve(store, prefix, "db", staging_doc["dump"]["key"], source="prod", also_under=[database])
+            cat.resolve("db", staging_doc["dump"]["key"], source="prod", also_under=[database])
         refused = run_restore(backup=staging_doc["backup_id"], source="prod", target="prod", target_database=f"{database}_x")
         assert refused.is_failed() and "was taken of" in refused.message
         assert f"{database}_x" not in datnames(pg_cluster, database)
@@ -221,21 +222,24 @@ def test_two_sections_with_the_same_database_name_on_two_clusters_stay_apart(
                 assert target not in s3_keys(s3_server, bucket), "legacy keys of prod and staging collide"
                 if key.endswith(".manifest.json"):
                     # an old backup's manifest pointed at its objects where they were: under db/<dbname>/
-                    text = s3_get(s3_server, bucket, key).decode().replace(new, old)
-                    assert json.loads(text)["source"]["name"] == name
-                    client.put_object(Bucket=bucket, Key=target, Body=text.encode())
+                    moved_doc = json.loads(s3_get(s3_server, bucket, key).decode().replace(new, old))
+                    assert moved_doc["source"]["name"] == name
+                    # written before headers named their backup and key (else the moved objects are refused, rightly),
+                    # and adopted (signed) since, as `luxima-backup catalog sign` does
+                    moved_doc["dump"]["bound"] = moved_doc["globals"]["bound"] = False
+                    client.put_object(Bucket=bucket, Key=target, Body=signed_manifest(target, moved_doc))
                 else:
                     client.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": key})
                 client.delete_object(Bucket=bucket, Key=key)
-        assert all(k.startswith(f"{prefix}/db/{database}/") for k in s3_keys(s3_server, bucket))
+        assert all(k.startswith(f"{prefix}/db/{database}/") for k in s3_keys(s3_server, bucket) if "/_catalog/" not in k)
 
-        found = catalog.resolve(store, prefix, "db", "latest", source="prod", also_under=[database])
+        found = cat.resolve("db", "latest", source="prod", also_under=[database])
         assert found.backup_id == prod_doc["backup_id"]  # not staging's, though newer and in the same folder
         assert found.manifest_key.startswith(f"{prefix}/db/{database}/")
-        assert catalog.resolve(store, prefix, "db", "latest", source="staging",
-                               also_under=[database]).backup_id == staging_doc["backup_id"]
+        assert cat.resolve("db", "latest", source="staging",
+                           also_under=[database]).backup_id == staging_doc["backup_id"]
         with pytest.raises(ConfigError, match="was taken of 'staging'"):
-            catalog.resolve(store, prefix, "db", staging_doc["backup_id"], source="prod", also_under=[database])
+            cat.resolve("db", staging_doc["backup_id"], source="prod", also_under=[database])
 
         legacy = run_restore(source="prod", target="prod", target_database=f"{database}_legacy")
         assert legacy.is_completed(), legacy.message

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from luxima_backup import catalog
+from luxima_backup import catalog, runtime
 from luxima_backup.errors import ConfigError
 from devkit.sandbox import PostgresCluster
 from luxima_backup.settings import load_settings
 from luxima_backup.storage import store_from_settings
 from tests.conftest import file_keys, kv_keys
-from tests.helpers import log_rows, run_backup, s3_get, s3_keys
+from tests.helpers import log_rows, run_backup, s3_get, s3_keys, signed_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +250,22 @@ def test_tampered_object_is_refused_before_the_target_is_touched(
     assert databases(pg_cluster, database) == [database]
 
 
+def test_an_older_backups_object_put_in_place_of_a_newer_one_is_refused(
+    backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
+) -> None:
+    """A rollback attack: the old dump copied over the newest backup's (a new version of its key). The manifest is
+    authentic and the object decrypts, but its header names the backup and key it was written for."""
+    first = backed_up["manifest"]
+    second = run_backup(deep_verify=False)
+    assert second.is_completed(), second.message
+    newest = json.loads(s3_get(s3_server, bucket, second.result()["manifest_key"]))
+    put_object(s3_server, bucket, newest["dump"]["key"], s3_get(s3_server, bucket, first["dump"]["key"]))
+    state = run_restore(target_database=f"{database}_rb")
+    assert state.is_failed() and "is not the object its manifest names" in state.message, state.message
+    assert first["backup_id"] in state.message and first["dump"]["key"] in state.message
+    assert databases(pg_cluster, database) == [database]  # refused on its first bytes: nothing created
+
+
 def test_a_stalled_download_is_stopped_at_the_stage_limit_and_nothing_is_created(
     backed_up: dict[str, Any], pg_cluster: PostgresCluster, s3_server: Any, bucket: str, database: str,
     key_file: Path, write_settings: Any,
@@ -316,7 +332,8 @@ def test_wrong_key_is_a_clear_error(backed_up: dict[str, Any], pg_cluster: Postg
     write_settings(database, bucket, file_keys(other))
     state = run_restore(target_database=f"{database}_wk")
     assert state.is_failed()
-    assert "encrypted with key file" in state.message and "old_key_files" in state.message
+    # found at the catalog: its manifests are signed under the backup's key
+    assert "signed with key file" in state.message and "old_key_files" in state.message
     assert databases(pg_cluster, database) == [database]
 
 
@@ -326,7 +343,8 @@ def test_a_count_mismatch_fails_and_names_the_table(
 ) -> None:
     doc = backed_up["manifest"]
     doc["row_counts"]["public.events"] += 1  # the backup claims a row the restore will not have
-    put_object(s3_server, bucket, backed_up["summary"]["manifest_key"], json.dumps(doc).encode())
+    key = backed_up["summary"]["manifest_key"]
+    put_object(s3_server, bucket, key, signed_manifest(key, doc))
     state = run_restore(target_database=f"{database}_mm")
     assert state.is_failed() and "rows in public.events" in state.message
     run_id = str(state.state_details.flow_run_id)
@@ -350,15 +368,16 @@ def test_latest_skips_unverified_and_honours_as_of(
     newer.update(backup_id=first["backup_id"] + "-newer", status="unverified",
                  completed_at=(datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat())
     key = backed_up["summary"]["manifest_key"].replace(".manifest.json", "9.manifest.json")
-    put_object(s3_server, bucket, key, json.dumps(newer).encode())
-    assert catalog.resolve(store, "backups", "db", "latest", source="main").backup_id == first["backup_id"]
-    assert catalog.resolve(store, "backups", "db", first["backup_id"]).manifest_key == backed_up["summary"]["manifest_key"]
-    assert catalog.resolve(store, "backups", "db", first["dump"]["key"]).backup_id == first["backup_id"]
+    put_object(s3_server, bucket, key, signed_manifest(key, newer))
+    cat = catalog.Catalog(store, "backups", runtime.key_provider(settings))
+    assert cat.resolve("db", "latest", source="main").backup_id == first["backup_id"]
+    assert cat.resolve("db", first["backup_id"]).manifest_key == backed_up["summary"]["manifest_key"]
+    assert cat.resolve("db", first["dump"]["key"]).backup_id == first["backup_id"]
     before = datetime.fromisoformat(first["completed_at"]) - timedelta(seconds=1)
     with pytest.raises(ConfigError, match="no verified db backup"):
-        catalog.resolve(store, "backups", "db", "latest", source="main", as_of=before)
+        cat.resolve("db", "latest", source="main", as_of=before)
     with pytest.raises(ConfigError, match="no db backup with id"):
-        catalog.resolve(store, "backups", "db", "db-nothing-20200101T000000Z")
+        cat.resolve("db", "db-nothing-20200101T000000Z")
 
 
 def test_restore_from_manifests_alone_when_the_source_and_its_log_are_gone(

@@ -22,7 +22,7 @@ from luxima_backup.errors import ConfigError, IntegrityError, SourceError, Verif
 from luxima_backup.keys import KeyFileProvider
 from devkit.sandbox import PostgresCluster, SshServer
 from tests.conftest import file_keys
-from tests.helpers import error_of, log_rows, s3_get, s3_keys
+from tests.helpers import error_of, log_rows, s3_get, s3_keys, signed_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -473,13 +473,15 @@ def test_a_source_host_that_goes_silent_mid_transfer_is_stopped_at_the_stage_lim
     assert [r["status"] for r in rows] == ["failed"] and "stage_timeout_seconds" in rows[0]["error"]
 
 
-def _rewrite_encrypted(env: dict[str, Any], key: str, plain: bytes, info: str) -> tuple[int, str]:
-    """Replace a stored object by ``plain`` compressed and encrypted under the backup's own key file."""
+def _rewrite_encrypted(env: dict[str, Any], key: str, plain: bytes, info: str, doc: dict[str, Any]) -> tuple[int, str]:
+    """Replace a stored object of backup ``doc`` by ``plain`` compressed and encrypted under the backup's own key file,
+    as the backup would have written it (bound to it): what a faulty writer holding the keys could leave."""
     import hashlib
 
     provider = KeyFileProvider(env["key_file"])
     dk = provider.new_data_key()
-    blob = encrypt_bytes(gzip.compress(plain), dk.plaintext, dk.wrapped, 1 << 20, {"content": info})
+    bound = manifest.binding(doc["backup_id"], "files", doc["source"]["name"], key)
+    blob = encrypt_bytes(gzip.compress(plain), dk.plaintext, dk.wrapped, 1 << 20, {"content": info, **bound})
     env["s3"].client().put_object(Bucket=env["bucket"], Key=key, Body=blob)
     return len(blob), hashlib.sha256(blob).hexdigest()
 
@@ -490,7 +492,7 @@ def _read_encrypted(env: dict[str, Any], key: str) -> bytes:
 
 
 def _save_manifest(env: dict[str, Any], key: str, doc: dict[str, Any]) -> None:
-    env["s3"].client().put_object(Bucket=env["bucket"], Key=key, Body=json.dumps(doc).encode())
+    env["s3"].client().put_object(Bucket=env["bucket"], Key=key, Body=signed_manifest(key, doc))
 
 
 def test_tampered_archive_is_refused_and_nothing_is_restored(files_env: dict[str, Any]) -> None:
@@ -505,6 +507,19 @@ def test_tampered_archive_is_refused_and_nothing_is_restored(files_env: dict[str
     assert [p.name for p in out.parent.iterdir() if ".restoring-" in p.name] == []
 
 
+def test_an_archive_of_an_older_backup_put_in_place_of_the_newest_is_refused(files_env: dict[str, Any]) -> None:
+    """The archive is streamed from storage (no spool, no sha256 first): its header's binding refuses it at once."""
+    older = backed_up()
+    newer = backed_up(full=True)
+    client = files_env["s3"].client()
+    client.put_object(Bucket=files_env["bucket"], Key=newer["object_key"],
+                      Body=s3_get(files_env["s3"], files_env["bucket"], older["object_key"]))
+    out = files_env["tmp"] / "swapped"
+    exc = error_of(restore(destination=str(out)))
+    assert isinstance(exc, IntegrityError) and "is not the object its manifest names" in str(exc), exc
+    assert older["backup_id"] in str(exc) and not out.exists()
+
+
 def test_path_traversal_archive_is_refused(files_env: dict[str, Any]) -> None:
     summary = backed_up()
     key, doc = manifest_doc(files_env, summary["backup_id"])
@@ -513,7 +528,7 @@ def test_path_traversal_archive_is_refused(files_env: dict[str, Any]) -> None:
         info = tarfile.TarInfo("../../evil.txt")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"evil"))
-    size, digest = _rewrite_encrypted(files_env, summary["object_key"], evil.getvalue(), "tar archive of files")
+    size, digest = _rewrite_encrypted(files_env, summary["object_key"], evil.getvalue(), "tar archive of files", doc)
     doc["archives"][summary["backup_id"]].update(size_encrypted=size, sha256_encrypted=digest)
     _save_manifest(files_env, key, doc)
     out = files_env["tmp"] / "a" / "b" / "traversal"
@@ -524,7 +539,7 @@ def test_path_traversal_archive_is_refused(files_env: dict[str, Any]) -> None:
 
     # an index naming a path outside the destination is refused as well
     index = _read_encrypted(files_env, doc["index"]["key"]).replace(b'"path":"script.sh"', b'"path":"../script.sh"')
-    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], index, "file index")
+    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], index, "file index", doc)
     doc["index"].update(size_encrypted=size, sha256_encrypted=digest)
     _save_manifest(files_env, key, doc)
     exc = error_of(restore(destination=str(out)))
@@ -542,7 +557,7 @@ def test_md5_mismatch_fails_the_restore_and_is_listed(files_env: dict[str, Any])
             rec["md5"] = "0" * 32
             lines[i] = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode()
             wrong.append(rec["path"])
-    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], b"\n".join(lines), "file index")
+    size, digest = _rewrite_encrypted(files_env, doc["index"]["key"], b"\n".join(lines), "file index", doc)
     doc["index"].update(size_encrypted=size, sha256_encrypted=digest)
     _save_manifest(files_env, key, doc)
     out = files_env["tmp"] / "mismatch"

@@ -14,6 +14,7 @@ import pytest
 
 from luxima_backup import catalog, manifest
 from luxima_backup.errors import ConfigError, FormatError
+from luxima_backup.keys import KeyFileProvider, new_master_key
 from luxima_backup.storage import LocalStore
 
 DATA = Path(__file__).parent / "data" / "manifests"
@@ -95,17 +96,19 @@ def test_not_json_is_a_format_error() -> None:
 
 
 def test_the_catalog_lists_by_component_and_never_offers_a_misfiled_manifest(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    key_file = tmp_path / "key"
+    key_file.write_text(new_master_key())
+    cat = catalog.Catalog(store, "backups", KeyFileProvider(key_file))
     db = json.loads(_raw("v1-db.json"))
-    configs = json.loads(_raw("v1-configs.json"))
     db_key = "backups/db/main/2026/11/29/20261129T203309Z.manifest.json"
-    store.save_bytes(db_key, json.dumps(db).encode())
+    store.save_bytes(db_key, cat.signed(db_key, manifest.parse(_raw("v1-db.json"))))
     # a config manifest copied under db/ by mistake: listed as an error, never restorable as a database
     misfiled = "backups/db/main/2026/11/30/20261130T014301Z.manifest.json"
-    store.save_bytes(misfiled, json.dumps(configs).encode())
-    found = list(catalog.iter_backups(store, "backups", "db", "main"))
+    store.save_bytes(misfiled, cat.signed(misfiled, manifest.parse(_raw("v1-configs.json"))))
+    found = list(cat.iter_backups("db", "main"))
     assert [b.backup_id for b in found if isinstance(b, catalog.Backup)] == [db["backup_id"]]
     assert any(isinstance(e, catalog.Unreadable) and e.manifest_key == misfiled and misfiled in str(e) for e in found)
-    assert catalog.resolve(store, "backups", "db", "latest", source="main").backup_id == db["backup_id"]
+    assert cat.resolve("db", "latest", source="main").backup_id == db["backup_id"]
     with pytest.raises(ConfigError, match="is a configs backup"):
-        catalog.resolve(store, "backups", "db", misfiled)
+        cat.resolve("db", misfiled)

@@ -15,7 +15,7 @@ import pytest
 from luxima_backup import manifest
 from luxima_backup.errors import StorageError
 from tests.conftest import file_keys
-from tests.helpers import run_backup
+from tests.helpers import run_backup, signed_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_the_prune_never_tries_a_locked_backup_and_reports_it(
     for key in (unlocked.data, unlocked.globals):
         plain.put_object(Bucket=locked_bucket, Key=key, Body=os.urandom(32))
     doc = manifest.parse(_bytes(store, manifest.db_keys("backups", "main", now - timedelta(days=45), "zst").manifest))
-    plain.put_object(Bucket=locked_bucket, Key=unlocked.manifest, Body=manifest.dump_json(doc.model_copy(update={
+    plain.put_object(Bucket=locked_bucket, Key=unlocked.manifest, Body=signed_manifest(unlocked.manifest, doc.model_copy(update={
         "backup_id": unlocked.backup_id, "completed_at": now - timedelta(days=50), "started_at": now - timedelta(days=50),
         "dump": doc.data.model_copy(update={"key": unlocked.data}),
         "globals": doc.globals.model_copy(update={"key": unlocked.globals})})))  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ import pytest
 from luxima_backup import manifest
 from luxima_backup.manifest import Compression, DataObject, DbGlobals, DbManifest, DbSource, Encryption
 from tests.conftest import file_keys
-from tests.helpers import error_of, log_rows
+from tests.helpers import error_of, log_rows, save_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def db_backup(store: Any, when: datetime, target: str = "main", status: str = "v
     store.save_bytes(keys.data, os.urandom(64))
     store.save_bytes(keys.globals, os.urandom(16))
     if manifest_too:
-        manifest.save(store, keys.manifest, DbManifest(
+        save_manifest(store, keys.manifest, DbManifest(
             backup_id=keys.backup_id, status=status, started_at=when, completed_at=when,
             source=DbSource(name=target, database="luxima"), dump=_object(keys.data), globals=DbGlobals(key=keys.globals)))
     return keys.backup_id
@@ -68,7 +68,7 @@ def files_backup(store: Any, when: datetime, chain: dict[str, Any], source: str 
     chain[keys.backup_id] = manifest.StoredObject(key=keys.archive, compression=archive.compression, size_encrypted=64,
                                                   sha256_encrypted="0" * 64)
     full_at = min((when_of(b) for b in chain), default=when)
-    manifest.save(store, keys.manifest, manifest.FilesManifest(
+    save_manifest(store, keys.manifest, manifest.FilesManifest(
         backup_id=keys.backup_id, status="verified", started_at=when, completed_at=when,
         source=manifest.FilesSource(name=source, kind="local", path="/srv"), type="full" if len(chain) == 1 else "incremental",
         full_completed_at=full_at, archive=archive,
@@ -110,7 +110,7 @@ def test_forty_days_keep_thirty_the_failures_never_count_and_leftovers_are_swept
     for ago in range(40, 0, -1):
         ids[ago] = db_backup(store, NOW - ago * DAY + timedelta(hours=1), manifest_too=ago not in failed)
     unverified = db_backup(store, NOW - 2 * DAY)  # replaced below by a manifest that is not verified
-    manifest.save(store, manifest.db_keys("backups", "main", NOW - 2 * DAY, "zst").manifest, DbManifest(
+    save_manifest(store, manifest.db_keys("backups", "main", NOW - 2 * DAY, "zst").manifest, DbManifest(
         **{**manifest.parse(_manifest_bytes(store, unverified)).model_dump(by_alias=True), "status": "unverified"}))
     time.sleep(2.5)  # past the grace period of this test's settings
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from luxima_backup import catalog, manifest
+from luxima_backup import manifest, runtime
 from luxima_backup.errors import ProxmoxError, VerificationError
 from tests.helpers import error_of, log_rows, s3_get, s3_keys
 from tests.simulators.proxmox import ProxmoxSimulator
@@ -65,7 +65,7 @@ def test_qemu_and_lxc_backups_are_verified_recorded_and_kept_two_cycles(
     assert "$5$" not in json.dumps(docs)
 
     # the catalogue lists them, newest verified first for restores
-    store_backups = catalog.list_backups(_store(), "backups", "vm", "web")
+    store_backups = runtime.catalog("vm").list_backups("vm", "web")
     assert [b.manifest.archive.volid for b in store_backups] == volids[1:]  # type: ignore[union-attr]
 
     rows = [r for r in log_rows(pg_cluster, database) if r["component"] == "vm"]
@@ -75,8 +75,6 @@ def test_qemu_and_lxc_backups_are_verified_recorded_and_kept_two_cycles(
 
 
 def _store() -> Any:
-    from luxima_backup import runtime
-
     return runtime.store(runtime.settings())
 
 
@@ -165,7 +163,7 @@ def test_the_verify_reads_the_config_back_from_the_archive(pve: ProxmoxSimulator
 
     vm_settings(vm_backup="guests = [100]")
     result = run().result()["guests"]["web"]
-    doc = next(b for b in catalog.list_backups(_store(), "backups", "vm", "web"))
+    doc = next(b for b in runtime.catalog("vm").list_backups("vm", "web"))
     archive = doc.manifest.archive.model_dump()  # type: ignore[union-attr]
     guest = Guest(100, "web", NODE, "qemu")
 

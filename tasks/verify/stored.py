@@ -13,7 +13,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import catalog, manifest, runtime
+from luxima_backup import catalog, runtime
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import BackupError, ObjectNotFound, VerificationError, is_transient
@@ -29,20 +29,20 @@ def objects_of(backup: catalog.Backup) -> list[dict[str, Any]]:
     out = []
     if isinstance(m, DbManifest):
         out.append({"key": m.dump.key, "size": m.dump.size_encrypted, "sha256": m.dump.sha256_encrypted,
-                    "codec": m.dump.compression.codec, "plain_sha256": m.dump.sha256_plain})
+                    "codec": m.dump.compression.codec, "plain_sha256": m.dump.sha256_plain, "expect": m.binding_of(m.dump.key)})
         g = m.globals
         if g.key and g.encrypted_bytes is not None and g.encrypted_sha256:
             # the globals are compressed like the dump; their recorded plain digest is of the SQL text
             out.append({"key": g.key, "size": g.encrypted_bytes, "sha256": g.encrypted_sha256,
-                        "codec": m.dump.compression.codec, "plain_sha256": g.plain_sha256})
+                        "codec": m.dump.compression.codec, "plain_sha256": g.plain_sha256, "expect": m.binding_of(g.key)})
     elif isinstance(m, FilesManifest):
         for o, plain in ((m.archive, m.archive.sha256_plain), (m.index, m.index.sha256_plain)):
             out.append({"key": o.key, "size": o.size_encrypted, "sha256": o.sha256_encrypted,
-                        "codec": o.compression.codec, "plain_sha256": plain})
+                        "codec": o.compression.codec, "plain_sha256": plain, "expect": m.binding_of(o.key)})
     elif isinstance(m, ConfigManifest):
         a = m.archive
         out.append({"key": a.key, "size": a.size_encrypted, "sha256": a.sha256_encrypted, "codec": a.compression.codec,
-                    "plain_sha256": a.sha256_plain})
+                    "plain_sha256": a.sha256_plain, "expect": m.binding_of(a.key)})
     return out
 
 
@@ -53,7 +53,8 @@ def check_object(store: ObjectStore, provider: KeyProvider, obj: dict[str, Any])
     sealed, plain = Meter(), Meter()
     try:
         with store.load(key) as body:
-            decrypted = DecryptingReader(MeteredReader(body, sealed), provider.unwrap)  # type: ignore[arg-type]
+            decrypted = DecryptingReader(MeteredReader(body, sealed), provider.unwrap,  # type: ignore[arg-type]
+                                         expect=obj.get("expect"), where=key)
             drain(MeteredReader(DecompressingReader(decrypted, obj["codec"]), plain))
     except ObjectNotFound:
         raise VerificationError(f"{key} is missing from storage") from None
@@ -72,7 +73,7 @@ def verify_stored_backup(component: str, manifest_key: str) -> dict[str, Any]:
     settings = runtime.settings()
     store = runtime.location(component, settings)[0]
     provider = runtime.key_provider(settings)
-    backup = catalog.Backup(manifest_key, manifest.load(store, manifest_key))
+    backup = catalog.Backup.of(manifest_key, runtime.catalog(component, settings).load(manifest_key))
     read = 0
     try:
         for obj in objects_of(backup):

@@ -29,6 +29,9 @@ What it holds to, as Vault does:
   too new"; below ``min_decryption_version`` is "too old"), base64, length, then the tag. Key
   names follow Vault's name pattern, so a name with ``/`` matches no route (404). ``keys`` in
   a key's description maps each version to its creation time in unix seconds.
+- Transit ``hmac/:name`` and ``verify/:name`` (path_hmac.go): each key version has its own HMAC
+  key; ``vault:vN:<base64>``; one ``input`` or a ``batch_input`` answered item by item (a bad
+  item gets its own ``error``, the request still 200), in input order with ``reference`` copied.
 - KV v2 deletion is soft: a deleted (or destroyed) version reads as 404 with ``data: null``
   and the version's metadata (``deletion_time`` set, or ``destroyed: true``).
 - Malformed input gets Vault's 400 and ``{"errors": [...]}`` (a non-integer field is "Field
@@ -42,7 +45,7 @@ KV v2 engine at ``secret/``; Transit and AppRole are enabled through the API.
 Not simulated: leases of secrets, token ``num_uses``, periodic tokens, child-token revocation
 with the parent, token roles, namespaces, response wrapping, CIDR bindings, the checks that a
 secret ID's own ``ttl``/``num_uses`` stay within the role's, Transit key types other than
-aes256-gcm96 (and derived or convergent keys), ``min_encryption_version``, batch requests, KV
+aes256-gcm96 (and derived or convergent keys), ``min_encryption_version``, batch encrypt/decrypt, KV
 v2 ``cas`` and ``max_versions``. The same simulator tests run against a real Vault when
 VAULT_ADDR and VAULT_TOKEN are set (tests/test_vault_simulator.py), so it cannot certify itself.
 """
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import os
 import re
@@ -89,6 +93,8 @@ _ZERO_TIME = "0001-01-01T00:00:00Z"
 
 PERMISSION_DENIED = "1 error occurred:\n\t* permission denied\n\n"
 INVALID_TOKEN = "2 errors occurred:\n\t* permission denied\n\t* invalid token\n\n"
+_HMAC_ALGORITHMS = {"sha2-224": "sha224", "sha2-256": "sha256", "sha2-384": "sha384", "sha2-512": "sha512",
+                    "sha3-224": "sha3_224", "sha3-256": "sha3_256", "sha3-384": "sha3_384", "sha3-512": "sha3_512"}
 UNSUPPORTED_PATH = "1 error occurred:\n\t* unsupported path\n\n"
 UNSUPPORTED_OPERATION = "1 error occurred:\n\t* unsupported operation\n\n"
 TOO_OLD = "ciphertext or signature version is disallowed by policy (too old)"
@@ -718,13 +724,16 @@ class VaultSimulator:
             (rf"encrypt/(?P<name>{_NAME})", lambda name: self._transit_encrypt(mount, name, body), {"write"}),
             (rf"decrypt/(?P<name>{_NAME})", lambda name: self._transit_decrypt(mount, name, body), {"write"}),
             (rf"datakey/(?P<kind>{_NAME})/(?P<name>{_NAME})", lambda kind, name: self._transit_datakey(mount, kind, name, body), {"write"}),
+            (rf"hmac/(?P<name>{_NAME})(?:/(?P<alg>{_NAME}))?", lambda name, alg: self._transit_hmac(mount, name, alg, body, verify=False), {"write"}),
+            (rf"verify/(?P<name>{_NAME})(?:/(?P<alg>{_NAME}))?", lambda name, alg: self._transit_hmac(mount, name, alg, body, verify=True), {"write"}),
         ]
         handler, args = _route(routes, sub, op)
         return handler(**args)
 
     def _new_key(self, ref: str) -> dict[str, Any]:
         now = self.now()
-        key = self.transit[ref] = {"versions": {1: os.urandom(32)}, "created": {1: now}, "latest": 1,
+        # each version has its own HMAC key beside its encryption key (keysutil.KeyEntry.HMACKey)
+        key = self.transit[ref] = {"versions": {1: os.urandom(32)}, "hmac": {1: os.urandom(32)}, "created": {1: now}, "latest": 1,
                                    "min_decryption": 1, "deletion_allowed": False}
         return key
 
@@ -768,7 +777,7 @@ class VaultSimulator:
         if key is None:
             return _error(400, "key not found")
         n = key["latest"] + 1
-        key["versions"][n], key["created"][n], key["latest"] = os.urandom(32), self.now(), n
+        key["versions"][n], key["hmac"][n], key["created"][n], key["latest"] = os.urandom(32), os.urandom(32), self.now(), n
         return 200, self._envelope(self._describe_key(name, key))
 
     def _transit_config(self, mount: str, name: str, body: dict[str, Any]) -> Response:
@@ -820,6 +829,78 @@ class VaultSimulator:
         if kind == "plaintext":
             data["plaintext"] = base64.b64encode(plain).decode()
         return 200, self._envelope(data)
+
+    def _transit_hmac(self, mount: str, name: str, alg: str | None, body: dict[str, Any], verify: bool) -> Response:
+        """hmac/:name and verify/:name (path_hmac.go): one input or batch_input, results in input order."""
+        key = self.transit.get(f"{mount}/{name}")
+        if key is None:
+            return _error(400, "encryption key not found")
+        algorithm = alg or str(body.get("hash_algorithm") or body.get("algorithm") or "sha2-256")
+        digest = _HMAC_ALGORITHMS.get(algorithm)
+        if digest is None:
+            return 400, {"errors": [f'unsupported algorithm "{algorithm}"']}
+        version = key["latest"]
+        if not verify:
+            wanted = _int_field(body, "key_version")
+            if wanted > key["latest"] or (0 < wanted < key["min_decryption"]):  # keysutil.Policy.HMACKey
+                return _error(400, f"key version does not exist; latest key version is {key['latest']}" if wanted > key["latest"]
+                              else f"key version disallowed by policy (minimum is {key['min_decryption']})")
+            version = wanted or key["latest"]
+        batch = body.get("batch_input")
+        if batch is not None:
+            if not isinstance(batch, list) or not batch:
+                return _error(400, "missing batch input to process")
+            items = [dict(i) if isinstance(i, dict) else {} for i in batch]
+        elif verify:
+            items = [{"input": str(body.get("input") or ""), "hmac": str(body.get("hmac") or "")}]
+        else:
+            if "input" not in body:
+                return _error(400, "missing input for HMAC")
+            items = [{"input": str(body["input"])}]
+        results = [self._hmac_item(key, version, digest, item, verify) for item in items]
+        if batch is not None:
+            for result, item in zip(results, items):
+                result["reference"] = str(item.get("reference", ""))
+            return 200, self._envelope({"batch_results": results})
+        if "error" in results[0]:
+            return _error(400, results[0]["error"])
+        return 200, self._envelope({"valid": results[0]["valid"]} if verify else {"hmac": results[0]["hmac"]})
+
+    @staticmethod
+    def _hmac_item(key: dict[str, Any], version: int, digest: str, item: dict[str, Any], verify: bool) -> dict[str, Any]:
+        if "input" not in item:
+            return {"valid": False, "error": "missing input" if verify else "missing input for HMAC"}
+        try:
+            data = base64.b64decode(str(item["input"]), validate=True)
+        except ValueError as exc:
+            return {"valid": False, "error": f"unable to decode input as base64: {exc}"}
+        if not verify:
+            mac = hmac.new(key["hmac"][version], data, digest).digest()
+            return {"hmac": f"vault:v{version}:" + base64.b64encode(mac).decode(), "valid": False}
+        given = item.get("hmac")
+        if given is None:
+            return {"valid": False, "error": "missing hmac"}
+        given = str(given)
+        if not given.startswith("vault:v"):
+            return {"valid": False, "error": "invalid HMAC to verify: no prefix"}
+        fields = given.removeprefix("vault:v").split(":", 1)
+        if len(fields) != 2:
+            return {"valid": False, "error": "invalid HMAC: wrong number of fields"}
+        if not re.fullmatch(r"[+-]?\d+", fields[0]):
+            return {"valid": False, "error": "invalid HMAC: version number could not be decoded"}
+        try:
+            expected = base64.b64decode(fields[1], validate=True)
+        except ValueError as exc:
+            return {"valid": False, "error": f"unable to decode verification HMAC as base64: {exc}"}
+        n = int(fields[0])
+        if n > key["latest"]:
+            return {"valid": False, "error": "invalid HMAC: version is too new"}
+        if key["min_decryption"] > 0 and n < key["min_decryption"]:
+            return {"valid": False, "error": "cannot verify HMAC: version is too old (disallowed by policy)"}
+        if n not in key["hmac"]:
+            return {"valid": False, "error": f"key version disallowed by policy (minimum is {key['min_decryption']})"}
+        mac = hmac.new(key["hmac"][n], data, digest).digest()
+        return {"valid": hmac.compare_digest(mac, expected)}
 
     def _transit_decrypt(self, mount: str, name: str, body: dict[str, Any]) -> Response:
         text = str(body.get("ciphertext") or "")
