@@ -21,6 +21,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Key management helpers.")
 app.add_typer(backup_app, name="backup")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+dr_app = typer.Typer(no_args_is_help=True, help="Disaster recovery: copies of the backups at the DR site.")
+app.add_typer(dr_app, name="dr")
 catalog_app = typer.Typer(no_args_is_help=True, help="The authenticated backup catalog (signed manifests and their index).")
 app.add_typer(catalog_app, name="catalog")
 alerts_app = typer.Typer(no_args_is_help=True, help="Chat alerts (Prefect automations).")
@@ -338,6 +340,17 @@ def _missing_objects(store: Any, document: Any) -> str:
         if size is not None and found != size:
             return f"{key} is {found} bytes, the manifest says {size}"
     return ""
+
+
+@dr_app.command("replicate")
+def dr_replicate_cmd(
+    target: list[str] = typer.Option([], help="a [dr.targets.NAME] (repeatable; default: all)"),
+    component: list[str] = typer.Option([], help="db, files or configs (repeatable; default: dr.components)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Copy the backups the DR site lacks, checked at both ends, and report the DR lag (the dr-replicate flow)."""
+    _use_config(config)
+    _run_flow("flows.dr_replicate", "dr_replicate", ("dr", "replicate"), targets=target or None, components=component or None)
 
 
 @app.command("prune")

@@ -140,11 +140,11 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
 
     p = cfg.automation_prefix
     ours = {"prefect.resource.role": "tag",
-            "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore", "prefect.tag.prune"]}
+            "prefect.resource.id": ["prefect.tag.backup", "prefect.tag.restore", "prefect.tag.prune", "prefect.tag.dr"]}
     wanted = [
         Automation(
             name=f"{p}: backup or restore run failed",
-            description="A flow run tagged backup, restore or prune ended Failed, Crashed or TimedOut.",
+            description="A flow run tagged backup, restore, prune or dr ended Failed, Crashed or TimedOut.",
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
                 match={"prefect.resource.id": "prefect.flow-run.*"},

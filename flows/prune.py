@@ -28,7 +28,9 @@ COMPONENTS = ("db", "files", "configs")
 
 def targets(component: str) -> tuple[list[str], list[str]]:
     """The targets with backups of ``component`` in storage, and the manifests that could not be read."""
-    found, damaged = runtime.catalog(component).by_target(component)
+    cat = runtime.catalog(component)
+    cat.refresh(component)  # a full listing first: what changed outside luxima-backup is pruned (or reported) too
+    found, damaged = cat.by_target(component)
     return sorted(found), [str(u) for u in damaged]
 
 

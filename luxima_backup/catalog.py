@@ -188,6 +188,10 @@ class Catalog:
         """One manifest, authenticated; ``FormatError`` when it is not authentic or not a manifest."""
         with self.store.load(key) as body:
             raw = body.read()
+        return self.authentic(key, raw)
+
+    def authentic(self, key: str, raw: bytes) -> Manifest:
+        """``raw`` as the manifest at ``key``, if its MAC says so; ``FormatError`` otherwise."""
         result = self._authenticate([(key, raw)])[0]
         if isinstance(result, FormatError):
             raise result

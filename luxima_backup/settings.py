@@ -691,6 +691,36 @@ class VerifyStoredSettings(_Section):
     timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole verify-stored run ends TimedOut after this")
 
 
+class DrTarget(_Section):
+    """A copy of the backups at the DR site: a second bucket (or a directory), or a directory on a host over SSH."""
+
+    kind: Literal["storage", "ssh"] = Field(description="storage: an S3 bucket or directory ([dr.targets.NAME.storage]); "
+                                                        "ssh: a directory on an [hosts.NAME], written with rsync")
+    storage: StorageSettings | None = Field(None, description="kind = storage: where (its own endpoint, bucket, credentials, "
+                                                              "object lock)")
+    host: str | None = Field(None, description="kind = ssh: the [hosts.NAME] of the DR node")
+    path: str | None = Field(None, pattern=r"^/", description="kind = ssh: the directory on it that holds the copies")
+    bandwidth_limit_kib: int = Field(0, ge=0, description="KiB/s for this target's transfers (0: unlimited)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DrTarget":
+        if self.kind == "storage" and self.storage is None:
+            raise ValueError("a dr target of kind 'storage' needs [dr.targets.NAME.storage]")
+        if self.kind == "ssh" and (self.host is None or self.path is None):
+            raise ValueError("a dr target of kind 'ssh' needs host (an [hosts.NAME]) and path (an absolute directory)")
+        return self
+
+
+class DrSettings(_Section):
+    """Disaster recovery: the backups copied daily to the DR site, never deleted there by a deletion on the primary."""
+
+    targets: dict[str, DrTarget] = Field(default_factory=dict)
+    components: list[Literal["db", "files", "configs"]] = Field(["db", "files", "configs"],
+                                                                 description="which backups are copied")
+    rpo_hours: float = Field(24, gt=0, description="the DR lag (age of the newest verified backup at the DR site) alerted past this")
+    timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole dr-replicate run ends TimedOut after this")
+
+
 class LogSettings(_Section):
     """Where runs are recorded (``internal.backup_logs``)."""
 
@@ -721,6 +751,7 @@ class Settings(BaseSettings):
     proxmox: dict[str, ProxmoxEndpoint] = Field(default_factory=dict, description="Proxmox VE APIs (VM backups and restores)")
     vm_backup: VmBackupSettings = Field(default_factory=VmBackupSettings)
     vm_restore: VmRestoreSettings = Field(default_factory=VmRestoreSettings)
+    dr: DrSettings = Field(default_factory=DrSettings)
     work_dir: Path = Field(
         Path("/var/lib/luxima-backup"),
         description="private scratch space: spools, the files mirror, restore staging (created 0700; one that is a "
@@ -741,6 +772,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"files_backup.sources.{name}.host = {src.host!r} is not one of [hosts.*]: {sorted(self.hosts)}")
         if self.vm_backup.configured and self.vm_backup.proxmox not in self.proxmox:
             raise ValueError(f"vm_backup.proxmox = {self.vm_backup.proxmox!r} is not one of [proxmox.*]: {sorted(self.proxmox)}")
+        for name, target in self.dr.targets.items():
+            if target.host is not None and target.host not in self.hosts:
+                raise ValueError(f"dr.targets.{name}.host = {target.host!r} is not one of [hosts.*]: {sorted(self.hosts)}")
+            if target.storage is not None and target.storage.prefix != self.storage.prefix:
+                raise ValueError(f"dr.targets.{name}.storage.prefix = {target.storage.prefix!r} must be storage.prefix "
+                                 f"({self.storage.prefix!r}): the copies keep the keys their manifests name")
         for name in self.configs.hosts:
             if name not in self.hosts:
                 raise ValueError(f"configs.hosts.{name} has no [hosts.{name}] saying how to reach it: {sorted(self.hosts)}")

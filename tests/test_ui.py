@@ -83,7 +83,7 @@ def test_deployments_page_lists_every_deployment_with_its_schedule_in_jakarta_ti
             wanted = {"0 3 * * *": "At 03:00 AM every day", "0 4 * * *": "At 04:00 AM every day",
                       "0 6 * * *": "At 06:00 AM every day", "0 2 * * 0": "At 02:00 AM, only on Sunday",
                       "0 1 * * 0": "At 01:00 AM, only on Sunday", "0 * * * *": "Every hour every day",
-                      "0 5 * * 6": "At 05:00 AM, only on Saturday"}[schedule.cron]
+                      "0 5 * * 6": "At 05:00 AM, only on Saturday", "0 7 * * *": "At 07:00 AM every day"}[schedule.cron]
             badge = row.first.get_by_text(wanted)
             badge.hover()  # the timezone is in the schedule's tooltip
             tip = page.get_by_text(f"{wanted} ({schedule.timezone})").first

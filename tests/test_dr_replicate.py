@@ -1,0 +1,195 @@
+"""dr-replicate end to end: a second bucket and a directory on a DR host over SSH (rsync), a Prefect server.
+
+Backups here are made as the flows leave them (encrypted objects of real bytes, signed manifests that
+record their sizes and sha256): replication copies bytes and checks them against the manifests; it
+never decrypts, so the objects' content does not matter to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import textwrap
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from devkit.sandbox import SshServer
+from luxima_backup import catalog, manifest, runtime
+from luxima_backup.manifest import Compression, DataObject, DbGlobals, DbManifest, DbSource, Encryption
+from tests.conftest import file_keys
+from tests.helpers import error_of, log_rows, save_manifest
+
+pytestmark = pytest.mark.slow
+
+NOW = datetime.now(timezone.utc)
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = SshServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(prefect_server: Any, write_settings: Any, database: str, bucket: str, key_file: Path, s3_server: Any,
+        sshd: SshServer, tmp_path: Path, pg_cluster: Any) -> dict[str, Any]:
+    dr_bucket = "t-dr-" + uuid.uuid4().hex[:10]
+    s3_server.create_bucket(dr_bucket, versioning=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+    dr_dir = tmp_path / "dr-node"
+    dr_dir.mkdir()
+
+    def settings(extra: str = "") -> Path:
+        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
+            [hosts.node2]
+            host = "127.0.0.1"
+            port = {sshd.port}
+            user = "{sshd.user}"
+            key = "file:{sshd.client_key}"
+            known_hosts = "{known}"
+            connect_timeout = 5
+
+            [dr.targets.bucket2]
+            kind = "storage"
+            [dr.targets.bucket2.storage]
+            bucket = "{dr_bucket}"
+            endpoint_url = "{s3_server.url}"
+            access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+            secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+            max_attempts = 2
+
+            [dr.targets.node2]
+            kind = "ssh"
+            host = "node2"
+            path = "{dr_dir}"
+            bandwidth_limit_kib = 50000
+            """) + textwrap.dedent(extra))
+
+    settings()
+    return {"settings": settings, "store": runtime.store(runtime.settings()), "dr_bucket": dr_bucket, "dr_dir": dr_dir,
+            "s3": s3_server, "database": database, "cluster": pg_cluster}
+
+
+def a_backup(store: Any, when: datetime, size: int = 300_000) -> manifest.BackupKeys:
+    """A database backup as the flow leaves it: the dump and globals objects, then the signed manifest."""
+    keys = manifest.db_keys("backups", "main", when, "zst")
+    dump, globs = os.urandom(size), os.urandom(2000)
+    store.save_bytes(keys.data, dump)
+    store.save_bytes(keys.globals, globs)
+    save_manifest(store, keys.manifest, DbManifest(
+        backup_id=keys.backup_id, status="verified", started_at=when, completed_at=when,
+        source=DbSource(name="main", database="luxima"),
+        dump=DataObject(key=keys.data, format="pg_dump-custom", compression=Compression(codec="zstd", level=3),
+                        encryption=Encryption(chunk_size=1 << 20, provider="file", key_id="file:test"), size_plain=size,
+                        size_compressed=size, size_encrypted=size, sha256_plain="0" * 64,
+                        sha256_encrypted=hashlib.sha256(dump).hexdigest(), bound=True),
+        globals=DbGlobals(key=keys.globals, encrypted_bytes=len(globs), encrypted_sha256=hashlib.sha256(globs).hexdigest(),
+                          bound=True)))
+    return keys
+
+
+def run(**params: Any) -> Any:
+    from flows.dr_replicate import dr_replicate
+
+    return dr_replicate(**params, return_state=True)
+
+
+def dr_keys(env: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """What each DR target holds: the bucket's keys, and the files under the DR host's directory (as keys)."""
+    client = env["s3"].client()
+    in_bucket = {o["Key"] for o in client.list_objects_v2(Bucket=env["dr_bucket"]).get("Contents", [])}
+    on_host = {p.relative_to(env["dr_dir"]).as_posix() for p in env["dr_dir"].rglob("*")
+               if p.is_file() and ".rsync-partial" not in p.parts}
+    return ({k for k in in_bucket if "/_catalog/" not in k}, {k for k in on_host if "/_catalog/" not in k})
+
+
+def test_backups_reach_both_dr_targets_checked_and_a_second_run_copies_nothing(env: dict[str, Any]) -> None:
+    made = [a_backup(env["store"], NOW - h * HOUR) for h in (30, 20, 10)]
+    state = run()
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["copied"] == 6 and summary["refused"] == 0  # three backups to each of two targets
+    wanted = {k for m in made for k in (m.data, m.globals, m.manifest)}
+    in_bucket, on_host = dr_keys(env)
+    assert in_bucket == wanted and on_host == wanted
+    for m in made:  # the bytes at the DR site are the primary's, and the host's files are private
+        with env["store"].load(m.data) as f:
+            original = f.read()
+        assert (env["dr_dir"] / m.data).read_bytes() == original
+        assert (env["dr_dir"] / m.data).stat().st_mode & 0o077 == 0
+    lag = {(r["target"], r["source"]): r for r in summary["lag"]}
+    assert lag[("node2", "main")]["within_rpo"] and lag[("node2", "main")]["lag_hours"] == pytest.approx(10, abs=0.2)
+    assert lag[("bucket2", "main")]["copies"] == 3
+
+    # The DR site's own catalog lists them (signed by the primary: the same MAC key checks them).
+    settings = runtime.settings()
+    from tasks.replicate import dr_store
+    dr_cat = catalog.Catalog(dr_store("node2", settings), "backups", runtime.key_provider(settings))
+    assert [b.backup_id for b in dr_cat.list_backups("db")] == [m.backup_id for m in made]
+
+    again = run()
+    assert again.is_completed(), again.message
+    assert again.result()["copied"] == 0 and again.result()["present"] == 6
+    rows = [r for r in log_rows(env["cluster"], env["database"]) if r["kind"] == "replicate"]
+    assert {r["target"] for r in rows} == {"bucket2", "node2"} and all(r["status"] == "success" for r in rows)
+
+
+def test_a_deletion_or_a_tampered_object_on_the_primary_is_not_carried_over(env: dict[str, Any]) -> None:
+    first = a_backup(env["store"], NOW - 30 * HOUR)
+    second = a_backup(env["store"], NOW - 20 * HOUR)
+    assert run().is_completed()
+
+    # An attacker (or a wrong rule) deletes the first backup and overwrites the second's dump on the primary,
+    # and a new backup's dump is replaced before it is copied.
+    for key in (first.manifest, first.data, first.globals):
+        env["store"].remove(key)
+    env["store"].save_bytes(second.data, b"encrypted by ransomware")
+    third = a_backup(env["store"], NOW - 10 * HOUR)
+    fourth = a_backup(env["store"], NOW - 5 * HOUR)
+    env["store"].save_bytes(fourth.data, os.urandom(300_000))
+
+    state = run()
+    assert state.is_failed() and "refused" in state.message and fourth.backup_id in state.message
+    in_bucket, on_host = dr_keys(env)
+    for held in (in_bucket, on_host):
+        assert {first.manifest, first.data, second.manifest, third.manifest} <= held  # kept; the new good one copied
+        assert fourth.manifest not in held and fourth.data not in held  # refused: never at the DR site as a backup
+    with env["store"].load(second.data) as f:
+        assert f.read() == b"encrypted by ransomware"
+    assert (env["dr_dir"] / second.data).read_bytes() != b"encrypted by ransomware"
+
+
+def test_a_cut_replication_resumes_with_what_is_missing(env: dict[str, Any]) -> None:
+    done = a_backup(env["store"], NOW - 20 * HOUR)
+    cut = a_backup(env["store"], NOW - 10 * HOUR, size=2_000_000)
+    assert run().is_completed()
+    # as a link cut mid-backup leaves it: one object whole, one truncated, no manifest (written last)
+    (env["dr_dir"] / cut.manifest).unlink()
+    data = env["dr_dir"] / cut.data
+    data.write_bytes(data.read_bytes()[:700_000])
+    client = env["s3"].client()
+    client.delete_object(Bucket=env["dr_bucket"], Key=cut.manifest)
+    client.delete_object(Bucket=env["dr_bucket"], Key=cut.globals)
+
+    state = run()
+    assert state.is_completed(), state.message
+    rows = {(r["target"], r["backup"]): r for r in state.result()["rows"]}
+    assert rows[("node2", done.backup_id)]["action"] == "present" and rows[("bucket2", done.backup_id)]["action"] == "present"
+    assert rows[("node2", cut.backup_id)]["bytes"] == 2_000_000  # the truncated dump again; the globals were whole
+    assert rows[("bucket2", cut.backup_id)]["bytes"] == 2000  # only the missing globals
+    with env["store"].load(cut.data) as f:
+        assert data.read_bytes() == f.read()
+
+
+def test_a_target_past_the_rpo_fails_the_run_and_says_which(env: dict[str, Any]) -> None:
+    a_backup(env["store"], NOW - 40 * HOUR)  # the newest backup is 40 h old: the DR site cannot be within 24 h
+    state = run(targets=["bucket2"])
+    exc = error_of(state)
+    assert state.is_failed() and "bucket2: db/main is" in str(exc) and "behind at the DR site (RPO 24 h)" in str(exc)
