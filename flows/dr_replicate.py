@@ -24,7 +24,9 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.status import configured
 from flows.common import logged
 from tasks.log import log_run
+from tasks.prune import prune_target, site_catalog, sweep
 from tasks.replicate import dr_store, replicate
+from tasks.vm_replicate import replicate_vm_archives
 
 
 def dr_lag(target: str, components: list[str], now: datetime) -> list[dict[str, Any]]:
@@ -53,11 +55,12 @@ def dr_lag(target: str, components: list[str], now: datetime) -> list[dict[str, 
 
 @flow(name="dr-replicate", validate_parameters=True, persist_result=True)
 def dr_replicate(targets: list[str] | None = None, components: list[str] | None = None) -> dict[str, Any]:
-    """Copy the backups to the DR site ([dr.targets.*]), checked at both ends; report the DR lag of every target.
+    """Copy the backups to the DR site ([dr.targets.*]) and the VMs' archives to the DR node ([dr.vm]), checked at
+    both ends; report the DR lag of every target.
 
     Args:
         targets: which [dr.targets.NAME] (default: all).
-        components: db, files, configs (default: dr.components).
+        components: db, files, configs, vm (default: dr.components, and vm when [dr.vm] is set).
     """
     with runtime.time_limit(lambda s: s.dr.timeout_seconds, "dr-replicate"):
         settings = runtime.settings()
@@ -74,17 +77,34 @@ def dr_replicate(targets: list[str] | None = None, components: list[str] | None 
         rows: list[dict[str, Any]] = []
         errors: list[str] = []
         lags: list[dict[str, Any]] = []
+        at_dr: list[str] | None = None
+        if settings.dr.vm is not None and (components is None or "vm" in components):
+            vm = replicate_vm_archives(return_state=True)  # the archives first: a VM manifest goes only where its archive is
+            if vm.is_completed():
+                rows += vm.result()["rows"]
+                at_dr = vm.result()["at_dr"]
+                errors += [f"{r['target']}: vm {r['backup']} refused: {r['why']}" for r in vm.result()["rows"]
+                           if r["action"] == "refused"]
+            else:
+                errors.append(f"VM archives to {settings.dr.vm.target_host}: {redact(str(vm.result(raise_on_failure=False)))}")
+            chosen = [c for c in chosen if c != "vm"] + ["vm"]
         for name in names:
             target_rows: list[dict[str, Any]] = []
             target_errors: list[str] = []
             for component in chosen:
-                state = replicate(name, component, return_state=True)  # one target or component failing: the others go on
+                if component == "vm" and at_dr is None:
+                    continue
+                # one target or component failing: the others go on
+                state = replicate(name, component, at_dr if component == "vm" else None, return_state=True)
                 if state.is_completed():
                     target_rows += state.result()["rows"]
                 else:
                     target_errors.append(f"{name}/{component}: {redact(str(state.result(raise_on_failure=False)))}")
             target_errors += [f"{name}: {r['component']} {r['backup']} refused: {r['why']}" for r in target_rows
                               if r["action"] == "refused"]
+            pruned, prune_errors = _prune_dr(name, [c for c in chosen if c != "vm"])
+            target_rows += pruned
+            target_errors += prune_errors
             try:
                 target_lags = dr_lag(name, chosen, datetime.now(timezone.utc))
             except BackupError as exc:
@@ -111,6 +131,33 @@ def dr_replicate(targets: list[str] | None = None, components: list[str] | None 
             raise BackupError(f"DR replication: {len(errors)} problem(s): " + "; ".join(errors[:5]),
                               hint="the run's artifacts list every backup and target; what was copied and checked stays")
         return summary
+
+
+def _prune_dr(site: str, components: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The DR copies' retention, on the DR target's own catalog: the primary's rules and interlocks (only verified
+    backups count, the newest is kept, a target past its RPO is held), then the sweep of what cut runs left there."""
+    settings = runtime.settings()
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for component in components:
+        cat = site_catalog(component, site, settings)
+        cat.refresh(component)
+        found, _ = cat.by_target(component)
+        for target in sorted(found):
+            state = prune_target(component, target, False, False, site, return_state=True)
+            if not state.is_completed():
+                errors.append(f"{site}: prune of {component}/{target}: {redact(str(state.result(raise_on_failure=False)))}")
+                continue
+            result = state.result()
+            rows += [{"target": site, "component": component, "source": target, "backup": r["backup"],
+                      "action": f"prune: {r['action']}", "bytes": 0, "why": r["why"]}
+                     for r in result["rows"] if r["action"] != "keep"]
+            errors += [f"{site}: {r['backup']}: {r['why']}" for r in result["rows"] if r["action"] == "removal failed"]
+        swept = sweep(component, False, site, return_state=True)
+        if swept.is_completed():
+            rows += [{"target": site, "component": component, "source": None, "backup": r["backup"],
+                      "action": f"sweep: {r['action']}", "bytes": 0, "why": r["why"]} for r in swept.result()]
+    return rows, errors
 
 
 def _log(settings: Any, target: str, started: datetime, rows: list[dict[str, Any]], lags: list[dict[str, Any]],

@@ -711,12 +711,25 @@ class DrTarget(_Section):
         return self
 
 
+class DrVmSettings(_Section):
+    """The VMs' vzdump archives copied from the primary node's backup storage to the DR node's, over SSH."""
+
+    source_host: str = Field(description="the [hosts.NAME] of the primary node (reads its backup storage)")
+    source_path: str = Field(pattern=r"^/", description="the primary backup storage's dump directory, e.g. /mnt/backup/dump")
+    target_host: str = Field(description="the [hosts.NAME] of the DR node (proxmox-node2)")
+    target_path: str = Field(pattern=r"^/", description="the dump directory of the DR node's storage of the same name "
+                                                       "(vm_backup.storage), so the DR node lists the archives as its own")
+    bandwidth_limit_kib: int = Field(0, ge=0, description="KiB/s for the archives' transfer (0: unlimited)")
+
+
 class DrSettings(_Section):
     """Disaster recovery: the backups copied daily to the DR site, never deleted there by a deletion on the primary."""
 
     targets: dict[str, DrTarget] = Field(default_factory=dict)
     components: list[Literal["db", "files", "configs"]] = Field(["db", "files", "configs"],
                                                                  description="which backups are copied")
+    vm: DrVmSettings | None = Field(None, description="the VMs' archives to the DR node (their manifests then go to "
+                                                      "every DR target, beside the other backups')")
     rpo_hours: float = Field(24, gt=0, description="the DR lag (age of the newest verified backup at the DR site) alerted past this")
     timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole dr-replicate run ends TimedOut after this")
 
@@ -778,6 +791,10 @@ class Settings(BaseSettings):
             if target.storage is not None and target.storage.prefix != self.storage.prefix:
                 raise ValueError(f"dr.targets.{name}.storage.prefix = {target.storage.prefix!r} must be storage.prefix "
                                  f"({self.storage.prefix!r}): the copies keep the keys their manifests name")
+        if self.dr.vm is not None:
+            for field in ("source_host", "target_host"):
+                if getattr(self.dr.vm, field) not in self.hosts:
+                    raise ValueError(f"dr.vm.{field} = {getattr(self.dr.vm, field)!r} is not one of [hosts.*]: {sorted(self.hosts)}")
         for name in self.configs.hosts:
             if name not in self.hosts:
                 raise ValueError(f"configs.hosts.{name} has no [hosts.{name}] saying how to reach it: {sorted(self.hosts)}")

@@ -24,10 +24,37 @@ from luxima_backup.storage import ObjectStore
 _BACKUP_OBJECT = re.compile(r"/\d{8}T\d{6}Z\.[^/]+$")
 
 
-def location(component: str) -> tuple[ObjectStore, str]:
-    """Where a component's backups are, reached as the pruner (its own credentials when set)."""
+def location(component: str, site: str | None = None) -> tuple[ObjectStore, str]:
+    """Where a component's backups are, reached as the pruner (its own credentials when set); ``site``: a DR target's
+    copies instead of the primary's (the same keys)."""
     settings = runtime.settings()
-    return runtime.pruner_store(component, settings), runtime.location(component, settings)[1]
+    prefix = runtime.location(component, settings)[1]
+    if site is None:
+        return runtime.pruner_store(component, settings), prefix
+    from tasks.replicate import dr_store
+
+    return dr_store(site, settings, pruner=True), prefix
+
+
+def plan_of(settings: Any, component: str, target: str, backups: list[catalog.Backup], now: datetime, force: bool,
+            site: str | None = None) -> retention.Plan:
+    """The retention plan of one target's backups under its policy (the same at the primary and at a DR target)."""
+    items = [retention.Item(b.backup_id, b.completed_at, b.verified, frozenset(b.entry.needs)) for b in backups]
+    policy = settings.retention_policy(component, target)
+    return retention.plan(f"{site}:{component}/{target}" if site else f"{component}/{target}", items,
+                          retention.Policy(policy.keep_days, policy.keep_last, policy.keep_daily, policy.keep_weekly,
+                                           policy.keep_monthly),
+                          now, settings.alerts.rpo.get(component), settings.retention.timezone,
+                          settings.retention.max_delete_percent, force)
+
+
+def site_catalog(component: str, site: str | None, settings: Any) -> catalog.Catalog:
+    """The catalog of the primary's backups, or of a DR target's copies (the same MAC key checks both)."""
+    if site is None:
+        return runtime.catalog(component, settings)
+    from tasks.replicate import dr_store
+
+    return catalog.Catalog(dr_store(site, settings), runtime.location(component, settings)[1], runtime.key_provider(settings))
 
 
 def _age(now: datetime, then: datetime) -> str:
@@ -36,21 +63,15 @@ def _age(now: datetime, then: datetime) -> str:
 
 
 @task(name="prune-target", cache_policy=NO_CACHE, persist_result=False)
-def prune_target(component: str, target: str, dry_run: bool, force: bool) -> dict[str, Any]:
+def prune_target(component: str, target: str, dry_run: bool, force: bool, site: str | None = None) -> dict[str, Any]:
     """Decide every backup of one target and remove those the plan lets go (nothing when dry_run or held)."""
     settings = runtime.settings()
     logger = get_run_logger()
-    store, prefix = location(component)
+    store, prefix = location(component, site)
     now = datetime.now(timezone.utc)
-    cat = runtime.catalog(component, settings)
+    cat = site_catalog(component, site, settings)
     backups = {b.backup_id: b for b in cat.list_backups(component, target, catalog.legacy_folders(settings, component, target))}
-    items = [retention.Item(b.backup_id, b.completed_at, b.verified, frozenset(b.entry.needs)) for b in backups.values()]
-    policy = settings.retention_policy(component, target)
-    p = retention.plan(f"{component}/{target}", items,
-                       retention.Policy(policy.keep_days, policy.keep_last, policy.keep_daily, policy.keep_weekly,
-                                        policy.keep_monthly),
-                       now, settings.alerts.rpo.get(component), settings.retention.timezone,
-                       settings.retention.max_delete_percent, force)
+    p = plan_of(settings, component, target, list(backups.values()), now, force, site)
     removing = {d.backup_id for d in p.remove}
     rows = []
     for d in p.decisions:  # newest first: a chain goes newest first
@@ -98,10 +119,10 @@ def _locked(store: ObjectStore, key: str) -> datetime | None:
 
 
 @task(name="sweep", cache_policy=NO_CACHE, persist_result=False)
-def sweep(component: str, dry_run: bool) -> list[dict[str, Any]]:
+def sweep(component: str, dry_run: bool, site: str | None = None) -> list[dict[str, Any]]:
     """Objects no manifest names and uploads never completed, older than the grace period, removed (and listed)."""
     settings = runtime.settings()
-    store, prefix = location(component)
+    store, prefix = location(component, site)
     now = datetime.now(timezone.utc)
     cutoff = now - timedelta(hours=settings.retention.grace_hours)
     base = f"{prefix}/{component}/"

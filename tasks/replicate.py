@@ -133,21 +133,44 @@ def replicate_one(src: ObjectStore, src_cat: catalog.Catalog, dst: Any, backup: 
     return {"backup": backup.backup_id, "action": "copied", "bytes": copied}
 
 
-def dr_store(name: str, settings: Any) -> Any:
-    """The store of a DR target: its bucket (or directory), or its directory on a host over SSH."""
+def _kept_at_dr(settings: Any, component: str, primary: list[catalog.Backup], dst_cat: catalog.Catalog) -> set[str]:
+    """The primary's backups the DR site's retention would keep, judged with the copies it has: only those are sent
+    (a backup the DR prune removes at once would otherwise be sent again every day)."""
+    from datetime import datetime, timezone
+
+    from tasks.prune import plan_of
+
+    at_dr, _ = dst_cat.by_target(component)
+    here: dict[str, list[catalog.Backup]] = {}
+    for b in primary:
+        here.setdefault(b.source_name or "", []).append(b)
+    wanted: set[str] = set()
+    now = datetime.now(timezone.utc)
+    for target, backups in here.items():
+        both = {b.backup_id: b for b in [*at_dr.get(target, []), *backups]}
+        plan = plan_of(settings, component, target, list(both.values()), now, force=True)
+        wanted |= {d.backup_id for d in plan.decisions if d.keep or plan.held}
+    return wanted
+
+
+def dr_store(name: str, settings: Any, pruner: bool = False) -> Any:
+    """The store of a DR target: its bucket (or directory), or its directory on a host over SSH; ``pruner``: reached
+    with the DR bucket's pruner credentials when it has them."""
     from luxima_backup.storage import store_from_settings
 
     target = settings.dr.targets[name]
     if target.kind == "storage":
-        return store_from_settings(target.storage, runtime.lock_days(settings))
+        cfg = target.storage.for_pruner() if pruner and target.storage.pruner_access_key_id is not None else target.storage
+        return store_from_settings(cfg, runtime.lock_days(settings))
     host = settings.hosts[target.host]
     return SshStore(host, runtime.secret(host.key, settings), target.path, settings.work_dir, name=f"dr target {name}")
 
 
 @task(name="replicate", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def replicate(target: str, component: str) -> dict[str, Any]:
+def replicate(target: str, component: str, only: list[str] | None = None) -> dict[str, Any]:
     """Every verified backup of a component that the DR target lacks, oldest first (a files chain arrives whole);
-    one that cannot be copied is reported and the others go on."""
+    one that cannot be copied is reported and the others go on. ``only``: just these backup ids (the VM backups whose
+    archive is on the DR node)."""
     settings = runtime.settings()
     logger = get_run_logger()
     src, prefix = runtime.location(component, settings)
@@ -155,10 +178,12 @@ def replicate(target: str, component: str) -> dict[str, Any]:
     dst = dr_store(target, settings)
     limit = settings.dr.targets[target].bandwidth_limit_kib
     rows: list[dict[str, Any]] = []
+    dst_cat = catalog.Catalog(dst, prefix, runtime.key_provider(settings))
+    wanted = _kept_at_dr(settings, component, src_cat.list_backups(component), dst_cat)
     work = private_dir(settings.work_dir, "dr-replicate-")
     try:
         for backup in src_cat.list_backups(component):
-            if not backup.verified:
+            if not backup.verified or (only is not None and backup.backup_id not in only) or backup.backup_id not in wanted:
                 continue
             try:
                 row = replicate_one(src, src_cat, dst, backup, limit, work)
@@ -168,7 +193,6 @@ def replicate(target: str, component: str) -> dict[str, Any]:
                 row = {"backup": backup.backup_id, "action": "refused", "bytes": 0, "why": str(exc)}
                 logger.error("%s: %s not copied to %s: %s", component, backup.backup_id, target, exc)
             rows.append({"target": target, "component": component, "source": backup.source_name, **row})
-        dst_cat = catalog.Catalog(dst, prefix, runtime.key_provider(settings))
         dst_cat.refresh(component)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 NOW = datetime.now(timezone.utc)
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +189,107 @@ def test_a_cut_replication_resumes_with_what_is_missing(env: dict[str, Any]) -> 
         assert data.read_bytes() == f.read()
 
 
+def test_the_dr_copies_have_their_own_retention_and_are_not_sent_again(env: dict[str, Any]) -> None:
+    env["settings"]("[retention]\nmax_delete_percent = 100\n")
+    kept = a_backup(env["store"], NOW - 20 * DAY)
+    assert "behind at the DR site" in run().message  # copied; the lag (20 days) fails the run, as it should
+    # 15 days later, as the DR site sees it: a new backup, and the first one now 35 days old (past 30 days)
+    old = a_backup(env["store"], NOW - 35 * DAY)  # (made now with an old date: the same for the rules)
+    new = a_backup(env["store"], NOW - 10 * HOUR)
+    state = run()
+    assert state.is_completed(), state.message
+    for held in dr_keys(env):
+        assert new.manifest in held and kept.manifest in held
+        assert old.manifest not in held and old.data not in held  # past the DR retention: never sent
+    assert env["store"].stat(old.manifest)  # the primary's own prune decides there
+    # what the DR site already holds is pruned there by the same rules (a shorter policy now: 15 days)
+    env["settings"]("[retention]\nmax_delete_percent = 100\n[retention.policies.db]\nkeep_days = 15\n")
+    state = run()
+    assert state.is_completed(), state.message
+    pruned = [r for r in state.result()["rows"] if r["action"] == "prune: removed"]
+    assert {r["backup"] for r in pruned} == {kept.backup_id} and {r["target"] for r in pruned} == {"bucket2", "node2"}
+    for held in dr_keys(env):
+        assert kept.manifest not in held and kept.data not in held and new.manifest in held
+
+
 def test_a_target_past_the_rpo_fails_the_run_and_says_which(env: dict[str, Any]) -> None:
     a_backup(env["store"], NOW - 40 * HOUR)  # the newest backup is 40 h old: the DR site cannot be within 24 h
     state = run(targets=["bucket2"])
     exc = error_of(state)
     assert state.is_failed() and "bucket2: db/main is" in str(exc) and "behind at the DR site (RPO 24 h)" in str(exc)
+
+
+# -- the VMs' archives, node to node --
+
+def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced_one_is_refused(
+    pve: Any, vm_settings: Any, sshd: SshServer, s3_server: Any, tmp_path: Path, prefect_server: Any,
+) -> None:
+    from flows.vm_backup import vm_backup
+    from tests.vm_env import NODE2, archives
+
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+    dr_bucket = "t-dr-" + uuid.uuid4().hex[:10]
+    s3_server.create_bucket(dr_bucket, versioning=True)
+    primary, dr = tmp_path / "pve-backup-1" / "dump", tmp_path / "pve-backup-2" / "dump"
+    hosts = "".join(textwrap.dedent(f"""
+        [hosts.{name}]
+        host = "127.0.0.1"
+        port = {sshd.port}
+        user = "{sshd.user}"
+        key = "file:{sshd.client_key}"
+        known_hosts = "{known}"
+        connect_timeout = 5
+        """) for name in ("node1", "node2"))
+    vm_settings(vm_backup="guests = [100]", vm_restore=hosts + textwrap.dedent(f"""
+        [dr]
+        components = []
+        [dr.vm]
+        source_host = "node1"
+        source_path = "{primary}"
+        target_host = "node2"
+        target_path = "{dr}"
+        [dr.targets.bucket2]
+        kind = "storage"
+        [dr.targets.bucket2.storage]
+        bucket = "{dr_bucket}"
+        endpoint_url = "{s3_server.url}"
+        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+        """))
+    assert vm_backup(return_state=True).is_completed()
+    [archive] = [p for p in primary.iterdir() if p.name.startswith("vzdump-qemu-100-") and not p.name.endswith((".log", ".notes"))]
+
+    state = run()
+    assert state.is_completed(), state.message
+    copy = dr / archive.name
+    assert copy.read_bytes() == archive.read_bytes()
+    assert (dr / (archive.name + ".notes")).read_text() == (archive.parent / (archive.name + ".notes")).read_text()
+    assert [a["volid"] for a in archives(pve, 100, NODE2)] == [f"backup:backup/{archive.name}"]  # node2 lists it as its own
+    vm_manifests = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=dr_bucket, Prefix="backups/vm/").get("Contents", [])]
+    assert len(vm_manifests) == 1 and vm_manifests[0].endswith(".manifest.json")  # the DR catalog knows the guest
+    lag = {(r["target"], r["component"], r["source"]): r for r in state.result()["lag"]}
+    assert lag[("bucket2", "vm", "web")]["within_rpo"]
+
+    # A link cut half-way: the next run sends the rest only.
+    half = archive.stat().st_size // 2
+    (dr / (archive.name + ".luxima-partial")).write_bytes(archive.read_bytes()[:half])
+    copy.unlink()
+    state = run()
+    assert state.is_completed(), state.message
+    [row] = [r for r in state.result()["rows"] if r["component"] == "vm" and r["target"] == "node2"]
+    assert row["action"] == "copied" and row["bytes"] == archive.stat().st_size - half
+    assert copy.read_bytes() == archive.read_bytes() and not (dr / (archive.name + ".luxima-partial")).exists()
+
+    # The primary's archive replaced after the backup (its size no longer the manifest's): refused, the DR copy kept.
+    good = copy.read_bytes()
+    archive.write_bytes(archive.read_bytes() + b"tampered")
+    copy.unlink()
+    state = run()
+    assert state.is_failed() and "refused" in state.message and "replaced after the backup" in state.message
+    assert not copy.exists()
+    copy.write_bytes(good)  # as it was at the DR node: a deletion or replacement on the primary never touches it
+    archive.unlink()
+    state = run()
+    assert state.is_completed(), state.message
+    assert copy.read_bytes() == good
