@@ -622,6 +622,22 @@ def keys_generate(path: Path = typer.Argument(..., help="where to write the new 
     typer.echo(f"wrote {path} ({fingerprint(load_key_file(path))}); keep a copy offline: backups cannot be read without it")
 
 
+@keys_app.command("recovery-generate")
+def keys_recovery_generate(path: Path = typer.Argument(..., help="where to write the recovery private key (must not exist); "
+                                                                   "move it offline afterwards")) -> None:
+    """Make the offline recovery key (X25519): the private key to PATH (0600), once; prints the public key for
+    [keys] recovery_public_key and the fingerprint to record. The project never stores the private key."""
+    from luxima_backup import recovery
+
+    try:
+        public, fp = recovery.generate(path)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(f"wrote the recovery private key to {path} ({fp})")
+    typer.echo("put this in the settings ([keys] recovery_public_key), then move the file offline (a safe, two copies):")
+    typer.echo(public)
+
+
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path(".local/demo"), help="where the demo keeps its servers and files"),
          scale: float = typer.Option(1.0, help="sample data size (1 = ~10 MB dump)"),

@@ -1,0 +1,147 @@
+"""The offline recovery key: every data key also wrapped for an X25519 public key whose private key is kept offline.
+
+With Vault Transit (the default provider) no key exists outside Vault; if Vault is lost with the primary
+site, every backup would be unreadable. So each data key is also sealed to a *recovery public key* from
+the settings (ECIES: an ephemeral X25519 key, HKDF-SHA256 of the shared secret, AES-256-GCM), and the
+private key, made once by ``luxima-backup keys recovery-generate``, is written to a file meant for a safe
+and never stored by the project. Holding that file alone opens every backup so sealed, Vault or not.
+
+A sealed key (``RecoveryWrap``, JSON) names the recovery key by fingerprint and carries its ephemeral public
+key; the associated data binds it to that fingerprint and to what it is for (``context``: the object's key),
+so a sealed key copied onto another object does not open it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import ConfigError, WrongKeyError
+
+ALG = "X25519-HKDF-SHA256-AES256GCM"
+PUBLIC_PREFIX = "x25519:"
+_INFO = b"luxima-backup/recovery-wrap/v1"
+
+
+def fingerprint(public: X25519PublicKey) -> str:
+    """A public identifier of a recovery key, for the record and for the sealed keys to name."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "recovery:" + hashlib.sha256(b"luxima-backup/recovery-fingerprint/v1|" + raw).hexdigest()[:16]
+
+
+def public_text(public: X25519PublicKey) -> str:
+    """The public key as the settings hold it: ``x25519:<base64 of the 32 raw bytes>``."""
+    return PUBLIC_PREFIX + base64.b64encode(public.public_bytes(serialization.Encoding.Raw,
+                                                                serialization.PublicFormat.Raw)).decode()
+
+
+def load_public(text: str) -> X25519PublicKey:
+    text = text.strip()
+    try:
+        raw = base64.b64decode(text.removeprefix(PUBLIC_PREFIX), validate=True) if text.startswith(PUBLIC_PREFIX) else b""
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError("keys.recovery_public_key is not an X25519 public key (x25519:<base64 of 32 bytes>)",
+                          hint="copy the line `luxima-backup keys recovery-generate` printed")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def generate(path: Path) -> tuple[str, str]:
+    """Write a new recovery private key to ``path`` (0600, never over an existing file); its public key and fingerprint."""
+    private = X25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; refusing to overwrite a recovery key",
+                          hint="choose a new file; a recovery key in use must never be replaced by accident") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return public_text(private.public_key()), fingerprint(private.public_key())
+
+
+def load_private(path: Path) -> X25519PrivateKey:
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the recovery key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path} is not a recovery key (an unencrypted PKCS#8 PEM X25519 private key)",
+                          hint="give the file `luxima-backup keys recovery-generate` wrote") from None
+    if not isinstance(key, X25519PrivateKey):
+        raise ConfigError(f"{path} holds a {type(key).__name__}, not an X25519 recovery key")
+    return key
+
+
+@dataclass(frozen=True)
+class RecoveryWrap:
+    """A data key sealed to a recovery public key."""
+
+    key_id: str     # the recovery key's fingerprint
+    ephemeral: str  # base64 of the ephemeral X25519 public key
+    sealed: str     # base64 of nonce (12) || AES-256-GCM(data key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alg": ALG, "key_id": self.key_id, "ephemeral": self.ephemeral, "sealed": self.sealed}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RecoveryWrap":
+        if not isinstance(data, dict) or data.get("alg") != ALG:
+            raise WrongKeyError(f"not a recovery-sealed key of this program ({ALG})")
+        try:
+            return cls(str(data["key_id"]), str(data["ephemeral"]), str(data["sealed"]))
+        except KeyError as exc:
+            raise WrongKeyError(f"the recovery-sealed key is incomplete: missing {exc}") from None
+
+
+def _kek(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient, info=_INFO).derive(shared)
+
+
+def _aad(key_id: str, context: str) -> bytes:
+    return _INFO + b"|" + key_id.encode() + b"|" + context.encode()
+
+
+def seal(data_key: bytes, public: X25519PublicKey, context: str) -> RecoveryWrap:
+    """``data_key`` sealed to the recovery public key, for the object ``context`` names."""
+    eph = X25519PrivateKey.generate()
+    eph_raw = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    recipient = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key_id = fingerprint(public)
+    nonce = os.urandom(12)
+    sealed = AESGCM(_kek(eph.exchange(public), eph_raw, recipient)).encrypt(nonce, data_key, _aad(key_id, context))
+    return RecoveryWrap(key_id, base64.b64encode(eph_raw).decode(), base64.b64encode(nonce + sealed).decode())
+
+
+def open_sealed(wrap: RecoveryWrap, private: X25519PrivateKey, context: str) -> bytes:
+    """The data key, with the recovery private key; ``WrongKeyError`` for another key or another object's seal."""
+    public = private.public_key()
+    if wrap.key_id != fingerprint(public):
+        raise WrongKeyError(f"this data key is sealed to recovery key {wrap.key_id}, not to {fingerprint(public)}",
+                            hint="give the recovery key file whose fingerprint the record of the backups names")
+    try:
+        eph_raw = base64.b64decode(wrap.ephemeral, validate=True)
+        blob = base64.b64decode(wrap.sealed, validate=True)
+        kek = _kek(private.exchange(X25519PublicKey.from_public_bytes(eph_raw)), eph_raw,
+                   public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        key = AESGCM(kek).decrypt(blob[:12], blob[12:], _aad(wrap.key_id, context))
+    except (binascii.Error, ValueError, InvalidTag):
+        raise WrongKeyError(f"the recovery-sealed key of {context} does not open with recovery key {wrap.key_id}",
+                            hint="it was sealed for another object, or it is damaged") from None
+    if len(key) != 32:
+        raise WrongKeyError("the recovery-sealed data key has the wrong size")
+    return key
