@@ -474,6 +474,7 @@ def decrypt_cmd(
     input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="decrypt this local copy instead of a stored object"),
     decompress: bool = typer.Option(False, "--decompress", help="also decompress (codec from the object name)"),
     key_file: list[Path] = typer.Option([], help="decrypt with these key files instead of the configured provider"),
+    recovery_key: Optional[Path] = typer.Option(None, help="decrypt with the offline recovery private key alone (Vault gone)"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Stream-decrypt one backup object, authenticating every chunk (break-glass; no database needed)."""
@@ -481,10 +482,10 @@ def decrypt_cmd(
 
     if (object_key is None) == (input_file is None):
         _fail(ConfigError("give either an OBJECT_KEY or --input FILE"))
-    if object_key is not None or not key_file:
+    if object_key is not None or not (key_file or recovery_key):
         _use_config(config)
     try:
-        written = decrypt_object(object_key, input_file, output, decompress, key_file)
+        written = decrypt_object(object_key, input_file, output, decompress, key_file, recovery_key)
     except BackupError as exc:
         _fail(exc)
     if output != "-":

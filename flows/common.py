@@ -85,6 +85,7 @@ def sealed_with(encrypted: dict[str, Any]) -> manifest.Encryption:
     """The manifest's record of how an encrypt stage sealed its object: format, chunk size, the key's id (the
     wrapped data key is in the object's header, not here)."""
     return manifest.Encryption(format=encrypted["format"], chunk_size=encrypted["chunk_size"],
+                               recovery_key_id=encrypted.get("recovery_key_id"),
                                **{k: v for k, v in encrypted["key"].items() if k != "wrapped"})
 
 

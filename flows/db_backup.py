@@ -24,6 +24,7 @@ from luxima_backup.progress import Progress
 from luxima_backup.envelope import encrypt_bytes
 from luxima_backup.errors import BackupError
 from luxima_backup.pipes import Link
+from luxima_backup.recovery import header_seal
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import PostgresConnection
 from luxima_backup.stages import run_linked
@@ -68,7 +69,8 @@ def backup_globals(database: str, server_major: int, object_key: str, binding: d
     comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level)
     packed = comp.compress(text) + comp.flush()
     data_key = runtime.key_provider(settings).new_data_key()
-    blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals", **binding})
+    blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals", **binding,
+                                      **header_seal(settings.keys.recovery_public_key, data_key.plaintext, object_key)})
     store = runtime.store(settings)
     store.save_bytes(object_key, blob)
     result = {"key": object_key, "plain_bytes": len(text), "encrypted_bytes": len(blob),

@@ -95,13 +95,19 @@ def _sink(output: str) -> Iterator[BinaryIO]:
 
 
 def decrypt_object(object_key: str | None, input_file: Path | None, output: str, decompress: bool,
-                   key_files: list[Path]) -> int:
-    """Decrypt (and optionally decompress) one object into ``output``; returns the bytes written."""
+                   key_files: list[Path], recovery_key: Path | None = None) -> int:
+    """Decrypt (and optionally decompress) one object into ``output``; returns the bytes written. ``recovery_key``: with
+    the offline recovery private key alone (Vault gone): the data key sealed in the object's header."""
     name = object_key or str(input_file)
-    provider = _provider(key_files)
+    if recovery_key is not None:
+        from .recovery import RecoveryUnwrap, load_private
+
+        unwrap: Any = RecoveryUnwrap(load_private(recovery_key))
+    else:
+        unwrap = _provider(key_files).unwrap
     written = 0
     with _source(object_key, input_file) as src, _sink(output) as out:
-        reader: Any = DecryptingReader(src, provider.unwrap)
+        reader: Any = DecryptingReader(src, unwrap)
         placed = reader.header.info.get("object")
         if object_key is not None and placed is not None and placed != object_key:
             # its authenticated header names the key it was written under: a moved or planted object

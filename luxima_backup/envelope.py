@@ -285,7 +285,9 @@ class DecryptingReader(io.RawIOBase):
         self.header, preamble = read_preamble(src)
         check_binding(self.header, expect, where)  # before the key is unwrapped: a planted object costs no Vault call
         self._src = src
-        self._dec = Decryptor(unwrap(self.header.key), self.header, preamble)
+        # the recovery key opens the seal in the header (info.recovery), not the provider's wrapped key
+        key = unwrap(self.header) if getattr(unwrap, "needs_header", False) else unwrap(self.header.key)  # type: ignore[arg-type]
+        self._dec = Decryptor(key, self.header, preamble)
         self._read_size = read_size
         self._pending = bytearray()
         self._eof = False

@@ -138,6 +138,7 @@ class Encryption(_Part):
     provider: str
     key_id: str
     key_version: int | None = None
+    recovery_key_id: str | None = None  # the recovery key its data key is also sealed to (in the object's header)
 
 
 class StoredObject(_Part):

@@ -145,3 +145,30 @@ def open_sealed(wrap: RecoveryWrap, private: X25519PrivateKey, context: str) -> 
     if len(key) != 32:
         raise WrongKeyError("the recovery-sealed data key has the wrong size")
     return key
+
+
+def header_seal(public_text: str | None, data_key: bytes, object_key: str) -> dict[str, Any]:
+    """What an object's header carries for the recovery key (``info.recovery``), when one is configured."""
+    if not public_text:
+        return {}
+    return {"recovery": seal(data_key, load_public(public_text), object_key).to_json()}
+
+
+class RecoveryUnwrap:
+    """Opens objects with the offline recovery private key alone (no Vault, no key file): the data key sealed in each
+    object's header. Passed where a provider's ``unwrap`` goes; it needs the whole header (``needs_header``)."""
+
+    needs_header = True
+
+    def __init__(self, private: X25519PrivateKey):
+        self.private = private
+        self.key_id = fingerprint(private.public_key())
+
+    def __call__(self, header: Any) -> bytes:
+        sealed = header.info.get("recovery")
+        if sealed is None:
+            raise WrongKeyError(
+                "this object carries no data key sealed to a recovery key: it was written before "
+                "keys.recovery_public_key was set",
+                hint="`luxima-backup keys rewrap` adds the seals to older backups while their key provider is available")
+        return open_sealed(RecoveryWrap.from_json(sealed), self.private, str(header.info.get("object") or ""))

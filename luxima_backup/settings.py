@@ -215,6 +215,21 @@ class KeySettings(_Section):
     allow_key_file: bool = Field(False, description="must be true to use provider = 'file' (it keeps the key on this disk)")
     old_key_files: list[Path] = Field(default_factory=list, description="retired key files, still tried when reading old backups")
     chunk_kib: int = Field(1024, ge=16, le=16384, description="encryption chunk size; bounds memory, one tag per chunk")
+    recovery_public_key: str | None = Field(
+        None, description="x25519:... from `luxima-backup keys recovery-generate`: every data key is also sealed to it, so "
+        "the offline private key alone opens the backups when Vault is gone")
+
+    @field_validator("recovery_public_key")
+    @classmethod
+    def _recovery_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .recovery import load_public
+
+            try:
+                load_public(value)
+            except Exception as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _provider_complete(self) -> "KeySettings":

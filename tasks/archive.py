@@ -27,6 +27,7 @@ from luxima_backup.filetree import (
 )
 from luxima_backup.keys import DataKey
 from luxima_backup.pipes import Link, Meter, stage
+from luxima_backup.recovery import header_seal
 from tasks.sync import mirror_path
 
 
@@ -184,8 +185,10 @@ def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_
     provider = runtime.key_provider(settings)
     with stage(None, sink):
         # The index gets its own data key: it is a separate object, readable without the archive.
-        index = IndexWriter(index_spool, cfg.compression, cfg.effective_level, provider.new_data_key(),
-                            settings.keys.chunk_kib * 1024, index_binding)
+        data_key = provider.new_data_key()
+        index = IndexWriter(index_spool, cfg.compression, cfg.effective_level, data_key, settings.keys.chunk_kib * 1024,
+                            {**index_binding, **header_seal(settings.keys.recovery_public_key, data_key.plaintext,
+                                                             index_binding["object"])})
         try:
             previous = None
             if previous_index is not None:

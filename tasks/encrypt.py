@@ -11,6 +11,7 @@ from luxima_backup import runtime
 from luxima_backup.envelope import Encryptor
 from luxima_backup.keys import DataKey
 from luxima_backup.pipes import Link, Meter, stage
+from luxima_backup.recovery import header_seal
 
 READ_SIZE = 1 << 20
 
@@ -45,10 +46,19 @@ def encrypt(source: Link, sink: Link, content: str, binding: dict[str, str]) -> 
         # A new data key per object: one leaked key exposes one backup, never the history.
         data_key = runtime.key_provider(settings).new_data_key()
         plain, sealed = encrypt_stream(
-            source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024, {"content": content, **binding}
+            source.reader(), sink.writer(), data_key, settings.keys.chunk_kib * 1024,
+            {"content": content, **binding, **header_seal(settings.keys.recovery_public_key, data_key.plaintext, binding["object"])}
         )
     return {
         "format": "LXB1", "chunk_size": settings.keys.chunk_kib * 1024,
         "key": data_key.wrapped.to_json(), "plain_bytes": plain.size,
         "encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "seconds": plain.seconds, "bound": True,
+        "recovery_key_id": _recovery_id(settings.keys.recovery_public_key),
     }
+
+
+def _recovery_id(public_text: str | None) -> str | None:
+    from luxima_backup.recovery import fingerprint, load_public
+
+    return fingerprint(load_public(public_text)) if public_text else None
+

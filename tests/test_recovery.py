@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +56,53 @@ def test_bad_recovery_keys_are_config_errors(tmp_path: Path) -> None:
         recovery.load_private(tmp_path / "k")
     with pytest.raises(ConfigError, match="cannot read"):
         recovery.load_private(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
+    prefect_server: Any, pg_cluster: Any, s3_server: Any, database: str, bucket: str, write_settings: Any,
+    vault: dict[str, Any], monkeypatch: pytest.MonkeyPatch, source: dict[str, int], tmp_path: Path,
+) -> None:
+    """Vault gone entirely: a copy of the object and the offline key file, no settings, no Vault address."""
+    import hashlib
+    import subprocess
+    import sys
+    import uuid
+
+    import hvac
+
+    from tests.conftest import transit_keys
+    from tests.helpers import run_backup, s3_get
+
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    name = f"luxima-test-{uuid.uuid4().hex[:8]}"
+    hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=name)
+    key_path = tmp_path / "recovery.pem"
+    public, fp = recovery.generate(key_path)
+    write_settings(database, bucket, transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        [keys.vault]'))
+    state = run_backup(deep_verify=False)
+    assert state.is_completed(), state.message
+    doc = json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
+    assert doc["dump"]["encryption"]["provider"] == "vault-transit" and doc["dump"]["encryption"]["recovery_key_id"] == fp
+
+    copy = tmp_path / "dump.enc"
+    copy.write_bytes(s3_get(s3_server, bucket, doc["dump"]["key"]))
+    cli = str(Path(sys.executable).parent / "luxima-backup")
+    alone = {k: v for k, v in os.environ.items() if not k.startswith(("LUXIMA", "VAULT", "PREFECT_API"))}
+    alone["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    out = subprocess.run([cli, "decrypt", "--input", str(copy), "--recovery-key", str(key_path), "--decompress", "-o", "-"],
+                         capture_output=True, env=alone, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert hashlib.sha256(out.stdout).hexdigest() == doc["dump"]["sha256_plain"] and out.stdout.startswith(b"PGDMP")
+
+    # the globals too (sealed the same way), and another recovery key is refused by name
+    globals_copy = tmp_path / "globals.enc"
+    globals_copy.write_bytes(s3_get(s3_server, bucket, doc["globals"]["key"]))
+    out = subprocess.run([cli, "decrypt", "--input", str(globals_copy), "--recovery-key", str(key_path), "--decompress",
+                          "-o", "-"], capture_output=True, env=alone, timeout=300)
+    assert out.returncode == 0 and b"CREATE ROLE" in out.stdout
+    other = tmp_path / "other.pem"
+    recovery.generate(other)
+    out = subprocess.run([cli, "decrypt", "--input", str(copy), "--recovery-key", str(other), "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True, env=alone, timeout=300)
+    assert out.returncode == 1 and f"sealed to recovery key {fp}" in out.stderr and not (tmp_path / "x").exists()
