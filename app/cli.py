@@ -233,7 +233,8 @@ def status_cmd(
             typer.echo(f"{s.component + '/' + s.target:<28} {'BEYOND RPO' if s.beyond_rpo else 'ok':<11} {last:<17} "
                        f"{age_text(s.age_hours):>8} {age_text(s.rpo_hours) if s.rpo_hours else '-':>7} {s.kept:>5} "
                        f"{s.bytes_stored / 2**20:>9.1f}" + (f"  ({s.unreadable} unreadable manifest(s))" if s.unreadable else "")
-                       + (f"  ({s.damaged} DAMAGED when read back)" if s.damaged else ""))
+                       + (f"  ({s.damaged} DAMAGED when read back)" if s.damaged else "")
+                       + (f"  ({s.without_recovery} without a recovery seal)" if s.without_recovery else ""))
     raise typer.Exit(1 if any(s.beyond_rpo or s.damaged for s in statuses) else 0)
 
 
@@ -475,6 +476,8 @@ def decrypt_cmd(
     decompress: bool = typer.Option(False, "--decompress", help="also decompress (codec from the object name)"),
     key_file: list[Path] = typer.Option([], help="decrypt with these key files instead of the configured provider"),
     recovery_key: Optional[Path] = typer.Option(None, help="decrypt with the offline recovery private key alone (Vault gone)"),
+    manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="with --input and --recovery-key: the backup's "
+                                                 "manifest (older backups keep their recovery seals there)"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Stream-decrypt one backup object, authenticating every chunk (break-glass; no database needed)."""
@@ -485,7 +488,7 @@ def decrypt_cmd(
     if object_key is not None or not (key_file or recovery_key):
         _use_config(config)
     try:
-        written = decrypt_object(object_key, input_file, output, decompress, key_file, recovery_key)
+        written = decrypt_object(object_key, input_file, output, decompress, key_file, recovery_key, manifest_file)
     except BackupError as exc:
         _fail(exc)
     if output != "-":
@@ -637,6 +640,37 @@ def keys_recovery_generate(path: Path = typer.Argument(..., help="where to write
     typer.echo(f"wrote the recovery private key to {path} ({fp})")
     typer.echo("put this in the settings ([keys] recovery_public_key), then move the file offline (a safe, two copies):")
     typer.echo(public)
+
+
+@keys_app.command("rewrap")
+def keys_rewrap(
+    component: list[str] = typer.Option([], help="db, files or configs (repeatable; default: all)"),
+    confirm: bool = typer.Option(False, "--confirm", help="write the seals (without it: only list what would be sealed)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Seal the data keys of backups made before keys.recovery_public_key was set to it (into their manifests, signed
+    again; nothing is re-encrypted). Needs the key provider (Vault) while it runs."""
+    _use_config(config)
+    from luxima_backup import runtime
+    from tasks.rewrap import rewrap_backup
+
+    rows = []
+    try:
+        settings = load_settings()
+        key_id = runtime.recovery_key_id(settings)
+        if key_id is None or settings.keys.recovery_public_key is None:
+            raise ConfigError("keys.recovery_public_key is not set", hint="make one with `luxima-backup keys recovery-generate`")
+        provider = runtime.key_provider(settings)
+        for comp in component or ["db", "files", "configs"]:
+            cat = runtime.catalog(comp, settings)
+            for backup in cat.list_backups(comp):
+                rows.append(rewrap_backup(cat.store, cat, provider, backup, settings.keys.recovery_public_key, key_id, confirm))
+    except BackupError as exc:
+        _fail(exc)
+    for r in rows:
+        typer.echo(f"{r['action']:<15} {r['backup']:<40} {r['objects']} object(s)")
+    typer.echo(f"{sum(r['action'] != 'sealed already' for r in rows)} backup(s) " + ("sealed" if confirm else
+               "to seal; run again with --confirm"), err=True)
 
 
 @app.command("demo")

@@ -107,6 +107,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
         host_cfg = settings.hosts[host]
         document = manifest.ConfigManifest(
             backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+            recovery_key_id=runtime.recovery_key_id(settings),
             source=manifest.ConfigSource(name=host, kind="ssh", host=host_cfg.host, paths=settings.config_host(host).paths),
             tool={"luxima_backup": __version__},
             archive=manifest.DataObject(

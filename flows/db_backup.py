@@ -153,6 +153,7 @@ def _manifest(keys: manifest.BackupKeys, name: str, target: PostgresConnection, 
               verification: dict[str, Any], run_id: str | None) -> manifest.DbManifest:
     return manifest.DbManifest(
         backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+        recovery_key_id=runtime.recovery_key_id(),
         source=manifest.DbSource(
             name=name, database=target.dbname, host=target.host, port=target.port,
             system_identifier=d["system_identifier"], server_version=d["server_version"],

@@ -183,6 +183,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         finished = datetime.now(timezone.utc)
         document = manifest.FilesManifest(
             backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
+            recovery_key_id=runtime.recovery_key_id(settings),
             source=manifest.FilesSource(name=name, kind=source.kind, host=source.host, path=source.path, bucket=source.bucket),
             tool={"luxima_backup": __version__},
             type="full" if is_full else "incremental", reason=why,

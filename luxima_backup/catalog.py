@@ -78,6 +78,7 @@ class Entry(BaseModel):
     volid: str | None = None
     vmid: int | None = None
     content_digest: str | None = None
+    recovery_key_id: str | None = None
 
     @classmethod
     def of(cls, key: str, tag: str, m: Manifest) -> "Entry":
@@ -96,7 +97,8 @@ class Entry(BaseModel):
         return cls(key=key, tag=tag, backup_id=m.backup_id, component=m.component, status=m.status,
                    started_at=m.started_at, completed_at=m.completed_at, source_name=m.source_name,
                    type=str(brief["type"]), size=brief["size"], key_id=brief["key_id"], object_key=str(brief["object_key"]),
-                   objects=m.objects(), verified_at=datetime.fromisoformat(str(verified_at)) if verified_at else None, **extra)
+                   objects=m.objects(), verified_at=datetime.fromisoformat(str(verified_at)) if verified_at else None,
+                   recovery_key_id=m.recovery_key_id, **extra)
 
 
 @dataclass(eq=False)

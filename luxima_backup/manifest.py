@@ -172,6 +172,10 @@ class _Manifest(_Part):
     verification: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     flow_run_id: str | None = None
+    # the offline recovery key every object of this backup is sealed to: in the objects' headers (backups made with
+    # keys.recovery_public_key set), or here, by object key (older backups, by `keys rewrap`)
+    recovery_key_id: str | None = None
+    recovery_seals: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def verified(self) -> bool:

@@ -160,15 +160,25 @@ class RecoveryUnwrap:
 
     needs_header = True
 
-    def __init__(self, private: X25519PrivateKey):
-        self.private = private
+    def __init__(self, private: X25519PrivateKey, seals: dict[str, dict[str, Any]] | None = None,
+                 object_key: str | None = None):
+        """``seals``: a manifest's ``recovery_seals`` (objects older than the recovery key, sealed by ``keys rewrap``);
+        ``object_key``: the key of the object read, for an object whose header does not name it."""
+        self.private, self.seals, self.object_key = private, seals or {}, object_key
         self.key_id = fingerprint(private.public_key())
 
     def __call__(self, header: Any) -> bytes:
-        sealed = header.info.get("recovery")
+        key = str(header.info.get("object") or self.object_key or "")
+        sealed = header.info.get("recovery") or self.seals.get(key)
         if sealed is None:
             raise WrongKeyError(
-                "this object carries no data key sealed to a recovery key: it was written before "
-                "keys.recovery_public_key was set",
-                hint="`luxima-backup keys rewrap` adds the seals to older backups while their key provider is available")
-        return open_sealed(RecoveryWrap.from_json(sealed), self.private, str(header.info.get("object") or ""))
+                "this object carries no data key sealed to a recovery key, and its manifest none: it was written "
+                "before keys.recovery_public_key was set",
+                hint="`luxima-backup keys rewrap --confirm` seals older backups while their key provider is available; "
+                     "for a local copy, give its manifest with --manifest")
+        return open_sealed(RecoveryWrap.from_json(sealed), self.private, key)
+
+
+def seal_for(public_text: str, data_key: bytes, object_key: str) -> dict[str, Any]:
+    """A seal of an existing object's data key, for its manifest (``keys rewrap``)."""
+    return seal(data_key, load_public(public_text), object_key).to_json()

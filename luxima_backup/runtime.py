@@ -81,6 +81,14 @@ def catalog(component: str, s: Settings | None = None) -> Catalog:
     return Catalog(*location(component, s), key_provider(s))
 
 
+def recovery_key_id(s: Settings | None = None) -> str | None:
+    """The fingerprint of the configured offline recovery key, if one is."""
+    from .recovery import fingerprint, load_public
+
+    s = s or settings()
+    return fingerprint(load_public(s.keys.recovery_public_key)) if s.keys.recovery_public_key else None
+
+
 def config_prefix(s: Settings | None = None) -> str:
     s = s or settings()
     return (s.configs.storage or s.storage).prefix

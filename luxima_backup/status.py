@@ -33,6 +33,7 @@ class TargetStatus:
     unreadable: int
     reverified_at: datetime | None = None  # the last verify-stored read of any of its backups
     damaged: int = 0  # kept backups the last reads found damaged
+    without_recovery: int = 0  # kept backups not sealed to the configured recovery key (`keys rewrap` seals them)
 
     def as_json(self) -> dict[str, Any]:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
@@ -47,6 +48,7 @@ def configured(settings: Settings) -> dict[str, set[str]]:
 
 def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
     out = []
+    recovery_id = runtime.recovery_key_id(settings)
     for component in COMPONENTS:
         store, prefix = runtime.location(component, settings)
         backups, bad = runtime.catalog(component, settings).by_target(component)
@@ -80,7 +82,8 @@ def collect(settings: Settings, now: datetime) -> list[TargetStatus]:
                 oldest_kept=found[0].completed_at if found else None,
                 locked_until=locked, unreadable=unreadable.get(name, 0),
                 reverified_at=datetime.fromisoformat(record["checked_at"]) if record.get("checked_at") else None,
-                damaged=sum(1 for r in results.values() if not r.get("ok", True))))
+                damaged=sum(1 for r in results.values() if not r.get("ok", True)),
+                without_recovery=sum(1 for b in found if b.entry.recovery_key_id != recovery_id) if recovery_id and component != "vm" else 0))
     return out
 
 

@@ -106,3 +106,64 @@ def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
     out = subprocess.run([cli, "decrypt", "--input", str(copy), "--recovery-key", str(other), "-o", str(tmp_path / "x")],
                          capture_output=True, text=True, env=alone, timeout=300)
     assert out.returncode == 1 and f"sealed to recovery key {fp}" in out.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_older_backups_get_seals_in_their_manifests_and_status_counts_those_without(
+    prefect_server: Any, pg_cluster: Any, s3_server: Any, database: str, bucket: str, write_settings: Any,
+    key_file: Path, source: dict[str, int], tmp_path: Path,
+) -> None:
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from tests.conftest import file_keys
+    from tests.helpers import run_backup, s3_get
+
+    write_settings(database, bucket, file_keys(key_file))
+    state = run_backup(deep_verify=False)  # made before any recovery key existed
+    assert state.is_completed(), state.message
+    manifest_key = state.result()["manifest_key"]
+    doc = json.loads(s3_get(s3_server, bucket, manifest_key))
+    assert doc["recovery_key_id"] is None
+
+    key_path = tmp_path / "recovery.pem"
+    public, fp = recovery.generate(key_path)
+    config = write_settings(database, bucket, file_keys(key_file).replace("allow_key_file = true",
+                                                                          f'allow_key_file = true\nrecovery_public_key = "{public}"'))
+    cli = CliRunner()
+    report = json.loads(cli.invoke(app, ["status", "--json", "--config", str(config)]).stdout)
+    assert next(t for t in report if t["component"] == "db")["without_recovery"] == 1
+    copy = tmp_path / doc["dump"]["key"].rsplit("/", 1)[-1]
+    copy.write_bytes(s3_get(s3_server, bucket, doc["dump"]["key"]))
+    refused = cli.invoke(app, ["decrypt", doc["dump"]["key"], "--recovery-key", str(key_path), "-o", str(tmp_path / "x"),
+                               "--config", str(config)])
+    assert refused.exit_code == 1 and "keys rewrap" in refused.output
+
+    dry = cli.invoke(app, ["keys", "rewrap", "--config", str(config)])
+    assert dry.exit_code == 0 and "would seal" in dry.stdout and "2 object(s)" in dry.stdout  # the dump and the globals
+    assert json.loads(s3_get(s3_server, bucket, manifest_key))["recovery_seals"] == {}
+    done = cli.invoke(app, ["keys", "rewrap", "--confirm", "--config", str(config)])
+    assert done.exit_code == 0 and "sealed" in done.stdout
+    sealed = json.loads(s3_get(s3_server, bucket, manifest_key))
+    assert sealed["recovery_key_id"] == fp and set(sealed["recovery_seals"]) == {doc["dump"]["key"], doc["globals"]["key"]}
+    assert sealed["dump"]["sha256_encrypted"] == doc["dump"]["sha256_encrypted"]  # nothing re-encrypted
+    report = json.loads(cli.invoke(app, ["status", "--json", "--config", str(config)]).stdout)
+    assert next(t for t in report if t["component"] == "db")["without_recovery"] == 0
+    again = cli.invoke(app, ["keys", "rewrap", "--confirm", "--config", str(config)])
+    assert "sealed already" in again.stdout
+
+    # opened with the recovery key alone: the stored object (its manifest beside it), or a copy with its manifest
+    out = tmp_path / "dump"
+    done = cli.invoke(app, ["decrypt", doc["dump"]["key"], "--recovery-key", str(key_path), "--decompress", "-o", str(out),
+                            "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == doc["dump"]["sha256_plain"]
+    manifest_copy = tmp_path / "manifest.json"
+    manifest_copy.write_bytes(s3_get(s3_server, bucket, manifest_key))
+    out2 = tmp_path / "dump2"
+    done = cli.invoke(app, ["decrypt", "--input", str(copy), "--manifest", str(manifest_copy), "--recovery-key",
+                            str(key_path), "--decompress", "-o", str(out2)])
+    assert done.exit_code == 0, done.output
+    assert out2.read_bytes() == out.read_bytes()
