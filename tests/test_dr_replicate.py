@@ -37,35 +37,47 @@ def sshd() -> Iterator[SshServer]:
     server.stop()
 
 
+def host_toml(name: str, sshd: SshServer, known: Path) -> str:
+    """An [hosts.NAME] reaching the test sshd (every "node" here is this machine, in its own directory)."""
+    return textwrap.dedent(f"""
+        [hosts.{name}]
+        host = "127.0.0.1"
+        port = {sshd.port}
+        user = "{sshd.user}"
+        key = "file:{sshd.client_key}"
+        known_hosts = "{known}"
+        connect_timeout = 5
+        """)
+
+
+def dr_bucket_toml(s3_server: Any) -> tuple[str, str]:
+    """A second bucket as the DR target ``bucket2``: its name, and its settings."""
+    name = "t-dr-" + uuid.uuid4().hex[:10]
+    s3_server.create_bucket(name, versioning=True)
+    return name, textwrap.dedent(f"""
+        [dr.targets.bucket2]
+        kind = "storage"
+        [dr.targets.bucket2.storage]
+        bucket = "{name}"
+        endpoint_url = "{s3_server.url}"
+        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+        max_attempts = 2
+        """)
+
+
 @pytest.fixture
 def env(prefect_server: Any, write_settings: Any, database: str, bucket: str, key_file: Path, s3_server: Any,
         sshd: SshServer, tmp_path: Path, pg_cluster: Any) -> dict[str, Any]:
-    dr_bucket = "t-dr-" + uuid.uuid4().hex[:10]
-    s3_server.create_bucket(dr_bucket, versioning=True)
+    dr_bucket, bucket_toml = dr_bucket_toml(s3_server)
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts_line)
     dr_dir = tmp_path / "dr-node"
     dr_dir.mkdir()
 
     def settings(extra: str = "") -> Path:
-        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
-            [hosts.node2]
-            host = "127.0.0.1"
-            port = {sshd.port}
-            user = "{sshd.user}"
-            key = "file:{sshd.client_key}"
-            known_hosts = "{known}"
-            connect_timeout = 5
-
-            [dr.targets.bucket2]
-            kind = "storage"
-            [dr.targets.bucket2.storage]
-            bucket = "{dr_bucket}"
-            endpoint_url = "{s3_server.url}"
-            access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
-            secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
-            max_attempts = 2
-
+        return write_settings(database, bucket, file_keys(key_file), host_toml("node2", sshd, known) + bucket_toml
+                              + textwrap.dedent(f"""
             [dr.targets.node2]
             kind = "ssh"
             host = "node2"
@@ -230,19 +242,10 @@ def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced
 
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts_line)
-    dr_bucket = "t-dr-" + uuid.uuid4().hex[:10]
-    s3_server.create_bucket(dr_bucket, versioning=True)
+    dr_bucket, bucket_toml = dr_bucket_toml(s3_server)
     primary, dr = tmp_path / "pve-backup-1" / "dump", tmp_path / "pve-backup-2" / "dump"
-    hosts = "".join(textwrap.dedent(f"""
-        [hosts.{name}]
-        host = "127.0.0.1"
-        port = {sshd.port}
-        user = "{sshd.user}"
-        key = "file:{sshd.client_key}"
-        known_hosts = "{known}"
-        connect_timeout = 5
-        """) for name in ("node1", "node2"))
-    vm_settings(vm_backup="guests = [100]", vm_restore=hosts + textwrap.dedent(f"""
+    hosts = host_toml("node1", sshd, known) + host_toml("node2", sshd, known)
+    vm_settings(vm_backup="guests = [100]", vm_restore=hosts + bucket_toml + textwrap.dedent(f"""
         [dr]
         components = []
         [dr.vm]
@@ -250,13 +253,6 @@ def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced
         source_path = "{primary}"
         target_host = "node2"
         target_path = "{dr}"
-        [dr.targets.bucket2]
-        kind = "storage"
-        [dr.targets.bucket2.storage]
-        bucket = "{dr_bucket}"
-        endpoint_url = "{s3_server.url}"
-        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
-        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
         """))
     assert vm_backup(return_state=True).is_completed()
     [archive] = [p for p in primary.iterdir() if p.name.startswith("vzdump-qemu-100-") and not p.name.endswith((".log", ".notes"))]
