@@ -223,9 +223,8 @@ class Catalog:
                                        hint="do not restore from it; choose another backup and find out who can write "
                                             "to the backup storage"))
             else:
-                body = {k: v for k, v in doc.items() if k != "mac"}
                 try:
-                    out.append(manifest.parse(json.dumps(body).encode(), f"manifest {key}"))
+                    out.append(manifest.from_document({k: v for k, v in doc.items() if k != "mac"}, f"manifest {key}"))
                 except FormatError as exc:
                     out.append(exc)
         return out

@@ -404,6 +404,11 @@ def parse(raw: bytes, key: str = "manifest") -> Manifest:
         doc = json.loads(raw)
     except ValueError as exc:
         raise FormatError(f"{key} is not valid JSON: {exc}") from None
+    return from_document(doc, key)
+
+
+def from_document(doc: Any, key: str = "manifest") -> Manifest:
+    """A manifest's parsed JSON as its typed model (what ``parse`` does after the JSON)."""
     if not isinstance(doc, dict):
         raise FormatError(f"{key} is not a manifest (a JSON object was expected)")
     version = doc.get("manifest_version")

@@ -179,10 +179,11 @@ def replicate(target: str, component: str, only: list[str] | None = None) -> dic
     limit = settings.dr.targets[target].bandwidth_limit_kib
     rows: list[dict[str, Any]] = []
     dst_cat = catalog.Catalog(dst, prefix, runtime.key_provider(settings))
-    wanted = _kept_at_dr(settings, component, src_cat.list_backups(component), dst_cat)
+    primary = src_cat.list_backups(component)
+    wanted = _kept_at_dr(settings, component, primary, dst_cat)
     work = private_dir(settings.work_dir, "dr-replicate-")
     try:
-        for backup in src_cat.list_backups(component):
+        for backup in primary:
             if not backup.verified or (only is not None and backup.backup_id not in only) or backup.backup_id not in wanted:
                 continue
             try:
