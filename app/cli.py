@@ -40,6 +40,18 @@ def _use_config(path: Optional[Path]) -> None:
         os.environ[CONFIG_ENV] = str(path.expanduser().resolve())
 
 
+RecoveryKeyOpt = typer.Option(None, "--recovery-key", help="break-glass: read the backups with this offline recovery "
+                              "private key alone (Vault gone); the catalog is checked with it too, nothing is written")
+
+
+def _break_glass(recovery_key: Optional[Path]) -> None:
+    """Restores with the offline recovery key alone: the key provider (Vault) is not used at all."""
+    if recovery_key is not None:
+        from luxima_backup.settings import ENV_PREFIX
+
+        os.environ[f"{ENV_PREFIX}KEYS__RECOVERY_PRIVATE_KEY"] = str(recovery_key.expanduser().resolve())
+
+
 # Well-known variables that hold credentials whatever the settings say.
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "VAULT_TOKEN", "PGPASSWORD")
 
@@ -175,10 +187,12 @@ def restore_configs(
     confirm: Optional[str] = typer.Option(None, help="with --apply: the host's name, repeated"),
     no_reload: bool = typer.Option(False, "--no-reload", help="do not run the services' reload commands"),
     remove_extra: bool = typer.Option(False, "--remove-extra", help="also remove files the backup does not have (kept first)"),
+    recovery_key: Optional[Path] = RecoveryKeyOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Restore a host's configs from an encrypted archive: a redacted diff, or (--apply) atomic writes, validation, rollback."""
     _use_config(config)
+    _break_glass(recovery_key)
     if apply and confirm != host:  # the flow refuses too; saying so here spares a failed run for a missing option
         _fail(ConfigError(f"writing configs on {host} needs confirm = {host!r}",
                           hint=f"run without --apply first and read the diff; then add --confirm {host}"))
@@ -196,10 +210,12 @@ def restore_files(
     path: Optional[str] = typer.Option(None, help="restore only this folder or file, relative to the source's root"),
     confirm: Optional[str] = typer.Option(None, help="to overwrite existing files: the destination, repeated exactly"),
     allow_escaping_links: bool = typer.Option(False, "--allow-escaping-links", help="make symlinks that point outside the destination"),
+    recovery_key: Optional[Path] = RecoveryKeyOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Restore a file backup and check the md5 of every restored file (the files-restore flow; no Prefect server needed)."""
     _use_config(config)
+    _break_glass(recovery_key)
     _run_flow("flows.files_restore", "files_restore", ("restore", "files"), destination=destination, backup=backup,
               source=source, as_of=as_of, path=path, confirm=confirm, allow_escaping_links=allow_escaping_links)
 
@@ -380,10 +396,12 @@ def restore_vm_cmd(
     rollback_snapshot: Optional[str] = typer.Option(None, help="roll the original back to this Proxmox snapshot instead"),
     no_start: bool = typer.Option(False, "--no-start", help="restore and check the configuration only"),
     cleanup: bool = typer.Option(False, "--cleanup", help="remove the restored guest at the end (test restores)"),
+    recovery_key: Optional[Path] = RecoveryKeyOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Restore a Proxmox guest, check its network configuration, start it and test connectivity (the vm-restore flow)."""
     _use_config(config)
+    _break_glass(recovery_key)
     if (replace or rollback_snapshot) and confirm != guest:
         _fail(ConfigError(f"replacing or rolling back {guest} needs --confirm {guest}",
                           hint="or restore it beside the original first (the default)"))
@@ -407,10 +425,12 @@ def restore_db(
     jobs: Optional[int] = typer.Option(None, min=1, help="parallel pg_restore jobs (default: restore.jobs)"),
     restore_globals: bool = typer.Option(False, "--restore-globals", help="create the backed-up roles first"),
     no_owner: bool = typer.Option(False, "--no-owner", help="restore without ownership and privileges"),
+    recovery_key: Optional[Path] = RecoveryKeyOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Restore a database backup and verify it (the db-restore flow; no Prefect server needed)."""
     _use_config(config)
+    _break_glass(recovery_key)
     if mode not in {"new", "replace"}:
         _fail(ConfigError(f"--mode must be new or replace, not {mode!r}"))
     _run_flow("flows.db_restore", "db_restore", ("restore", "db"), backup=backup, as_of=as_of, source=source,
@@ -633,13 +653,36 @@ def keys_recovery_generate(path: Path = typer.Argument(..., help="where to write
     [keys] recovery_public_key and the fingerprint to record. The project never stores the private key."""
     from luxima_backup import recovery
 
+    catalog_file = Path(f"{path}.catalog-key")
     try:
+        if catalog_file.exists():
+            raise ConfigError(f"{catalog_file} already exists; refusing to overwrite it", hint="choose a new PATH")
         public, fp = recovery.generate(path)
+        recovery.write_catalog_key(recovery.load_private(path), catalog_file)
     except BackupError as exc:
         _fail(exc)
-    typer.echo(f"wrote the recovery private key to {path} ({fp})")
-    typer.echo("put this in the settings ([keys] recovery_public_key), then move the file offline (a safe, two copies):")
+    typer.echo(f"wrote the recovery private key to {path} ({fp}), and its catalog key to {catalog_file}")
+    typer.echo("1. put the catalog key in Vault (or another secret store), set [keys] recovery_catalog_key to its reference "
+               f"(e.g. vault:secret/luxima-backup/recovery#catalog_key), then delete {catalog_file}")
+    typer.echo(f"2. move {path} offline (a safe, two copies); record the fingerprint {fp}")
+    typer.echo("3. put this in the settings ([keys] recovery_public_key):")
     typer.echo(public)
+
+
+@keys_app.command("recovery-catalog-key")
+def keys_recovery_catalog_key(
+    recovery_key: Path = typer.Argument(..., help="the recovery private key file"),
+    out: Path = typer.Argument(..., help="where to write its catalog key (must not exist)"),
+) -> None:
+    """Write the catalog key of an existing recovery key again (for [keys] recovery_catalog_key)."""
+    from luxima_backup import recovery
+
+    try:
+        private = recovery.load_private(recovery_key)
+        recovery.write_catalog_key(private, out)
+    except BackupError as exc:
+        _fail(exc)
+    typer.echo(f"wrote the catalog key of {recovery.fingerprint(private.public_key())} to {out}")
 
 
 @keys_app.command("rewrap")
@@ -649,7 +692,7 @@ def keys_rewrap(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Seal the data keys of backups made before keys.recovery_public_key was set to it (into their manifests, signed
-    again; nothing is re-encrypted). Needs the key provider (Vault) while it runs."""
+    again, also with the recovery catalog key; nothing is re-encrypted). Needs the key provider (Vault) while it runs."""
     _use_config(config)
     from luxima_backup import runtime
     from tasks.rewrap import rewrap_backup
@@ -664,7 +707,7 @@ def keys_rewrap(
         for comp in component or ["db", "files", "configs"]:
             cat = runtime.catalog(comp, settings)
             for backup in cat.list_backups(comp):
-                rows.append(rewrap_backup(cat.store, cat, provider, backup, settings.keys.recovery_public_key, key_id, confirm))
+                rows.append(rewrap_backup(cat, provider, backup, settings.keys.recovery_public_key, key_id, confirm))
     except BackupError as exc:
         _fail(exc)
     for r in rows:

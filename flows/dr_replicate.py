@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from luxima_backup import catalog, runtime
+from luxima_backup import runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.status import configured
@@ -36,7 +36,7 @@ def dr_lag(target: str, components: list[str], now: datetime) -> list[dict[str, 
     rows = []
     try:
         for component in components:
-            cat = catalog.Catalog(store, runtime.location(component, settings)[1], runtime.key_provider(settings))
+            cat = runtime.catalog_at(store, runtime.location(component, settings)[1], settings)
             found, _ = cat.by_target(component)
             for name in sorted(set(found) | configured(settings)[component]):
                 good = [b for b in found.get(name, []) if b.verified]

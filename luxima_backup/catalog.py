@@ -48,9 +48,12 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+MAC_FIELDS = ("mac", "mac_recovery")  # the key provider's MAC, and the recovery key's (see recovery.RecoveryMac)
+
+
 def mac_message(context: bytes, rel_key: str, doc: dict[str, Any]) -> bytes:
-    """What a MAC covers: the kind of document, its key relative to the prefix, and its content without the MAC."""
-    return context + rel_key.encode() + b"\n" + _canonical({k: v for k, v in doc.items() if k != "mac"})
+    """What a MAC covers: the kind of document, its key relative to the prefix, and its content without the MACs."""
+    return context + rel_key.encode() + b"\n" + _canonical({k: v for k, v in doc.items() if k not in MAC_FIELDS})
 
 
 class Entry(BaseModel):
@@ -160,10 +163,22 @@ def _tag(info: ObjectInfo) -> str:
 
 
 class Catalog:
-    """The manifests of one storage location (``store`` and ``prefix``), authenticated with ``keys``."""
+    """The manifests of one storage location (``store`` and ``prefix``), authenticated with ``keys``.
 
-    def __init__(self, store: ObjectStore, prefix: str, keys: "KeyProvider"):
-        self.store, self.prefix, self.keys = store, prefix, keys
+    ``recovery_mac``: also sign what is written with the recovery catalog key (``mac_recovery``). With the break-glass
+    provider (the recovery key alone) documents are checked by their ``mac_recovery`` and nothing is written.
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str, keys: "KeyProvider", recovery_mac: Any = None):
+        self.store, self.prefix, self.keys, self.recovery_mac = store, prefix, keys, recovery_mac
+        self.field = getattr(keys, "mac_field", "mac")
+        self.read_only = self.field != "mac"
+
+    def _sign(self, body: dict[str, Any], message: bytes) -> dict[str, Any]:
+        body["mac"] = self.keys.sign(message)
+        if self.recovery_mac is not None:
+            body["mac_recovery"] = self.recovery_mac.sign(message)
+        return body
 
     # --- manifests -------------------------------------------------------------------------------------
 
@@ -172,9 +187,8 @@ class Catalog:
 
     def signed(self, key: str, document: Manifest) -> bytes:
         """The manifest's bytes, with its MAC: over its content and its key, so it cannot be copied elsewhere either."""
-        body = document.model_dump(mode="json", by_alias=True)
-        body.pop("mac", None)
-        body["mac"] = self.keys.sign(mac_message(_MANIFEST_CONTEXT, self.rel(key), body))
+        body = {k: v for k, v in document.model_dump(mode="json", by_alias=True).items() if k not in MAC_FIELDS}
+        self._sign(body, mac_message(_MANIFEST_CONTEXT, self.rel(key), body))
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
     def save(self, key: str, document: Manifest) -> None:
@@ -208,14 +222,21 @@ class Catalog:
                 docs.append(doc if isinstance(doc, dict) else FormatError(f"manifest {key} is not a JSON object"))
             except ValueError as exc:
                 docs.append(FormatError(f"manifest {key} is not valid JSON: {exc}"))
-        signed = [(i, d) for i, d in enumerate(docs) if isinstance(d, dict) and "mac" in d]
-        verdicts = self.keys.verify([(mac_message(_MANIFEST_CONTEXT, self.rel(items[i][0]), d), d["mac"]) for i, d in signed])
+        field = self.field
+        signed = [(i, d) for i, d in enumerate(docs) if isinstance(d, dict) and field in d]
+        verdicts = self.keys.verify([(mac_message(_MANIFEST_CONTEXT, self.rel(items[i][0]), d), d[field]) for i, d in signed])
         why = {i: v for (i, _), v in zip(signed, verdicts)}
         out: list[Manifest | FormatError] = []
         for i, ((key, _), doc) in enumerate(zip(items, docs)):
             if isinstance(doc, FormatError):
                 out.append(doc)
-            elif "mac" not in doc:
+            elif field not in doc and self.read_only:
+                out.append(FormatError(f"manifest {key} has no recovery MAC: written before keys.recovery_catalog_key "
+                                       "was set, or planted",
+                                       hint="while the key provider is there, `luxima-backup keys rewrap --confirm` adds "
+                                            "it; without it, check the backup by hand and decrypt its objects with "
+                                            "`luxima-backup decrypt --recovery-key`"))
+            elif field not in doc:
                 out.append(FormatError(f"manifest {key} is not signed: written before manifests carried a MAC, or "
                                        "planted", hint="check it, then adopt it with `luxima-backup catalog sign`"))
             elif why[i] is not None:
@@ -224,9 +245,14 @@ class Catalog:
                                             "to the backup storage"))
             else:
                 try:
-                    out.append(manifest.from_document({k: v for k, v in doc.items() if k != "mac"}, f"manifest {key}"))
+                    found = manifest.from_document({k: v for k, v in doc.items() if k not in MAC_FIELDS}, f"manifest {key}")
                 except FormatError as exc:
                     out.append(exc)
+                    continue
+                remember = getattr(self.keys, "remember", None)
+                if remember is not None:  # the break-glass provider opens older objects with their manifest's seals
+                    remember(found.recovery_seals)
+                out.append(found)
         return out
 
     # --- the index ---------------------------------------------------------------------------------------
@@ -258,12 +284,14 @@ class Catalog:
             log.warning("catalog index %s is not JSON: rebuilding it from the manifests", key)
             return None
         problem = None
-        if not isinstance(doc, dict) or doc.get("index_version") != INDEX_VERSION or "mac" not in doc:
+        if not isinstance(doc, dict) or doc.get("index_version") != INDEX_VERSION:
             problem = "not an index this version reads"
+        elif self.field not in doc:
+            problem = "it has no recovery MAC" if self.read_only else "it is not signed"
         elif doc.get("component") != component or doc.get("folder") != folder:
             problem = f"it is the index of {doc.get('component')}/{doc.get('folder')}"
         else:
-            problem = self.keys.verify([(mac_message(_INDEX_CONTEXT, self.rel(key), doc), doc["mac"])])[0]
+            problem = self.keys.verify([(mac_message(_INDEX_CONTEXT, self.rel(key), doc), doc[self.field])])[0]
         if problem is None:
             try:
                 doc["entries"] = {e.key: e for e in (Entry.model_validate(x) for x in doc.get("entries", []))}
@@ -276,6 +304,8 @@ class Catalog:
 
     def _write_index(self, component: str, folder: str, entries: Iterable[Entry], damaged: dict[str, str],
                      newest_day: str | None, reconciled_at: datetime) -> None:
+        if self.read_only:  # break-glass: the backup storage is only read
+            return
         key = self.index_key(component, folder)
         doc: dict[str, Any] = {
             "index_version": INDEX_VERSION, "component": component, "folder": folder,
@@ -283,7 +313,7 @@ class Catalog:
             "newest_day": newest_day, "damaged": damaged,
             "entries": [e.model_dump(mode="json") for e in sorted(entries, key=lambda e: (e.completed_at, e.backup_id))],
         }
-        doc["mac"] = self.keys.sign(mac_message(_INDEX_CONTEXT, self.rel(key), doc))
+        self._sign(doc, mac_message(_INDEX_CONTEXT, self.rel(key), doc))
         try:
             self.store.save_bytes(key, _canonical(doc), "application/json")
         except BackupError as exc:  # a reader without write access still reads right; the next writer saves it

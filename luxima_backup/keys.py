@@ -50,6 +50,8 @@ class DataKey:
 
 class KeyProvider(Protocol):
     name: str
+    # which field of a catalog document holds the MAC this provider checks ("mac"; the recovery key: "mac_recovery")
+    mac_field: str
 
     def new_data_key(self) -> DataKey: ...
 
@@ -80,6 +82,7 @@ class VaultTransitProvider:
     """Data keys generated and wrapped by Vault Transit; the key-encryption key never leaves Vault."""
 
     name = "vault-transit"
+    mac_field = "mac"
 
     def __init__(self, cfg: VaultSettings):
         self.cfg = cfg
@@ -233,6 +236,7 @@ class VaultKVProvider(_LocalWrap):
     """Master key stored in a Vault KV v2 secret; each backup records the secret's version."""
 
     name = "vault-kv"
+    mac_field = "mac"
 
     def __init__(self, cfg: VaultSettings):
         self.cfg = cfg
@@ -277,6 +281,7 @@ class KeyFileProvider(_LocalWrap):
     """Master key in a local file: development and demos only (it sits on this machine's disk)."""
 
     name = "file"
+    mac_field = "mac"
 
     def __init__(self, path: Path, old_paths: list[Path] | None = None):
         self.master = load_key_file(path)
@@ -356,6 +361,10 @@ def _check_provider(expected: str, wrapped: WrappedKey) -> None:
 
 def provider_from_settings(cfg: KeySettings) -> KeyProvider:
     """The configured key provider. Imports and logins happen here, not at module import."""
+    if cfg.recovery_private_key is not None:  # break-glass: the offline key alone, whatever else is configured
+        from .recovery import RecoveryProvider
+
+        return RecoveryProvider(cfg.recovery_private_key)
     if cfg.provider == "vault-transit":
         assert cfg.vault is not None
         return VaultTransitProvider(cfg.vault)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,3 +183,102 @@ class RecoveryUnwrap:
 def seal_for(public_text: str, data_key: bytes, object_key: str) -> dict[str, Any]:
     """A seal of an existing object's data key, for its manifest (``keys rewrap``)."""
     return seal(data_key, load_public(public_text), object_key).to_json()
+
+
+# --- the catalog's recovery MAC ------------------------------------------------------------------------------
+# Manifests are authenticated with a MAC under the key provider (Vault Transit's HMAC): with Vault gone, the
+# catalog could not tell a planted manifest from a real one. So each manifest also carries ``mac_recovery``,
+# an HMAC under a key derived from the recovery private key: the backups' writers get that derived key as a
+# secret (keys.recovery_catalog_key), and at break-glass time it is derived again from the offline file.
+# (A signature the writers make with the public key alone cannot authenticate anything: anyone has it.)
+
+_CATALOG_INFO = b"luxima-backup/recovery-catalog-mac/v1"
+MAC_FIELD = "mac_recovery"
+
+
+def catalog_key(private: X25519PrivateKey) -> bytes:
+    raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_CATALOG_INFO).derive(raw)
+
+
+def write_catalog_key(private: X25519PrivateKey, path: Path) -> None:
+    """The catalog MAC key for the writers' settings, base64, to ``path`` (0600, never over an existing file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; refusing to overwrite it", hint="choose a new file") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(catalog_key(private)).decode() + "\n")
+
+
+class RecoveryMac:
+    """HMAC-SHA256 of catalog documents under the recovery catalog key (``mac_recovery``)."""
+
+    def __init__(self, key: bytes, key_id: str):
+        if len(key) != 32:
+            raise ConfigError("keys.recovery_catalog_key is not 32 bytes of base64",
+                              hint="give the file `luxima-backup keys recovery-generate` wrote beside the private key")
+        self._key, self.key_id = key, key_id
+
+    @classmethod
+    def from_text(cls, text: str, public_text: str) -> "RecoveryMac":
+        try:
+            key = base64.b64decode(text.strip(), validate=True)
+        except binascii.Error:
+            key = b""
+        return cls(key, fingerprint(load_public(public_text)))
+
+    def sign(self, message: bytes) -> dict[str, Any]:
+        return {"alg": "hmac-sha256", "provider": "recovery", "key_id": self.key_id,
+                "value": hmac.new(self._key, message, hashlib.sha256).hexdigest()}
+
+    def verify(self, items: Any) -> list[str | None]:
+        out: list[str | None] = []
+        for message, mac in items:
+            if not isinstance(mac, dict) or mac.get("alg") != "hmac-sha256" or not isinstance(mac.get("value"), str):
+                out.append("its recovery MAC is malformed")
+            elif mac.get("key_id") != self.key_id:
+                out.append(f"its recovery MAC is under recovery key {mac.get('key_id')}, not {self.key_id}")
+            elif not hmac.compare_digest(hmac.new(self._key, message, hashlib.sha256).hexdigest(), mac["value"]):
+                out.append(f"its recovery MAC does not match (recovery key {self.key_id}): it was altered after it was "
+                           "written, or keys.recovery_catalog_key is not this recovery key's")
+            else:
+                out.append(None)
+        return out
+
+
+class RecoveryProvider:
+    """Break-glass key provider: the offline recovery private key alone, Vault and the usual provider not used.
+
+    Data keys come from the seal in each object's header (or, for objects older than the recovery key, from the
+    ``recovery_seals`` of their manifest, which the catalog hands over once the manifest is authenticated); the
+    catalog checks manifests by their ``mac_recovery``. It reads only: nothing is encrypted or signed with it.
+    """
+
+    name = "recovery"
+    mac_field = MAC_FIELD
+
+    def __init__(self, path: Path):
+        self.private = load_private(path)
+        self.key_id = fingerprint(self.private.public_key())
+        self._mac = RecoveryMac(catalog_key(self.private), self.key_id)
+        self._seals: dict[str, dict[str, Any]] = {}
+
+    def remember(self, seals: dict[str, dict[str, Any]]) -> None:
+        """The seals of an authenticated manifest (by object key)."""
+        self._seals.update(seals)
+
+    def unwrap(self, header: Any) -> bytes:
+        return RecoveryUnwrap(self.private, self._seals)(header)
+
+    unwrap.needs_header = True  # type: ignore[attr-defined]
+
+    def new_data_key(self) -> Any:
+        raise ConfigError("a recovery key was given: this run may only read backups (break-glass mode)",
+                          hint="back up with the normal key provider (keys.provider), without --recovery-key")
+
+    def sign(self, message: bytes) -> dict[str, Any]:
+        raise ConfigError("a recovery key was given: this run may only read backups (break-glass mode)")
+
+    def verify(self, items: Any) -> list[str | None]:
+        return self._mac.verify(items)

@@ -25,10 +25,42 @@ _lock = threading.Lock()
 _stores: dict[int, tuple[Settings, ObjectStore]] = {}
 _providers: dict[int, tuple[Settings, KeyProvider]] = {}
 _config_stores: dict[int, tuple[Settings, ObjectStore]] = {}
+_signers: dict[int, tuple[Settings, Any]] = {}
+
+
+# The site a run works on when it is not the primary one (the DR drill: the DR copies, the DR servers): see ``site``.
+_site: tuple[Settings, int] | None = None
 
 
 def settings() -> Settings:
+    if _site is not None:
+        return _site[0]
     return load_settings()
+
+
+@contextlib.contextmanager
+def site(derived: Settings, store: ObjectStore | None = None) -> Iterator[Settings]:
+    """Run what is inside against ``derived`` settings (another site: its storage, servers, keys) instead of the loaded
+    ones; ``store``: the object store for its [storage] (e.g. a DR directory reached over SSH).
+
+    Process-wide, not per context: stages run in threads of their own, and every one of them must see the same site
+    (a DR drill must never read the primary's storage by accident). Flows run one per process (CLI, worker, serve),
+    so nothing else is affected; one site at a time.
+    """
+    global _site
+    with _lock:
+        if _site is not None:
+            raise RuntimeError("a run is already using another site")
+        _site = (derived, threading.get_ident())
+        if store is not None:
+            _stores[id(derived)] = (derived, store)
+    try:
+        yield derived
+    finally:
+        with _lock:
+            _site = None
+            for cache in (_stores, _providers, _config_stores, _signers):
+                cache.pop(id(derived), None)
 
 
 def lock_days(s: Settings) -> dict[str, int]:
@@ -78,7 +110,30 @@ def location(component: str, s: Settings | None = None) -> tuple[ObjectStore, st
 def catalog(component: str, s: Settings | None = None) -> Catalog:
     """The authenticated catalog of a component's backups (its manifests, checked with the configured key provider)."""
     s = s or settings()
-    return Catalog(*location(component, s), key_provider(s))
+    return catalog_at(*location(component, s), s)
+
+
+def catalog_at(store: ObjectStore, prefix: str, s: Settings | None = None) -> Catalog:
+    """The catalog of the manifests under ``prefix`` of ``store`` (a DR copy, say), signed and checked as configured."""
+    s = s or settings()
+    return Catalog(store, prefix, key_provider(s), recovery_signer(s))
+
+
+def recovery_signer(s: Settings | None = None) -> Any:
+    """What also signs catalog documents for the recovery key (``mac_recovery``), when one is configured; not in
+    break-glass mode (which writes nothing)."""
+    s = s or settings()
+    if s.keys.recovery_catalog_key is None or s.keys.recovery_public_key is None or s.keys.recovery_private_key:
+        return None
+    with _lock:
+        cached = _signers.get(id(s))
+    if cached is None or cached[0] is not s:
+        from .recovery import RecoveryMac
+
+        signer = RecoveryMac.from_text(secret(s.keys.recovery_catalog_key, s), s.keys.recovery_public_key)
+        with _lock:
+            cached = _signers[id(s)] = (s, signer)
+    return cached[1]
 
 
 def recovery_key_id(s: Settings | None = None) -> str | None:

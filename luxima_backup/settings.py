@@ -218,6 +218,13 @@ class KeySettings(_Section):
     recovery_public_key: str | None = Field(
         None, description="x25519:... from `luxima-backup keys recovery-generate`: every data key is also sealed to it, so "
         "the offline private key alone opens the backups when Vault is gone")
+    recovery_catalog_key: Secret | None = Field(
+        None, description="reference to the catalog key `keys recovery-generate` wrote beside the private key (e.g. "
+        "vault:secret/luxima-backup/recovery#catalog_key): manifests are also signed with it, so the catalog can be "
+        "trusted with the recovery key alone")
+    recovery_private_key: Path | None = Field(
+        None, description="break-glass only (restore --recovery-key): read backups with this offline recovery private "
+        "key alone; Vault and keys.provider are not used, nothing is written")
 
     @field_validator("recovery_public_key")
     @classmethod
@@ -233,6 +240,10 @@ class KeySettings(_Section):
 
     @model_validator(mode="after")
     def _provider_complete(self) -> "KeySettings":
+        if self.recovery_public_key is not None and self.recovery_catalog_key is None:
+            raise ValueError("keys.recovery_public_key needs keys.recovery_catalog_key (the catalog key file "
+                             "`luxima-backup keys recovery-generate` wrote): without it, restores with the recovery key "
+                             "could not tell real manifests from planted ones")
         if self.provider.startswith("vault") and self.vault is None:
             raise ValueError(f"keys.provider = '{self.provider}' needs a [keys.vault] section")
         if self.provider == "file":

@@ -54,7 +54,7 @@ def site_catalog(component: str, site: str | None, settings: Any) -> catalog.Cat
         return runtime.catalog(component, settings)
     from tasks.replicate import dr_store
 
-    return catalog.Catalog(dr_store(site, settings), runtime.location(component, settings)[1], runtime.key_provider(settings))
+    return runtime.catalog_at(dr_store(site, settings), runtime.location(component, settings)[1], settings)
 
 
 def _age(now: datetime, then: datetime) -> str:

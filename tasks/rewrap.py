@@ -7,24 +7,29 @@ which is signed again. The data keys are unwrapped with the key provider, so thi
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from luxima_backup import catalog, recovery
 from luxima_backup.envelope import read_preamble
 from luxima_backup.keys import KeyProvider
-from luxima_backup.storage import ObjectStore
 from tasks.verify.stored import objects_of
 
 
-def rewrap_backup(store: ObjectStore, cat: catalog.Catalog, provider: KeyProvider, backup: catalog.Backup,
+def rewrap_backup(cat: catalog.Catalog, provider: KeyProvider, backup: catalog.Backup,
                   public_text: str, key_id: str, confirm: bool) -> dict[str, Any]:
-    """Seal every object of one backup that is not yet sealed to ``key_id``; its manifest rewritten when ``confirm``."""
+    """Seal every object of one backup that is not yet sealed to ``key_id``, and sign its manifest with the recovery
+    catalog key; the manifest rewritten when ``confirm``."""
     m = backup.manifest
-    if m.recovery_key_id == key_id:
+    with cat.store.load(backup.manifest_key) as body:
+        recovery_signed = catalog.MAC_FIELDS[1] in json.loads(body.read())
+    if m.recovery_key_id == key_id and recovery_signed:
         return {"backup": backup.backup_id, "action": "sealed already", "objects": 0}
     seals = dict(m.recovery_seals)
     for obj in objects_of(backup):
-        with store.load(obj["key"]) as body:
+        if m.recovery_key_id == key_id:  # sealed in its headers when written; only the recovery MAC is missing
+            break
+        with cat.store.load(obj["key"]) as body:
             header, _ = read_preamble(body)  # the header only: the object is not read
         if (header.info.get("recovery") or {}).get("key_id") == key_id or (seals.get(obj["key"]) or {}).get("key_id") == key_id:
             continue

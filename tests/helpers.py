@@ -132,8 +132,8 @@ def signed_manifest(key: str, doc: Any) -> bytes:
 
 def save_manifest(store: Any, key: str, doc: Any) -> None:
     """Write a signed manifest into ``store`` (a test store holding backups of the configured prefix)."""
-    from luxima_backup import catalog, runtime
+    from luxima_backup import runtime
 
     settings = runtime.settings()
-    catalog.Catalog(store, runtime.location(doc.component, settings)[1], runtime.key_provider(settings)).save(key, doc)
+    runtime.catalog_at(store, runtime.location(doc.component, settings)[1], settings).save(key, doc)
 

@@ -58,6 +58,67 @@ def test_bad_recovery_keys_are_config_errors(tmp_path: Path) -> None:
         recovery.load_private(tmp_path / "missing")
 
 
+def test_with_the_recovery_key_alone_the_catalog_trusts_only_manifests_signed_for_it(tmp_path: Path) -> None:
+    """Break-glass reads check each manifest's recovery MAC (derived from the offline key), never write the index, and
+    refuse manifests altered, planted without it, or signed for another recovery key."""
+    from luxima_backup import catalog, manifest
+    from luxima_backup.keys import KeyFileProvider, new_master_key
+    from luxima_backup.storage import LocalStore
+
+    data = Path(__file__).parent / "data" / "manifests"
+    store = LocalStore(tmp_path / "store")
+    key_file = tmp_path / "key"
+    key_file.write_text(new_master_key())
+    key_path = tmp_path / "recovery.pem"
+    public, fp = recovery.generate(key_path)
+    catalog_key = tmp_path / "catalog-key"
+    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
+    assert stat.S_IMODE(catalog_key.stat().st_mode) == 0o600
+    writer = catalog.Catalog(store, "backups", KeyFileProvider(key_file),
+                             recovery.RecoveryMac.from_text(catalog_key.read_text(), public))
+    good = "backups/db/main/2026/11/29/20261129T203309Z.manifest.json"
+    doc = manifest.parse((data / "v1-db.json").read_bytes())
+    writer.save(good, doc)
+    written = json.loads((tmp_path / 'store' / good).read_bytes())
+    assert written["mac"]["provider"] == "file" and written["mac_recovery"]["key_id"] == fp
+    assert writer.list_backups("db", "main")[0].backup_id == doc.backup_id  # the usual provider still checks "mac"
+
+    # with the usual provider gone: the recovery key file alone
+    index = writer.index_key("db", "main")
+    index_before = (tmp_path / 'store' / index).read_bytes()
+    glass = catalog.Catalog(store, "backups", recovery.RecoveryProvider(key_path))
+    assert glass.resolve("db", "latest", source="main").manifest.backup_id == doc.backup_id
+
+    # planted by someone who can write to the storage and sign "mac" (a stolen Vault token), but not for recovery
+    planted = "backups/db/main/2026/11/30/20261130T010000Z.manifest.json"
+    later = doc.model_copy(update={"backup_id": "20261130T010000Z-planted"})
+    store.save_bytes(planted, catalog.Catalog(store, "backups", KeyFileProvider(key_file)).signed(planted, later))
+    # altered after it was written (a field changed, both MACs kept)
+    altered = json.loads((tmp_path / 'store' / good).read_bytes())
+    altered["dump"]["size_plain"] += 1
+    moved = "backups/db/main/2026/11/30/20261130T020000Z.manifest.json"
+    store.save_bytes(moved, json.dumps(altered).encode())
+    # signed for another recovery key
+    other_path = tmp_path / "other.pem"
+    other_public, _ = recovery.generate(other_path)
+    other = catalog.Catalog(store, "backups", KeyFileProvider(key_file),
+                            recovery.RecoveryMac(recovery.catalog_key(recovery.load_private(other_path)),
+                                                 recovery.fingerprint(recovery.load_public(other_public))))
+    foreign = "backups/db/main/2026/11/30/20261130T030000Z.manifest.json"
+    store.save_bytes(foreign, other.signed(foreign, doc.model_copy(update={"backup_id": "20261130T030000Z-foreign"})))
+
+    glass = catalog.Catalog(store, "backups", recovery.RecoveryProvider(key_path))
+    glass.refresh("db", "main")
+    found = {getattr(b, "manifest_key", None): b for b in glass.iter_backups("db", "main")}
+    assert isinstance(found[good], catalog.Backup)
+    assert "has no recovery MAC" in str(found[planted]) and "not authentic" in str(found[moved])
+    assert "under recovery key" in str(found[foreign])
+    assert glass.resolve("db", "latest", source="main").backup_id == doc.backup_id  # never the planted ones
+    assert (tmp_path / 'store' / index).read_bytes() == index_before  # nothing written in break-glass mode
+    with pytest.raises(ConfigError, match="only read"):
+        glass.save(planted, later)
+
+
 @pytest.mark.slow
 def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
     prefect_server: Any, pg_cluster: Any, s3_server: Any, database: str, bucket: str, write_settings: Any,
@@ -79,7 +140,11 @@ def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
     hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=name)
     key_path = tmp_path / "recovery.pem"
     public, fp = recovery.generate(key_path)
-    write_settings(database, bucket, transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        [keys.vault]'))
+    catalog_key = tmp_path / "recovery.catalog-key"
+    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
+    keys_toml = transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        '
+                                                  f'recovery_catalog_key = "file:{catalog_key}"\n        [keys.vault]')
+    write_settings(database, bucket, keys_toml)
     state = run_backup(deep_verify=False)
     assert state.is_completed(), state.message
     doc = json.loads(s3_get(s3_server, bucket, state.result()["manifest_key"]))
@@ -107,6 +172,23 @@ def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
                          capture_output=True, text=True, env=alone, timeout=300)
     assert out.returncode == 1 and f"sealed to recovery key {fp}" in out.stderr and not (tmp_path / "x").exists()
 
+    # the whole restore, Vault gone: its address answers nothing; the catalog is checked with the recovery key
+    from tests.helpers import cli_env
+
+    dead = write_settings(database, bucket, keys_toml.replace(vault["url"], "http://127.0.0.1:9"))
+    env = cli_env(prefect_server, dead)
+    restored = f"{database}_glass"
+    done = subprocess.run([cli, "restore", "db", "--target-database", restored, "--recovery-key", str(key_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["backup_id"] == doc["backup_id"]
+    with pg_cluster.connect(restored) as conn:
+        assert conn.execute("SELECT count(*) FROM app.users").fetchone()[0] == source["app.users"]
+    # without the recovery key the same settings cannot read a thing: that is what the key is for
+    done = subprocess.run([cli, "restore", "db", "--target-database", f"{restored}2"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode != 0 and "cannot reach Vault" in done.stderr
+
 
 @pytest.mark.slow
 def test_older_backups_get_seals_in_their_manifests_and_status_counts_those_without(
@@ -130,8 +212,11 @@ def test_older_backups_get_seals_in_their_manifests_and_status_counts_those_with
 
     key_path = tmp_path / "recovery.pem"
     public, fp = recovery.generate(key_path)
-    config = write_settings(database, bucket, file_keys(key_file).replace("allow_key_file = true",
-                                                                          f'allow_key_file = true\nrecovery_public_key = "{public}"'))
+    catalog_key = tmp_path / "recovery.catalog-key"
+    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
+    config = write_settings(database, bucket, file_keys(key_file).replace(
+        "allow_key_file = true", f'allow_key_file = true\nrecovery_public_key = "{public}"\n'
+                                 f'recovery_catalog_key = "file:{catalog_key}"'))
     cli = CliRunner()
     report = json.loads(cli.invoke(app, ["status", "--json", "--config", str(config)]).stdout)
     assert next(t for t in report if t["component"] == "db")["without_recovery"] == 1
