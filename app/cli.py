@@ -228,16 +228,18 @@ def status_cmd(
     """Every backup target's last good backup against its RPO, what is kept and stored (from storage alone).
 
     Exits 1 when any target is beyond its RPO (or was never backed up) or has a backup the last read-back found
-    damaged: usable by monitoring.
+    damaged, or the DR drill is overdue ([dr.drill]): usable by monitoring.
     """
     _use_config(config)
     from datetime import timezone
 
-    from luxima_backup.status import age_text, collect
+    from luxima_backup.status import age_text, collect, drill_status, drill_text
 
+    now = datetime.now(timezone.utc)
     try:
         settings = load_settings()
-        statuses = collect(settings, datetime.now(timezone.utc))
+        statuses = collect(settings, now)
+        drill = drill_status(settings, now)
     except BackupError as exc:
         _fail(exc)
     if as_json:
@@ -251,7 +253,9 @@ def status_cmd(
                        f"{s.bytes_stored / 2**20:>9.1f}" + (f"  ({s.unreadable} unreadable manifest(s))" if s.unreadable else "")
                        + (f"  ({s.damaged} DAMAGED when read back)" if s.damaged else "")
                        + (f"  ({s.without_recovery} without a recovery seal)" if s.without_recovery else ""))
-    raise typer.Exit(1 if any(s.beyond_rpo or s.damaged for s in statuses) else 0)
+    if drill is not None:
+        typer.echo(drill_text(drill, now), err=as_json)
+    raise typer.Exit(1 if any(s.beyond_rpo or s.damaged for s in statuses) or (drill is not None and drill.overdue) else 0)
 
 
 @storage_app.command("check")
@@ -368,6 +372,22 @@ def dr_replicate_cmd(
     """Copy the backups the DR site lacks, checked at both ends, and report the DR lag (the dr-replicate flow)."""
     _use_config(config)
     _run_flow("flows.dr_replicate", "dr_replicate", ("dr", "replicate"), targets=target or None, components=component or None)
+
+
+@dr_app.command("drill")
+def dr_drill_cmd(
+    target: Optional[str] = typer.Option(None, help="the [dr.targets.NAME] to restore from (default: dr.drill.target)"),
+    component: list[str] = typer.Option([], help="db, files, configs, vm (repeatable; default: dr.drill.components)"),
+    recovery_key: Optional[Path] = typer.Option(None, "--recovery-key", help="restore with the offline recovery key alone "
+                                                "(proves the break-glass path: Vault not used)"),
+    keep: bool = typer.Option(False, "--keep", help="leave what was restored in place for inspection"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Run the DR drill now: every component restored at the DR site from the DR copies, checked, timed against the
+    RTO, the RPO of every DR target measured; a report kept as evidence; everything restored removed."""
+    _use_config(config)
+    _run_flow("flows.dr_drill", "dr_drill", ("dr", "drill"), target=target, components=component or None,
+              recovery_key=str(recovery_key.expanduser().resolve()) if recovery_key else None, keep=keep)
 
 
 @app.command("prune")

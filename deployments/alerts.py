@@ -57,6 +57,12 @@ DRIFT_BODY = (
     "If nobody meant to change them, look at the commit's diff in the config repository.\n"
     "Run: {{ flow_run|ui_url }}"
 )
+DRILL_SUBJECT = "[luxima-backup] DR drill overdue"
+DRILL_BODY = (
+    "{{ event.payload.detail }}.\n"
+    "Run the dr-drill deployment (or `luxima-backup dr drill`): the procedure wants one every 6 months; without it "
+    "nothing shows that the DR site can bring the platform back within the RTO."
+)
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 # Runs send heartbeats when this is set in their process (the worker's and serve's environment):
 # the Prefect engine's minimum interval, 30 s.
@@ -197,6 +203,15 @@ def automations(cfg: AlertSettings, block_ids: list[UUID], components: list[str]
                 for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=timedelta(0),
             ),
             actions=notify(DRIFT_SUBJECT, DRIFT_BODY),
+        ),
+        Automation(
+            name=f"{p}: DR drill overdue",
+            description="No successful DR drill within dr.drill.overdue_days (6 months + 2 weeks); said once a day.",
+            trigger=EventTrigger(
+                expect={events.DRILL_OVERDUE}, match={"prefect.resource.id": "luxima.backup.dr.*"},
+                posture=Posture.Reactive, threshold=1, within=timedelta(0),
+            ),
+            actions=notify(DRILL_SUBJECT, DRILL_BODY),
         ),
     ]
     for component in components:

@@ -7,15 +7,17 @@ each target's backup deployment runs next (its earliest scheduled run on the ser
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from luxima_backup import runtime
+from luxima_backup import events, runtime
 from luxima_backup.errors import VerificationError
-from luxima_backup.status import TargetStatus, age_text, collect
+from luxima_backup.status import TargetStatus, age_text, collect, drill_status, drill_text
 
+REMINDER_HOUR = 9  # local time (retention.timezone) of the daily reminder that the DR drill is overdue
 # the backup deployment of each component (prefect.yaml)
 DEPLOYMENT = {"db": "db-backup", "files": "files-backup", "configs": "config-backup", "vm": "vm-backup"}
 
@@ -67,11 +69,21 @@ def status(fail_beyond_rpo: bool = False) -> dict[str, Any]:
     table = rows(statuses, next_runs())
     create_table_artifact(key="backup-status", table=table, description="Every backup target against its RPO")
     late = [f"{s.component}/{s.target}" for s in statuses if s.beyond_rpo]
+    drill = drill_status(settings, now)
     create_markdown_artifact(
         key="backup-status-summary", description="Backup status",
         markdown=f"## Backup status at {now.isoformat(timespec='minutes')}\n\n"
-                 + (f"**Beyond the RPO:** {', '.join(late)}" if late else "Every target is within its RPO."))
+                 + (f"**Beyond the RPO:** {', '.join(late)}" if late else "Every target is within its RPO.")
+                 + (f"\n\n{drill_text(drill, now)}" if drill is not None else ""))
     get_run_logger().info("%d target(s), %d beyond the RPO%s", len(statuses), len(late), f": {', '.join(late)}" if late else "")
-    if late and fail_beyond_rpo:
-        raise VerificationError(f"beyond the RPO: {', '.join(late)}")
-    return {"targets": [s.as_json() for s in statuses], "beyond_rpo": late}
+    overdue = drill is not None and drill.overdue
+    if overdue:
+        get_run_logger().warning("%s", drill_text(drill, now))
+        # the status runs hourly: the reminder goes out once a day, in the morning where the operators are
+        if now.astimezone(ZoneInfo(settings.retention.timezone)).hour == REMINDER_HOUR:
+            events.drill_overdue(drill_text(drill, now), **drill.as_json())
+    if (late or overdue) and fail_beyond_rpo:
+        raise VerificationError("; ".join(([f"beyond the RPO: {', '.join(late)}"] if late else [])
+                                          + ([f"the DR drill is overdue: {drill_text(drill, now)}"] if overdue else [])))
+    return {"targets": [s.as_json() for s in statuses], "beyond_rpo": late,
+            "drill": drill.as_json() if drill is not None else None}

@@ -17,6 +17,9 @@ RESTORED = "luxima.restore.succeeded"
 VERIFICATION_FAILED = "luxima.verification.failed"
 CONFIG_DRIFT = "luxima.config.drift"
 RETENTION_HELD = "luxima.retention.held"
+DRILL_SUCCEEDED = "luxima.dr.drill.succeeded"
+DRILL_FAILED = "luxima.dr.drill.failed"
+DRILL_OVERDUE = "luxima.dr.drill.overdue"
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +120,13 @@ def config_drift(host: str, changes: dict[str, list[str]], commit: str | None) -
 def retention_held(component: str, target: str, why: str) -> None:
     """A prune left a target alone because its backups are failing (its newest verified one is past the RPO)."""
     _emit(RETENTION_HELD, component, target, {"why": why})
+
+
+def drill_finished(target: str, ok: bool, **payload: Any) -> None:
+    """A DR drill's outcome, on the resource of the DR target it restored from."""
+    _emit(DRILL_SUCCEEDED if ok else DRILL_FAILED, "dr", target, payload)
+
+
+def drill_overdue(text: str, **payload: Any) -> None:
+    """No successful DR drill within dr.drill.overdue_days (the status flow says so once a day)."""
+    _emit(DRILL_OVERDUE, "dr", "drill", {"detail": text, **payload})

@@ -748,6 +748,28 @@ class DrVmSettings(_Section):
     bandwidth_limit_kib: int = Field(0, ge=0, description="KiB/s for the archives' transfer (0: unlimited)")
 
 
+class DrDrillSettings(_Section):
+    """The DR drill (every 6 months): the DR copies restored at the DR site, checked, timed, then removed."""
+
+    target: str | None = Field(None, description="the [dr.targets.NAME] restored from (default: the first by name)")
+    database: str | None = Field(None, description="the [databases.NAME] server at the DR site that receives the scratch "
+                                                   "databases (its connection; the database itself is not touched)")
+    roles: Literal["from-backup", "existing", "skip"] = Field(
+        "from-backup", description="the database roles on the DR server: from-backup: the backup's roles (pg_dumpall "
+        "--globals-only) are applied first, as a real recovery must (missing ones created, existing ones given the "
+        "backup's attributes); existing: they are there already; skip: restore without ownership and grants")
+    scratch_dir: Path | None = Field(None, description="where files and configs are restored for the checks "
+                                                       "(default: work_dir/dr-drill; emptied at the end)")
+    components: list[Literal["db", "files", "configs", "vm"]] = Field(
+        ["db", "files", "configs", "vm"], description="what is restored (those without backups configured are skipped)")
+    proxmox: str | None = Field(None, description="the [proxmox.NAME] API that serves the DR node (default: vm_backup.proxmox)")
+    node: str | None = Field(None, description="the DR node the guests are restored on (proxmox-node2)")
+    rto_minutes: float = Field(120, gt=0, description="RTO target per component and for the whole drill")
+    overdue_days: float = Field(197, gt=0, description="no successful drill for this long (6 months + 2 weeks): "
+                                                       "`status` reports the drill overdue, and the status flow alerts")
+    timeout_seconds: float = Field(6 * 3600, gt=0, description="the whole dr-drill run ends TimedOut after this")
+
+
 class DrSettings(_Section):
     """Disaster recovery: the backups copied daily to the DR site, never deleted there by a deletion on the primary."""
 
@@ -758,6 +780,7 @@ class DrSettings(_Section):
                                                       "every DR target, beside the other backups')")
     rpo_hours: float = Field(24, gt=0, description="the DR lag (age of the newest verified backup at the DR site) alerted past this")
     timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole dr-replicate run ends TimedOut after this")
+    drill: DrDrillSettings | None = Field(None, description="the 6-monthly DR drill (flows/dr_drill.py)")
 
 
 class LogSettings(_Section):
@@ -817,6 +840,14 @@ class Settings(BaseSettings):
             if target.storage is not None and target.storage.prefix != self.storage.prefix:
                 raise ValueError(f"dr.targets.{name}.storage.prefix = {target.storage.prefix!r} must be storage.prefix "
                                  f"({self.storage.prefix!r}): the copies keep the keys their manifests name")
+        drill = self.dr.drill
+        if drill is not None:
+            if drill.target is not None and drill.target not in self.dr.targets:
+                raise ValueError(f"dr.drill.target = {drill.target!r} is not one of [dr.targets.*]: {sorted(self.dr.targets)}")
+            if drill.database is not None and drill.database not in self.databases:
+                raise ValueError(f"dr.drill.database = {drill.database!r} is not one of [databases.*]: {names}")
+            if drill.proxmox is not None and drill.proxmox not in self.proxmox:
+                raise ValueError(f"dr.drill.proxmox = {drill.proxmox!r} is not one of [proxmox.*]: {sorted(self.proxmox)}")
         if self.dr.vm is not None:
             for field in ("source_host", "target_host"):
                 if getattr(self.dr.vm, field) not in self.hosts:

@@ -109,3 +109,20 @@ def age_text(hours: float | None) -> str:
 
 def window_text(window: timedelta | None) -> str:
     return age_text(window.total_seconds() / 3600) if window else "-"
+
+
+def drill_status(settings: Settings, now: datetime) -> Any:
+    """The DR drills' status (last success, overdue) when a drill is configured ([dr.drill]), else None."""
+    if settings.dr.drill is None:
+        return None
+    from .drills import status
+
+    return status(runtime.store(settings), settings.storage.prefix, settings.dr.drill.overdue_days, now)
+
+
+def drill_text(d: Any, now: datetime) -> str:
+    last = d.last_success.strftime("%Y-%m-%d %H:%M") if d.last_success else "never"
+    age = f" ({(now - d.last_success).days} days ago)" if d.last_success else ""
+    return (f"DR drill: last successful {last}{age}; " + (f"OVERDUE (more than {d.overdue_days:g} days)" if d.overdue
+                                                           else f"next due within {d.overdue_days:g} days of it")
+            + ("; the last drill FAILED" if d.last_ok is False else ""))

@@ -70,6 +70,9 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     assert set(vms.tags) == {"backup", "vm"} and vms.global_concurrency_limit.limit == 1
     assert (vms.schedules[0].schedule.cron, vms.schedules[0].schedule.timezone) == ("0 1 * * 0", "Asia/Jakarta")
     assert not _deployment("vm-restore/vm-restore").schedules
+    drill = _deployment("dr-drill/dr-drill")  # the 6-monthly DR test: 1 January and 1 July, 02:00 WIB
+    assert set(drill.tags) == {"dr", "drill"} and drill.global_concurrency_limit.limit == 1
+    assert (drill.schedules[0].schedule.cron, drill.schedules[0].schedule.timezone) == ("0 2 1 1,7 *", "Asia/Jakarta")
 
     # The bucket block registered from the settings works as storage on its own.
     from luxima_backup.secrets import SecretRef

@@ -77,14 +77,18 @@ def test_deployments_page_lists_every_deployment_with_its_schedule_in_jakarta_ti
     for spec in specs:
         search.fill(spec.name)  # one page holds 10: each is looked up by name
         row = rows.filter(has=page.get_by_text(spec.name, exact=True))
-        row.first.wait_for()
-        assert row.count() >= 1, f"{spec.name} is not listed"
+        row.first.wait_for()  # listed (times out otherwise); a count taken now could catch the list re-rendering
         for schedule in spec.schedules:
             wanted = {"0 3 * * *": "At 03:00 AM every day", "0 4 * * *": "At 04:00 AM every day",
                       "0 6 * * *": "At 06:00 AM every day", "0 2 * * 0": "At 02:00 AM, only on Sunday",
                       "0 1 * * 0": "At 01:00 AM, only on Sunday", "0 * * * *": "Every hour every day",
-                      "0 5 * * 6": "At 05:00 AM, only on Saturday", "0 7 * * *": "At 07:00 AM every day"}[schedule.cron]
+                      "0 5 * * 6": "At 05:00 AM, only on Saturday", "0 7 * * *": "At 07:00 AM every day",
+                      "0 2 1 1,7 *": "At 02:00 AM on day 1 of the month, only in January and July"}[schedule.cron]
             badge = row.first.get_by_text(wanted)
+            if not badge.is_visible():  # too long for the column: the UI shows "+1" and lists it in a tooltip, without
+                row.first.get_by_text("+1").hover()  # its timezone (test_deployments checks that through the API)
+                page.get_by_role("tooltip").filter(has_text=wanted[:40]).first.wait_for()
+                continue
             badge.hover()  # the timezone is in the schedule's tooltip
             tip = page.get_by_text(f"{wanted} ({schedule.timezone})").first
             tip.wait_for()
