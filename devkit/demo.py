@@ -125,6 +125,39 @@ storage = "local-lvm"
 [vm_restore.checks.web]
 tcp_ports = [{pve['service_port']}]
 
+[databases.dr]                             # the DR site's PostgreSQL server (here: the same cluster)
+host = "127.0.0.1"
+port = {pg.port}
+dbname = "postgres"
+user = "postgres"
+password = "env:LUXIMA_DEMO_DB_PASSWORD"
+sslmode = "disable"
+
+[hosts.node2]                              # the DR node (here: the same sshd), its copy of the backups over rsync
+host = "127.0.0.1"
+port = {sshd.port}
+user = "{sshd.user}"
+key = "file:{sshd.client_key}"
+known_hosts = "{known_hosts}"
+
+[dr.targets.node2]
+kind = "ssh"
+host = "node2"
+path = "{work}/dr-node2"
+
+[dr.targets.dr-bucket]                     # and a second bucket at the DR site
+kind = "storage"
+[dr.targets.dr-bucket.storage]
+bucket = "{BUCKET}-dr"
+endpoint_url = "{s3.url}"
+access_key_id = "env:LUXIMA_DEMO_S3_ACCESS_KEY"
+secret_access_key = "env:LUXIMA_DEMO_S3_SECRET_KEY"
+
+[dr.drill]                                 # short: the guests' archives are on storage both nodes share here
+target = "node2"
+database = "dr"
+components = ["db", "files", "configs"]
+
 [[alerts.channels]]
 kind = "webhook"
 name = "demo-alerts"
@@ -219,6 +252,7 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         os.environ.update(prefect.env())
         os.environ["LUXIMA_DEMO_S3_ACCESS_KEY"], os.environ["LUXIMA_DEMO_S3_SECRET_KEY"] = s3.access_key, s3.secret_key
         s3.create_bucket(BUCKET, versioning=True)
+        s3.create_bucket(f"{BUCKET}-dr", versioning=True)
         with pg.connect() as conn:
             conn.execute("CREATE DATABASE luxima")
             conn.execute(f"CREATE ROLE luxima_app LOGIN PASSWORD '{app_password}'")
@@ -275,11 +309,20 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
                                                                  "isolated": False})
         print(f"demo: VM restore checked: {vm_restored['vmid']} on {vm_restored['node']} (beside the original, new MACs), "
               f"{vm_restored['checks']} checks passed, RTO {vm_restored['rto_seconds']:.0f}s", flush=True)
+        dr = _run_deployment("dr-replicate/dr-replicate", {})
+        print(f"demo: DR replication: {dr['copied']} backup(s) copied to {', '.join(dr['targets'])} "
+              f"({dr['bytes']} bytes), each read back at the DR site", flush=True)
+        drill = _run_deployment("dr-drill/dr-drill", {})
+        print(f"demo: DR drill passed from {drill['dr_target']}: "
+              + ", ".join(f"{r['component']}/{r['target']} verified in {r['rto_seconds']:.0f}s" for r in drill["restores"])
+              + f"; total RTO {drill['rto_total_seconds']:.0f}s; RPO at the DR site "
+              + f"{max(r['lag_hours'] for r in drill['rpo']):.2f} h at most; report {drill['evidence'][1]}", flush=True)
         ui = prefect.api_url[:-4]
         print(f"""demo: summary
   Prefect UI         {ui}  (Runs: the flow runs and their tasks; Artifacts: backup and restore reports;
                      Deployments: db-backup daily 03:00, files-backup daily 04:00, vm-backup Sundays 01:00,
-                     config-backup Sundays 02:00 Asia/Jakarta, restores by hand;
+                     config-backup Sundays 02:00, dr-replicate daily 07:00, dr-drill 1 Jan/1 Jul 02:00
+                     Asia/Jakarta, restores by hand;
                      Automations: alerts)
   settings           {settings_path}
   alerts ("chat")    {workdir / 'alerts.log'}
@@ -291,7 +334,9 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
   config repository  git --git-dir {config_remote} log -p   (secrets are luxima-redacted:hmac-sha256 fingerprints)
   config restore     dry run: {json.dumps(cfg_plan['counts'])}
   VM backup          {json.dumps({k: vms[k] for k in ('backup_id', 'vmid', 'node', 'volid')})}
-  VM restore         {json.dumps({k: vm_restored[k] for k in ('vmid', 'node', 'checks', 'rto_seconds')})}""", flush=True)
+  VM restore         {json.dumps({k: vm_restored[k] for k in ('vmid', 'node', 'checks', 'rto_seconds')})}
+  DR replication     {json.dumps({k: dr[k] for k in ('targets', 'copied', 'bytes')})}
+  DR drill           {json.dumps({'ok': drill['ok'], 'rto_total_seconds': drill['rto_total_seconds'], 'report': drill['evidence']})}""", flush=True)
         if wait:
             print("demo: running; press Ctrl-C (or run `./run demo --stop`) to stop everything and clean up", flush=True)
             _wait_for_stop()

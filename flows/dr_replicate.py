@@ -26,7 +26,7 @@ from flows.common import logged
 from tasks.log import log_run
 from tasks.prune import prune_target, site_catalog, sweep
 from tasks.replicate import dr_store, replicate
-from tasks.vm_replicate import replicate_vm_archives
+from tasks.vm_replicate import prune_dr_vm_archives, replicate_vm_archives
 
 
 def dr_lag(target: str, components: list[str], now: datetime) -> list[dict[str, Any]]:
@@ -118,12 +118,21 @@ def dr_replicate(targets: list[str] | None = None, components: list[str] | None 
             lags += target_lags
             errors += target_errors
             _log(settings, name, started, target_rows, target_lags, target_errors, t0)
+        if at_dr is not None:  # the DR node's archives: the primary's rule, on the DR site's own catalog
+            pruned = prune_dr_vm_archives(names, return_state=True)
+            if pruned.is_completed():
+                rows += [{"target": r["target"], "component": "vm", "source": r["source"], "backup": r["backup_id"] or r["volid"],
+                          "action": f"prune: {r['action']}", "bytes": 0, "why": r["why"]}
+                         for r in pruned.result() if r["action"] != "kept"]
+                errors += [f"{r['target']}: vm {r['volid']}: {r['why']}" for r in pruned.result() if r["action"] == "removal failed"]
+            else:
+                errors.append(f"retention of the VM archives on the DR node: {redact(str(pruned.result(raise_on_failure=False)))}")
         _publish(rows, lags, errors)
         copied = [r for r in rows if r["action"] == "copied"]
         summary = {"targets": names, "copied": len(copied), "bytes": sum(r["bytes"] for r in copied),
                    "present": sum(r["action"] == "present" for r in rows),
                    "refused": sum(r["action"] == "refused" for r in rows), "lag": lags,
-                   "rows": [{k: r.get(k) for k in ("target", "component", "backup", "action", "bytes")} for r in rows],
+                   "rows": [{k: r.get(k) for k in ("target", "component", "source", "backup", "action", "bytes")} for r in rows],
                    "seconds": round(time.monotonic() - t0, 3)}
         logger.info("DR replication: %d backup(s) copied (%d bytes), %d already there, %d refused",
                     summary["copied"], summary["bytes"], summary["present"], summary["refused"])

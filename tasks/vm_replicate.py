@@ -148,3 +148,68 @@ def replicate_vm_archives() -> dict[str, Any]:
                 sum(r["action"] == "copied" for r in rows), sum(r["action"] == "present" for r in rows),
                 sum(r["action"] == "refused" for r in rows))
     return {"rows": rows, "at_dr": at_dr}
+
+
+@task(name="prune-dr-vm-archives", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
+def prune_dr_vm_archives(targets: list[str]) -> list[dict[str, Any]]:
+    """The DR node's archives under the primary's rule (vm_backup.keep newest verified per guest; protected ones and the
+    newest always kept), judged on the DR site's own catalog, never on what the primary still has: an archive pruned,
+    deleted or replaced on the primary stays at the DR site until newer good ones there push it out.
+
+    For each archive to remove, its manifest goes first from every DR target (the catalog stops offering it), then the
+    archive and its sidecars from the DR node.
+    """
+    from tasks.replicate import dr_store
+    from tasks.vm_prune import plan_prune
+
+    settings = runtime.settings()
+    cfg = settings.dr.vm
+    assert cfg is not None
+    logger = get_run_logger()
+    prefix = settings.storage.prefix
+    holders: dict[str, list[tuple[Any, str]]] = {}  # backup id -> (DR store, manifest key) of each DR target holding it
+    by_guest: dict[str, dict[str, Any]] = {}
+    stores = {name: dr_store(name, settings) for name in targets}
+    rows: list[dict[str, Any]] = []
+    try:
+        for store in stores.values():
+            found, _ = runtime.catalog_at(store, prefix, settings).by_target("vm")
+            for guest, backups in found.items():
+                for b in backups:
+                    holders.setdefault(b.backup_id, []).append((store, b.manifest_key))
+                    by_guest.setdefault(guest, {}).setdefault(b.backup_id, b)
+        dst_host = settings.hosts[cfg.target_host]
+        with ssh.connect(dst_host, runtime.secret(dst_host.key, settings)) as client:
+            sftp = client.open_sftp()
+            files = set(sftp.listdir(cfg.target_path))
+            for guest, found_backups in sorted(by_guest.items()):
+                backups = sorted(found_backups.values(), key=lambda b: (b.completed_at, b.backup_id))
+                present = {}
+                for b in backups:
+                    name = archive_file(b.entry.volid) if b.entry.volid else None
+                    if name in files:
+                        present[b.entry.volid] = {"protected": f"{name}.protected" in files}
+                for row in plan_prune(backups, present, settings.vm_backup.keep):
+                    row = {"target": cfg.target_host, "component": "vm", "source": guest, **row}
+                    if row["action"] == "remove":
+                        name = archive_file(row["volid"])
+                        try:
+                            for store, key in holders.get(row["backup_id"], []):
+                                store.remove(key)
+                            for ext in ("", *SIDECARS):
+                                if name + ext in files:
+                                    sftp.remove(posixpath.join(cfg.target_path, name + ext))
+                            row["action"] = "removed"
+                            logger.info("removed %s from the DR node (%s)", row["volid"], row["why"])
+                        except Exception as exc:  # reported; the next run tries again
+                            row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
+                    row.pop("manifest_key", None)
+                    rows.append(row)
+        if any(r["action"] == "removed" for r in rows):
+            for store in stores.values():
+                runtime.catalog_at(store, prefix, settings).refresh("vm")
+    finally:
+        for store in stores.values():
+            if hasattr(store, "close"):
+                store.close()
+    return rows

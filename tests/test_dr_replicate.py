@@ -290,3 +290,56 @@ def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced
     state = run()
     assert state.is_completed(), state.message
     assert copy.read_bytes() == good
+
+
+def test_the_dr_node_keeps_its_own_newest_vm_archives_after_the_primary_pruned_them(
+    pve: Any, vm_settings: Any, sshd: SshServer, s3_server: Any, tmp_path: Path, prefect_server: Any,
+) -> None:
+    """vm_backup.keep (2 cycles) at the DR node too, judged on the DR catalog: an archive the primary pruned stays at
+    the DR site until newer good ones arrive there; a protected one stays whatever its age."""
+    from flows.vm_backup import vm_backup
+    from tests.vm_env import NODE2, WEEK, archives
+
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+    dr_bucket, bucket_toml = dr_bucket_toml(s3_server)
+    primary, dr = tmp_path / "pve-backup-1" / "dump", tmp_path / "pve-backup-2" / "dump"
+    hosts = host_toml("node1", sshd, known) + host_toml("node2", sshd, known)
+    vm_settings(vm_backup="guests = [100]", vm_restore=hosts + bucket_toml + textwrap.dedent(f"""
+        [dr]
+        components = []
+        [dr.vm]
+        source_host = "node1"
+        source_path = "{primary}"
+        target_host = "node2"
+        target_path = "{dr}"
+        """))
+    volids = []
+    for week in range(2):
+        state = vm_backup(return_state=True)
+        assert state.is_completed()
+        volids.append(state.result()["guests"]["web"]["volid"])
+        assert run().is_completed()
+        pve.advance_clock(WEEK)
+    first = volids[0].split("/", 1)[1]
+    (dr / f"{first}.protected").write_text("")  # protected at the DR node: never pruned there
+    pruned = []
+    for week in range(2):
+        state = vm_backup(return_state=True)
+        assert state.is_completed()
+        volids.append(state.result()["guests"]["web"]["volid"])
+        state = run()
+        assert state.is_completed(), state.message
+        pruned += [r for r in state.result()["rows"] if r["action"].startswith("prune")]
+        pve.advance_clock(WEEK)
+    assert [a["volid"] for a in archives(pve, 100)] == volids[2:]  # the primary keeps 2
+    # the DR node: the newest 2, and the protected first one; the second is pruned (after two newer good ones), with
+    # its manifest at the DR target
+    assert [a["volid"] for a in archives(pve, 100, NODE2)] == [volids[0], *volids[2:]]
+    in_bucket = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=dr_bucket, Prefix="backups/vm/").get("Contents", [])}
+    from tasks.replicate import dr_store
+
+    dr_cat = runtime.catalog_at(dr_store("bucket2", runtime.settings()), "backups")
+    assert sorted(b.entry.volid for b in dr_cat.list_backups("vm", "web")) == sorted([volids[0], *volids[2:]])
+    assert len([k for k in in_bucket if k.endswith(".manifest.json")]) == 3
+    assert [(r["target"], r["source"], r["action"]) for r in pruned] == [("node2", "web", "prune: removed")]
