@@ -162,6 +162,32 @@ def _running_run(api_url: str, tag: str, proc: subprocess.Popen[bytes], timeout:
     raise AssertionError(f"no running flow run tagged {tag} within {timeout} s")
 
 
+def test_an_overdue_dr_drill_is_said_in_chat_by_the_status_flow(
+    prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
+    database: str, bucket: str, key_file: Path,
+) -> None:
+    """The last successful drill is 200 days old (6 months + 2 weeks is the limit): the hourly status flow says so in
+    chat at the reminder hour (set here to this hour: the clock is the only thing not real)."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    import flows.status as status_flow
+    from luxima_backup import drills, runtime
+
+    setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
+    wait_until_live(receiver)
+    write_settings(database, bucket, file_keys(key_file), "[dr.drill]\noverdue_days = 197\n")
+    old = datetime.now(timezone.utc) - timedelta(days=200)
+    drills.save_report(runtime.store(runtime.settings()), "backups", old, {"started_at": old.isoformat(), "ok": True}, "#")
+    monkeypatch.setattr(status_flow, "REMINDER_HOUR", datetime.now(ZoneInfo("Asia/Jakarta")).hour)
+    result = status_flow.status()
+    assert result["drill"]["overdue"] and result["drill"]["last_success"] == old.isoformat()
+    message = receiver.wait_for(lambda m: m.get("subject") == "[luxima-backup] DR drill overdue", timeout=90)
+    assert message is not None, f"no drill-overdue alert; received: {receiver.messages}"
+    assert f"last successful {old:%Y-%m-%d}" in message["body"] and "(200 days ago)" in message["body"]
+    assert "OVERDUE" in message["body"] and "dr-drill" in message["body"]
+
+
 def test_rpo_watchdog_watches_the_scheduled_components_and_their_targets_and_fires_without_success(
     prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, prefix: str, write_settings: Any,
     database: str, bucket: str, key_file: Path, source: Any,

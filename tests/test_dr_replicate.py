@@ -343,3 +343,35 @@ def test_the_dr_node_keeps_its_own_newest_vm_archives_after_the_primary_pruned_t
     assert sorted(b.entry.volid for b in dr_cat.list_backups("vm", "web")) == sorted([volids[0], *volids[2:]])
     assert len([k for k in in_bucket if k.endswith(".manifest.json")]) == 3
     assert [(r["target"], r["source"], r["action"]) for r in pruned] == [("node2", "web", "prune: removed")]
+
+
+def test_copies_in_a_dr_bucket_with_object_lock_are_locked_for_their_retention(env: dict[str, Any]) -> None:
+    """A stolen DR credential cannot destroy the copies: written under the bucket's object lock (the retention of their
+    component), so neither a delete of the version nor the DR prune removes them early."""
+    from tasks.replicate import dr_store
+
+    locked = "t-drlock-" + uuid.uuid4().hex[:8]
+    env["s3"].create_bucket(locked, object_lock=True)
+    env["settings"](textwrap.dedent(f"""
+        [dr.targets.locked]
+        kind = "storage"
+        [dr.targets.locked.storage]
+        bucket = "{locked}"
+        endpoint_url = "{env['s3'].url}"
+        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
+        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
+        object_lock = "governance"
+        """))
+    made = a_backup(env["store"], NOW - HOUR)
+    state = run(targets=["locked"])
+    assert state.is_completed(), state.message
+    store = dr_store("locked", runtime.settings())
+    until = store.locked_until(made.data)
+    margin = runtime.settings().dr.targets["locked"].storage.lock_margin_days  # type: ignore[union-attr]
+    assert until is not None and timedelta(days=29 + margin) < until - datetime.now(timezone.utc) <= timedelta(days=30 + margin)
+    assert store.locked_until(made.manifest) is not None
+    client = env["s3"].client()
+    version = client.head_object(Bucket=locked, Key=made.data)["VersionId"]
+    with pytest.raises(Exception, match="AccessDenied|locked|WORM|retention"):
+        client.delete_object(Bucket=locked, Key=made.data, VersionId=version)
+    assert client.head_object(Bucket=locked, Key=made.data)["ContentLength"] == 300_000
