@@ -217,3 +217,22 @@ def log_elsewhere(cluster: PostgresCluster, dbname: str) -> str:
         [log]
         database = "logdb"
     """
+
+
+def transit_with_recovery_key(vault: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[str, Path, str]:
+    """[keys] for a fresh Vault Transit key with an offline recovery key (and its catalog key) configured: the TOML, the
+    recovery private key file, and its fingerprint."""
+    import hvac
+
+    from luxima_backup import recovery
+
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
+    name = f"luxima-test-{uuid.uuid4().hex[:8]}"
+    hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=name)
+    key_path = tmp_path / "recovery.pem"
+    public, fp = recovery.generate(key_path)
+    catalog_key = tmp_path / "recovery.catalog-key"
+    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
+    keys = transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        '
+                                             f'recovery_catalog_key = "file:{catalog_key}"\n        [keys.vault]')
+    return keys, key_path, fp

@@ -195,21 +195,10 @@ def test_a_drill_with_vault_unreachable_restores_with_the_recovery_key_alone_and
     import subprocess
     import sys
 
-    import hvac
-
     from flows.dr_replicate import dr_replicate
-    from luxima_backup import recovery
-    from tests.conftest import transit_keys
+    from tests.conftest import transit_with_recovery_key
 
-    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
-    name = f"luxima-test-{uuid.uuid4().hex[:8]}"
-    hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=name)
-    key_path = tmp_path / "recovery.pem"
-    public, _ = recovery.generate(key_path)
-    catalog_key = tmp_path / "catalog-key"
-    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
-    keys = transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        '
-                                             f'recovery_catalog_key = "file:{catalog_key}"\n        [keys.vault]')
+    keys, key_path, _ = transit_with_recovery_key(vault, monkeypatch, tmp_path)
     _, bucket_toml = dr_bucket_toml(s3_server)
     extra = bucket_toml + dr_pg_toml(dr_pg) + textwrap.dedent("""
         [dr]

@@ -234,12 +234,9 @@ def test_a_target_past_the_rpo_fails_the_run_and_says_which(env: dict[str, Any])
 
 # -- the VMs' archives, node to node --
 
-def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced_one_is_refused(
-    pve: Any, vm_settings: Any, sshd: SshServer, s3_server: Any, tmp_path: Path, prefect_server: Any,
-) -> None:
-    from flows.vm_backup import vm_backup
-    from tests.vm_env import NODE2, archives
-
+def vm_dr_settings(vm_settings: Any, sshd: SshServer, s3_server: Any, tmp_path: Path) -> tuple[str, Path, Path]:
+    """Settings for guest 100's backups, its archives copied from node1's backup storage to node2's (both this sshd) and
+    its manifests to a DR bucket: the bucket's name, and the two nodes' dump directories."""
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts_line)
     dr_bucket, bucket_toml = dr_bucket_toml(s3_server)
@@ -254,6 +251,16 @@ def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced
         target_host = "node2"
         target_path = "{dr}"
         """))
+    return dr_bucket, primary, dr
+
+
+def test_vm_archives_reach_the_dr_node_checked_resume_after_a_cut_and_a_replaced_one_is_refused(
+    pve: Any, vm_settings: Any, sshd: SshServer, s3_server: Any, tmp_path: Path, prefect_server: Any,
+) -> None:
+    from flows.vm_backup import vm_backup
+    from tests.vm_env import NODE2, archives
+
+    dr_bucket, primary, dr = vm_dr_settings(vm_settings, sshd, s3_server, tmp_path)
     assert vm_backup(return_state=True).is_completed()
     [archive] = [p for p in primary.iterdir() if p.name.startswith("vzdump-qemu-100-") and not p.name.endswith((".log", ".notes"))]
 
@@ -300,20 +307,7 @@ def test_the_dr_node_keeps_its_own_newest_vm_archives_after_the_primary_pruned_t
     from flows.vm_backup import vm_backup
     from tests.vm_env import NODE2, WEEK, archives
 
-    known = tmp_path / "known_hosts"
-    known.write_text(sshd.known_hosts_line)
-    dr_bucket, bucket_toml = dr_bucket_toml(s3_server)
-    primary, dr = tmp_path / "pve-backup-1" / "dump", tmp_path / "pve-backup-2" / "dump"
-    hosts = host_toml("node1", sshd, known) + host_toml("node2", sshd, known)
-    vm_settings(vm_backup="guests = [100]", vm_restore=hosts + bucket_toml + textwrap.dedent(f"""
-        [dr]
-        components = []
-        [dr.vm]
-        source_host = "node1"
-        source_path = "{primary}"
-        target_host = "node2"
-        target_path = "{dr}"
-        """))
+    dr_bucket, primary, dr = vm_dr_settings(vm_settings, sshd, s3_server, tmp_path)
     volids = []
     for week in range(2):
         state = vm_backup(return_state=True)

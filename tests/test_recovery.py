@@ -128,22 +128,11 @@ def test_a_backup_under_vault_transit_is_opened_by_the_recovery_key_alone(
     import hashlib
     import subprocess
     import sys
-    import uuid
 
-    import hvac
-
-    from tests.conftest import transit_keys
+    from tests.conftest import transit_with_recovery_key
     from tests.helpers import run_backup, s3_get
 
-    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", vault["token"])
-    name = f"luxima-test-{uuid.uuid4().hex[:8]}"
-    hvac.Client(url=vault["url"], token=vault["token"]).secrets.transit.create_key(name=name)
-    key_path = tmp_path / "recovery.pem"
-    public, fp = recovery.generate(key_path)
-    catalog_key = tmp_path / "recovery.catalog-key"
-    recovery.write_catalog_key(recovery.load_private(key_path), catalog_key)
-    keys_toml = transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        '
-                                                  f'recovery_catalog_key = "file:{catalog_key}"\n        [keys.vault]')
+    keys_toml, key_path, fp = transit_with_recovery_key(vault, monkeypatch, tmp_path)
     write_settings(database, bucket, keys_toml)
     state = run_backup(deep_verify=False)
     assert state.is_completed(), state.message
