@@ -96,15 +96,27 @@ def reap_orphans(tmp: Path | None = None) -> list[str]:
                 if "postgres" in _cmdline(pid):
                     os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is throwaway
                     _wait_gone(pid)
-        elif info.get("server") and any(m in _cmdline(int(info["server"])) for m in ("moto.server", "prefect", "sshd")):
+        elif info.get("server") and any(m in _cmdline(int(info["server"])) for m in ("moto.server", "prefect", "sshd",
+                                                                                       "dockerd", "docker-registry")):
             try:
                 os.killpg(int(info["server"]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
             _wait_gone(int(info["server"]))
+        _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
         removed.append(str(root))
     return removed
+
+
+def _unmount_under(root: Path) -> None:
+    """Unmount what a killed container engine left mounted under ``root`` (its overlay layers), deepest first."""
+    try:
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return
+    for point in sorted((m for m in mounts if m.startswith(str(root) + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
@@ -345,3 +357,48 @@ class SshServer:
 
     def stop(self) -> None:
         _terminate(self.proc, self.root, 10)
+
+
+class DockerDaemon:
+    """A private Docker engine (Debian's dockerd): its own data root, runtime directory and socket; no bridge, no
+    iptables (nothing here runs containers that need a network: images are saved, loaded and tagged)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or Path(tempfile.mkdtemp(prefix="luxima-docker-"))
+        self.socket = self.root / "docker.sock"
+        self.log = self.root / "dockerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def command(self) -> str:
+        """The engine command line for this daemon (what images.command is set to)."""
+        return f"docker -H {self.host}"
+
+    def docker(self, *args: str, input: bytes | None = None) -> bytes:
+        done = subprocess.run(["docker", "-H", self.host, *args], input=input, capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} failed: {done.stderr.decode(errors='replace')[-1000:]}")
+        return done.stdout
+
+    def start(self) -> "DockerDaemon":
+        dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+        cmd = [dockerd, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+               "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host, "--iptables=false", "--ip6tables=false",
+               "--bridge=none", "--containerd-namespace", f"luxima-{self.root.name}",
+               "--containerd-plugins-namespace", f"luxima-{self.root.name}-plugins"]
+        self.proc = _spawn(cmd, self.log, self.root, "dockerd")
+
+        def ready() -> bool:
+            return subprocess.run(["docker", "-H", self.host, "info"], capture_output=True, timeout=30).returncode == 0
+
+        wait_for(ready, 60, "dockerd", self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        stop_group(self.proc, 20)
+        _unmount_under(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)

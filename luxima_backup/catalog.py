@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import manifest
 from .errors import BackupError, ConfigError, FormatError, ObjectNotFound
-from .manifest import ConfigManifest, DbManifest, FilesManifest, Manifest, Timestamp, VmManifest
+from .manifest import ConfigManifest, DbManifest, FilesManifest, ImagesManifest, Manifest, Timestamp, VmManifest
 from .storage import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
@@ -96,6 +96,8 @@ class Entry(BaseModel):
             extra.update(bytes_stored=m.archive.size_encrypted, content_digest=m.content_digest)
         elif isinstance(m, VmManifest):
             extra.update(bytes_stored=m.archive.size, volid=m.archive.volid, vmid=m.source.vmid)
+        elif isinstance(m, ImagesManifest):
+            extra["bytes_stored"] = sum(i.size_encrypted for i in m.images if i.new)
         verified_at = m.verification.get("verified_at")
         return cls(key=key, tag=tag, backup_id=m.backup_id, component=m.component, status=m.status,
                    started_at=m.started_at, completed_at=m.completed_at, source_name=m.source_name,

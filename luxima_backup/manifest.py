@@ -390,7 +390,101 @@ class VmManifest(_Manifest):
                 "object_key": self.archive.volid}
 
 
-Manifest = Annotated[Union[DbManifest, FilesManifest, ConfigManifest, VmManifest], Field(discriminator="component")]
+class ImagesSource(_Part):
+    name: str  # the [hosts.NAME] the images were saved on, or registries/NAME for a registry's
+    kind: Literal["docker", "registry"]
+    address: str | None = None  # the host's address, or the registry's
+
+
+class StoredImage(StoredObject):
+    """One image, stored once under its image ID (content-addressed: many containers, hosts and weeks share it)."""
+
+    image_id: str                      # sha256:<64 hex>: the digest of the image's config
+    format: Literal["docker-save", "oci-archive"] = "docker-save"
+    encryption: Encryption
+    size_plain: int
+    sha256_plain: str
+    refs: list[str] = Field(default_factory=list)          # its tags on the host (repo:tag)
+    repo_digests: list[str] = Field(default_factory=list)  # repo@sha256:... (what registries know it by)
+    stored_by: str                     # the backup that uploaded it (its header names that backup)
+    new: bool = False                  # uploaded by this backup (else reused from an earlier one)
+
+
+class ContainerImage(_Part):
+    """A container of the host and the image it runs: what a restore re-creates the tags for."""
+
+    name: str
+    id: str
+    state: str | None = None
+    image_ref: str                     # as the container was created with (repo:tag, or an id)
+    image_id: str
+    compose_project: str | None = None
+    compose_service: str | None = None
+
+
+class ImagesManifest(_Manifest):
+    component: Literal["images"] = "images"
+    source: ImagesSource
+    images: list[StoredImage] = Field(default_factory=list)
+    containers: list[ContainerImage] = Field(default_factory=list)
+    skipped: list[dict[str, str]] = Field(default_factory=list)  # containers left out by the filters, and why
+    retention_days: int | None = None
+
+    def image(self, image_id: str) -> StoredImage:
+        for img in self.images:
+            if img.image_id == image_id:
+                return img
+        raise ValueError(f"backup {self.backup_id} has no image {image_id}")
+
+    @property
+    def data(self) -> DataObject:
+        raise AttributeError("an images backup has one object per image: see images")
+
+    def objects(self) -> list[str]:
+        return [img.key for img in self.images]  # shared with other backups: removed only when none keeps them
+
+    def _object_owner(self, key: str) -> tuple[str, bool]:
+        for img in self.images:
+            if img.key == key:
+                return img.stored_by, img.bound
+        raise ValueError(f"backup {self.backup_id} has no object {key}")
+
+    def binding_of(self, key: str) -> dict[str, str] | None:
+        # an image object names the image it holds, not a host: another host's backup may reuse it
+        for img in self.images:
+            if img.key == key:
+                return image_binding(img.stored_by, img.image_id, key) if img.bound else None
+        raise ValueError(f"backup {self.backup_id} has no object {key}")
+
+    def brief(self) -> dict[str, Any]:
+        return {"type": f"{len(self.images)} image(s)", "size": sum(i.size_encrypted for i in self.images),
+                "key_id": self.images[0].encryption.key_id if self.images else None,
+                "object_key": f"{len(self.containers)} container(s)"}
+
+
+IMAGE_FOLDER = "image-objects"  # beside the component folders: objects shared by every images backup
+
+
+def image_key(prefix: str, image_id: str, codec_suffix: str) -> str:
+    """Where an image is stored, by its ID: ``<prefix>/image-objects/sha256/<hex>.tar.<zst|gz>.enc``."""
+    algo, _, hexdigest = image_id.partition(":")
+    if algo != "sha256" or len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+        raise FormatError(f"{image_id!r} is not an image ID (sha256:<64 hex>)")
+    return f"{prefix}/{IMAGE_FOLDER}/sha256/{hexdigest}.tar.{codec_suffix}.enc"
+
+
+def image_binding(stored_by: str, image_id: str, key: str) -> dict[str, str]:
+    return binding(stored_by, "images", image_id, key)
+
+
+def images_keys(prefix: str, source: str, started: datetime) -> tuple[str, str]:
+    """An images backup's id and manifest key: ``<prefix>/images/<source>/<YYYY>/<MM>/<DD>/<UTC time>.manifest.json``."""
+    backup_id, base = _stem(prefix, "images", source, started)
+    return backup_id, f"{base}{MANIFEST_SUFFIX}"
+
+
+Manifest = Annotated[Union[DbManifest, FilesManifest, ConfigManifest, VmManifest, ImagesManifest],
+                     Field(discriminator="component")]
 _ADAPTER: TypeAdapter[Manifest] = TypeAdapter(Manifest)
 
 

@@ -717,6 +717,48 @@ class VerifyStoredSettings(_Section):
     timeout_seconds: float = Field(12 * 3600, gt=0, description="the whole verify-stored run ends TimedOut after this")
 
 
+class ImageRegistry(_Section):
+    """A registry whose images are copied with skopeo (an OCI archive each), e.g. the one Coolify pushes to."""
+
+    address: str = Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]+)?$", description="host[:port] of the registry")
+    repositories: list[str] = Field(min_length=1, description="what to copy: repository:tag (or @sha256:digest)")
+    username: Secret | None = Field(None, description="reference to the user name (registries that require a login)")
+    password: Secret | None = Field(None, description="reference to the password or token")
+    tls_verify: bool = Field(True, description="verify the registry's certificate (false only for a plain-HTTP registry)")
+    ca_cert: Path | None = Field(None, description="PEM file of the CA the registry's certificate chains to")
+
+    @model_validator(mode="after")
+    def _login_complete(self) -> "ImageRegistry":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("an images registry needs both username and password, or neither")
+        return self
+
+
+class ImagesSettings(_Section):
+    """Container images: the exact images the platform's containers run, stored once each by image ID."""
+
+    hosts: list[str] = Field(default_factory=list, description="[hosts.NAME] running Docker, reached over SSH")
+    command: str = Field("docker", description="how the engine is called on the hosts (e.g. 'sudo docker', "
+                                               "'docker -H unix:///run/docker.sock', or 'podman')")
+    compose_projects: list[str] = Field(default_factory=list, description="only containers of these compose projects")
+    labels: list[str] = Field(default_factory=list, description="only containers with one of these labels "
+                                                                "('coolify.managed=true', or a key alone)")
+    names: list[str] = Field(default_factory=list, description="only containers whose name matches one of these globs")
+    exclude: list[str] = Field(default_factory=list, description="leave out containers whose name or image reference "
+                                                                 "matches one of these globs")
+    registries: dict[str, ImageRegistry] = Field(default_factory=dict)
+    compression: Literal["gzip", "zstd"] = "zstd"
+    level: int | None = Field(None, ge=1, le=22)
+    attempts: int = Field(3, ge=1, le=10, description="attempts of one image's save-to-storage stream on transient failures")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0])
+    retention_days: int = Field(90, ge=1, description="images backups are kept this long (like the configs they go with)")
+    timeout_seconds: float = Field(4 * 3600, gt=0, description="the whole images-backup run ends TimedOut after this")
+
+    @property
+    def effective_level(self) -> int:
+        return self.level or (3 if self.compression == "zstd" else 6)
+
+
 class DrTarget(_Section):
     """A copy of the backups at the DR site: a second bucket (or a directory), or a directory on a host over SSH."""
 
@@ -814,6 +856,7 @@ class Settings(BaseSettings):
     vm_backup: VmBackupSettings = Field(default_factory=VmBackupSettings)
     vm_restore: VmRestoreSettings = Field(default_factory=VmRestoreSettings)
     dr: DrSettings = Field(default_factory=DrSettings)
+    images: ImagesSettings = Field(default_factory=ImagesSettings)
     work_dir: Path = Field(
         Path("/var/lib/luxima-backup"),
         description="private scratch space: spools, the files mirror, restore staging (created 0700; one that is a "
@@ -852,6 +895,9 @@ class Settings(BaseSettings):
             for field in ("source_host", "target_host"):
                 if getattr(self.dr.vm, field) not in self.hosts:
                     raise ValueError(f"dr.vm.{field} = {getattr(self.dr.vm, field)!r} is not one of [hosts.*]: {sorted(self.hosts)}")
+        for name in self.images.hosts:
+            if name not in self.hosts:
+                raise ValueError(f"images.hosts names {name!r}, which has no [hosts.{name}]: {sorted(self.hosts)}")
         for name in self.configs.hosts:
             if name not in self.hosts:
                 raise ValueError(f"configs.hosts.{name} has no [hosts.{name}] saying how to reach it: {sorted(self.hosts)}")

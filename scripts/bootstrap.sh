@@ -15,6 +15,9 @@ command -v ssh-keygen >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v git >/dev/null || missing+=(git)
 [ -x /usr/lib/chromium/chromium ] || missing+=(chromium)   # the browser tests of the Prefect UI (Playwright drives it)
+[ -x /usr/sbin/dockerd ] || missing+=(docker.io)        # the tests' Docker host (images backups and restores)
+command -v skopeo >/dev/null || missing+=(skopeo)          # registry images (an OCI archive each)
+[ -x /usr/bin/docker-registry ] || missing+=(docker-registry)   # the tests' registry
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

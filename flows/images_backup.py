@@ -1,0 +1,219 @@
+"""The images backup flow (weekly, after the config backup): the exact images the platform's containers run.
+
+Per Docker host (``[images] hosts``, over SSH with strict host keys; an ``images-backup-host`` subflow):
+the containers (running and stopped) and the image each runs, by image ID, with its tags, repo digests and
+compose project/service. Every image ID not already stored is streamed ``docker save`` over SSH →
+compress → encrypt → upload (``images-backup-stream``, retried whole on transient errors), stored once by
+its ID under ``<prefix>/image-objects/`` (an image kept by many containers, hosts and weeks is one object),
+then read back and checked: decrypted, decompressed, its config hashing to the image ID. An image already
+stored is reused only when an authentic earlier manifest records it. The host's manifest, written last,
+maps containers → image ref, image ID → stored object. A host without containers is reported, not an error.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from luxima_backup import __version__, events, manifest, runtime
+from luxima_backup.compression import SUFFIX
+from luxima_backup.errors import BackupError, ConfigError, ObjectNotFound
+from luxima_backup.images import Container, chosen
+from luxima_backup.pipes import Link
+from luxima_backup.secrets import install_log_redaction, redact
+from luxima_backup.stages import run_linked
+from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from tasks.compress import compress
+from tasks.encrypt import encrypt
+from tasks.images import inventory, save_image, verify_image
+from tasks.log import log_run
+from tasks.upload import upload
+
+
+@flow(name="images-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False,
+      persist_result=False)
+def save_to_storage(host: str, image_id: str, object_key: str, binding: dict[str, str], attempt: int = 1) -> dict[str, Any]:
+    """One attempt at streaming an image to storage: docker save | compress | encrypt | upload."""
+    cfg = runtime.settings().images
+    links = saved, packed, sealed = Link("save→compress"), Link("compress→encrypt"), Link("encrypt→upload")
+
+    def submit(futures: list[Any]) -> None:
+        futures.append(save_image.submit(host, image_id, saved))
+        futures.append(compress.submit(saved, packed, cfg.compression, cfg.effective_level, 0))
+        futures.append(encrypt.submit(packed, sealed, "container image", binding))
+        futures.append(upload.submit(sealed, object_key))
+
+    s, c, e, u = run_linked(submit, list(links))
+    return {"save": s, "compress": c, "encrypt": e, "upload": u}
+
+
+def known_images(host: str) -> dict[str, manifest.StoredImage]:
+    """The images earlier authentic manifests record as stored (any host's): what may be reused without uploading."""
+    found: dict[str, manifest.StoredImage] = {}
+    cat = runtime.catalog("images")
+    for backup in cat.list_backups("images"):
+        if not backup.verified:
+            continue
+        doc = backup.manifest
+        assert isinstance(doc, manifest.ImagesManifest)
+        for img in doc.images:
+            found[img.image_id] = img
+    return found
+
+
+@flow(name="images-backup-host", validate_parameters=False, persist_result=False)
+def backup_host(host: str) -> dict[str, Any]:
+    """Back up the images one host's containers run: new ones stored and checked, known ones reused; the manifest last."""
+    settings = runtime.settings()
+    install_log_redaction()
+    logger = get_run_logger()
+    cfg = settings.images
+    started = datetime.now(timezone.utc)
+    prefix = settings.storage.prefix
+    backup_id, manifest_key = manifest.images_keys(prefix, host, started)
+    found = inventory(host)
+    containers, images = found["containers"], found["images"]
+    kept, skipped = [], []
+    for c in containers:
+        why = chosen(Container(**c), cfg.compose_projects, cfg.labels, cfg.names, cfg.exclude)
+        (skipped.append({"container": c["name"], "image": c["image_ref"], "why": why}) if why else kept.append(c))
+    known = known_images(host)
+    store = runtime.store(settings)
+    uploaded: list[str] = []
+    stored: list[manifest.StoredImage] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        for iid in sorted({c["image_id"] for c in kept}):
+            info = images.get(iid) or {"refs": [], "repo_digests": []}
+            key = manifest.image_key(prefix, iid, SUFFIX[cfg.compression])
+            previous = known.get(iid)
+            if previous is not None and previous.key == key and _present(store, key, previous.size_encrypted):
+                stored.append(previous.model_copy(update={"refs": info["refs"], "repo_digests": info["repo_digests"],
+                                                          "new": False}))
+                rows.append({"image": iid, "refs": ", ".join(info["refs"]), "action": "reused", "bytes": 0})
+                continue
+            bind = manifest.image_binding(backup_id, iid, key)
+            stream = stream_with_retries(save_to_storage, (host, iid, key, bind), cfg.attempts, cfg.retry_delay_seconds)
+            uploaded.append(key)
+            s, c, e, u = stream["save"], stream["compress"], stream["encrypt"], stream["upload"]
+            if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"] or s["sha256"] != c["plain_sha256"]:
+                raise BackupError(f"the bytes of {iid} differ between the stages (saved, compressed, encrypted, uploaded)")
+            checked = verify_image(key, iid, c["codec"], bind, {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
+                                                                "plain_sha256": c["plain_sha256"]})
+            stored.append(manifest.StoredImage(
+                key=key, compression=manifest.Compression(codec=c["codec"], level=c["level"]), size_encrypted=u["bytes"],
+                sha256_encrypted=u["sha256"], bound=e["bound"], image_id=iid, encryption=sealed_with(e),
+                size_plain=c["plain_bytes"], sha256_plain=c["plain_sha256"], refs=info["refs"],
+                repo_digests=info["repo_digests"], stored_by=backup_id, new=True))
+            rows.append({"image": iid, "refs": ", ".join(info["refs"]), "action": "stored", "bytes": u["bytes"],
+                         "layers": checked["layers"]})
+            logger.info("%s: stored %s (%s) as %s, %d bytes", host, iid[:19], ", ".join(info["refs"]) or "untagged", key, u["bytes"])
+        finished = datetime.now(timezone.utc)
+        document = manifest.ImagesManifest(
+            backup_id=backup_id, status="verified", started_at=started, completed_at=finished,
+            recovery_key_id=runtime.recovery_key_id(settings),
+            source=manifest.ImagesSource(name=host, kind="docker", address=settings.hosts[host].host),
+            tool={"luxima_backup": __version__, "engine": cfg.command}, images=stored,
+            containers=[manifest.ContainerImage(name=c["name"], id=c["id"], state=c["state"], image_ref=c["image_ref"],
+                                                image_id=c["image_id"], compose_project=c["labels"].get("com.docker.compose.project"),
+                                                compose_service=c["labels"].get("com.docker.compose.service")) for c in kept],
+            skipped=skipped, retention_days=cfg.retention_days,
+            verification={"verified_at": finished.isoformat(), "images_checked": sum(r["action"] == "stored" for r in rows)},
+            timings={"total": round((finished - started).total_seconds(), 3)},
+            flow_run_id=str(flow_run.id) if flow_run.id else None,
+        )
+        save_manifest(manifest_key, document)
+    except BaseException as exc:
+        if events.is_verification_failure(exc):
+            events.verification_failed("backup", "images", host, str(exc), backup_id=backup_id)
+        discard(uploaded, logger, store, manifest_key=manifest_key)
+        raise
+    if not containers:
+        logger.warning("%s has no containers: nothing to back up (recorded as an empty backup)", host)
+    return {"backup_id": backup_id, "manifest_key": manifest_key, "containers": len(kept), "skipped": skipped,
+            "images": rows, "new": sum(r["action"] == "stored" for r in rows),
+            "reused": sum(r["action"] == "reused" for r in rows),
+            "bytes": sum(r["bytes"] for r in rows), "no_containers": not containers}
+
+
+def _present(store: Any, key: str, size: int) -> bool:
+    """An earlier manifest's image object is still there, whole (its recorded size)."""
+    try:
+        return store.stat(key).size == size
+    except ObjectNotFound:
+        return False
+
+
+@flow(name="images-backup", validate_parameters=True, persist_result=True)
+def images_backup(hosts: list[str] | None = None) -> dict[str, Any]:
+    """Back up the images the containers of the Docker hosts run (images.hosts), each image stored once by its ID.
+
+    Args:
+        hosts: which of images.hosts (default: all of them).
+    """
+    with runtime.time_limit(lambda s: s.images.timeout_seconds, "images-backup"):
+        settings = runtime.settings()
+        install_log_redaction()
+        names = list(hosts or settings.images.hosts)
+        if not names:
+            raise ConfigError("no Docker hosts configured", hint="add images.hosts = ['NAME'] naming [hosts.NAME] sections")
+        unknown = [n for n in names if n not in settings.images.hosts]
+        if unknown:
+            raise ConfigError(f"{unknown} not in images.hosts", hint=f"configured: {settings.images.hosts}")
+        started, t0 = datetime.now(timezone.utc), time.monotonic()
+        results: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+        for n in names:  # one host failing does not stop the others
+            result, exc = outcome(backup_host(n, return_state=True))
+            if exc is None:
+                results[n] = result
+            else:
+                failures[n] = exc
+            _record(settings, n, result, exc, started)
+        _publish(names, results, failures, time.monotonic() - t0)
+        if failures:
+            first = next(iter(failures.values()))
+            cls = type(first) if isinstance(first, BackupError) else BackupError
+            raise cls("images backup failed: " + "; ".join(f"{n}: {redact(str(e))}" for n, e in failures.items()))
+        return {"hosts": results}
+
+
+def _record(settings: Any, host: str, result: dict[str, Any] | None, failure: BaseException | None, started: datetime) -> None:
+    run_id = str(flow_run.id) if flow_run.id else None
+    if settings.log.enabled:
+        details = {k: result[k] for k in ("images", "skipped", "new", "reused", "containers")} if result else {}
+        logged(log_run, "finish", "backup", "images", host, host, "failed" if failure else "success", started,
+               result["backup_id"] if result else None, result["manifest_key"] if result else None, run_id,
+               redact(f"{type(failure).__name__}: {failure}") if failure else None, details,
+               {"size_encrypted": result["bytes"]} if result else {})
+    if result is not None:
+        events.backup_succeeded("images", host, result["backup_id"], new=result["new"], reused=result["reused"])
+
+
+def _publish(names: list[str], results: dict[str, Any], failures: dict[str, BaseException], seconds: float) -> None:
+    table = []
+    for n in names:
+        r = results.get(n)
+        if r is None:
+            table.append({"host": n, "image": "", "refs": "", "action": f"FAILED: {redact(str(failures.get(n)))[:300]}", "bytes": 0})
+            continue
+        if r["no_containers"]:
+            table.append({"host": n, "image": "", "refs": "", "action": "no containers on this host", "bytes": 0})
+        table += [{"host": n, **{k: row.get(k) for k in ("image", "refs", "action", "bytes")}} for row in r["images"]]
+        table += [{"host": n, "image": "", "refs": s["image"], "action": f"skipped {s['container']}: {s['why']}", "bytes": 0}
+                  for s in r["skipped"]]
+    create_table_artifact(key="images-backup", table=table, description="Images stored, reused and skipped")
+    lines = [f"## Images backup of {len(names)} host(s) in {seconds:.1f}s", "",
+             "| host | result | containers | new | reused | bytes stored |", "|---|---|---:|---:|---:|---:|"]
+    for n in names:
+        r = results.get(n)
+        lines.append(f"| {n} | FAILED: {redact(str(failures.get(n)))[:200]} | | | | |" if r is None else
+                     f"| {n} | `{r['backup_id']}`{' (no containers)' if r['no_containers'] else ''} | {r['containers']} | "
+                     f"{r['new']} | {r['reused']} | {r['bytes']} |")
+    create_markdown_artifact(key="images-backup-summary", markdown="\n".join(lines), description="Images backup")

@@ -1,0 +1,175 @@
+"""images-backup and images-restore end to end: a real Docker engine (Debian's dockerd, private socket) reached over
+the test sshd with strict host keys, images built here from small root filesystems, the S3 server, a Prefect server."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from devkit.sandbox import DockerDaemon, SshServer
+from tests.conftest import file_keys
+from tests.helpers import error_of, log_rows, s3_keys
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = SshServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dockerd() -> Iterator[DockerDaemon]:
+    daemon = DockerDaemon().start()
+    yield daemon
+    daemon.stop()
+
+
+def build_image(docker: DockerDaemon, ref: str, size: int = 200_000) -> str:
+    """An image made from a small root filesystem of its own (unique content), tagged ``ref``; its image ID."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("etc/release", f"{ref} {uuid.uuid4()}\n".encode()), ("app/blob", uuid.uuid4().bytes * (size // 16))):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return docker.docker("import", "-", ref, input=buf.getvalue()).decode().strip()
+
+
+def container(docker: DockerDaemon, name: str, ref: str, project: str | None = None) -> None:
+    labels = ["-l", f"com.docker.compose.project={project}", "-l", f"com.docker.compose.service={name}"] if project else []
+    docker.docker("create", "--name", name, *labels, ref, "/app/run")
+
+
+def host_toml(name: str, sshd: SshServer, known: Path) -> str:
+    return textwrap.dedent(f"""
+        [hosts.{name}]
+        host = "127.0.0.1"
+        port = {sshd.port}
+        user = "{sshd.user}"
+        key = "file:{sshd.client_key}"
+        known_hosts = "{known}"
+        connect_timeout = 5
+        """)
+
+
+@pytest.fixture
+def env(prefect_server: Any, write_settings: Any, database: str, bucket: str, key_file: Path, sshd: SshServer,
+        dockerd: DockerDaemon, tmp_path: Path, s3_server: Any, pg_cluster: Any) -> dict[str, Any]:
+    for cid in dockerd.docker("ps", "-aq").split():  # each test starts from a host without containers or images
+        dockerd.docker("rm", "-f", cid.decode())
+    for iid in set(dockerd.docker("images", "-q").split()):
+        dockerd.docker("rmi", "-f", iid.decode())
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts_line)
+
+    def settings(extra: str = "", images: str = "") -> Path:
+        return write_settings(database, bucket, file_keys(key_file), host_toml("docker1", sshd, known) + textwrap.dedent(f"""
+            [images]
+            hosts = ["docker1"]
+            command = "{dockerd.command}"
+            attempts = 1
+            """) + textwrap.dedent(images) + textwrap.dedent(extra))
+
+    settings()
+    return {"settings": settings, "docker": dockerd, "s3": s3_server, "bucket": bucket, "known": known, "tmp": tmp_path,
+            "cluster": pg_cluster, "database": database, "sshd": sshd}
+
+
+def backup(**params: Any) -> Any:
+    from flows.images_backup import images_backup
+
+    return images_backup(**params, return_state=True)
+
+
+def restore(**params: Any) -> Any:
+    from flows.images_restore import images_restore
+
+    return images_restore(**params, return_state=True)
+
+
+def image_objects(env: dict[str, Any]) -> list[str]:
+    return [k for k in s3_keys(env["s3"], env["bucket"]) if "/image-objects/" in k]
+
+
+def test_images_are_stored_once_by_id_reused_next_week_and_stored_again_when_a_tag_moves(env: dict[str, Any]) -> None:
+    docker = env["docker"]
+    api = build_image(docker, "luxima/api:1")
+    web = build_image(docker, "luxima/web:latest")
+    container(docker, "api-1", "luxima/api:1", "app")
+    container(docker, "api-2", "luxima/api:1", "app")  # two containers, one image: stored once
+    container(docker, "web", "luxima/web:latest", "app")
+
+    state = backup()
+    assert state.is_completed(), state.message
+    host = state.result()["hosts"]["docker1"]
+    assert (host["containers"], host["new"], host["reused"]) == (3, 2, 0)
+    objects = image_objects(env)
+    assert sorted(o.rsplit("/", 1)[1].split(".")[0] for o in objects) == sorted(i.split(":")[1] for i in (api, web))
+    doc = json.loads(env["s3"].client().get_object(Bucket=env["bucket"], Key=host["manifest_key"])["Body"].read())
+    by_name = {c["name"]: c for c in doc["containers"]}
+    assert by_name["api-1"]["image_id"] == by_name["api-2"]["image_id"] == api
+    assert by_name["web"]["image_ref"] == "luxima/web:latest" and by_name["web"]["compose_project"] == "app"
+    stored = {i["image_id"]: i for i in doc["images"]}
+    assert stored[api]["refs"] == ["luxima/api:1"] and stored[api]["new"] and doc["mac"]
+    for obj in objects:  # encrypted: no tar header, no file content in the clear
+        body = env["s3"].client().get_object(Bucket=env["bucket"], Key=obj)["Body"].read()
+        assert body.startswith(b"\x89LXB") and b"luxima/api" not in body and b"manifest.json" not in body
+
+    # the next week, nothing new: nothing uploaded, the images reused from the earlier manifest
+    state = backup()
+    assert state.is_completed(), state.message
+    again = state.result()["hosts"]["docker1"]
+    assert (again["new"], again["reused"], again["bytes"]) == (0, 2, 0)
+    assert image_objects(env) == objects
+
+    # a new image under the same tag (a moved :latest): stored again; the old one stays for the older backups
+    web2 = build_image(docker, "luxima/web:latest")
+    docker.docker("rm", "-f", "web")
+    container(docker, "web", "luxima/web:latest", "app")
+    state = backup()
+    assert state.is_completed(), state.message
+    third = state.result()["hosts"]["docker1"]
+    assert (third["new"], third["reused"]) == (1, 1) and web2 != web
+    assert len(image_objects(env)) == 3
+    rows = [r for r in log_rows(env["cluster"], env["database"]) if r["component"] == "images"]
+    assert [r["status"] for r in rows] == ["success"] * 3 and rows[-1]["details"]["new"] == 1
+
+
+def test_a_host_without_containers_is_reported_not_an_error(env: dict[str, Any]) -> None:
+    state = backup()
+    assert state.is_completed(), state.message
+    host = state.result()["hosts"]["docker1"]
+    assert host["no_containers"] and host["containers"] == 0 and image_objects(env) == []
+
+
+def test_a_filtered_backup_and_an_unknown_host_key_refused(env: dict[str, Any]) -> None:
+    docker = env["docker"]
+    build_image(docker, "luxima/api:1")
+    build_image(docker, "other/tool:3")
+    container(docker, "api", "luxima/api:1", "app")
+    container(docker, "tool", "other/tool:3")
+    env["settings"](images='compose_projects = ["app"]\n')
+    state = backup()
+    assert state.is_completed(), state.message
+    host = state.result()["hosts"]["docker1"]
+    assert host["containers"] == 1 and host["skipped"] == [
+        {"container": "tool", "image": "other/tool:3", "why": "not in compose projects ['app']"}]
+
+    import subprocess
+
+    other = env["tmp"] / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    env["known"].write_text(f"[127.0.0.1]:{env['sshd'].port} " + (other.parent / "other_host_key.pub").read_text())
+    state = backup()
+    assert state.is_failed()
+    assert "host key" in str(error_of(state)).lower()
