@@ -109,20 +109,25 @@ def _read_all(f: Any) -> bytes:
 
 def check_stored_image(key: str, image_id: str, codec: str, binding: dict[str, str] | None,
                        expected: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a stored image back whole: every chunk authenticated, its header naming this object, the archive's config
-    hashing to ``image_id``; with ``expected`` (what the upload measured) the sizes and sha256s too."""
-    settings = runtime.settings()
-    store = runtime.store(settings)
+    """Read a stored image back whole from storage and check it (``check_image_object``)."""
+    with runtime.store().load(key) as body:
+        return check_image_object(body, key, image_id, codec, binding, expected)
+
+
+def check_image_object(body: Any, key: str, image_id: str, codec: str, binding: dict[str, str] | None,
+                       expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An image object read whole (from storage, or a downloaded copy): every chunk authenticated, its header naming
+    this object, the archive's config hashing to ``image_id``; with ``expected`` (what the upload measured, or the
+    manifest) the sizes and sha256s too."""
     sealed, plain = Meter(), Meter()
-    with store.load(key) as body:
-        reader = DecryptingReader(MeteredReader(body, sealed), runtime.key_provider(settings).unwrap,  # type: ignore[arg-type]
-                                  expect=binding, where=key)
-        archive = MeteredReader(DecompressingReader(reader, codec), plain)
-        try:
-            result = check_image_archive(archive, image_id)  # type: ignore[arg-type]
-        except IntegrityError as exc:
-            raise VerificationError(f"{key}: {exc}") from None
-        drain(archive)
+    reader = DecryptingReader(MeteredReader(body, sealed), runtime.key_provider().unwrap,  # type: ignore[arg-type]
+                              expect=binding, where=key)
+    archive = MeteredReader(DecompressingReader(reader, codec), plain)
+    try:
+        result = check_image_archive(archive, image_id)  # type: ignore[arg-type]
+    except IntegrityError as exc:
+        raise VerificationError(f"{key}: {exc}") from None
+    drain(archive)
     result.update(size=sealed.size, sha256=sealed.hexdigest, plain_bytes=plain.size, plain_sha256=plain.hexdigest)
     if expected is not None:
         for what, got, want in (("stored size", sealed.size, expected["encrypted_bytes"]),

@@ -173,3 +173,58 @@ def test_a_filtered_backup_and_an_unknown_host_key_refused(env: dict[str, Any]) 
     state = backup()
     assert state.is_failed()
     assert "host key" in str(error_of(state)).lower()
+
+
+@pytest.fixture(scope="module")
+def dockerd2() -> Iterator[DockerDaemon]:
+    """A second, empty engine: the rebuilt host."""
+    daemon = DockerDaemon().start()
+    yield daemon
+    daemon.stop()
+
+
+def test_restore_onto_an_empty_host_loads_checked_images_with_their_tags_and_refuses_a_tampered_one(
+    env: dict[str, Any], dockerd2: DockerDaemon,
+) -> None:
+    docker = env["docker"]
+    api = build_image(docker, "luxima/api:1")
+    web = build_image(docker, "luxima/web:latest")
+    container(docker, "api", "luxima/api:1", "app")
+    container(docker, "web", "luxima/web:latest", "site")
+    state = backup()
+    assert state.is_completed(), state.message
+    for cid in dockerd2.docker("ps", "-aq").split():
+        dockerd2.docker("rm", "-f", cid.decode())
+    for iid in set(dockerd2.docker("images", "-q").split()):
+        dockerd2.docker("rmi", "-f", iid.decode())
+    # the new host: another [hosts.NAME] (the same sshd here), with its own engine (images.command names its socket)
+    config = env["settings"](extra=host_toml("docker2", env["sshd"], env["known"]))
+    config.write_text(config.read_text().replace(docker.command, dockerd2.command))
+
+    # one compose project only
+    state = restore(host="docker1", target_host="docker2", compose_projects=["app"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert [(r["image"], r["action"]) for r in result["images"]] == [(api, "loaded")]
+    assert dockerd2.docker("image", "inspect", "--format", "{{.Id}}", "luxima/api:1").decode().strip() == api
+    assert b"luxima/web" not in dockerd2.docker("images")
+
+    # a stored image altered in storage (one byte): refused before docker load; nothing of it on the host
+    client = env["s3"].client()
+    [web_key] = [k for k in image_objects(env) if web.split(":")[1] in k]
+    body = bytearray(client.get_object(Bucket=env["bucket"], Key=web_key)["Body"].read())
+    body[len(body) // 2] ^= 1
+    client.put_object(Bucket=env["bucket"], Key=web_key, Body=bytes(body))
+    state = restore(host="docker1", target_host="docker2", refs=["luxima/web:latest"])
+    assert state.is_failed()
+    assert "sha256" in str(error_of(state)) or "authentic" in str(error_of(state)).lower()
+    assert b"luxima/web" not in dockerd2.docker("images")
+
+    # a tag that names another image on the target: moved only with confirm
+    build_image(dockerd2, "luxima/api:1")  # someone rebuilt api:1 there
+    state = restore(host="docker1", target_host="docker2", refs=["luxima/api:1"])
+    exc = error_of(state)
+    assert state.is_failed() and "name other images now" in str(exc) and "confirm = 'docker2'" in str(exc.hint)
+    state = restore(host="docker1", target_host="docker2", refs=["luxima/api:1"], confirm="docker2")
+    assert state.is_completed(), state.message
+    assert dockerd2.docker("image", "inspect", "--format", "{{.Id}}", "luxima/api:1").decode().strip() == api
