@@ -21,9 +21,9 @@ from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction
 from flows.common import logged
 from tasks.log import log_run
-from tasks.prune import prune_target, sweep
+from tasks.prune import image_gc, prune_target, sweep
 
-COMPONENTS = ("db", "files", "configs")
+COMPONENTS = ("db", "files", "configs", "images")
 
 
 def targets(component: str) -> tuple[list[str], list[str]]:
@@ -41,7 +41,7 @@ def prune(dry_run: bool = False, force: bool = False, components: list[str] | No
     Args:
         dry_run: only show what would be removed (the same table), remove nothing.
         force: allow removing more than retention.max_delete_percent of a target's backups in one run.
-        components: db, files, configs (default: all).
+        components: db, files, configs, images (default: all).
     """
     with runtime.time_limit(lambda s: s.retention.timeout_seconds, "prune"):
         settings = runtime.settings()
@@ -66,6 +66,8 @@ def prune(dry_run: bool = False, force: bool = False, components: list[str] | No
                 if not dry_run:
                     _log(settings, "prune", component, name, started, result, t0)
             swept = sweep(component, dry_run)
+            if component == "images":  # shared image objects: by reference counting
+                swept += image_gc(dry_run)
             rows += swept
             results[f"{component}/(sweep)"] = {"rows": swept, "removed": sum(r["action"] in ("removed", "aborted") for r in swept)}
             if not dry_run and swept:

@@ -928,7 +928,7 @@ class Settings(BaseSettings):
     def retention_policy(self, component: str, target: str) -> RetentionPolicy:
         """The policy of one target: its own, its component's, or the component's retention_days."""
         days = {"db": self.db_backup.retention_days, "files": self.files_backup.retention_days,
-                "configs": self.configs.retention_days}.get(component)
+                "configs": self.configs.retention_days, "images": self.images.retention_days}.get(component)
         policy = self.retention.policies.get(f"{component}/{target}") or self.retention.policies.get(component)
         if policy is None:
             return RetentionPolicy(keep_days=days)

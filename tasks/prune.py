@@ -98,7 +98,8 @@ def prune_target(component: str, target: str, dry_run: bool, force: bool, site: 
 
 def _remove(store: ObjectStore, backup: catalog.Backup, why: str) -> tuple[str, str]:
     """Manifest first, then the backup's own objects; what is locked is not attempted."""
-    keys = [backup.manifest_key, *backup.entry.objects]
+    # an images backup's objects are shared (stored once by image ID): they go only when no kept backup names them
+    keys = [backup.manifest_key] if backup.component == "images" else [backup.manifest_key, *backup.entry.objects]
     try:
         locked = [(k, until) for k in keys for until in [_locked(store, k)] if until is not None]
         if locked:
@@ -156,4 +157,66 @@ def sweep(component: str, dry_run: bool, site: str | None = None) -> list[dict[s
                 row["action"], row["why"] = "abort failed", f"{type(exc).__name__}: {exc}"
         rows.append(row)
     get_run_logger().info("sweep of %s: %d leftover(s)", base, len(rows))
+    return rows
+
+
+_GC_STATE = "gc-state.json"
+
+
+@task(name="image-objects-gc", cache_policy=NO_CACHE, persist_result=False)
+def image_gc(dry_run: bool) -> list[dict[str, Any]]:
+    """Image objects no kept images backup names, removed by reference counting.
+
+    An object is removed only when it was already unreferenced at an earlier run more than the grace period ago and
+    still is (the first sighting is recorded in ``image-objects/gc-state.json``): an images backup that decided to
+    reuse it meanwhile (its manifest not yet written) names it again before that, as long as no backup runs longer
+    than the grace period (the rule the sweep has too).
+    """
+    import json
+
+    settings = runtime.settings()
+    store, prefix = location("images")
+    cat = runtime.catalog("images", settings)
+    cat.refresh("images")
+    referenced = {key for b in cat.list_backups("images") for key in b.entry.objects}
+    if any(isinstance(u, catalog.Unreadable) for u in cat.iter_backups("images")):
+        get_run_logger().warning("image objects are not collected: some images manifests cannot be read (what they name "
+                                 "is unknown); see `luxima-backup list --component images`")
+        return []
+    base = f"{prefix}/{manifest.IMAGE_FOLDER}/"
+    state_key = base + _GC_STATE
+    try:
+        with store.load(state_key) as body:
+            seen: dict[str, str] = json.loads(body.read())
+    except (ObjectNotFound, ValueError):
+        seen = {}
+    now = datetime.now(timezone.utc)
+    grace = timedelta(hours=settings.retention.grace_hours)
+    rows, still = [], {}
+    for o in store.list(base):
+        if o.key == state_key or o.key in referenced:
+            continue
+        first = datetime.fromisoformat(seen[o.key]) if o.key in seen else now
+        young = o.last_modified is not None and now - o.last_modified < grace
+        if now - first < grace or young:
+            still[o.key] = first.isoformat()  # unreferenced since then: removed once it stays so past the grace period
+            continue
+        row = {"target": "images/(objects)", "backup": o.key, "age": _age(now, first),
+               "action": "would remove" if dry_run else "removed", "why": "no kept images backup names it"}
+        if not dry_run:
+            try:
+                until = _locked(store, o.key)
+                if until is not None:
+                    row["action"], row["why"] = "locked", f"{row['why']}; under object lock until {until.isoformat()}"
+                    still[o.key] = first.isoformat()
+                else:
+                    store.purge(o.key)
+            except Exception as exc:
+                row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
+                still[o.key] = first.isoformat()
+        rows.append(row)
+    if not dry_run:
+        store.save_bytes(state_key, json.dumps(still, indent=1, sort_keys=True).encode(), "application/json")
+    get_run_logger().info("image objects: %d referenced, %d unreferenced waiting out the grace period, %d %s",
+                          len(referenced), len(still), len(rows), "would be removed" if dry_run else "removed")
     return rows

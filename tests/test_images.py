@@ -228,3 +228,38 @@ def test_restore_onto_an_empty_host_loads_checked_images_with_their_tags_and_ref
     state = restore(host="docker1", target_host="docker2", refs=["luxima/api:1"], confirm="docker2")
     assert state.is_completed(), state.message
     assert dockerd2.docker("image", "inspect", "--format", "{{.Id}}", "luxima/api:1").decode().strip() == api
+
+
+def test_the_prune_removes_an_image_object_only_when_no_kept_backup_names_it(env: dict[str, Any]) -> None:
+    """keep_last = 1: the older backups go; the image only they named goes once it stayed unreferenced past the grace
+    period (two prunes); the image the kept backup shares with them stays."""
+    import time
+
+    from flows.prune import prune
+
+    docker = env["docker"]
+    api = build_image(docker, "luxima/api:1")
+    old_web = build_image(docker, "luxima/web:latest")
+    container(docker, "api", "luxima/api:1", "app")
+    container(docker, "web", "luxima/web:latest", "app")
+    assert backup().is_completed()
+    new_web = build_image(docker, "luxima/web:latest")  # the tag moved
+    docker.docker("rm", "-f", "web")
+    container(docker, "web", "luxima/web:latest", "app")
+    time.sleep(1.1)  # backup ids are by the second
+    assert backup().is_completed()
+    env["settings"](extra="[retention]\ngrace_hours = 0.0005\n[retention.policies.images]\nkeep_last = 1\n")
+    assert {k.rsplit("/", 1)[1].split(".")[0] for k in image_objects(env)} == {i.split(":")[1] for i in (api, old_web, new_web)}
+
+    first = prune(components=["images"])
+    assert first["targets"]["images/docker1"]["removed"] == 1
+    assert len(image_objects(env)) == 4  # three images and the collector's record: old_web is only marked
+    time.sleep(2.5)
+    prune(components=["images"])
+    left = {k.rsplit("/", 1)[1].split(".")[0] for k in image_objects(env) if not k.endswith("gc-state.json")}
+    assert left == {api.split(":")[1], new_web.split(":")[1]}
+    # what is kept still restores: its objects are all there
+    from luxima_backup import runtime
+
+    [kept] = runtime.catalog("images").list_backups("images", "docker1")
+    assert {i.image_id for i in kept.manifest.images} == {api, new_web}  # type: ignore[union-attr]
