@@ -178,6 +178,37 @@ def backup_vms(
     _run_flow("flows.vm_backup", "vm_backup", ("backup", "vm"), guests=guest or None)
 
 
+@backup_app.command("images")
+def backup_images(
+    host: list[str] = typer.Option([], help="one of images.hosts (repeatable; default: all)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Back up the images the containers of the Docker hosts run, each stored once by image ID (the images-backup flow)."""
+    _use_config(config)
+    _run_flow("flows.images_backup", "images_backup", ("backup", "images"), hosts=host or None)
+
+
+@restore_app.command("images")
+def restore_images(
+    host: str = typer.Argument(..., help="the host whose images backup to restore"),
+    backup: str = typer.Option("latest", help="latest (newest verified), a backup id, or a manifest key"),
+    as_of: Optional[datetime] = typer.Option(None, help="with latest: newest verified backup completed by this time (ISO 8601)"),
+    target_host: Optional[str] = typer.Option(None, help="the [hosts.NAME] to load them on (default: HOST)"),
+    container: list[str] = typer.Option([], help="only the image of this container (repeatable)"),
+    compose_project: list[str] = typer.Option([], help="only the images of this compose project (repeatable)"),
+    ref: list[str] = typer.Option([], help="only this image reference, repo:tag (repeatable)"),
+    confirm: Optional[str] = typer.Option(None, help="the target host's name: move tags that name other images there"),
+    recovery_key: Optional[Path] = RecoveryKeyOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Load a host's backed-up images onto it or a new host, each checked against its ID first, tags put back."""
+    _use_config(config)
+    _break_glass(recovery_key)
+    _run_flow("flows.images_restore", "images_restore", ("restore", "images"), host=host, backup=backup, as_of=as_of,
+              target_host=target_host, containers=container or None, compose_projects=compose_project or None,
+              refs=ref or None, confirm=confirm)
+
+
 @restore_app.command("configs")
 def restore_configs(
     host: str = typer.Argument(..., help="the [configs.hosts.NAME] to restore"),
@@ -460,7 +491,7 @@ def restore_db(
 
 @app.command("list")
 def list_cmd(
-    component: str = typer.Option("db", help="db, files, configs or vm"),
+    component: str = typer.Option("db", help="db, files, configs, vm or images"),
     source: Optional[str] = typer.Option(None, help="only backups of this source (for db: the NAME of a [databases.NAME] section)"),
     as_json: bool = typer.Option(False, "--json", help="print the manifests' summaries as JSON"),
     config: Optional[Path] = ConfigOpt,
@@ -491,7 +522,7 @@ def list_cmd(
 @app.command("show")
 def show_cmd(
     backup: str = typer.Argument(..., help="a backup id, an object key, or latest"),
-    component: str = typer.Option("db", help="db, files, configs or vm"),
+    component: str = typer.Option("db", help="db, files, configs, vm or images"),
     source: Optional[str] = typer.Option(None, help="with latest: which source"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:

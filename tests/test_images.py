@@ -144,6 +144,16 @@ def test_images_are_stored_once_by_id_reused_next_week_and_stored_again_when_a_t
     rows = [r for r in log_rows(env["cluster"], env["database"]) if r["component"] == "images"]
     assert [r["status"] for r in rows] == ["success"] * 3 and rows[-1]["details"]["new"] == 1
 
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    listed = CliRunner().invoke(app, ["list", "--component", "images", "--json"])
+    assert listed.exit_code == 0, listed.output
+    found = json.loads(listed.stdout)
+    assert [b["backup_id"] for b in found] == [host["backup_id"], again["backup_id"], third["backup_id"]]
+    assert found[-1]["type"] == "2 image(s)" and found[-1]["object_key"] == "3 container(s)"
+
 
 def test_a_host_without_containers_is_reported_not_an_error(env: dict[str, Any]) -> None:
     state = backup()

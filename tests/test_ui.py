@@ -82,7 +82,7 @@ def test_deployments_page_lists_every_deployment_with_its_schedule_in_jakarta_ti
             wanted = {"0 3 * * *": "At 03:00 AM every day", "0 4 * * *": "At 04:00 AM every day",
                       "0 6 * * *": "At 06:00 AM every day", "0 2 * * 0": "At 02:00 AM, only on Sunday",
                       "0 1 * * 0": "At 01:00 AM, only on Sunday", "0 * * * *": "Every hour every day",
-                      "0 5 * * 6": "At 05:00 AM, only on Saturday", "0 7 * * *": "At 07:00 AM every day",
+                      "0 5 * * 6": "At 05:00 AM, only on Saturday", "0 7 * * *": "At 07:00 AM every day", "0 3 * * 0": "At 03:00 AM, only on Sunday",
                       "0 2 1 1,7 *": "At 02:00 AM on day 1 of the month, only in January and July"}[schedule.cron]
             badge = row.first.get_by_text(wanted)
             if not badge.is_visible():  # too long for the column: the UI shows "+1" and lists it in a tooltip, without
