@@ -402,3 +402,50 @@ class DockerDaemon:
         stop_group(self.proc, 20)
         _unmount_under(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class DockerRegistry:
+    """Debian's docker-registry (the CNCF distribution registry) on 127.0.0.1, over plain HTTP; with ``user`` and
+    ``password`` it requires a login (htpasswd, bcrypt)."""
+
+    def __init__(self, user: str | None = None, password: str | None = None, port: int | None = None):
+        self.user, self.password = user, password
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="luxima-registry-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "DockerRegistry":
+        auth = ""
+        if self.user is not None and self.password is not None:
+            import bcrypt
+
+            (self.root / "htpasswd").write_text(f"{self.user}:{bcrypt.hashpw(self.password.encode(), bcrypt.gensalt()).decode()}\n")
+            auth = f"auth:\n  htpasswd:\n    realm: luxima-test\n    path: {self.root / 'htpasswd'}\n"
+        (self.root / "config.yml").write_text(
+            f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n"
+            f"http:\n  addr: {self.address}\n{auth}")
+        registry = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+        self.proc = _spawn([registry, "serve", str(self.root / "config.yml")], self.root / "registry.log", self.root,
+                           "docker-registry")
+
+        def ready() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(ready, 30, "docker-registry", self.proc, self.root / "registry.log")
+        return self
+
+    def push(self, archive: Path, ref: str) -> None:
+        """Put a ``docker save`` archive into the registry as ``ref`` (repository:tag), with skopeo."""
+        creds = [f"--dest-creds={self.user}:{self.password}"] if self.user else []
+        done = subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *creds, f"docker-archive:{archive}",
+                               f"docker://{self.address}/{ref}"], capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"pushing {ref} failed: {done.stderr.decode(errors='replace')[-1000:]}")
+
+    def stop(self) -> None:
+        _terminate(self.proc, self.root, 10)

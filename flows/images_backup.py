@@ -33,18 +33,22 @@ from tasks.compress import compress
 from tasks.encrypt import encrypt
 from tasks.images import inventory, save_image, verify_image
 from tasks.log import log_run
+from tasks.registry import copy_from_registry, resolve
 from tasks.upload import upload
 
 
 @flow(name="images-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False,
       persist_result=False)
-def save_to_storage(host: str, image_id: str, object_key: str, binding: dict[str, str], attempt: int = 1) -> dict[str, Any]:
-    """One attempt at streaming an image to storage: docker save | compress | encrypt | upload."""
+def save_to_storage(kind: str, source: str, item: str, object_key: str, binding: dict[str, str],
+                    attempt: int = 1) -> dict[str, Any]:
+    """One attempt at streaming an image to storage: docker save on a host (``item``: the image ID), or skopeo copy from
+    a registry (``item``: the reference) | compress | encrypt | upload."""
     cfg = runtime.settings().images
     links = saved, packed, sealed = Link("save→compress"), Link("compress→encrypt"), Link("encrypt→upload")
 
     def submit(futures: list[Any]) -> None:
-        futures.append(save_image.submit(host, image_id, saved))
+        futures.append(save_image.submit(source, item, saved) if kind == "docker" else
+                       copy_from_registry.submit(source, item, saved))
         futures.append(compress.submit(saved, packed, cfg.compression, cfg.effective_level, 0))
         futures.append(encrypt.submit(packed, sealed, "container image", binding))
         futures.append(upload.submit(sealed, object_key))
@@ -53,7 +57,7 @@ def save_to_storage(host: str, image_id: str, object_key: str, binding: dict[str
     return {"save": s, "compress": c, "encrypt": e, "upload": u}
 
 
-def known_images(host: str) -> dict[str, manifest.StoredImage]:
+def known_images() -> dict[str, manifest.StoredImage]:
     """The images earlier authentic manifests record as stored (any host's): what may be reused without uploading."""
     found: dict[str, manifest.StoredImage] = {}
     cat = runtime.catalog("images")
@@ -65,6 +69,83 @@ def known_images(host: str) -> dict[str, manifest.StoredImage]:
         for img in doc.images:
             found[img.image_id] = img
     return found
+
+
+def store_images(kind: str, source: str, backup_id: str, wanted: list[tuple[str, list[str], list[str], str]],
+                 uploaded: list[str]) -> tuple[list[manifest.StoredImage], list[dict[str, Any]]]:
+    """Each image of ``wanted`` (image ID, tags, repo digests, what to save it by): reused when an earlier authentic
+    manifest records it and its object is whole, else streamed to storage and read back (keys added to ``uploaded``)."""
+    settings = runtime.settings()
+    cfg = settings.images
+    logger = get_run_logger()
+    store = runtime.store(settings)
+    known = known_images()
+    stored: list[manifest.StoredImage] = []
+    rows: list[dict[str, Any]] = []
+    for iid, refs, digests, item in wanted:
+        key = manifest.image_key(settings.storage.prefix, iid, SUFFIX[cfg.compression])
+        previous = known.get(iid)
+        if previous is not None and previous.key == key and _present(store, key, previous.size_encrypted):
+            stored.append(previous.model_copy(update={"refs": refs, "repo_digests": digests, "new": False}))
+            rows.append({"image": iid, "refs": ", ".join(refs), "action": "reused", "bytes": 0})
+            continue
+        bind = manifest.image_binding(backup_id, iid, key)
+        stream = stream_with_retries(save_to_storage, (kind, source, item, key, bind), cfg.attempts, cfg.retry_delay_seconds)
+        uploaded.append(key)
+        sv, c, e, u = stream["save"], stream["compress"], stream["encrypt"], stream["upload"]
+        if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"] or sv["sha256"] != c["plain_sha256"]:
+            raise BackupError(f"the bytes of {iid} differ between the stages (saved, compressed, encrypted, uploaded)")
+        checked = verify_image(key, iid, c["codec"], bind, {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
+                                                            "plain_sha256": c["plain_sha256"]})
+        stored.append(manifest.StoredImage(
+            key=key, compression=manifest.Compression(codec=c["codec"], level=c["level"]), size_encrypted=u["bytes"],
+            sha256_encrypted=u["sha256"], bound=e["bound"], image_id=iid, encryption=sealed_with(e),
+            size_plain=c["plain_bytes"], sha256_plain=c["plain_sha256"], refs=refs, repo_digests=digests,
+            stored_by=backup_id, new=True))
+        rows.append({"image": iid, "refs": ", ".join(refs), "action": "stored", "bytes": u["bytes"], "layers": checked["layers"]})
+        logger.info("%s: stored %s (%s) as %s, %d bytes", source, iid[:19], ", ".join(refs) or "untagged", key, u["bytes"])
+    return stored, rows
+
+
+@flow(name="images-backup-registry", validate_parameters=False, persist_result=False)
+def backup_registry(name: str) -> dict[str, Any]:
+    """Back up the repositories listed for one registry ([images.registries.NAME]) with skopeo, stored like a host's."""
+    settings = runtime.settings()
+    install_log_redaction()
+    logger = get_run_logger()
+    reg = settings.images.registries[name]
+    started = datetime.now(timezone.utc)
+    source = f"registry-{name}"
+    backup_id, manifest_key = manifest.images_keys(settings.storage.prefix, source, started)
+    uploaded: list[str] = []
+    store = runtime.store(settings)
+    try:
+        found = [resolve(name, ref) for ref in reg.repositories]
+        by_id: dict[str, tuple[list[str], list[str], str]] = {}
+        for ref, f in zip(reg.repositories, found):
+            refs, digests, item = by_id.setdefault(f["image_id"], ([], [], ref))
+            refs.append(f["ref"])
+            digests.append(f["repo_digest"])
+        wanted = [(iid, sorted(r), sorted(set(d)), item) for iid, (r, d, item) in sorted(by_id.items())]
+        stored, rows = store_images("registry", name, backup_id, wanted, uploaded)
+        finished = datetime.now(timezone.utc)
+        save_manifest(manifest_key, manifest.ImagesManifest(
+            backup_id=backup_id, status="verified", started_at=started, completed_at=finished,
+            recovery_key_id=runtime.recovery_key_id(settings),
+            source=manifest.ImagesSource(name=source, kind="registry", address=reg.address),
+            tool={"luxima_backup": __version__, "copier": "skopeo"}, images=stored,
+            retention_days=settings.images.retention_days,
+            verification={"verified_at": finished.isoformat(), "images_checked": sum(r["action"] == "stored" for r in rows)},
+            timings={"total": round((finished - started).total_seconds(), 3)},
+            flow_run_id=str(flow_run.id) if flow_run.id else None))
+    except BaseException as exc:
+        if events.is_verification_failure(exc):
+            events.verification_failed("backup", "images", source, str(exc), backup_id=backup_id)
+        discard(uploaded, logger, store, manifest_key=manifest_key)
+        raise
+    return {"backup_id": backup_id, "manifest_key": manifest_key, "containers": 0, "skipped": [], "images": rows,
+            "new": sum(r["action"] == "stored" for r in rows), "reused": sum(r["action"] == "reused" for r in rows),
+            "bytes": sum(r["bytes"] for r in rows), "no_containers": False}
 
 
 @flow(name="images-backup-host", validate_parameters=False, persist_result=False)
@@ -83,37 +164,12 @@ def backup_host(host: str) -> dict[str, Any]:
     for c in containers:
         why = chosen(Container(**c), cfg.compose_projects, cfg.labels, cfg.names, cfg.exclude)
         (skipped.append({"container": c["name"], "image": c["image_ref"], "why": why}) if why else kept.append(c))
-    known = known_images(host)
+    wanted = [(iid, (images.get(iid) or {}).get("refs", []), (images.get(iid) or {}).get("repo_digests", []), iid)
+              for iid in sorted({c["image_id"] for c in kept})]
     store = runtime.store(settings)
     uploaded: list[str] = []
-    stored: list[manifest.StoredImage] = []
-    rows: list[dict[str, Any]] = []
     try:
-        for iid in sorted({c["image_id"] for c in kept}):
-            info = images.get(iid) or {"refs": [], "repo_digests": []}
-            key = manifest.image_key(prefix, iid, SUFFIX[cfg.compression])
-            previous = known.get(iid)
-            if previous is not None and previous.key == key and _present(store, key, previous.size_encrypted):
-                stored.append(previous.model_copy(update={"refs": info["refs"], "repo_digests": info["repo_digests"],
-                                                          "new": False}))
-                rows.append({"image": iid, "refs": ", ".join(info["refs"]), "action": "reused", "bytes": 0})
-                continue
-            bind = manifest.image_binding(backup_id, iid, key)
-            stream = stream_with_retries(save_to_storage, (host, iid, key, bind), cfg.attempts, cfg.retry_delay_seconds)
-            uploaded.append(key)
-            s, c, e, u = stream["save"], stream["compress"], stream["encrypt"], stream["upload"]
-            if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"] or s["sha256"] != c["plain_sha256"]:
-                raise BackupError(f"the bytes of {iid} differ between the stages (saved, compressed, encrypted, uploaded)")
-            checked = verify_image(key, iid, c["codec"], bind, {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
-                                                                "plain_sha256": c["plain_sha256"]})
-            stored.append(manifest.StoredImage(
-                key=key, compression=manifest.Compression(codec=c["codec"], level=c["level"]), size_encrypted=u["bytes"],
-                sha256_encrypted=u["sha256"], bound=e["bound"], image_id=iid, encryption=sealed_with(e),
-                size_plain=c["plain_bytes"], sha256_plain=c["plain_sha256"], refs=info["refs"],
-                repo_digests=info["repo_digests"], stored_by=backup_id, new=True))
-            rows.append({"image": iid, "refs": ", ".join(info["refs"]), "action": "stored", "bytes": u["bytes"],
-                         "layers": checked["layers"]})
-            logger.info("%s: stored %s (%s) as %s, %d bytes", host, iid[:19], ", ".join(info["refs"]) or "untagged", key, u["bytes"])
+        stored, rows = store_images("docker", host, backup_id, wanted, uploaded)
         finished = datetime.now(timezone.utc)
         document = manifest.ImagesManifest(
             backup_id=backup_id, status="verified", started_at=started, completed_at=finished,
@@ -151,32 +207,39 @@ def _present(store: Any, key: str, size: int) -> bool:
 
 
 @flow(name="images-backup", validate_parameters=True, persist_result=True)
-def images_backup(hosts: list[str] | None = None) -> dict[str, Any]:
-    """Back up the images the containers of the Docker hosts run (images.hosts), each image stored once by its ID.
+def images_backup(hosts: list[str] | None = None, registries: list[str] | None = None) -> dict[str, Any]:
+    """Back up the images the containers of the Docker hosts run (images.hosts) and the repositories listed for the
+    registries (images.registries), each image stored once by its ID.
 
     Args:
-        hosts: which of images.hosts (default: all of them).
+        hosts: which of images.hosts (default: all of them; none when only registries are named).
+        registries: which of images.registries (default: all of them; none when only hosts are named).
     """
     with runtime.time_limit(lambda s: s.images.timeout_seconds, "images-backup"):
         settings = runtime.settings()
         install_log_redaction()
-        names = list(hosts or settings.images.hosts)
-        if not names:
-            raise ConfigError("no Docker hosts configured", hint="add images.hosts = ['NAME'] naming [hosts.NAME] sections")
-        unknown = [n for n in names if n not in settings.images.hosts]
+        cfg = settings.images
+        names = list(hosts) if hosts is not None else ([] if registries is not None else list(cfg.hosts))
+        regs = list(registries) if registries is not None else ([] if hosts is not None else sorted(cfg.registries))
+        if not names and not regs:
+            raise ConfigError("no Docker hosts or registries configured for images",
+                              hint="add images.hosts = ['NAME'] naming [hosts.NAME] sections, or [images.registries.NAME]")
+        unknown = [n for n in names if n not in cfg.hosts] + [r for r in regs if r not in cfg.registries]
         if unknown:
-            raise ConfigError(f"{unknown} not in images.hosts", hint=f"configured: {settings.images.hosts}")
+            raise ConfigError(f"{unknown} not configured", hint=f"images.hosts: {cfg.hosts}; registries: {sorted(cfg.registries)}")
         started, t0 = datetime.now(timezone.utc), time.monotonic()
         results: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
-        for n in names:  # one host failing does not stop the others
-            result, exc = outcome(backup_host(n, return_state=True))
+        sources = [(n, lambda n=n: backup_host(n, return_state=True)) for n in names]
+        sources += [(f"registry-{r}", lambda r=r: backup_registry(r, return_state=True)) for r in regs]
+        for label, run in sources:  # one failing does not stop the others
+            result, exc = outcome(run())
             if exc is None:
-                results[n] = result
+                results[label] = result
             else:
-                failures[n] = exc
-            _record(settings, n, result, exc, started)
-        _publish(names, results, failures, time.monotonic() - t0)
+                failures[label] = exc
+            _record(settings, label, result, exc, started)
+        _publish([label for label, _ in sources], results, failures, time.monotonic() - t0)
         if failures:
             first = next(iter(failures.values()))
             cls = type(first) if isinstance(first, BackupError) else BackupError

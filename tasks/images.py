@@ -170,9 +170,10 @@ def load_image(host: str, spool: str, codec: str, image_id: str, binding: dict[s
     if status != 0:
         raise BackupError(f"docker load on {host} failed (exit {status}): "
                           f"{redact(stderr.decode(errors='replace').strip())[-800:]}")
-    hexid = image_id.split(":", 1)[1]
-    if hexid not in text and hexid[:12] not in text:
-        raise VerificationError(f"docker load on {host} reported {text.strip()[-300:]!r}, not the image {image_id}")
+    # the engine reports "Loaded image ID: sha256:…" or, for an archive that carries a tag, "Loaded image: repo:tag":
+    # either way the image must now exist under the recorded ID
+    if host_image_ids(host, [image_id]).get(image_id) != image_id:
+        raise VerificationError(f"after docker load on {host} ({text.strip()[-300:]!r}) there is no image {image_id}")
     return {"image_id": image_id, "output": text.strip()[-300:]}
 
 

@@ -273,3 +273,50 @@ def test_the_prune_removes_an_image_object_only_when_no_kept_backup_names_it(env
 
     [kept] = runtime.catalog("images").list_backups("images", "docker1")
     assert {i.image_id for i in kept.manifest.images} == {api, new_web}  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Any]:
+    from devkit.sandbox import DockerRegistry
+
+    reg = DockerRegistry(user="luxima", password="registry-" + uuid.uuid4().hex[:8]).start()
+    yield reg
+    reg.stop()
+
+
+def test_registry_images_need_their_credentials_are_stored_by_id_and_load_onto_a_host(
+    env: dict[str, Any], registry: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docker = env["docker"]
+    api = build_image(docker, "luxima/api:7")
+    archive = env["tmp"] / "api.tar"
+    archive.write_bytes(docker.docker("save", "luxima/api:7"))
+    registry.push(archive, "apps/api:7")
+    registry.push(archive, "apps/api:stable")  # the same image under two tags: stored once
+    docker.docker("rmi", "-f", api)
+    monkeypatch.setenv("LUXIMA_TEST_REGISTRY_USER", "luxima")
+    monkeypatch.setenv("LUXIMA_TEST_REGISTRY_PASSWORD", "wrong")
+    reg_toml = textwrap.dedent(f"""
+        [images.registries.apps]
+        address = "{registry.address}"
+        repositories = ["apps/api:7", "apps/api:stable"]
+        username = "env:LUXIMA_TEST_REGISTRY_USER"
+        password = "env:LUXIMA_TEST_REGISTRY_PASSWORD"
+        tls_verify = false
+        """)
+    env["settings"](extra=reg_toml)
+    state = backup(registries=["apps"])
+    assert state.is_failed() and "authentication required" in str(error_of(state)) and image_objects(env) == []
+    assert "wrong" not in str(error_of(state))  # the password is never in an error
+
+    monkeypatch.setenv("LUXIMA_TEST_REGISTRY_PASSWORD", registry.password)
+    state = backup(registries=["apps"])
+    assert state.is_completed(), state.message
+    result = state.result()["hosts"]["registry-apps"]
+    assert result["new"] == 1 and [r["image"] for r in result["images"]] == [api]
+    assert [o.rsplit("/", 1)[1].split(".")[0] for o in image_objects(env)] == [api.split(":")[1]]
+
+    state = restore(host="registry-apps", target_host="docker1")
+    assert state.is_completed(), state.message
+    for ref in (f"{registry.address}/apps/api:7", f"{registry.address}/apps/api:stable"):
+        assert docker.docker("image", "inspect", "--format", "{{.Id}}", ref).decode().strip() == api

@@ -1,0 +1,150 @@
+"""Registry images with skopeo: an image's ID read from its config, and the image streamed out as a docker-archive.
+
+skopeo writes archives only to a path, so it writes into a FIFO in a private folder and this process reads the
+other end into the next stage: the image never lands on this machine's disk. (An ``oci-archive`` is first laid
+out in a temporary directory by skopeo, plaintext on disk; a ``docker-archive`` is written as a stream, and it is
+what ``docker load`` takes.) Credentials go to skopeo in an auth file (0600, in the same private folder,
+removed after), never on its command line, where any local user could read them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from luxima_backup import procs, runtime
+from luxima_backup.errors import BackupError, ConfigError, IntegrityError
+from luxima_backup.pipes import Link, Meter, stage
+from luxima_backup.secrets import redact
+from luxima_backup.settings import ImageRegistry
+from luxima_backup.workdir import private_dir
+
+READ_SIZE = 1 << 20
+
+
+def skopeo() -> str:
+    found = shutil.which("skopeo")
+    if found is None:
+        raise ConfigError("skopeo is not installed here", hint="apt-get install skopeo (scripts/bootstrap.sh does)")
+    return found
+
+
+@contextlib.contextmanager
+def access(name: str, reg: ImageRegistry, side: str = "src") -> Iterator[tuple[list[str], Path]]:
+    """skopeo's options for reaching registry ``name`` (``side``: src or dest), and a private folder for the run."""
+    settings = runtime.settings()
+    work = private_dir(settings.work_dir, "registry-")
+    try:
+        args = [f"--{side}-tls-verify={'true' if reg.tls_verify else 'false'}"]
+        if reg.ca_cert is not None:
+            certs = work / "certs"
+            certs.mkdir(mode=0o700)
+            shutil.copyfile(reg.ca_cert, certs / "ca.crt")
+            args.append(f"--{side}-cert-dir={certs}")
+        if reg.username is not None and reg.password is not None:
+            user, password = runtime.secret(reg.username, settings), runtime.secret(reg.password, settings)
+            auth = work / "auth.json"
+            fd = os.open(auth, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"auths": {reg.address: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}, f)
+            args.append(f"--{side}-authfile={auth}")
+        yield args, work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _inspect_args(args: list[str]) -> list[str]:
+    # skopeo inspect spells the options without the src-/dest- side
+    return [a.replace("--src-", "--", 1) for a in args]
+
+
+def _run(cmd: list[str], what: str) -> bytes:
+    done = procs.run(cmd, timeout=600)
+    if done.returncode != 0:
+        text = redact(done.stderr.decode(errors="replace").strip())[-800:]
+        transient = any(w in text.lower() for w in ("connection refused", "timeout", "i/o timeout", "503", "502"))
+        raise BackupError(f"{what} failed (exit {done.returncode}): {text}", transient=transient,
+                          hint="check the registry's address, credentials and TLS settings ([images.registries.NAME])")
+    return done.stdout
+
+
+def resolve(name: str, ref: str) -> dict[str, Any]:
+    """The image ``ref`` (repository:tag or @digest) of registry ``name``: its ID (the sha256 of its config, what it is
+    stored by) and its manifest digest."""
+    reg = runtime.settings().images.registries[name]
+    with access(name, reg) as (args, _):
+        config = _run([skopeo(), "inspect", *_inspect_args(args), "--config", "--raw", f"docker://{reg.address}/{ref}"],
+                      f"reading the config of {reg.address}/{ref}")
+        raw_manifest = _run([skopeo(), "inspect", *_inspect_args(args), "--raw", f"docker://{reg.address}/{ref}"],
+                            f"reading the manifest of {reg.address}/{ref}")
+    repo = ref.split("@", 1)[0].rsplit(":", 1)[0] if "@" in ref or ":" in ref.rsplit("/", 1)[-1] else ref
+    return {"image_id": "sha256:" + hashlib.sha256(config).hexdigest(), "ref": f"{reg.address}/{ref}",
+            "repo_digest": f"{reg.address}/{repo}@sha256:{hashlib.sha256(raw_manifest).hexdigest()}"}
+
+
+@task(name="copy-from-registry", cache_policy=NO_CACHE, persist_result=False)
+def copy_from_registry(name: str, ref: str, sink: Link) -> dict[str, Any]:
+    """``skopeo copy docker://… docker-archive:FIFO`` with the FIFO read into the next stage as skopeo writes it."""
+    reg = runtime.settings().images.registries[name]
+    meter = Meter()
+    with stage(None, sink), access(name, reg) as (args, work):
+        fifo = work / "image.fifo"
+        os.mkfifo(fifo, 0o600)
+        proc = procs.popen([skopeo(), "copy", "--quiet", *args, f"docker://{reg.address}/{ref}",
+                            f"docker-archive:{fifo}:{reg.address}/{ref}"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
+        reader.start()
+        out = sink.writer()
+        # opening the FIFO waits for skopeo to open its end; if skopeo fails first, nothing ever opens it
+        opened = _open_fifo(fifo, proc)
+        if opened is not None:
+            with opened as f:
+                while True:
+                    block = f.read(READ_SIZE)
+                    if not block:
+                        break
+                    meter.update(block)
+                    out.write(block)
+        status = proc.wait()
+        reader.join(timeout=30)
+        if status != 0:
+            text = redact(b"".join(errors).decode(errors="replace").strip())[-800:]
+            raise BackupError(f"skopeo copy of {reg.address}/{ref} failed (exit {status}): {text}",
+                              hint="check the registry's address, credentials and TLS settings")
+        if meter.size == 0:
+            raise IntegrityError(f"skopeo copy of {reg.address}/{ref} wrote nothing")
+    meter.finish()
+    return {"bytes": meter.size, "sha256": meter.hexdigest, "seconds": round(meter.seconds, 3)}
+
+
+def _open_fifo(fifo: Path, proc: Any) -> Any:
+    """Open the FIFO for reading without blocking forever on a writer that already died."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:  # data (or the writer's close) arrived: from now on blocking reads
+                os.set_blocking(fd, True)
+                return os.fdopen(fd, "rb")
+            if proc.poll() is not None:
+                os.close(fd)
+                return None
+            time.sleep(0.01)
+    except BaseException:
+        os.close(fd)
+        raise
