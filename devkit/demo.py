@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from luxima_backup.keys import new_master_key
-from devkit.sandbox import MotoS3Server, PostgresCluster, PrefectServer, SshServer, free_port, reap_orphans, stop_group
+from devkit.sandbox import (DockerDaemon, MotoS3Server, PostgresCluster, PrefectServer, SshServer, free_port, reap_orphans,
+                            stop_group)
 
 BUCKET = "luxima-backups"
 UI_PORT = 4200
@@ -40,7 +41,7 @@ STATE_FILE = "demo.json"
 
 def write_settings(path: Path, pg: PostgresCluster, s3: MotoS3Server, key_file: Path, work: Path, sshd: SshServer,
                    known_hosts: Path, user_files: Path, configs: Path, config_remote: Path, fingerprint_key: Path,
-                   pve: dict[str, Any]) -> None:
+                   pve: dict[str, Any], docker: DockerDaemon) -> None:
     path.write_text(f"""# Written by `luxima-backup demo`: local servers, a development key file.
 work_dir = "{work}"
 
@@ -124,6 +125,10 @@ storage = "local-lvm"
 
 [vm_restore.checks.web]
 tcp_ports = [{pve['service_port']}]
+
+[images]                                   # the images app1's containers run (a private Docker engine here)
+hosts = ["app1"]
+command = "{docker.command}"
 
 [databases.dr]                             # the DR site's PostgreSQL server (here: the same cluster)
 host = "127.0.0.1"
@@ -231,6 +236,11 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         cleanup.append(prefect.stop)
         sshd = SshServer().start()
         cleanup.append(sshd.stop)
+        docker = DockerDaemon().start()
+        cleanup.append(docker.stop)
+        image = sample.populate_images(docker)
+        print(f"demo: a Docker engine with the app's image {image} and two containers of compose project 'luxima'",
+              flush=True)
         known_hosts = workdir / "known_hosts"
         known_hosts.write_text(sshd.known_hosts_line)  # the demo host's key, as an operator would add it
         user_files = workdir / "user-files"
@@ -266,7 +276,7 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
         settings_path = workdir / "luxima-backup.toml"
         os.environ["LUXIMA_DEMO_ALERT_URL"] = alerts.url
         write_settings(settings_path, pg, s3, key_file, workdir / "work", sshd, known_hosts, user_files, configs,
-                       config_remote, fingerprint_key, pve)
+                       config_remote, fingerprint_key, pve, docker)
         os.environ["LUXIMA_BACKUP_CONFIG"] = str(settings_path)
         (workdir / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "ui": prefect.api_url[:-4]}))
 
@@ -309,6 +319,9 @@ def run_demo(workdir: Path, scale: float, wait: bool = True) -> None:
                                                                  "isolated": False})
         print(f"demo: VM restore checked: {vm_restored['vmid']} on {vm_restored['node']} (beside the original, new MACs), "
               f"{vm_restored['checks']} checks passed, RTO {vm_restored['rto_seconds']:.0f}s", flush=True)
+        images = _run_deployment("images-backup/images-backup", {})["hosts"]["app1"]
+        print(f"demo: images backup complete: {images['backup_id']}: {images['containers']} containers, "
+              f"{images['new']} image(s) stored once by ID ({images['bytes']} bytes), checked against their IDs", flush=True)
         dr = _run_deployment("dr-replicate/dr-replicate", {})
         print(f"demo: DR replication: {dr['copied']} backup(s) copied to {', '.join(dr['targets'])} "
               f"({dr['bytes']} bytes), each read back at the DR site", flush=True)

@@ -163,3 +163,22 @@ def populate_configs(root: Any) -> dict[str, int]:
     (root / "etc/nginx/sites-enabled").mkdir(parents=True, exist_ok=True)
     os.symlink("../sites-available/luxima.conf", root / "etc/nginx/sites-enabled/luxima.conf")
     return {"files": len(files), "symlinks": 1}
+
+
+def populate_images(docker: Any) -> str:
+    """An application image (built from a small root filesystem: no registry needed) and two containers running it,
+    of compose project ``luxima``; the image's ID."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("app/server.py", b"print('luxima app')\n"), ("etc/luxima-release", b"luxima app 1.0\n")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    image_id = docker.docker("import", "-", "luxima/app:1.0", input=buf.getvalue()).decode().strip()
+    for n in (1, 2):
+        docker.docker("create", "--name", f"luxima-app-{n}", "-l", "com.docker.compose.project=luxima",
+                      "-l", "com.docker.compose.service=app", "luxima/app:1.0", "/app/server.py")
+    return image_id

@@ -109,6 +109,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert "demo: config restore dry run (after editing nginx.conf on the host): {'same': 6, 'update': 1}" in out
     assert "demo: VM backup complete: vm-web-" in out and "its config read back from the archive" in out
     assert "demo: VM restore checked: 101 on proxmox-node2" in out and "checks passed" in out
+    assert "demo: images backup complete: images-app1-" in out and "2 containers, 1 image(s) stored once by ID" in out
     assert "demo: DR replication: 6 backup(s) copied to dr-bucket, node2" in out  # db, files, configs to each
     assert "demo: DR drill passed from node2: db/main verified in" in out and "files/userfiles verified" in out
     assert "configs/app1 verified" in out and "report backups/_drills/" in out
