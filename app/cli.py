@@ -197,7 +197,8 @@ def restore_images(
     container: list[str] = typer.Option([], help="only the image of this container (repeatable)"),
     compose_project: list[str] = typer.Option([], help="only the images of this compose project (repeatable)"),
     ref: list[str] = typer.Option([], help="only this image reference, repo:tag (repeatable)"),
-    confirm: Optional[str] = typer.Option(None, help="the target host's name: move tags that name other images there"),
+    confirm: Optional[str] = typer.Option(None, help="the target host's (or registry's) name: move tags that name other images there"),
+    to_registry: Optional[str] = typer.Option(None, help="push into this [images.registries.NAME] instead of a host"),
     recovery_key: Optional[Path] = RecoveryKeyOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -206,7 +207,7 @@ def restore_images(
     _break_glass(recovery_key)
     _run_flow("flows.images_restore", "images_restore", ("restore", "images"), host=host, backup=backup, as_of=as_of,
               target_host=target_host, containers=container or None, compose_projects=compose_project or None,
-              refs=ref or None, confirm=confirm)
+              refs=ref or None, confirm=confirm, to_registry=to_registry)
 
 
 @restore_app.command("configs")

@@ -27,6 +27,7 @@ from flows.common import logged
 from tasks.download import download
 from tasks.images import check_image_object, host_image_ids, load_image, tag
 from tasks.log import log_run
+from tasks.registry import push_to_registry, registry_image_ids, repository_path
 
 
 def choose(doc: manifest.ImagesManifest, containers: list[str], projects: list[str], refs: list[str]) -> list[manifest.StoredImage]:
@@ -57,7 +58,8 @@ def tags_of(doc: manifest.ImagesManifest, img: manifest.StoredImage) -> list[str
 @flow(name="images-restore", validate_parameters=True, persist_result=True)
 def images_restore(host: str, backup: str = "latest", as_of: datetime | None = None, target_host: str | None = None,
                    containers: list[str] | None = None, compose_projects: list[str] | None = None,
-                   refs: list[str] | None = None, confirm: str | None = None) -> dict[str, Any]:
+                   refs: list[str] | None = None, confirm: str | None = None,
+                   to_registry: str | None = None) -> dict[str, Any]:
     """Load a host's backed-up images onto a host, checked, with their original tags.
 
     Args:
@@ -68,14 +70,20 @@ def images_restore(host: str, backup: str = "latest", as_of: datetime | None = N
         containers: only the images of these containers.
         compose_projects: only the images of these compose projects' containers.
         refs: only these image references (repo:tag).
-        confirm: the target host's name, to move tags that name other images there now.
+        confirm: the target host's (or registry's) name, to move tags that name other images there now.
+        to_registry: push them into this [images.registries.NAME] instead of loading them on a host (their tags'
+            repository paths, under the registry's address).
     """
     with runtime.time_limit(lambda s: s.images.timeout_seconds, "images-restore"):
         settings = runtime.settings()
         install_log_redaction()
         logger = get_run_logger()
-        target = target_host or host
-        if target not in settings.hosts:
+        target = to_registry or target_host or host
+        if to_registry is not None:
+            if to_registry not in settings.images.registries:
+                raise ConfigError(f"no [images.registries.{to_registry}] in the settings",
+                                  hint=f"configured: {sorted(settings.images.registries)}")
+        elif target not in settings.hosts:
             raise ConfigError(f"no [hosts.{target}] in the settings", hint=f"configured: {sorted(settings.hosts)}")
         started, t0 = datetime.now(timezone.utc), time.monotonic()
         found = runtime.catalog("images", settings).resolve("images", backup, source=host, as_of=as_of)
@@ -86,7 +94,11 @@ def images_restore(host: str, backup: str = "latest", as_of: datetime | None = N
             raise ConfigError(f"backup {doc.backup_id} of {host} holds no images", hint="its host had no containers")
         # what every tag names on the target now: a tag that names another image moves only with confirm
         wanted = {img.image_id: tags_of(doc, img) for img in chosen}
-        now = host_image_ids(target, sorted({r for rs in wanted.values() for r in rs}))
+        if to_registry is not None:  # in the registry the tags are the references' repository paths
+            wanted = {iid: sorted({repository_path(r) for r in rs}) for iid, rs in wanted.items()}
+            now = registry_image_ids(to_registry, sorted({r for rs in wanted.values() for r in rs}))
+        else:
+            now = host_image_ids(target, sorted({r for rs in wanted.values() for r in rs}))
         moved = {r: iid for iid, rs in wanted.items() for r in rs if now.get(r) not in (None, iid)}
         if moved and confirm != target:
             raise ConfigError(f"on {target}, {len(moved)} tag(s) name other images now: "
@@ -111,6 +123,10 @@ def images_restore(host: str, backup: str = "latest", as_of: datetime | None = N
                     check_image_object(f, img.key, img.image_id, img.compression.codec, binding,
                                        {"encrypted_bytes": img.size_encrypted, "encrypted_sha256": img.sha256_encrypted,
                                         "plain_sha256": img.sha256_plain})
+                if to_registry is not None:
+                    push_to_registry(to_registry, spool, img.compression.codec, img.image_id, binding, wanted[img.image_id])
+                    rows.append({**row, "action": "pushed", "seconds": round(time.monotonic() - t, 3)})
+                    continue
                 load_image(target, spool, img.compression.codec, img.image_id, binding)
                 tag(target, img.image_id, wanted[img.image_id])
                 after = host_image_ids(target, wanted[img.image_id])
@@ -129,9 +145,10 @@ def images_restore(host: str, backup: str = "latest", as_of: datetime | None = N
         finally:
             shutil.rmtree(work, ignore_errors=True)
             _report(doc, host, target, rows, outcome, started, time.monotonic() - t0)
-        events.restore_succeeded("images", host, doc.backup_id, onto=target, loaded=sum(r["action"] == "loaded" for r in rows))
+        events.restore_succeeded("images", host, doc.backup_id, onto=target,
+                                 loaded=sum(r["action"] in ("loaded", "pushed") for r in rows))
         return {"backup_id": doc.backup_id, "target": target, "images": rows,
-                "loaded": sum(r["action"] == "loaded" for r in rows), "present": sum(r["action"] == "present" for r in rows),
+                "loaded": sum(r["action"] in ("loaded", "pushed") for r in rows), "present": sum(r["action"] == "present" for r in rows),
                 "seconds": round(time.monotonic() - t0, 3)}
 
 

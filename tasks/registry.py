@@ -148,3 +148,58 @@ def _open_fifo(fifo: Path, proc: Any) -> Any:
     except BaseException:
         os.close(fd)
         raise
+
+
+def repository_path(ref: str) -> str:
+    """A reference without its registry host (``127.0.0.1:5000/apps/api:7`` → ``apps/api:7``; ``luxima/api:1`` stays):
+    the Docker reference grammar's rule, a first component with a dot or a colon, or ``localhost``."""
+    first, sep, rest = ref.partition("/")
+    return rest if sep and ("." in first or ":" in first or first == "localhost") else ref
+
+
+@task(name="push-to-registry", cache_policy=NO_CACHE, persist_result=False)
+def push_to_registry(name: str, spool: str, codec: str, image_id: str, binding: dict[str, str] | None,
+                     refs: list[str]) -> dict[str, Any]:
+    """The (already checked) image into registry ``name`` under each of ``refs`` (their repository paths), with skopeo;
+    each reference must then resolve to ``image_id``.
+
+    skopeo reads a docker-archive only from a regular file (a FIFO fails: it seeks), so the decrypted archive is
+    written to a private folder (0700, the file 0600) for the copy and removed right after: the one place an image is
+    in the clear on this machine's disk, for as long as the push takes.
+    """
+    from luxima_backup.compression import DecompressingReader
+    from luxima_backup.envelope import DecryptingReader
+    from luxima_backup.pipes import copy as copy_stream
+
+    reg = runtime.settings().images.registries[name]
+    paths = [repository_path(r) for r in refs] or [f"luxima-restored/{image_id.split(':', 1)[1][:12]}:latest"]
+    with access(name, reg, side="dest") as (args, work):
+        archive = work / "image.tar"
+        with open(spool, "rb") as f, open(archive, "wb", opener=lambda p, fl: os.open(p, fl | os.O_EXCL, 0o600)) as out:
+            copy_stream(DecompressingReader(DecryptingReader(f, runtime.key_provider().unwrap, expect=binding,  # type: ignore[arg-type]
+                                                             where=spool), codec), out, Meter())
+        first = f"docker://{reg.address}/{paths[0]}"
+        _run([skopeo(), "copy", "--quiet", *args, f"docker-archive:{archive}", first], f"pushing {image_id[:19]} to {first}")
+        archive.unlink()
+        for path in paths[1:]:  # the other tags: copied inside the registry
+            src_args = [a.replace("--dest-", "--src-", 1) for a in args]
+            _run([skopeo(), "copy", "--quiet", *src_args, *args, first, f"docker://{reg.address}/{path}"],
+                 f"tagging {first} as {path}")
+    found = {p: resolve(name, p)["image_id"] for p in paths}
+    wrong = [p for p, iid in found.items() if iid != image_id]
+    if wrong:
+        raise IntegrityError(f"after the push, {wrong} in {reg.address} are not the image {image_id}")
+    return {"registry": reg.address, "refs": [f"{reg.address}/{p}" for p in paths]}
+
+
+def registry_image_ids(name: str, paths: list[str]) -> dict[str, str | None]:
+    """For each repository path, the image ID it names in registry ``name`` now (None: not there)."""
+    found: dict[str, str | None] = {}
+    for path in paths:
+        try:
+            found[path] = resolve(name, path)["image_id"]
+        except BackupError as exc:
+            if "manifest unknown" not in str(exc) and "name unknown" not in str(exc) and "not found" not in str(exc).lower():
+                raise
+            found[path] = None
+    return found

@@ -320,3 +320,30 @@ def test_registry_images_need_their_credentials_are_stored_by_id_and_load_onto_a
     assert state.is_completed(), state.message
     for ref in (f"{registry.address}/apps/api:7", f"{registry.address}/apps/api:stable"):
         assert docker.docker("image", "inspect", "--format", "{{.Id}}", ref).decode().strip() == api
+
+    # or into another registry (the rebuilt one): pushed under the same repository paths, then resolved by ID
+    from devkit.sandbox import DockerRegistry
+
+    mirror = DockerRegistry().start()
+    try:
+        env["settings"](extra=reg_toml + textwrap.dedent(f"""
+            [images.registries.mirror]
+            address = "{mirror.address}"
+            repositories = ["apps/api:7"]
+            tls_verify = false
+            """))
+        state = restore(host="registry-apps", to_registry="mirror")
+        assert state.is_completed(), state.message
+        assert [r["action"] for r in state.result()["images"]] == ["pushed"]
+        import hashlib
+        import subprocess
+
+        for path in ("apps/api:7", "apps/api:stable"):
+            config = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", "--raw",
+                                     f"docker://{mirror.address}/{path}"], capture_output=True, check=True).stdout
+            assert "sha256:" + hashlib.sha256(config).hexdigest() == api
+        assert not list((env["tmp"] / "work").glob("registry-*"))  # the clear archive pushed from is gone
+        state = restore(host="registry-apps", to_registry="mirror")  # there already: nothing pushed
+        assert [r["action"] for r in state.result()["images"]] == ["present"]
+    finally:
+        mirror.stop()
