@@ -86,6 +86,9 @@ def store_images(kind: str, source: str, backup_id: str, wanted: list[tuple[str,
         key = manifest.image_key(settings.storage.prefix, iid, SUFFIX[cfg.compression])
         previous = known.get(iid)
         if previous is not None and previous.key == key and _present(store, key, previous.size_encrypted):
+            extend = getattr(store, "extend_lock", None)
+            if extend is not None:  # under object lock: kept locked as long as this backup is kept
+                extend(key)
             stored.append(previous.model_copy(update={"refs": refs, "repo_digests": digests, "new": False}))
             rows.append({"image": iid, "refs": ", ".join(refs), "action": "reused", "bytes": 0})
             continue

@@ -66,7 +66,7 @@ def site(derived: Settings, store: ObjectStore | None = None) -> Iterator[Settin
 def lock_days(s: Settings) -> dict[str, int]:
     """How long object lock retains each component's objects (with storage.object_lock on): its retention."""
     return {"db": s.db_backup.retention_days, "files": s.files_backup.retention_days, "configs": s.configs.retention_days,
-            "images": s.images.retention_days}
+            "images": s.images.retention_days, "image-objects": s.images.retention_days}
 
 
 def store(s: Settings | None = None) -> ObjectStore:

@@ -216,6 +216,22 @@ class S3Store:
             with translate_errors(f"removing {key} (version {v['VersionId']})"):
                 self._client.delete_object(Bucket=self.name, Key=key, VersionId=v["VersionId"])
 
+    def extend_lock(self, key: str) -> datetime | None:
+        """Lock ``key`` (its current version) for its component's retention from now, when that is later than its lock
+        (object lock can be extended, never shortened): an object a new backup reuses stays locked as long as that
+        backup is kept. The new date, or None without object lock for that component."""
+        args = self._lock_args(key)
+        if not args:
+            return None
+        until = args["ObjectLockRetainUntilDate"]
+        current = self.locked_until(key)
+        if current is not None and current >= until:
+            return current
+        with translate_errors(f"extending the object lock of {key}"):
+            self._client.put_object_retention(Bucket=self.name, Key=key, Retention={
+                "Mode": args["ObjectLockMode"], "RetainUntilDate": until})
+        return until
+
     def locked_until(self, key: str) -> datetime | None:
         """The object-lock retain-until date of the current version, if it has one still ahead."""
         with translate_errors(f"checking {key}"):
@@ -395,6 +411,9 @@ class LocalStore:
 
     def locked_until(self, key: str) -> datetime | None:
         return None  # a directory has no object lock (an immutable NAS snapshot is outside our view)
+
+    def extend_lock(self, key: str) -> datetime | None:
+        return None
 
     def stale_uploads(self, prefix: str, older_than: datetime) -> list[tuple[str, str]]:
         """Partial files of saves that never finished (a killed process leaves them), as (key, file name)."""

@@ -347,3 +347,35 @@ def test_registry_images_need_their_credentials_are_stored_by_id_and_load_onto_a
         assert [r["action"] for r in state.result()["images"]] == ["present"]
     finally:
         mirror.stop()
+
+
+def test_under_object_lock_a_reused_image_object_stays_locked_as_long_as_its_newest_backup(env: dict[str, Any]) -> None:
+    """A lock set at the first upload would expire while later backups still use the object: each reuse extends it."""
+    from datetime import datetime, timedelta, timezone
+
+    from luxima_backup import runtime
+
+    locked = "t-imglock-" + uuid.uuid4().hex[:8]
+    env["s3"].create_bucket(locked, object_lock=True)
+    docker = env["docker"]
+    api = build_image(docker, "luxima/api:1")
+    container(docker, "api", "luxima/api:1", "app")
+
+    def with_lock(days: int) -> None:
+        config = env["settings"](images=f"retention_days = {days}\n")
+        config.write_text(config.read_text().replace(env["bucket"], locked)
+                          .replace("multipart_chunk_mib = 5", 'multipart_chunk_mib = 5\nobject_lock = "governance"'))
+
+    with_lock(10)
+    assert backup().is_completed()
+    store = runtime.store(runtime.settings())
+    [key] = [o.key for o in store.list("backups/image-objects/")]
+    first = store.locked_until(key)
+    assert first is not None and timedelta(days=10) < first - datetime.now(timezone.utc) < timedelta(days=12)
+    with_lock(20)  # a longer retention now: the next backup reuses the object and extends its lock
+    state = backup()
+    assert state.is_completed() and state.result()["hosts"]["docker1"]["reused"] == 1
+    store = runtime.store(runtime.settings())
+    second = store.locked_until(key)
+    assert second is not None and timedelta(days=20) < second - datetime.now(timezone.utc) < timedelta(days=22)
+    assert api.split(":")[1] in key
