@@ -408,8 +408,10 @@ class DockerRegistry:
     """Debian's docker-registry (the CNCF distribution registry) on 127.0.0.1, over plain HTTP; with ``user`` and
     ``password`` it requires a login (htpasswd, bcrypt)."""
 
-    def __init__(self, user: str | None = None, password: str | None = None, port: int | None = None):
-        self.user, self.password = user, password
+    def __init__(self, user: str | None = None, password: str | None = None, port: int | None = None,
+                 tls: tuple[bytes, bytes] | None = None):
+        """``tls``: (certificate PEM, key PEM) to serve HTTPS with."""
+        self.user, self.password, self.tls = user, password, tls
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="luxima-registry-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -425,9 +427,14 @@ class DockerRegistry:
 
             (self.root / "htpasswd").write_text(f"{self.user}:{bcrypt.hashpw(self.password.encode(), bcrypt.gensalt()).decode()}\n")
             auth = f"auth:\n  htpasswd:\n    realm: luxima-test\n    path: {self.root / 'htpasswd'}\n"
+        tls = ""
+        if self.tls is not None:
+            (self.root / "cert.pem").write_bytes(self.tls[0])
+            (self.root / "key.pem").write_bytes(self.tls[1])
+            tls = f"  tls:\n    certificate: {self.root / 'cert.pem'}\n    key: {self.root / 'key.pem'}\n"
         (self.root / "config.yml").write_text(
             f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n"
-            f"http:\n  addr: {self.address}\n{auth}")
+            f"http:\n  addr: {self.address}\n{tls}{auth}")
         registry = shutil.which("docker-registry") or "/usr/bin/docker-registry"
         self.proc = _spawn([registry, "serve", str(self.root / "config.yml")], self.root / "registry.log", self.root,
                            "docker-registry")

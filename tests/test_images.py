@@ -379,3 +379,34 @@ def test_under_object_lock_a_reused_image_object_stays_locked_as_long_as_its_new
     second = store.locked_until(key)
     assert second is not None and timedelta(days=20) < second - datetime.now(timezone.utc) < timedelta(days=22)
     assert api.split(":")[1] in key
+
+
+def test_a_registry_over_tls_is_trusted_through_its_ca_certificate_only(env: dict[str, Any]) -> None:
+    from devkit.sandbox import DockerRegistry
+    from tests.simulators.proxmox import _self_signed
+
+    cert, key, _ = _self_signed(["127.0.0.1"])
+    ca = env["tmp"] / "registry-ca.pem"
+    ca.write_bytes(cert)
+    docker = env["docker"]
+    web = build_image(docker, "luxima/web:2")
+    archive = env["tmp"] / "web.tar"
+    archive.write_bytes(docker.docker("save", "luxima/web:2"))
+    reg = DockerRegistry(tls=(cert, key)).start()
+    try:
+        reg.push(archive, "apps/web:2")
+        section = textwrap.dedent(f"""
+            [images.registries.secure]
+            address = "{reg.address}"
+            repositories = ["apps/web:2"]
+            tls_verify = true
+            """)
+        env["settings"](extra=section)  # the certificate is not one this machine trusts: refused
+        state = backup(registries=["secure"])
+        assert state.is_failed() and "certificate" in str(error_of(state))
+        env["settings"](extra=section + f'ca_cert = "{ca}"\n')
+        state = backup(registries=["secure"])
+        assert state.is_completed(), state.message
+        assert [r["image"] for r in state.result()["hosts"]["registry-secure"]["images"]] == [web]
+    finally:
+        reg.stop()
