@@ -236,3 +236,13 @@ def transit_with_recovery_key(vault: dict[str, Any], monkeypatch: pytest.MonkeyP
     keys = transit_keys(vault, name).replace("[keys.vault]", f'recovery_public_key = "{public}"\n        '
                                              f'recovery_catalog_key = "file:{catalog_key}"\n        [keys.vault]')
     return keys, key_path, fp
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[Any]:
+    """OpenSSH's sshd with its own host key, for the tests of one module."""
+    from devkit.sandbox import SshServer
+
+    server = SshServer().start()
+    yield server
+    server.stop()

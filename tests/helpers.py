@@ -137,3 +137,18 @@ def save_manifest(store: Any, key: str, doc: Any) -> None:
     settings = runtime.settings()
     runtime.catalog_at(store, runtime.location(doc.component, settings)[1], settings).save(key, doc)
 
+
+
+def host_toml(name: str, sshd: Any, known: Any) -> str:
+    """An [hosts.NAME] reaching the test sshd (every "host" here is this machine)."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        [hosts.{name}]
+        host = "127.0.0.1"
+        port = {sshd.port}
+        user = "{sshd.user}"
+        key = "file:{sshd.client_key}"
+        known_hosts = "{known}"
+        connect_timeout = 5
+        """)

@@ -16,18 +16,11 @@ import pytest
 
 from devkit.sandbox import PostgresCluster, SshServer
 from tests.conftest import DB_PASSWORD
-from tests.helpers import cli_env, error_of, log_rows, run_backup
+from tests.helpers import cli_env, error_of, host_toml, log_rows, run_backup
 from tests.test_configs import git, make_host
-from tests.test_dr_replicate import dr_bucket_toml, host_toml
+from tests.test_dr_replicate import dr_bucket_toml
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    server = SshServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import textwrap
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,33 +21,13 @@ from devkit.sandbox import SshServer
 from luxima_backup import catalog, manifest, runtime
 from luxima_backup.manifest import Compression, DataObject, DbGlobals, DbManifest, DbSource, Encryption
 from tests.conftest import file_keys
-from tests.helpers import error_of, log_rows, save_manifest
+from tests.helpers import error_of, host_toml, log_rows, save_manifest
 
 pytestmark = pytest.mark.slow
 
 NOW = datetime.now(timezone.utc)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    server = SshServer().start()
-    yield server
-    server.stop()
-
-
-def host_toml(name: str, sshd: SshServer, known: Path) -> str:
-    """An [hosts.NAME] reaching the test sshd (every "node" here is this machine, in its own directory)."""
-    return textwrap.dedent(f"""
-        [hosts.{name}]
-        host = "127.0.0.1"
-        port = {sshd.port}
-        user = "{sshd.user}"
-        key = "file:{sshd.client_key}"
-        known_hosts = "{known}"
-        connect_timeout = 5
-        """)
 
 
 def dr_bucket_toml(s3_server: Any) -> tuple[str, str]:

@@ -15,16 +15,9 @@ import pytest
 
 from devkit.sandbox import DockerDaemon, SshServer
 from tests.conftest import file_keys
-from tests.helpers import error_of, log_rows, s3_keys
+from tests.helpers import error_of, host_toml, log_rows, s3_keys
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    server = SshServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +41,6 @@ def build_image(docker: DockerDaemon, ref: str, size: int = 200_000) -> str:
 def container(docker: DockerDaemon, name: str, ref: str, project: str | None = None) -> None:
     labels = ["-l", f"com.docker.compose.project={project}", "-l", f"com.docker.compose.service={name}"] if project else []
     docker.docker("create", "--name", name, *labels, ref, "/app/run")
-
-
-def host_toml(name: str, sshd: SshServer, known: Path) -> str:
-    return textwrap.dedent(f"""
-        [hosts.{name}]
-        host = "127.0.0.1"
-        port = {sshd.port}
-        user = "{sshd.user}"
-        key = "file:{sshd.client_key}"
-        known_hosts = "{known}"
-        connect_timeout = 5
-        """)
 
 
 @pytest.fixture
