@@ -29,12 +29,12 @@ _signers: dict[int, tuple[Settings, Any]] = {}
 
 
 # The site a run works on when it is not the primary one (the DR drill: the DR copies, the DR servers): see ``site``.
-_site: tuple[Settings, int] | None = None
+_site: Settings | None = None
 
 
 def settings() -> Settings:
     if _site is not None:
-        return _site[0]
+        return _site
     return load_settings()
 
 
@@ -51,7 +51,7 @@ def site(derived: Settings, store: ObjectStore | None = None) -> Iterator[Settin
     with _lock:
         if _site is not None:
             raise RuntimeError("a run is already using another site")
-        _site = (derived, threading.get_ident())
+        _site = derived
         if store is not None:
             _stores[id(derived)] = (derived, store)
     try:

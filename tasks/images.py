@@ -16,14 +16,13 @@ import paramiko
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from luxima_backup import runtime
+from luxima_backup import runtime, ssh
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import BackupError, IntegrityError, VerificationError
 from luxima_backup.images import Container, ImageInfo, check_image_archive, parse_containers, parse_images
-from luxima_backup.pipes import Link, Meter, MeteredReader, drain, stage
+from luxima_backup.pipes import Link, Meter, MeteredReader, copy, drain, stage
 from luxima_backup.secrets import redact
-from luxima_backup.ssh import SshError
 
 READ_SIZE = 1 << 20
 
@@ -34,8 +33,6 @@ def engine(settings: Any, *args: str) -> str:
 
 
 def _run(client: paramiko.SSHClient, command: str, what: str, timeout: float = 600) -> bytes:
-    from luxima_backup import ssh
-
     status, out, err = ssh.run(client, command, timeout=timeout)
     if status != 0:
         text = redact(err.decode(errors="replace").strip())[-800:]
@@ -81,22 +78,16 @@ def save_image(host: str, image_id: str, sink: Link) -> dict[str, Any]:
             errors: list[bytes] = []
             reader = threading.Thread(target=lambda: errors.append(_read_all(channel.makefile_stderr("rb"))), daemon=True)
             reader.start()  # the error stream read beside: a full window there would stall the archive
-            while True:
-                block = channel.recv(READ_SIZE)
-                if not block:
-                    break
-                meter.update(block)
-                out.write(block)
+            copy(channel.makefile("rb"), out, meter, READ_SIZE)
             status = channel.recv_exit_status()
             reader.join(timeout=30)
         except (paramiko.SSHException, socket.timeout, OSError) as exc:
-            raise SshError(f"docker save of {image_id} on {host} was cut: {exc}", transient=True) from None
+            raise ssh.SshError(f"docker save of {image_id} on {host} was cut: {exc}", transient=True) from None
         if status != 0:
             text = redact(b"".join(errors).decode(errors="replace").strip())[-800:]
             raise BackupError(f"docker save of {image_id} on {host} failed (exit {status}): {text}")
         if meter.size == 0:
             raise IntegrityError(f"docker save of {image_id} on {host} wrote nothing")
-    meter.finish()
     return {"bytes": meter.size, "sha256": meter.hexdigest, "seconds": round(meter.seconds, 3)}
 
 
@@ -156,16 +147,12 @@ def load_image(host: str, spool: str, codec: str, image_id: str, binding: dict[s
                                                      where=spool), codec)
         try:
             stdin, out, err = client.exec_command(engine(settings, "load"), timeout=settings.hosts[host].io_timeout)
-            while True:
-                block = plain.read(READ_SIZE)
-                if not block:
-                    break
-                stdin.write(block)
+            copy(plain, stdin, Meter(), READ_SIZE)
             stdin.channel.shutdown_write()
             stdout, stderr = out.read(), err.read()
             status = out.channel.recv_exit_status()
         except (paramiko.SSHException, socket.timeout, OSError) as exc:
-            raise SshError(f"docker load on {host} was cut: {exc}", transient=True) from None
+            raise ssh.SshError(f"docker load on {host} was cut: {exc}", transient=True) from None
     text = stdout.decode(errors="replace")
     if status != 0:
         raise BackupError(f"docker load on {host} failed (exit {status}): "
@@ -183,8 +170,6 @@ def host_image_ids(host: str, refs: list[str]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     with runtime.connect_host(host, settings) as client:
         for ref in refs:
-            from luxima_backup import ssh
-
             status, out, _ = ssh.run(client, engine(settings, "image", "inspect", "--format", "{{.Id}}", ref))
             found[ref] = out.decode().strip().splitlines()[0] if status == 0 and out.strip() else None
     return {k: (v if v is None or v.startswith("sha256:") else f"sha256:{v}") for k, v in found.items()}

@@ -119,6 +119,20 @@ def _locked(store: ObjectStore, key: str) -> datetime | None:
         return None
 
 
+def _purge_unless_locked(store: ObjectStore, key: str, row: dict[str, Any]) -> bool:
+    """Remove a leftover object for good, unless it is under object lock; ``row`` says what happened. Whether it went."""
+    try:
+        until = _locked(store, key)
+        if until is not None:
+            row["action"], row["why"] = "locked", f"{row['why']}; under object lock until {until.isoformat()}"
+            return False
+        store.purge(key)
+        return True
+    except Exception as exc:  # reported; the others go on, and the next run tries again
+        row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
+        return False
+
+
 @task(name="sweep", cache_policy=NO_CACHE, persist_result=False)
 def sweep(component: str, dry_run: bool, site: str | None = None) -> list[dict[str, Any]]:
     """Objects no manifest names and uploads never completed, older than the grace period, removed (and listed)."""
@@ -138,14 +152,7 @@ def sweep(component: str, dry_run: bool, site: str | None = None) -> list[dict[s
         row = {"target": component, "backup": o.key, "age": _age(now, o.last_modified),
                "action": "would remove" if dry_run else "removed", "why": "no manifest names it (a failed or interrupted run)"}
         if not dry_run:
-            try:
-                until = _locked(store, o.key)
-                if until is not None:
-                    row["action"], row["why"] = "locked", f"{row['why']}; under object lock until {until.isoformat()}"
-                else:
-                    store.purge(o.key)
-            except Exception as exc:
-                row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
+            _purge_unless_locked(store, o.key, row)
         rows.append(row)
     for key, upload in store.stale_uploads(base, cutoff):
         row = {"target": component, "backup": key, "age": f"> {settings.retention.grace_hours:g} h",
@@ -203,17 +210,8 @@ def image_gc(dry_run: bool) -> list[dict[str, Any]]:
             continue
         row = {"target": "images/(objects)", "backup": o.key, "age": _age(now, first),
                "action": "would remove" if dry_run else "removed", "why": "no kept images backup names it"}
-        if not dry_run:
-            try:
-                until = _locked(store, o.key)
-                if until is not None:
-                    row["action"], row["why"] = "locked", f"{row['why']}; under object lock until {until.isoformat()}"
-                    still[o.key] = first.isoformat()
-                else:
-                    store.purge(o.key)
-            except Exception as exc:
-                row["action"], row["why"] = "removal failed", f"{type(exc).__name__}: {exc}"
-                still[o.key] = first.isoformat()
+        if not dry_run and not _purge_unless_locked(store, o.key, row):
+            still[o.key] = first.isoformat()
         rows.append(row)
     if not dry_run:
         store.save_bytes(state_key, json.dumps(still, indent=1, sort_keys=True).encode(), "application/json")

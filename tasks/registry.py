@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import procs, runtime
 from luxima_backup.errors import BackupError, ConfigError, IntegrityError
-from luxima_backup.pipes import Link, Meter, stage
+from luxima_backup.pipes import Link, Meter, copy, stage
 from luxima_backup.secrets import redact
 from luxima_backup.settings import ImageRegistry
 from luxima_backup.workdir import private_dir
@@ -114,12 +114,7 @@ def copy_from_registry(name: str, ref: str, sink: Link) -> dict[str, Any]:
         opened = _open_fifo(fifo, proc)
         if opened is not None:
             with opened as f:
-                while True:
-                    block = f.read(READ_SIZE)
-                    if not block:
-                        break
-                    meter.update(block)
-                    out.write(block)
+                copy(f, out, meter, READ_SIZE)
         status = proc.wait()
         reader.join(timeout=30)
         if status != 0:
@@ -128,7 +123,6 @@ def copy_from_registry(name: str, ref: str, sink: Link) -> dict[str, Any]:
                               hint="check the registry's address, credentials and TLS settings")
         if meter.size == 0:
             raise IntegrityError(f"skopeo copy of {reg.address}/{ref} wrote nothing")
-    meter.finish()
     return {"bytes": meter.size, "sha256": meter.hexdigest, "seconds": round(meter.seconds, 3)}
 
 
@@ -169,14 +163,13 @@ def push_to_registry(name: str, spool: str, codec: str, image_id: str, binding: 
     """
     from luxima_backup.compression import DecompressingReader
     from luxima_backup.envelope import DecryptingReader
-    from luxima_backup.pipes import copy as copy_stream
 
     reg = runtime.settings().images.registries[name]
     paths = [repository_path(r) for r in refs] or [f"luxima-restored/{image_id.split(':', 1)[1][:12]}:latest"]
     with access(name, reg, side="dest") as (args, work):
         archive = work / "image.tar"
         with open(spool, "rb") as f, open(archive, "wb", opener=lambda p, fl: os.open(p, fl | os.O_EXCL, 0o600)) as out:
-            copy_stream(DecompressingReader(DecryptingReader(f, runtime.key_provider().unwrap, expect=binding,  # type: ignore[arg-type]
+            copy(DecompressingReader(DecryptingReader(f, runtime.key_provider().unwrap, expect=binding,  # type: ignore[arg-type]
                                                              where=spool), codec), out, Meter())
         first = f"docker://{reg.address}/{paths[0]}"
         _run([skopeo(), "copy", "--quiet", *args, f"docker-archive:{archive}", first], f"pushing {image_id[:19]} to {first}")

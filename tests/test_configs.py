@@ -19,7 +19,7 @@ import pytest
 from devkit.sandbox import PostgresCluster, SshServer
 from tests import secret_corpus as corpus
 from tests.conftest import file_keys
-from tests.helpers import error_of, log_rows, s3_get, s3_keys
+from tests.helpers import error_of, host_toml, log_rows, s3_get, s3_keys
 
 pytestmark = pytest.mark.slow
 
@@ -86,15 +86,7 @@ def cfg_env(prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, da
                  configs_opts: str = "attempts = 1") -> Path:
         r = root
         fp_line = f'fingerprint_key = "file:{fp_key}"' if fingerprint else ""
-        return write_settings(database, bucket, file_keys(key_file), textwrap.dedent(f"""
-            [hosts.web1]
-            host = "127.0.0.1"
-            port = {sshd.port}
-            user = "{sshd.user}"
-            key = "file:{sshd.client_key}"
-            known_hosts = "{known}"
-            connect_timeout = 5
-
+        return write_settings(database, bucket, file_keys(key_file), host_toml("web1", sshd, known) + textwrap.dedent(f"""
             [configs]
             {fp_line}
             {configs_opts}

@@ -30,20 +30,21 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 
 
-def dr_bucket_toml(s3_server: Any) -> tuple[str, str]:
-    """A second bucket as the DR target ``bucket2``: its name, and its settings."""
+def dr_bucket_toml(s3_server: Any, target: str = "bucket2", object_lock: bool = False) -> tuple[str, str]:
+    """A second bucket as the DR target ``target`` (with S3 Object Lock, written in governance mode): its name, and its
+    settings."""
     name = "t-dr-" + uuid.uuid4().hex[:10]
-    s3_server.create_bucket(name, versioning=True)
+    s3_server.create_bucket(name, versioning=True, object_lock=object_lock)
     return name, textwrap.dedent(f"""
-        [dr.targets.bucket2]
+        [dr.targets.{target}]
         kind = "storage"
-        [dr.targets.bucket2.storage]
+        [dr.targets.{target}.storage]
         bucket = "{name}"
         endpoint_url = "{s3_server.url}"
         access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
         secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
         max_attempts = 2
-        """)
+        """) + ('object_lock = "governance"\n' if object_lock else "")
 
 
 @pytest.fixture
@@ -324,18 +325,8 @@ def test_copies_in_a_dr_bucket_with_object_lock_are_locked_for_their_retention(e
     component), so neither a delete of the version nor the DR prune removes them early."""
     from tasks.replicate import dr_store
 
-    locked = "t-drlock-" + uuid.uuid4().hex[:8]
-    env["s3"].create_bucket(locked, object_lock=True)
-    env["settings"](textwrap.dedent(f"""
-        [dr.targets.locked]
-        kind = "storage"
-        [dr.targets.locked.storage]
-        bucket = "{locked}"
-        endpoint_url = "{env['s3'].url}"
-        access_key_id = "env:LUXIMA_TEST_S3_ACCESS_KEY"
-        secret_access_key = "env:LUXIMA_TEST_S3_SECRET_KEY"
-        object_lock = "governance"
-        """))
+    locked, locked_toml = dr_bucket_toml(env["s3"], "locked", object_lock=True)
+    env["settings"](locked_toml)
     made = a_backup(env["store"], NOW - HOUR)
     state = run(targets=["locked"])
     assert state.is_completed(), state.message
