@@ -1,11 +1,12 @@
 """The PostgreSQL restore flow: download → decrypt → decompress → restore → verify, logged.
 
-The backup is found from the manifests in storage alone. Its ciphertext is fetched once into a
-private spool, then read twice: a first pass decrypts and decompresses all of it, so every
-chunk is authenticated and the dump's sha256 compared with the manifest *before any byte
-reaches the target*; a second pass streams it into ``pg_restore`` (or, for parallel restores,
-the first pass writes the dump to a private file that ``pg_restore -j`` reads). The spool
-directory is removed in all cases.
+The backup is found from the manifests in storage alone, then streamed in one pass from storage
+into ``pg_restore``, which writes only into a database this run created: every chunk is
+authenticated before its plaintext moves on, and a stream that fails authentication, ends early
+or does not match the manifest's checksums aborts ``pg_restore --single-transaction`` and drops
+that database. Nothing of the backup touches the disk on the way: no ciphertext spool, no
+plaintext dump (a parallel restore builds indexes and constraints from the dump's table of
+contents, held in memory).
 
 Nothing existing is overwritten by default: a restore goes into a new database. Replacing a
 database needs ``mode='replace'`` and ``confirm`` naming it; the restore then goes into a new
@@ -30,7 +31,7 @@ from luxima_backup import catalog, events, pg, runtime
 from luxima_backup.catalog import Backup
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.manifest import DbManifest
-from luxima_backup.errors import BackupError, ConfigError, VerificationError, should_retry
+from luxima_backup.errors import BackupError, ConfigError, IntegrityError, VerificationError, should_retry
 from luxima_backup.pipes import Link
 from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
@@ -40,10 +41,10 @@ from luxima_backup.compression import DecompressingReader
 from luxima_backup.workdir import private_dir
 from tasks.compress import decompress
 from tasks.decrypt import decrypt
-from tasks.download import download
+from tasks.download import download_stream
 from tasks.log import log_run
 from tasks.restore import (
-    apply_statements, create_database, database_exists, database_properties, drop_database, quote_ident, restore,
+    ArchiveHead, apply_statements, create_database, database_exists, database_properties, drop_database, quote_ident, restore,
     restore_globals_sql, swap_databases,
 )
 from tasks.verify.readback import check_row
@@ -168,7 +169,8 @@ def db_restore(
         schemas: restore only these schemas (into a new database).
         tables: restore only these tables, as schema.table, with their rows (into a new database; pg_restore -t
             brings the table and its data, not its indexes or constraints: enough to copy rows back).
-        jobs: parallel pg_restore jobs (default: restore.jobs); above 1 uses a private temporary file.
+        jobs: parallel pg_restore jobs for indexes and constraints (default: restore.jobs); the rows come
+            through one stream either way.
         restore_globals_first: create the backed-up roles on the target server first (off by default).
         no_owner: restore without ownership and privileges (when the roles do not exist on the target).
     """
@@ -190,30 +192,10 @@ def db_restore(
         timings: dict[str, float] = {}
         checks: list[dict[str, Any]] = []
         created = False
+        keep_for_inspection = False  # only a database that was restored whole and then failed a check is kept
         work = private_dir(settings.work_dir, "restore-")
         outcome: dict[str, Any] = {}
         try:
-            spool = str(work / "backup.enc")
-            with stage_limit("download"):
-                dl = download(dump_info.key, spool, dump_info.size_encrypted, dump_info.sha256_encrypted,
-                              expect=doc.binding_of(dump_info.key))
-            timings["download"] = dl["seconds"]
-            checks.append(check_row("sha256 of the stored object", dump_info.sha256_encrypted, dl["sha256"]))
-
-            # Pass 1: authenticate every chunk and check the dump's checksum before touching the target.
-            dump_file = str(work / "backup.dump") if plan.jobs > 1 else None
-            link = Link("decrypt→decompress")
-            checking = Progress("decrypting and checking the dump", dump_info.size_plain)
-            with stage_limit("decrypting and checking the dump"):
-                dec, plain = run_linked(lambda fs: (fs.append(decrypt.submit(spool, link)),
-                                                    fs.append(decompress.submit(link, codec, to_file=dump_file,
-                                                                                progress=checking))), [link])
-            timings["decrypt"], timings["decompress"] = dec["seconds"], plain["seconds"]
-            checks.append(check_row("sha256 of the dump", dump_info.sha256_plain, plain["plain_sha256"]))
-            checks.append(check_row("size of the dump", dump_info.size_plain, plain["plain_bytes"]))
-            if plain["plain_sha256"] != dump_info.sha256_plain or plain["plain_bytes"] != dump_info.size_plain:
-                raise VerificationError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; nothing was restored")
-
             if restore_globals_first:
                 if not doc.globals.key:
                     raise ConfigError(f"backup {plan.backup.backup_id} has no globals: {doc.globals.warning or ''}")
@@ -221,8 +203,17 @@ def db_restore(
 
             create_database(target_cfg, plan.restore_into)
             created = True
-            timings["restore"] = _restore_pass(settings, plan, spool, dump_file, codec, dump_major, no_owner, target_cfg)
-            properties = _database_properties(settings, plan, work, spool, dump_file, codec, dump_major, no_owner, target_cfg)
+            head = ArchiveHead()
+            passed = _restore_pass(settings, plan, codec, dump_major, no_owner, target_cfg, head)
+            timings.update(passed["timings"])
+            checks.append(check_row("sha256 of the stored object", dump_info.sha256_encrypted, passed["sha256_encrypted"]))
+            checks.append(check_row("sha256 of the dump", dump_info.sha256_plain, passed["plain_sha256"]))
+            checks.append(check_row("size of the dump", dump_info.size_plain, passed["plain_bytes"]))
+            if passed["plain_sha256"] != dump_info.sha256_plain or passed["plain_bytes"] != dump_info.size_plain:
+                # Every chunk authenticated, yet not the dump the manifest describes: what went in is not trusted.
+                raise IntegrityError(f"the decrypted dump of {plan.backup.backup_id} does not match its manifest; the "
+                                     f"database restored from it is dropped", hint="restore another backup")
+            properties = _database_properties(settings, plan, work, head, dump_major, no_owner, target_cfg)
             if not plan.replaces:
                 apply_statements(target_cfg, properties, plan.restore_into)
 
@@ -235,6 +226,7 @@ def db_restore(
             _publish(plan, checks, rto, rto_target, timings)
             failed = [c["check"] for c in checks if not c["ok"]]
             if failed:
+                keep_for_inspection = True
                 raise VerificationError(f"restored database {plan.restore_into} failed checks: {', '.join(failed)}",
                                         hint="see the restore artifact; the database is kept for inspection")
             if plan.replaces:
@@ -246,8 +238,7 @@ def db_restore(
             if events.is_verification_failure(exc):
                 events.verification_failed("restore", "db", plan.source, str(exc), backup_id=plan.backup.backup_id,
                                            database=plan.restore_into)
-            verified_but_wrong = isinstance(exc, VerificationError) and created and checks and "restore" in timings
-            if created and not verified_but_wrong:
+            if created and not keep_for_inspection:
                 _drop_quietly(target_cfg, plan.restore_into, logger)
             outcome = {"status": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
             raise
@@ -266,27 +257,39 @@ def db_restore(
         return summary
 
 
-def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | None, codec: str, dump_major: int,
-                  no_owner: bool, target_cfg: Any) -> float:
-    """Pass 2: the authenticated dump into pg_restore; transient failures start over on an empty database."""
+def _restore_pass(settings: Settings, plan: Plan, codec: str, dump_major: int, no_owner: bool, target_cfg: Any,
+                  head: ArchiveHead) -> dict[str, Any]:
+    """One pass, storage to database: download → decrypt → decompress → pg_restore, all streaming at once.
+
+    Each chunk is authenticated before its plaintext moves on; a stream that fails authentication, ends
+    early or breaks kills pg_restore before its transaction commits. Transient failures (a connection
+    cut mid-stream) start the whole pass over on an emptied database.
+    """
+    dump = plan.manifest.dump
     attempts = settings.restore.attempts
     for attempt in range(1, attempts + 1):
         t = time.monotonic()
         try:
-            with stage_limit(f"pg_restore attempt {attempt}"):
-                if dump_file is not None:
-                    restore(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas, plan.tables, no_owner,
-                            dump_file=dump_file)
-                else:
-                    links = decrypted, dumped = Link("decrypt→decompress"), Link("decompress→restore")
-                    run_linked(lambda fs: (
-                        fs.append(decrypt.submit(spool, decrypted)),
-                        fs.append(decompress.submit(decrypted, codec, sink=dumped,
-                                                    progress=Progress(f"restore into {plan.restore_into}", plan.manifest.dump.size_plain))),
-                        fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
-                                                 plan.tables, no_owner, source=dumped)),
-                    ), list(links))
-            return round(time.monotonic() - t, 3)
+            with stage_limit(f"restore attempt {attempt}"):
+                links = fetched, decrypted, dumped = (Link("download→decrypt"), Link("decrypt→decompress"),
+                                                      Link("decompress→restore"))
+                dl, dec, plain, restored = run_linked(lambda fs: (
+                    fs.append(download_stream.submit(dump.key, fetched, dump.size_encrypted, dump.sha256_encrypted,
+                                                     expect=plan.manifest.binding_of(dump.key))),
+                    fs.append(decrypt.submit(fetched, decrypted)),
+                    fs.append(decompress.submit(decrypted, codec, sink=dumped,
+                                                progress=Progress(f"restore into {plan.restore_into}", dump.size_plain))),
+                    fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
+                                             plan.tables, no_owner, source=dumped, head=head)),
+                ), list(links))
+            get_run_logger().info("downloaded, decrypted and restored %s (%d bytes; sha256 matches the manifest)",
+                                  dump.key, dl["bytes"])
+            timings = {"download": dl["seconds"], "decrypt": dec["seconds"], "decompress": plain["seconds"],
+                       "restore": round(time.monotonic() - t, 3)}
+            if "post_data_seconds" in restored:
+                timings["post-data (parallel)"] = restored["post_data_seconds"]
+            return {"timings": timings, "sha256_encrypted": dl["sha256"], "plain_sha256": plain["plain_sha256"],
+                    "plain_bytes": plain["plain_bytes"]}
         except BackupError as exc:
             if attempt == attempts or not should_retry(exc):
                 raise
@@ -296,23 +299,15 @@ def _restore_pass(settings: Settings, plan: Plan, spool: str, dump_file: str | N
     raise AssertionError("unreachable")
 
 
-def _database_properties(settings: Settings, plan: Plan, work: Any, spool: str, dump_file: str | None, codec: str,
-                         dump_major: int, no_owner: bool, target_cfg: Any) -> list[str]:
+def _database_properties(settings: Settings, plan: Plan, work: Any, head: ArchiveHead, dump_major: int, no_owner: bool,
+                         target_cfg: Any) -> list[str]:
     """The backed-up database's own properties (owner, ACL, settings, comment, connection limit) for the database this
-    restore leaves in place; none for a selective restore, which goes into a scratch database for copying rows."""
+    restore leaves in place, from the dump's table of contents; none for a selective restore, which goes into a
+    scratch database for copying rows."""
     if plan.selective:
         return []
-
-    def read_dump() -> Any:
-        if dump_file is not None:
-            return open(dump_file, "rb")
-        f = open(spool, "rb")
-        reader = DecompressingReader(DecryptingReader(f, runtime.key_provider(settings).unwrap), codec)  # type: ignore[arg-type]
-        reader.close = f.close  # type: ignore[attr-defined]  # the reader owns the spool file it was opened on
-        return reader
-
     tool = pg.find_tool("pg_restore", dump_major, settings.db_backup.pg_bin_dir)
-    statements = database_properties(tool, read_dump, str(work), plan.manifest.source.database,
+    statements = database_properties(tool, head.open, str(work), plan.manifest.source.database,
                                       plan.replaces or plan.restore_into, quote_ident(target_cfg), no_owner)
     get_run_logger().info("%d database-level statement(s) from the backup (owner, grants, settings, comment)", len(statements))
     return statements

@@ -362,12 +362,12 @@ class ClientProcess:
 
 
 def start_client(tool: Tool, cfg: PostgresConnection, args: list[str], *, stdin: int = subprocess.DEVNULL,
-                 stdout: int = subprocess.DEVNULL) -> ClientProcess:
+                 stdout: int = subprocess.DEVNULL, pass_fds: tuple[int, ...] = ()) -> ClientProcess:
     """Start a libpq client tool on file descriptors ``stdin``/``stdout``; stderr is collected."""
     passfile = write_passfile(cfg)
     try:
         proc = procs.popen([tool.path, "--no-password", *args], stdout=stdout, stderr=subprocess.PIPE, stdin=stdin,
-                           env=libpq_env(cfg, passfile))
+                           env=libpq_env(cfg, passfile), pass_fds=pass_fds)
     except BaseException:
         remove_passfile(passfile)
         raise

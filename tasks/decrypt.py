@@ -1,4 +1,4 @@
-"""Decryption stage: the spooled ciphertext into a stream of (compressed) plaintext.
+"""Decryption stage: the ciphertext (streamed from storage, or spooled) into a stream of (compressed) plaintext.
 
 Each chunk is released only once it authenticates; a truncated, reordered or altered object
 fails here, and the stages downstream see a failure, never a clean end of stream.
@@ -6,6 +6,7 @@ fails here, and the stages downstream see a failure, never a clean end of stream
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,11 +27,13 @@ def decrypt_stream(src: BinaryIO, dst: Any, unwrap: UnwrapFn) -> tuple[Meter, di
 
 
 @task(name="decrypt", cache_policy=NO_CACHE, persist_result=False)
-def decrypt(spool: str, sink: Link) -> dict[str, Any]:
-    """Decrypt the spooled backup, authenticating every chunk, into the next stage."""
-    with stage(None, sink):
+def decrypt(source: str | Link, sink: Link) -> dict[str, Any]:
+    """Decrypt the backup (a spool file, or the stream of the download stage), authenticating every chunk,
+    into the next stage."""
+    streamed = source if isinstance(source, Link) else None
+    with stage(streamed, sink):
         provider = runtime.key_provider()
-        with open(Path(spool), "rb") as src:
+        with (contextlib.nullcontext(streamed.reader()) if streamed else open(Path(str(source)), "rb")) as src:
             plain, key = decrypt_stream(src, sink.writer(), provider.unwrap)
     key.pop("wrapped", None)
     return {"compressed_bytes": plain.size, "key": key, "seconds": round(plain.seconds, 3)}

@@ -1,13 +1,16 @@
 """Restore stage: pg_restore into a database created for it, and the swap that replaces a database.
 
-pg_restore runs with ``--exit-on-error`` (and ``--single-transaction`` when not parallel), so
-a restore that hit any error fails instead of "succeeding" with missing data. Only databases
+pg_restore runs with ``--exit-on-error`` and ``--single-transaction`` (a parallel restore: schema and
+data in that transaction, then indexes and constraints with ``--jobs``), so a restore that hit any
+error fails instead of "succeeding" with missing data. Only databases
 created by the restore are ever dropped; a replaced database is renamed aside, never dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import re
 import time
 from typing import Any, Callable
@@ -16,8 +19,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from luxima_backup import pg, procs, runtime
-from luxima_backup.errors import ConfigError, DatabaseError, ToolError
+from luxima_backup import pg, pg_archive, procs, runtime
+from luxima_backup.errors import ConfigError, DatabaseError, StageAborted, ToolError
 from luxima_backup.pipes import Link, drain
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
@@ -157,10 +160,8 @@ def quote_ident(cfg: PostgresConnection) -> Callable[[str], str]:
     return quote
 
 
-def pg_restore_args(dbname: str, jobs: int, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:
+def pg_restore_args(dbname: str, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:
     args = ["--exit-on-error", f"--dbname={dbname}"]
-    # One transaction: a failure leaves the new database empty rather than half restored.
-    args += ["--single-transaction"] if jobs == 1 else [f"--jobs={jobs}"]
     if no_owner:
         args += ["--no-owner", "--no-privileges"]
     selected_schemas = list(schemas)
@@ -173,26 +174,80 @@ def pg_restore_args(dbname: str, jobs: int, schemas: list[str], tables: list[str
     return args
 
 
-def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link | None,
-                   dump_file: str | None) -> dict[str, Any]:
-    """Run pg_restore reading ``dump_file`` or the stream of ``source``; raise on any error."""
+# A table of contents larger than this (hundreds of thousands of objects) is not kept aside: such a
+# restore runs in one stream, without the parallel post-data step.
+TOC_LIMIT = 32 << 20
+SPLICE_SIZE = 1 << 20
+
+
+class ArchiveHead:
+    """The dump's first bytes, up to the end of its table of contents: DDL and no rows, held in memory.
+
+    The restore stage fills it while the stream passes; the flow reads the database's own properties
+    from it, and a parallel restore builds indexes and constraints from it (``pg_restore --jobs``
+    needs a seekable archive: a memfd of these bytes, never a file on disk).
+    """
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.head: pg_archive.Head | None = None
+
+    def open(self) -> io.BytesIO:
+        if self.data is None:
+            raise ToolError("the dump's table of contents was not read", hint="the restore stopped before the dump began")
+        return io.BytesIO(self.data)
+
+
+def read_archive_head(reader: Any, limit: int = TOC_LIMIT) -> tuple[bytes, pg_archive.Head | None]:
+    """Read the stream until its table of contents is complete: the bytes read (possibly a little beyond the
+    TOC) and the parsed head, or None when the archive is not one pg_archive knows, too big, or ends first."""
+    buf = bytearray()
+    want = 1 << 16
+    while True:
+        block = reader.read(want)
+        buf += block
+        try:
+            return bytes(buf), pg_archive.read_head(buf)
+        except pg_archive.UnsupportedArchive:
+            return bytes(buf), None
+        except pg_archive.NeedMore:
+            if not block or len(buf) >= limit:
+                return bytes(buf), None
+        want = max(want, len(buf))  # doubling: the head is parsed O(log n) times, not once per block
+
+
+def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link, head: ArchiveHead,
+                   split: bool) -> dict[str, Any]:
+    """Run pg_restore in one transaction on the stream of ``source``, keeping the dump's head aside.
+
+    ``split``: schema and data only, when the head could be read (``result["split"]`` says whether it was),
+    for ``run_post_data`` to finish. The stream passes through this stage (spliced, not copied through
+    Python) so that pg_restore's stdin closes only once upstream has declared the stream whole: a
+    stream cut short or failing authentication kills pg_restore before it sees an end of input.
+    """
     started = time.monotonic()
+    reader = source.reader()
+    first, parsed = read_archive_head(reader)
+    head.data, head.head = (first[:parsed.toc_end], parsed) if parsed else (first, None)
+    split = split and parsed is not None
+    args = [*args, "--single-transaction", *(["--section=pre-data", "--section=data"] if split else [])]
+    stdin = Link(f"{source.name} (pg_restore stdin)")
     process = None
     try:
-        if dump_file is not None:
-            process = pg.start_client(tool, cfg, [*args, dump_file])
-        else:
-            assert source is not None
-            process = pg.start_client(tool, cfg, args, stdin=source.take_read_fd())
+        process = pg.start_client(tool, cfg, args, stdin=stdin.take_read_fd())
+        stdin.close_read()
+        try:
+            stdin.writer().write(first)
+            src, dst = source.take_read_fd(), stdin.take_write_fd()
+            while os.splice(src, dst, SPLICE_SIZE):
+                pass
+        except (BrokenPipeError, StageAborted):
+            # pg_restore stopped reading: done (a selective restore needs only part of the archive) or
+            # failed. Drain the rest so upstream finishes; its verdict is taken below either way.
+            drain(reader)
+        source.wait_verdict()  # a stream cut short upstream is a failure, whatever pg_restore said
+        stdin.close_write()
         rc = process.wait()
-        if source is not None:
-            if rc != 0 or process.errors():
-                source.close_read()  # upstream must not block on a pipe nobody reads any more
-            else:
-                # pg_restore may stop early (a selective restore needs only part of the archive);
-                # drain the rest so upstream finishes, and take its verdict: a stream cut short
-                # upstream is a failure, whatever pg_restore said.
-                drain(source.reader())
         process.check(rc)
     except ToolError as exc:
         if process is not None:
@@ -203,19 +258,46 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
         raise
     except BaseException:
         if process is not None:
-            process.kill()
-        if source is not None:
-            source.close_read()
+            process.kill()  # before its stdin closes: no end of input, so no COMMIT
+        source.close_read()
         raise
+    finally:
+        stdin.close_all()
     warnings = [line for line in process.stderr if "warning" in line.lower()]
     return {"pg_restore": tool.path, "pg_restore_version": tool.version, "warnings": warnings[-20:],
-            "seconds": round(time.monotonic() - started, 3)}
+            "seconds": round(time.monotonic() - started, 3), "split": split}
+
+
+def run_post_data(tool: pg.Tool, cfg: PostgresConnection, args: list[str], head: ArchiveHead, jobs: int) -> float:
+    """Indexes, constraints and triggers by ``pg_restore --jobs`` from the table of contents alone (which
+    names no data blocks for this section): a memfd, so the DDL never lands on disk."""
+    started = time.monotonic()
+    assert head.data is not None
+    fd = os.memfd_create("luxima-restore-toc", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(head.data)
+        process = pg.start_client(tool, cfg, [*args, f"--jobs={jobs}", "--section=post-data", f"/dev/fd/{fd}"],
+                                  pass_fds=(fd,))
+        try:
+            process.check(process.wait())
+        except BaseException:
+            process.kill()
+            raise
+    finally:
+        os.close(fd)
+    return round(time.monotonic() - started, 3)
 
 
 @task(name="restore", cache_policy=NO_CACHE, persist_result=False)
 def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[str], tables: list[str],
-            no_owner: bool, source: Link | None = None, dump_file: str | None = None) -> dict[str, Any]:
-    """pg_restore the authenticated dump into the new database, stopping at the first error."""
+            no_owner: bool, source: Link, head: ArchiveHead) -> dict[str, Any]:
+    """pg_restore the authenticated stream into the new database, stopping at the first error.
+
+    One job: the whole archive in one transaction. More: schema and data in one transaction from the
+    stream, then indexes, constraints and triggers built by ``jobs`` parallel workers from the table of
+    contents (the part that parallelism speeds up: the rows come through one stream either way).
+    """
     settings = runtime.settings()
     cfg = on_database(settings.database(target), dbname)
     with pg.connect(cfg) as conn:
@@ -226,8 +308,18 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     # pg_restore must read the archive (as new as the pg_dump that wrote it) and speak to the server.
     tool = pg.find_tool("pg_restore", max(server.major, dump_major), settings.db_backup.pg_bin_dir)
-    result = run_pg_restore(tool, cfg, pg_restore_args(dbname, jobs, schemas, tables, no_owner), source, dump_file)
-    get_run_logger().info("pg_restore %s restored into %s in %.1fs", tool.version, dbname, result["seconds"])
+    args = pg_restore_args(dbname, schemas, tables, no_owner)
+    result = run_pg_restore(tool, cfg, args, source, head, split=jobs > 1)
+    log = get_run_logger()
+    if result["split"]:
+        result["post_data_seconds"] = run_post_data(tool, cfg, args, head, jobs)
+        log.info("pg_restore %s: schema and data into %s in %.1fs, then indexes and constraints with %d jobs in %.1fs",
+                 tool.version, dbname, result["seconds"], jobs, result["post_data_seconds"])
+        return result
+    if jobs > 1:
+        log.warning("the dump's table of contents could not be read ahead (larger than %d MiB or an archive version "
+                    "this restore does not know): restored in one stream, without parallel jobs", TOC_LIMIT >> 20)
+    log.info("pg_restore %s restored into %s in %.1fs", tool.version, dbname, result["seconds"])
     return result
 
 
