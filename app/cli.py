@@ -611,6 +611,8 @@ def secret_cmd(name: str = typer.Argument(..., help="Prefect Secret block name (
 @app.command("worker")
 def worker_cmd(pool: str = typer.Option("luxima-backup", help="the process work pool to poll"),
                limit: Optional[int] = typer.Option(None, help="flow runs at once"),
+               name: Optional[str] = typer.Option(None, help="the worker's name in the UI and in its runs' logs "
+                                                  "(e.g. the host's; default: Prefect's generated one)"),
                config: Optional[Path] = ConfigOpt) -> None:
     """Run a process worker for the deployments (flow runs get this settings file and project home)."""
     _use_config(config)
@@ -620,7 +622,8 @@ def worker_cmd(pool: str = typer.Option("luxima-backup", help="the process work 
         load_settings()
     except BackupError as exc:
         _fail(exc)
-    os.execve(worker_command(pool, limit)[0], worker_command(pool, limit), worker_env())
+    command = worker_command(pool, limit, name)
+    os.execve(command[0], command, worker_env())
 
 
 @app.command("serve")

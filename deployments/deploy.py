@@ -62,10 +62,12 @@ def deploy_all() -> list[str]:
     return [s.name for s in load_specs()]
 
 
-def worker_command(pool: str, limit: int | None = None) -> list[str]:
+def worker_command(pool: str, limit: int | None = None, name: str | None = None) -> list[str]:
     cmd = [_prefect(), "worker", "start", "--pool", pool, "--type", "process"]
     if limit:
         cmd += ["--limit", str(limit)]
+    if name:
+        cmd += ["--name", name]
     return cmd
 
 

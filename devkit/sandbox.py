@@ -273,11 +273,13 @@ class MotoS3Server:
 
 
 class PrefectServer:
-    """``prefect server start`` with its own home and SQLite database, on loopback."""
+    """``prefect server start`` with its own home, on loopback; its database is SQLite in that home, or
+    ``database_url`` (``postgresql+asyncpg://…``, as a production server runs)."""
 
-    def __init__(self, port: int | None = None, root: Path | None = None):
+    def __init__(self, port: int | None = None, root: Path | None = None, database_url: str | None = None):
         self.port = port or free_port()
         self.root = root or Path(tempfile.mkdtemp(prefix="luxima-prefect-"))
+        self.database_url = database_url
         self.log = self.root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -294,7 +296,7 @@ class PrefectServer:
     def start(self) -> "PrefectServer":
         env = dict(os.environ, **self.env())
         env.pop("PREFECT_API_URL")
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.root}/prefect.db"
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url or f"sqlite+aiosqlite:///{self.root}/prefect.db"
         env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
         env["PREFECT_UI_URL"] = self.api_url[: -len("/api")]  # links in alert messages
         env["PREFECT_UI_API_URL"] = self.api_url  # the UI's own calls (its default is port 4200)
