@@ -151,10 +151,15 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     work = private_dir(settings.work_dir, "files-backup-")
     lock = None
     try:
-        lock = _lock_mirror(settings, name)
-        with runtime.time_limit(_stage_limit, f"mirror of {name}", _STAGE_SETTING):
-            synced = sync(name, previous_entries, allow_shrink)
-        check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
+        if source.direct:
+            # Archived in place: no staging copy to fill, so no mirror to guard. A vanished or shrunken source is
+            # caught by the counts of what was archived, before any manifest is written.
+            synced = _direct_source(name, source)
+        else:
+            lock = _lock_mirror(settings, name)
+            with runtime.time_limit(_stage_limit, f"mirror of {name}", _STAGE_SETTING):
+                synced = sync(name, previous_entries, allow_shrink)
+            check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
         previous_index = None
         if previous is not None:
             previous_index, is_full, why = _previous_index(previous, work, is_full, why)
@@ -169,6 +174,13 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
             raise BackupError("the bytes uploaded differ from the bytes encrypted")
         check_counts(name, source, a["totals"]["files"], previous_files, allow_shrink)
+        if source.direct:
+            ch = a["changes"]
+            synced.update(files=a["totals"]["files"], regular_files=a["totals"]["files"], total_bytes=a["totals"]["bytes"],
+                          transferred_files=ch["added"] + ch["changed"], transferred_bytes=ch["added_bytes"] + ch["changed_bytes"],
+                          deleted_files=ch["removed"])
+        if "changed_while_read" in a:
+            synced["changed_while_read"] = a["changed_while_read"]
         index_info = manifest.FileIndex(key=keys.index, **a["index"])
         uploaded.append(keys.index)
         upload_index(index_spool, keys.index, index_info.size_encrypted, index_info.sha256_encrypted)
@@ -263,6 +275,15 @@ def files_backup(sources: list[str] | None = None, full: bool = False, allow_shr
         return results
 
 
+def _direct_source(name: str, source: FileSource) -> dict[str, Any]:
+    """The sync statistics of a source archived in place (filled in from the archive's counts)."""
+    if not Path(source.path).is_dir():
+        raise SourceError(f"source {name}: {source.path} does not exist or is not a directory",
+                          hint="the source vanished (an unmounted volume?); the backups are untouched")
+    return {"tool": "none (archived in place)", "files": 0, "regular_files": 0, "transferred_files": 0,
+            "transferred_bytes": 0, "deleted_files": 0, "seconds": 0.0}
+
+
 def _lock_mirror(settings: Settings, name: str) -> Any:
     """Hold the source's mirror for this run: two runs syncing and archiving one mirror would mix their trees."""
     import fcntl
@@ -351,5 +372,9 @@ def _publish(doc: manifest.FilesManifest, seconds: float) -> None:
         f"| removed | {ch['removed']} | |",
         f"| unchanged | {ch['unchanged']} | |",
     ]
+    if sy.get("changed_while_read"):
+        c = sy["changed_while_read"]
+        lines += ["", f"**{c['count']} file(s) changed while they were read** (stored as read; the next run stores them "
+                  "again):", "", *[f"- `{f}`" for f in c["files"]]]
     key = "".join(ch_ if ch_.isalnum() else "-" for ch_ in f"files-backup-{doc.source.name}".lower())
     create_markdown_artifact(key=key, markdown=redact("\n".join(lines)), description=f"Backup {doc.backup_id}")

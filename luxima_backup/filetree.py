@@ -115,8 +115,13 @@ def walk(root: Path) -> Iterator[tuple[bytes, os.stat_result]]:
     base = os.fsencode(root)
 
     def visit(rel: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
-        with os.scandir(os.path.join(base, rel) if rel else base) as it:
-            names = sorted(e.name for e in it)
+        try:
+            with os.scandir(os.path.join(base, rel) if rel else base) as it:
+                names = sorted(e.name for e in it)
+        except FileNotFoundError:
+            if not rel:
+                raise
+            return  # a folder removed during the walk (a tree in use): it is not in this backup
         for name in names:
             child = rel + b"/" + name if rel else name
             try:
@@ -212,11 +217,23 @@ def open_tar_writer(sink: Any) -> tarfile.TarFile:
     return tar
 
 
-def add_file(tar: tarfile.TarFile, root: Path, entry: Entry) -> None:
-    """Add a regular file's content and take its md5 and sha256 on the way (into ``entry``)."""
+def add_file(tar: tarfile.TarFile, root: Path, entry: Entry, live: bool = False) -> str | None:
+    """Add a regular file's content and take its md5 and sha256 on the way (into ``entry``).
+
+    ``live``: the tree is in use (a source archived in place, not a staging copy). The entry is taken
+    from the open file (it may have changed since the walk), and a file that changed while it was
+    read is still stored as read, as GNU tar does: a file that shrank is padded with zeros to the
+    size its header promised. The return says what happened (None: read whole and unchanged);
+    the entry then keeps an mtime of 0, so the next run stores the file again.
+    """
     fd = os.open(os.path.join(os.fsencode(root), entry.path), os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        reader = HashingReader(f)
+        before = os.fstat(fd) if live else None
+        if before is not None:
+            if not stat.S_ISREG(before.st_mode):
+                raise IntegrityError(f"{entry.name} was replaced by something else than a file while it was archived")
+            entry.size, entry.mtime_ns, entry.mode = before.st_size, before.st_mtime_ns, stat.S_IMODE(before.st_mode)
+        reader = HashingReader(_PaddedReader(f, entry.size) if live else f)
         try:
             tar.addfile(tarinfo(entry), reader)  # type: ignore[arg-type]
             forget_members(tar)
@@ -224,7 +241,33 @@ def add_file(tar: tarfile.TarFile, root: Path, entry: Entry) -> None:
             if "unexpected end of data" in str(exc):
                 raise IntegrityError(f"{entry.name} shrank while it was archived") from None
             raise
+        changed = None
+        if before is not None:
+            after = os.fstat(fd)
+            if isinstance(reader._src, _PaddedReader) and reader._src.padded:
+                changed = f"shrank while it was read: padded with {reader._src.padded} zero bytes"
+            elif (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+                changed = "changed while it was read"
+            if changed:
+                entry.mtime_ns = 0  # never "unchanged" to the next run's comparison
     entry.md5, entry.sha256 = reader.md5.hexdigest(), reader.sha256.hexdigest()
+    return changed
+
+
+class _PaddedReader:
+    """Exactly ``size`` bytes of a file in use: what is there, then zeros if it shrank meanwhile."""
+
+    def __init__(self, src: BinaryIO, size: int):
+        self._src, self._left, self.padded = src, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._src.read(n) if n else b""
+        if len(data) < n:
+            self.padded += n - len(data)
+            data += bytes(n - len(data))
+        self._left -= len(data)
+        return data
 
 
 def forget_members(tar: tarfile.TarFile) -> None:

@@ -305,6 +305,12 @@ class FileSource(_Section):
     access_key_id: Secret | None = None
     secret_access_key: Secret | None = None
     exclude: list[str] = Field(default_factory=list, description="patterns left out (rsync --exclude syntax; fnmatch on the key for s3)")
+    direct: bool = Field(
+        False,
+        description="kind = local: archive straight from the directory, without the staging copy (each file is "
+        "checked unchanged across its read; one that changed is stored as read, named in the backup's warnings, "
+        "and stored again by the next run)",
+    )
     min_files: int = Field(1, ge=0, description="fewer files than this fails the backup (0 allows an empty source)")
     max_shrink_percent: float = Field(
         50, ge=0, le=100,
@@ -317,6 +323,10 @@ class FileSource(_Section):
             raise ValueError(f"a {self.kind} file source needs path, an absolute directory")
         if self.kind == "ssh" and not self.host:
             raise ValueError("a ssh file source needs host, the name of a [hosts.NAME] section")
+        if self.direct and self.kind != "local":
+            raise ValueError("direct applies to local sources only (others are copied into the staging mirror)")
+        if self.direct and self.exclude:
+            raise ValueError("exclude needs the staging mirror (rsync applies the patterns): remove direct, or the patterns")
         if self.kind == "s3":
             if not self.bucket:
                 raise ValueError("a s3 file source needs bucket")

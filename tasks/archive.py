@@ -116,12 +116,16 @@ class Changes:
                 "added_bytes": self.added_bytes, "changed_bytes": self.changed_bytes}
 
 
+MAX_WARNINGS = 100  # files named in a backup's warnings (the count is always whole)
+
+
 def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, previous: Iterator[Entry] | None,
-                 full: bool) -> dict[str, Any]:
+                 full: bool, live: bool = False) -> dict[str, Any]:
     """Write ``root`` as a tar stream into ``sink`` and every entry into ``index``; returns totals and changes.
 
     ``previous`` is the last backup's index (sorted as the walk is), merged with the walk to
-    find what changed; without it every entry counts as added.
+    find what changed; without it every entry counts as added. ``live``: ``root`` is the source
+    itself, in use (see ``filetree.add_file``); files that changed while read are listed.
     """
     started = time.monotonic()
     tar = open_tar_writer(sink)
@@ -130,6 +134,8 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
     changes = Changes()
     totals = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "skipped_special": 0}
     stored = {"files": 0, "bytes": 0}
+    changed_while_read: list[str] = []
+    changed_count = 0
     for rel, st in walk(root):
         entry = entry_of(rel, st, root)
         if entry is None:
@@ -151,7 +157,20 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
                 assert old is not None
                 entry.md5, entry.sha256, entry.archive = old.md5, old.sha256, old.archive
             else:
-                add_file(tar, root, entry)
+                try:
+                    changed = add_file(tar, root, entry, live)
+                except FileNotFoundError:
+                    if not live:
+                        raise
+                    totals["files"] -= 1  # deleted between the walk and its read: not in this backup
+                    totals["bytes"] -= entry.size
+                    if old is not None:
+                        changes.note("removed", old)
+                    continue
+                if changed:
+                    changed_count += 1
+                    if len(changed_while_read) < MAX_WARNINGS:
+                        changed_while_read.append(f"{entry.name}: {changed}")
                 entry.archive = backup_id
                 stored["files"] += 1
                 stored["bytes"] += entry.size
@@ -172,16 +191,21 @@ def archive_tree(root: Path, sink: Any, index: IndexWriter, backup_id: str, prev
         changes.note("removed", prev)
         prev = next(prev_iter, None)
     tar.close()
-    return {"totals": totals, "stored": stored, "changes": changes.as_dict(), "seconds": time.monotonic() - started}
+    result = {"totals": totals, "stored": stored, "changes": changes.as_dict(), "seconds": time.monotonic() - started}
+    if changed_count:
+        result["changed_while_read"] = {"count": changed_count, "files": changed_while_read}
+    return result
 
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
 def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_index: dict[str, Any] | None,
             full: bool, index_binding: dict[str, str]) -> dict[str, Any]:
-    """Tar the source's staging mirror into the pipeline, writing the encrypted file index beside it."""
+    """Tar the source's staging mirror (or, for a direct local source, the directory itself) into the pipeline,
+    writing the encrypted file index beside it."""
     settings = runtime.settings()
     cfg = settings.files_backup
-    root = mirror_path(settings, source)
+    spec = settings.file_source(source)
+    root = Path(spec.path) if spec.direct else mirror_path(settings, source)
     provider = runtime.key_provider(settings)
     with stage(None, sink):
         # The index gets its own data key: it is a separate object, readable without the archive.
@@ -193,13 +217,17 @@ def archive(source: str, sink: Link, backup_id: str, index_spool: str, previous_
             previous = None
             if previous_index is not None:
                 previous = load_index(previous_index["spool"], previous_index["codec"], provider.unwrap)
-            result = archive_tree(root, sink.writer(), index, backup_id, previous, full)
+            result = archive_tree(root, sink.writer(), index, backup_id, previous, full, live=spec.direct)
         except BaseException:
             index.abort()
             raise
         result["index"] = index.close()
     s = result["stored"]
-    get_run_logger().info("archived %s (%s): %d of %d files stored (%d bytes), %d in the index", source,
-                          "full" if full else "incremental", s["files"], result["totals"]["files"], s["bytes"],
-                          result["index"]["entries"])
+    logger = get_run_logger()
+    logger.info("archived %s (%s): %d of %d files stored (%d bytes), %d in the index", source,
+                "full" if full else "incremental", s["files"], result["totals"]["files"], s["bytes"], result["index"]["entries"])
+    if "changed_while_read" in result:
+        c = result["changed_while_read"]
+        logger.warning("%d file(s) of %s changed while they were read, stored as read (the next run stores them again): %s",
+                       c["count"], source, "; ".join(c["files"][:10]))
     return result

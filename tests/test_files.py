@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -573,6 +574,107 @@ def test_md5_mismatch_fails_the_restore_and_is_listed(files_env: dict[str, Any])
     assert [r["path"] for r in rows] == wrong == ["script.sh"]
     logged = [r for r in log_rows(files_env["cluster"], files_env["db"]) if r["kind"] == "restore"]
     assert logged[-1]["status"] == "failed" and logged[-1]["details"]["mismatches"][0]["path"] == "script.sh"
+
+
+def test_a_direct_local_source_is_archived_in_place_without_a_staging_copy(files_env: dict[str, Any]) -> None:
+    """direct = true: the local directory is archived as it is (no mirror is filled), incrementals store only what
+    changed, both backups restore exactly, and a source gone or emptied fails before any manifest is written."""
+    src = files_env["src"]
+    files_env["settings"](kind="local", extra="direct = true\n")
+    first = backed_up()
+    assert first["totals"]["files"] == len(ODD_NAMES) + 7 and first["stored"]["files"] == first["totals"]["files"]
+    from luxima_backup import runtime
+    from tasks.sync import mirror_path
+
+    assert not mirror_path(runtime.settings(), "userfiles").exists()  # nothing was copied
+    first_tree = snapshot(src)
+    (src / "dir with spaces" / "a.txt").write_bytes(b"changed content")
+    (src / "photos" / "2026" / "new.jpg").write_bytes(b"new photo")
+    (src / "empty.txt").unlink()
+    second = backed_up()
+    assert second["type"] == "incremental" and second["stored"]["files"] == 2 and second["transferred_files"] == 2
+    assert (second["changes"]["added"], second["changes"]["changed"], second["changes"]["removed"]) == (1, 1, 1)
+    latest = files_env["tmp"] / "latest"
+    restored(destination=str(latest))
+    assert snapshot(latest) == {k: v for k, v in snapshot(src).items() if k != b"."}
+    old = files_env["tmp"] / "old"
+    restored(destination=str(old), backup=first["backup_id"])
+    assert snapshot(old) == first_tree
+
+    manifests = [k for k in s3_keys(files_env["s3"], files_env["bucket"]) if k.endswith(".manifest.json")]
+    files_env["settings"](kind="local", extra="direct = true\n", path=files_env["tmp"] / "unmounted")
+    assert isinstance(error_of(backup()), SourceError)
+    emptied = files_env["tmp"] / "emptied"
+    emptied.mkdir()
+    (emptied / "left.txt").write_bytes(b"one file left")
+    files_env["settings"](kind="local", extra="direct = true\n", path=emptied)
+    exc = error_of(backup())
+    assert isinstance(exc, SourceError) and "are gone" in str(exc)
+    assert [k for k in s3_keys(files_env["s3"], files_env["bucket"]) if k.endswith(".manifest.json")] == manifests
+
+
+def test_direct_needs_a_local_source_without_exclude_patterns() -> None:
+    from luxima_backup.settings import FileSource
+
+    with pytest.raises(ValueError, match="exclude needs the staging mirror"):
+        FileSource(kind="local", path="/srv/files", direct=True, exclude=["*.tmp"])
+    with pytest.raises(ValueError, match="local sources only"):
+        FileSource(kind="ssh", host="h", path="/srv/files", direct=True)
+
+
+def test_a_file_that_shrinks_or_grows_while_it_is_read_is_stored_as_read_and_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A source in use: another writer cuts one file short and extends another after their reads began (the hook
+    below is that writer, acting on the real files at the first read of each). The archive stays a valid tar
+    whose index describes exactly what it holds, both files are named, and neither can look unchanged to the
+    next run."""
+    from luxima_backup import filetree
+    from tasks.archive import archive_tree
+
+    root = tmp_path / "in-use"
+    root.mkdir()
+    (root / "a-log.txt").write_bytes(b"x" * 300_000)
+    (root / "b-growing.txt").write_bytes(b"y" * 1000)
+    (root / "c-steady.txt").write_bytes(b"z" * 1000)
+    acted: set[str] = set()
+    original = filetree._PaddedReader.read
+
+    def read(self: Any, n: int = -1) -> bytes:
+        path = os.readlink(f"/proc/self/fd/{self._src.fileno()}")
+        name = os.path.basename(path)
+        if name not in acted:
+            acted.add(name)
+            if name == "a-log.txt":
+                os.truncate(path, 1000)
+            elif name == "b-growing.txt":
+                with open(path, "ab") as f:
+                    f.write(b"more")
+        return original(self, n)
+
+    monkeypatch.setattr(filetree._PaddedReader, "read", read)
+
+    class Index:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def add(self, entry: Any) -> None:
+            self.lines.append(filetree.index_line(entry))
+
+    sink, index = io.BytesIO(), Index()
+    result = archive_tree(root, sink, index, "files-x-1", None, full=True, live=True)
+    assert result["changed_while_read"]["count"] == 2
+    assert result["changed_while_read"]["files"] == ["a-log.txt: shrank while it was read: padded with 299000 zero bytes",
+                                                      "b-growing.txt: changed while it was read"]
+    entries = {e.name: e for e in filetree.read_index(io.BytesIO(b"".join(index.lines)))}
+    with tarfile.open(fileobj=io.BytesIO(sink.getvalue()), mode="r|") as tar:
+        for member in tar:
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            e = entries[member.name]
+            assert len(data) == e.size and hashlib.sha256(data).hexdigest() == e.sha256
+    assert entries["a-log.txt"].size == 300_000 and entries["a-log.txt"].mtime_ns == 0
+    assert entries["b-growing.txt"].size == 1000 and entries["b-growing.txt"].mtime_ns == 0
+    assert entries["c-steady.txt"].mtime_ns == (root / "c-steady.txt").stat().st_mtime_ns
 
 
 def test_md5_check_reads_restored_files_back(tmp_path: Path) -> None:
