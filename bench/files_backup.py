@@ -22,6 +22,11 @@ machine, with the page cache warmed by one untimed `tar cf - | wc -c` first:
                fraction of `first`, with the transferred and stored counts from the summary.
   first_zstd   `first` with files_backup.compression = "zstd", into its own empty mirror and
                store (so it is a first run too).
+  first_direct `first` with the source's direct = true: archived in place, no staging copy (each
+               file checked unchanged across its read), into its own empty store.
+  unchanged_direct  the same again with nothing changed: its archive stage (the walk, and the
+               merge with the previous index) is an incremental run's fixed cost, also given per
+               50,000 files.
 
 Sizes: `tar_bytes` is GNU tar's stream of the tree; `by_hand_bytes` what the by-hand pipeline
 writes; the flow's `tar_bytes`, `compressed_bytes` and `encrypted_bytes` come from its manifest
@@ -295,7 +300,7 @@ def backup_run(env: dict[str, str], store: Path) -> dict[str, Any]:
     }
 
 
-def settings_file(run: Path, tree_root: Path, compression: str) -> tuple[Path, Path]:
+def settings_file(run: Path, tree_root: Path, compression: str, direct: bool = False) -> tuple[Path, Path]:
     """A settings file for a fresh run folder: local store, key file, no backup log, the tree as a local source."""
     run.mkdir(parents=True)
     key_file = run / "master.key"
@@ -322,6 +327,7 @@ compression = "{compression}"
 [files_backup.sources.{SOURCE}]
 kind = "local"
 path = "{tree_root}"
+direct = {"true" if direct else "false"}
 """)
     return config, store
 
@@ -363,6 +369,19 @@ def bench_size(gb: float, seed: int, prefect: PrefectServer, zstd: bool, keep: b
         inc = results["incremental"]
         print(f"bench: incremental ({inc['type']}): {inc['seconds']:.1f}s, {inc['transferred_files']} files transferred, "
               f"{inc['stored_files']} stored", flush=True)
+        # The same source archived in place (direct = true): no staging copy. Then a run with nothing changed:
+        # its archive stage is the walk and the merge with the previous index, the fixed cost of an incremental.
+        config_d, store_d = settings_file(runs / "direct", root, "gzip", direct=True)
+        direct_env = dict(env, LUXIMA_BACKUP_CONFIG=str(config_d))
+        results["first_direct"] = backup_run(direct_env, store_d)
+        print(f"bench: first_direct: {results['first_direct']['seconds']:.1f}s, peak RSS "
+              f"{results['first_direct']['peak_rss_mib']} MiB", flush=True)
+        time.sleep(1.1)
+        results["unchanged_direct"] = backup_run(direct_env, store_d)
+        u = results["unchanged_direct"]
+        u["archive_seconds_per_50k_files"] = round(u["stage_seconds"]["archive"] * 50_000 / max(1, u["totals"]["files"]), 3)
+        print(f"bench: unchanged_direct: {u['seconds']:.1f}s, archive stage {u['stage_seconds']['archive']:.2f}s "
+              f"({u['archive_seconds_per_50k_files']}s per 50,000 files)", flush=True)
         if zstd:
             config_z, store_z = settings_file(runs / "zstd", root, "zstd")
             results["first_zstd"] = backup_run(dict(env, LUXIMA_BACKUP_CONFIG=str(config_z)), store_z)
@@ -376,6 +395,7 @@ def bench_size(gb: float, seed: int, prefect: PrefectServer, zstd: bool, keep: b
     first, floor, by_hand = results["first"], results["floor"], results["by_hand"]
     results["ratios"] = {
         "by_hand_over_first": round(by_hand["seconds"] / first["seconds"], 2),
+        "by_hand_over_first_direct": round(by_hand["seconds"] / results["first_direct"]["seconds"], 2),
         "first_over_floor": round(first["seconds"] / floor["seconds"], 2),
         "incremental_over_first": round(results["incremental"]["seconds"] / first["seconds"], 3),
         "encrypted_over_by_hand_bytes": round(first["encrypted_bytes"] / by_hand["bytes"], 3),
@@ -425,10 +445,17 @@ def main() -> None:
               f"| {r['floor']['bytes']} → {r['by_hand']['bytes']} / {f['encrypted_bytes']}"
               + (f" / {z['encrypted_bytes']}" if z else "") + " |")
     print()
+    print("| tree | by hand | first (staging copy) | first, direct | by hand/direct | unchanged run, direct | archive stage per 50,000 unchanged files |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        d, u = r["first_direct"], r["unchanged_direct"]
+        print(f"| {r['tree']['files']} files | {r['by_hand']['seconds']}s | {r['first']['seconds']}s | {d['seconds']}s "
+              f"| {r['ratios']['by_hand_over_first_direct']}x | {u['seconds']}s | {u['archive_seconds_per_50k_files']}s |")
+    print()
     print("| tree | run | sync | archive/compress/encrypt/upload stream | other (verify, index, manifest) | flow total | command |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        for name in ("first", "incremental", "first_zstd"):
+        for name in ("first", "incremental", "first_zstd", "first_direct", "unchanged_direct"):
             if name in r:
                 s = r[name]["stage_seconds"]
                 print(f"| {r['target_gb']:g} GB | {name} | {s['sync']}s | {s['archive']}/{s['compress']}/{s['encrypt']}/"
