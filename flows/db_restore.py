@@ -273,15 +273,20 @@ def _restore_pass(settings: Settings, plan: Plan, codec: str, dump_major: int, n
             with stage_limit(f"restore attempt {attempt}"):
                 links = fetched, decrypted, dumped = (Link("download→decrypt"), Link("decrypt→decompress"),
                                                       Link("decompress→restore"))
-                dl, dec, plain, restored = run_linked(lambda fs: (
-                    fs.append(download_stream.submit(dump.key, fetched, dump.size_encrypted, dump.sha256_encrypted,
-                                                     expect=plan.manifest.binding_of(dump.key))),
-                    fs.append(decrypt.submit(fetched, decrypted)),
+                dl: dict[str, Any] = {}
+
+                def submit(fs: list[Any]) -> None:
+                    fs.append(decrypt.submit(fetched, decrypted))
                     fs.append(decompress.submit(decrypted, codec, sink=dumped,
-                                                progress=Progress(f"restore into {plan.restore_into}", dump.size_plain))),
+                                                progress=Progress(f"restore into {plan.restore_into}", dump.size_plain)))
                     fs.append(restore.submit(plan.target, plan.restore_into, dump_major, plan.jobs, plan.schemas,
-                                             plan.tables, no_owner, source=dumped, head=head)),
-                ), list(links))
+                                             plan.tables, no_owner, source=dumped, head=head))
+                    # The download runs in the flow's own thread: a stage limit's signal interrupts a read that
+                    # storage holds there (a worker thread would wait for the storage client's own timeouts).
+                    dl.update(download_stream(dump.key, fetched, dump.size_encrypted, dump.sha256_encrypted,
+                                              expect=plan.manifest.binding_of(dump.key)))
+
+                dec, plain, restored = run_linked(submit, list(links))
             get_run_logger().info("downloaded, decrypted and restored %s (%d bytes; sha256 matches the manifest)",
                                   dump.key, dl["bytes"])
             timings = {"download": dl["seconds"], "decrypt": dec["seconds"], "decompress": plain["seconds"],
