@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
 from luxima_backup import pg, pg_archive, procs, runtime
-from luxima_backup.errors import ConfigError, DatabaseError, StageAborted, ToolError
+from luxima_backup.errors import ConfigError, DatabaseError, ToolError
 from luxima_backup.pipes import Link, drain
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
@@ -236,18 +236,26 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
     try:
         process = pg.start_client(tool, cfg, args, stdin=stdin.take_read_fd())
         stdin.close_read()
+        rc = None
         try:
-            stdin.writer().write(first)
             src, dst = source.take_read_fd(), stdin.take_write_fd()
+            view = memoryview(first)
+            while view:
+                view = view[os.write(dst, view):]
             while os.splice(src, dst, SPLICE_SIZE):
                 pass
-        except (BrokenPipeError, StageAborted):
-            # pg_restore stopped reading: done (a selective restore needs only part of the archive) or
-            # failed. Drain the rest so upstream finishes; its verdict is taken below either way.
+        except BrokenPipeError:
+            # pg_restore stopped reading. Failed: upstream stops at once (no point reading the rest).
+            # Done early (a selective restore needs only part of the archive): the rest must still
+            # authenticate, so it is drained, and upstream's verdict taken below.
+            rc = process.wait()
+            if rc != 0 or process.errors():
+                source.close_read()
+                process.check(rc)
             drain(reader)
         source.wait_verdict()  # a stream cut short upstream is a failure, whatever pg_restore said
         stdin.close_write()
-        rc = process.wait()
+        rc = process.wait() if rc is None else rc
         process.check(rc)
     except ToolError as exc:
         if process is not None:
