@@ -46,7 +46,6 @@ class Head:
     version: str
     entries: int
     toc_end: int       # bytes from the start of the archive to the end of its table of contents
-    sections: dict[int, int]  # section number (pg_dump's teSection) -> entry count
 
 
 class _Cursor:
@@ -83,10 +82,6 @@ class _Cursor:
         self.take(n)
         return True
 
-    def str(self) -> str | None:
-        n = self.int()
-        return None if n < 0 else bytes(self.take(n)).decode(errors="replace")
-
 
 def read_head(data: bytes | memoryview) -> Head:
     """Parse the archive's header and table of contents from its first bytes.
@@ -118,7 +113,6 @@ def read_head(data: bytes | memoryview) -> Head:
     count = c.int()
     if count < 0:
         raise UnsupportedArchive("negative TOC entry count")
-    sections: dict[int, int] = {}
     for _ in range(count):
         c.int()           # dump id
         c.int()           # had dumper
@@ -126,8 +120,7 @@ def read_head(data: bytes | memoryview) -> Head:
         c.skip_str()      # catalog id: oid
         c.skip_str()      # tag
         c.skip_str()      # desc
-        section = c.int()
-        sections[section] = sections.get(section, 0) + 1
+        c.int()           # section
         for _ in range(3):  # defn, drop statement, copy statement
             c.skip_str()
         c.skip_str()      # namespace
@@ -141,4 +134,4 @@ def read_head(data: bytes | memoryview) -> Head:
             pass
         c.byte()          # data offset state
         c.take(c.off_size)
-    return Head(f"{vmaj}.{vmin}.{vrev}", count, c.pos, sections)
+    return Head(f"{vmaj}.{vmin}.{vrev}", count, c.pos)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, BinaryIO
 
 from prefect import task
@@ -54,14 +53,8 @@ def decompress_stream(src: Any, dst: Any | None, codec: str, progress: Any = Non
 
 
 @task(name="decompress", cache_policy=NO_CACHE, persist_result=False)
-def decompress(source: Link, codec: str, sink: Link | None = None, to_file: str | None = None,
-               progress: Any = None) -> dict[str, Any]:
-    """Decompress the decrypted stream: into the next stage, into a private file, or only to check it."""
+def decompress(source: Link, codec: str, sink: Link | None = None, progress: Any = None) -> dict[str, Any]:
+    """Decompress the decrypted stream: into the next stage, or only to check it."""
     with stage(source, sink):
-        if to_file is not None:
-            fd = os.open(to_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                plain = decompress_stream(source.reader(), out, codec, progress)
-        else:
-            plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec, progress)
+        plain = decompress_stream(source.reader(), sink.writer() if sink else None, codec, progress)
     return {"plain_bytes": plain.size, "plain_sha256": plain.hexdigest, "seconds": round(plain.seconds, 3)}

@@ -190,7 +190,6 @@ class ArchiveHead:
 
     def __init__(self) -> None:
         self.data: bytes | None = None
-        self.head: pg_archive.Head | None = None
 
     def open(self) -> io.BytesIO:
         if self.data is None:
@@ -228,7 +227,7 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
     started = time.monotonic()
     reader = source.reader()
     first, parsed = read_archive_head(reader)
-    head.data, head.head = (first[:parsed.toc_end], parsed) if parsed else (first, None)
+    head.data = first[:parsed.toc_end] if parsed else first
     split = split and parsed is not None
     args = [*args, "--single-transaction", *(["--section=pre-data", "--section=data"] if split else [])]
     stdin = Link(f"{source.name} (pg_restore stdin)")
