@@ -6,6 +6,15 @@ answers 422. `prefect deploy`, ``Flow.deploy`` and workers' hints all call it, a
 deployment is created, so the first deployment registers and the command then fails.
 ``apply()`` fills in the server's own defaults; it is a no-op once the call passes them itself.
 Drop this module when Prefect is upgraded past the bug.
+
+``quick_heartbeat_exit()``: a second one, for speed. A sync flow run's heartbeat thread sleeps in
+1 s steps, and the engine joins it when the run's function returns: every flow run (and every
+subflow) waited 0.5 s on average, up to 1 s, after its work was done (measured: 1.5 s of a small
+CLI backup's 2.3 s in the flow engine). Prefect's own async engine does not join that thread
+(``join_on_exit=False``); nor do ours now. Safe because the thread checks the stop flag after each
+1 s step and the run's state before each heartbeat, and the final state is set before the
+heartbeat context ends: a stopped thread sends nothing more (a heartbeat after the end would
+start the "stopped responding" alert's window).
 """
 
 from __future__ import annotations
@@ -54,3 +63,19 @@ def run_prefect_cli(args: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     return 0
+
+
+def quick_heartbeat_exit() -> None:
+    """Let a sync flow run end without waiting for its heartbeat thread's current 1 s sleep."""
+    from prefect import flow_engine
+
+    send = flow_engine._send_heartbeats
+    if getattr(send, "_luxima_no_join", False):
+        return
+
+    @functools.wraps(send)
+    def no_join(engine: Any, join_on_exit: bool = True) -> Any:
+        return send(engine, join_on_exit=False)
+
+    no_join._luxima_no_join = True  # type: ignore[attr-defined]
+    flow_engine._send_heartbeats = no_join  # type: ignore[assignment]

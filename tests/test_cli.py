@@ -80,6 +80,20 @@ def test_migrate_then_backup_db_from_the_shell(
     listed = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
     assert summary["manifest_key"] in {o["Key"] for o in listed}
     assert DB_PASSWORD not in done.stdout + done.stderr
+    # The run carries its component's tags, as a deployment's run does (the alerts match on them); its task runs
+    # do not inherit them (a tagged task asks the server for concurrency slots at its start).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        top = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
+                                    sort=FlowRunSort.START_TIME_DESC, limit=50)  # both sent: the pinned server refuses nulls
+        run = next(r for r in top if r.name and r.parameters == {"database": None, "deep_verify": False})
+        assert set(run.tags) == {"backup", "db"} and run.state and run.state.is_completed()
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}), sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+                                      limit=200)
+        assert tasks and all(not t.tags for t in tasks), [(t.name, t.tags) for t in tasks]
 
     # A wrong password: exit code 1, a message, nothing new stored.
     done = cli("backup", "db", "--config", str(config), env={**env, "LUXIMA_TEST_DB_PASSWORD": "wrong"})
