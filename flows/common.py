@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
@@ -53,6 +54,24 @@ def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...],
         logger.warning("attempt %d/%d failed with a transient error (%s); retrying in %.0fs", attempt, attempts, exc, delay)
         time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def backup_start(store: Any, prefix: str, component: str, name: str) -> datetime:
+    """Now, as the start that names a new backup of ``name``: its id and keys carry this second.
+
+    Two backups of one target started within the same second would share them, and the second would
+    overwrite the first's objects (a run takes well under a second on a small target). If a backup
+    already holds this second's name, wait for the next one (as pgBackRest does for its labels).
+    """
+    while True:
+        now = datetime.now(timezone.utc)
+        try:
+            taken = next(iter(store.list(manifest.stem(prefix, component, name, now))), None) is not None
+        except BackupError:
+            return now  # storage unreachable: the run fails at its upload, logged as such, not here unlogged
+        if not taken:
+            return now
+        time.sleep(1.001 - now.microsecond / 1e6)
 
 
 def logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:

@@ -39,7 +39,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.commit import GATE_HINT, commit
 from tasks.compress import compress
@@ -88,7 +88,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     cfg = settings.configs
-    started = datetime.now(timezone.utc)
+    started = backup_start(runtime.config_store(settings), runtime.config_prefix(settings), "configs", host)
     keys = manifest.config_keys(runtime.config_prefix(settings), host, started, SUFFIX[cfg.compression])
     uploaded: list[str] = []
     try:
@@ -99,7 +99,8 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
         f, a, e, u = stream["fetch"], stream["archive"], stream["encrypt"], stream["upload"]
         if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
             raise BackupError("the bytes uploaded differ from the bytes encrypted")
-        expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"], "plain_sha256": a["plain_sha256"],
+        expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"], "proven_etag": u["proven_etag"],
+                    "plain_sha256": a["plain_sha256"],
                     "host": host, "content_digest": f["content_digest"], "files": f["files"]}
         with runtime.time_limit(_stage_limit, f"verify of {host}", _STAGE_SETTING):
             verification = verify_config_archive(keys.archive, a["codec"], expected, cfg.deep_verify)

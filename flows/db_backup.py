@@ -1,9 +1,10 @@
 """The PostgreSQL backup flow: dump → compress → encrypt → upload → verify → manifest, logged.
 
 The four streaming stages run concurrently as separate tasks joined by OS pipes, so plaintext
-never touches disk and memory stays bounded. A stage cannot be retried alone once its input
-stream is consumed, so the four are retried together: each attempt is one run of the
-``db-backup-stream`` subflow, and only transient failures start another attempt.
+never touches disk and memory stays bounded; with the deep verify, a fifth checks a copy of the
+ciphertext as it uploads. A stage cannot be retried alone once its input stream is consumed, so
+they are retried together: each attempt is one run of the ``db-backup-stream`` subflow, and only
+transient failures start another attempt.
 """
 
 from __future__ import annotations
@@ -29,33 +30,39 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import PostgresConnection
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
-from flows.common import discard, logged, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, logged, save_manifest, sealed_with, stream_with_retries
 from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
 from tasks.upload import upload
-from tasks.verify.dump import verify_dump
-from tasks.verify.readback import read_back
+from tasks.verify.dump import verify_dump, verify_stream
+from tasks.verify.readback import confirm_stored
 
 
-@flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
-def dump_to_storage(database: str, object_key: str, binding: dict[str, str], attempt: int = 1) -> dict[str, Any]:
-    """One attempt at streaming the database to storage: dump | compress | encrypt | upload."""
+@flow(name="db-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=5), validate_parameters=False, persist_result=False)
+def dump_to_storage(database: str, object_key: str, binding: dict[str, str], deep: bool, attempt: int = 1) -> dict[str, Any]:
+    """One attempt at streaming the database to storage: dump | compress | encrypt | upload (and, with ``deep``, a
+    check of the ciphertext beside the upload, which must pass before the upload completes)."""
     settings = runtime.settings()
     cfg = settings.db_backup
-    links = dumped, packed, sealed = Link("dump→compress"), Link("compress→encrypt"), Link("encrypt→upload")
+    links = [dumped, packed, sealed] = [Link("dump→compress"), Link("compress→encrypt"), Link("encrypt→upload")]
+    checked = Link("encrypt→verify") if deep else None
+    if checked is not None:
+        links.append(checked)
 
     progress = Progress(f"dump of {database}", pg.database_size(settings.database(database)), estimated=True)
 
     def submit(futures: list[Any]) -> None:
         futures.append(dump.submit(database, dumped))
         futures.append(compress.submit(dumped, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
-        futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive", binding))
+        futures.append(encrypt.submit(packed, sealed, "pg_dump custom archive", binding, checked))
         futures.append(upload.submit(sealed, object_key))
+        if checked is not None:
+            futures.append(verify_stream.submit(checked, cfg.compression, binding))
 
-    d, c, e, u = run_linked(submit, list(links))
-    return {"dump": d, "compress": c, "encrypt": e, "upload": u}
+    d, c, e, u, *v = run_linked(submit, links)
+    return {"dump": d, "compress": c, "encrypt": e, "upload": u, "verify": v[0] if v else None}
 
 
 @task(name="dump-globals", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
@@ -72,11 +79,11 @@ def backup_globals(database: str, server_major: int, object_key: str, binding: d
     blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals", **binding,
                                       **header_seal(settings.keys.recovery_public_key, data_key.plaintext, object_key)})
     store = runtime.store(settings)
-    store.save_bytes(object_key, blob)
+    saved = store.save_bytes(object_key, blob)
     result = {"key": object_key, "plain_bytes": len(text), "encrypted_bytes": len(blob),
               "encrypted_sha256": hashlib.sha256(blob).hexdigest(), "plain_sha256": hashlib.sha256(text).hexdigest(),
               "bound": True}
-    read_back(store, object_key, result["encrypted_bytes"], result["encrypted_sha256"])
+    confirm_stored(store, object_key, result["encrypted_bytes"], result["encrypted_sha256"], saved.etag if saved.proven else None)
     if warning:
         get_run_logger().warning("%s", warning)
         result["warning"] = warning
@@ -99,7 +106,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
         name = database or cfg.database
         target = settings.database(name)
         deep = cfg.deep_verify if deep_verify is None else deep_verify
-        started = datetime.now(timezone.utc)
+        started = backup_start(runtime.store(settings), settings.storage.prefix, "db", name)
         t0 = time.monotonic()
         # Named by the settings' section, not the database: every Supabase project's database is called postgres.
         keys = manifest.db_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
@@ -110,11 +117,12 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
             entry = logged(log_start, "start", "backup", "db", name, keys.backup_id, keys.data, run_id)
         uploaded: list[str] = []
         try:
-            stream = stream_with_retries(dump_to_storage, (name, keys.data, manifest.binding(keys.backup_id, "db", name, keys.data)), cfg.attempts, cfg.retry_delay_seconds,
-                                     lambda s: s.db_backup.stage_timeout_seconds, "db_backup.stage_timeout_seconds")
+            stream = stream_with_retries(dump_to_storage, (name, keys.data, manifest.binding(keys.backup_id, "db", name, keys.data), deep),
+                                         cfg.attempts, cfg.retry_delay_seconds,
+                                         lambda s: s.db_backup.stage_timeout_seconds, "db_backup.stage_timeout_seconds")
             uploaded.append(keys.data)
             d, c, e, u = stream["dump"], stream["compress"], stream["encrypt"], stream["upload"]
-            expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"],
+            expected = {"encrypted_bytes": u["bytes"], "encrypted_sha256": u["sha256"], "proven_etag": u["proven_etag"],
                         "plain_bytes": c["plain_bytes"], "plain_sha256": c["plain_sha256"]}
             if e["encrypted_sha256"] != u["sha256"] or e["encrypted_bytes"] != u["bytes"]:
                 raise BackupError("the bytes uploaded differ from the bytes encrypted")
@@ -125,8 +133,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
                 if "key" in globals_info:
                     uploaded.append(keys.globals)
             with runtime.time_limit(lambda s: s.db_backup.stage_timeout_seconds, "verify", "db_backup.stage_timeout_seconds"):
-                verification = verify_dump(keys.data, cfg.compression, expected, deep, d["server_version_num"] // 10000,
-                                      d["tables"], d["large_objects"])
+                verification = verify_dump(keys.data, expected, stream["verify"], d["tables"], d["large_objects"])
             finished = datetime.now(timezone.utc)
             document = _manifest(keys, name, target, started, finished, d, c, e, u, globals_info, verification, run_id)
             save_manifest(keys.manifest, document)

@@ -33,7 +33,7 @@ from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.archive import archive
 from tasks.compress import compress
@@ -43,7 +43,7 @@ from tasks.log import log_finish, log_start
 from tasks.sync import sync
 from tasks.upload import upload
 from tasks.verify.file_archive import chain_gaps, verify_file_archive
-from tasks.verify.readback import read_back
+from tasks.verify.readback import confirm_stored
 
 
 
@@ -79,13 +79,14 @@ def archive_to_storage(source: str, backup_id: str, object_key: str, index_key: 
 
 @task(name="upload-index", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> dict[str, Any]:
-    """Upload the encrypted file index and read it back."""
+    """Upload the encrypted file index; storage must hold it as written (``confirm_stored``)."""
     store = runtime.store()
     with open(index_spool, "rb") as f:
         info = store.save(object_key, f)  # type: ignore[arg-type]
     if info.size != size:
         raise VerificationError(f"storage reports {info.size} bytes for {object_key}, {size} were written")
-    return read_back(store, object_key, size, sha256)
+    return {**confirm_stored(store, object_key, size, sha256, info.etag if info.proven else None),
+            "proven_etag": info.etag if info.proven else None}
 
 
 def previous_backup(settings: Settings, source: str) -> catalog.Backup | None:
@@ -133,7 +134,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     logger = get_run_logger()
     cfg = settings.files_backup
     source = settings.file_source(name)
-    started = datetime.now(timezone.utc)
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "files", name)
     t0 = time.monotonic()
     keys = manifest.files_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
     run_id = str(flow_run.id) if flow_run.id else None
@@ -183,7 +184,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             synced["changed_while_read"] = a["changed_while_read"]
         index_info = manifest.FileIndex(key=keys.index, **a["index"])
         uploaded.append(keys.index)
-        upload_index(index_spool, keys.index, index_info.size_encrypted, index_info.sha256_encrypted)
+        index_stored = upload_index(index_spool, keys.index, index_info.size_encrypted, index_info.sha256_encrypted)
         this_archive = manifest.FileArchive(
             key=keys.archive, format="tar-pax", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
             encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],
@@ -191,7 +192,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             files=a["stored"]["files"], bytes=a["stored"]["bytes"], bound=e["bound"])
         older = _older_archives(previous, is_full)
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
-            verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify)
+            verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify,
+                                               {keys.archive: u["proven_etag"], keys.index: index_stored["proven_etag"]})
         finished = datetime.now(timezone.utc)
         document = manifest.FilesManifest(
             backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,

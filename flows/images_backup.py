@@ -28,7 +28,7 @@ from luxima_backup.images import Container, chosen
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
-from flows.common import discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from tasks.compress import compress
 from tasks.encrypt import encrypt
 from tasks.images import inventory, save_image, verify_image
@@ -117,8 +117,8 @@ def backup_registry(name: str) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     reg = settings.images.registries[name]
-    started = datetime.now(timezone.utc)
     source = f"registry-{name}"
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "images", source)
     backup_id, manifest_key = manifest.images_keys(settings.storage.prefix, source, started)
     uploaded: list[str] = []
     store = runtime.store(settings)
@@ -158,8 +158,8 @@ def backup_host(host: str) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     cfg = settings.images
-    started = datetime.now(timezone.utc)
     prefix = settings.storage.prefix
+    started = backup_start(runtime.store(settings), prefix, "images", host)
     backup_id, manifest_key = manifest.images_keys(prefix, host, started)
     found = inventory(host)
     containers, images = found["containers"], found["images"]

@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction, redact
-from flows.common import logged, outcome, save_manifest
+from flows.common import backup_start, logged, outcome, save_manifest
 from tasks.log import log_finish, log_start
 from tasks.verify.vm_archive import verify_vm_archive
 from tasks.vm_prune import prune_vm_archives
@@ -38,7 +38,7 @@ def backup_guest(guest: Guest, prune: bool = True) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     cfg = settings.vm_backup
-    started = datetime.now(timezone.utc)
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "vm", guest.name)
     t0 = time.monotonic()
     backup_id, manifest_key = manifest.vm_keys(settings.storage.prefix, guest.name, started)
     run_id = str(flow_run.id) if flow_run.id else None

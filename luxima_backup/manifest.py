@@ -28,6 +28,11 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+def stem(prefix: str, component: str, name: str, started: datetime) -> str:
+    """The key every object of the backup of ``name`` started at ``started`` starts with (its id's second)."""
+    return _stem(prefix, component, name, started)[1]
+
+
 def _stem(prefix: str, component: str, name: str, started: datetime) -> tuple[str, str]:
     """A backup's id and the key every one of its objects starts with: ``<prefix>/<component>/<name>/<YYYY>/<MM>/<DD>/<UTC time>``."""
     ts = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

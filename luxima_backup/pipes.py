@@ -37,6 +37,10 @@ class Link:
             pass  # the system limit may be lower; the default size still works
         self._verdict = threading.Event()
         self._error: BaseException | None = None
+        # The reader's outcome, for a writer that must not call its own output good before its reader has judged
+        # the stream (a check running beside an upload): see ``reader_done`` and ``wait_reader``.
+        self._reader_verdict = threading.Event()
+        self._reader_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"Link({self.name!r})"
@@ -68,6 +72,13 @@ class Link:
             self._error = exc
             self._verdict.set()
         self.close_write()
+        self.reader_done(exc)  # a reader that never started (or will not finish) must not be waited for
+
+    def wait_reader(self) -> None:
+        """Block until the reader has judged the whole stream; raise if it failed."""
+        self._reader_verdict.wait()
+        if self._reader_error is not None:
+            raise StageAborted(f"the stage reading {self.name} failed: {type(self._reader_error).__name__}")
 
     # -- reader side --
     def reader(self) -> "LinkReader":
@@ -81,6 +92,12 @@ class Link:
         if self.read_fd >= 0:
             os.close(self.read_fd)
             self.read_fd = -1
+
+    def reader_done(self, exc: BaseException | None = None) -> None:
+        """The reader's verdict on the stream (the first one counts)."""
+        if not self._reader_verdict.is_set():
+            self._reader_error = exc
+            self._reader_verdict.set()
 
     def wait_verdict(self) -> None:
         """Block until the writer has declared its outcome; raise if it failed."""
@@ -199,23 +216,24 @@ class MeteredReader:
 
 
 @contextlib.contextmanager
-def stage(source: Link | None, sink: Link | None) -> Iterator[None]:
-    """Run the body as a stage between links.
+def stage(source: Link | None, *sinks: Link | None) -> Iterator[None]:
+    """Run the body as a stage between links (one source, one sink or more).
 
-    On failure the sink carries the error downstream (its reader never sees a clean end); on
-    success it is declared complete and closed. The source's read end is closed either way,
+    On failure each sink carries the error downstream (its reader never sees a clean end); on
+    success they are declared complete and closed. The source's read end is closed either way,
     so a writer upstream of a failed stage stops with EPIPE instead of blocking.
     """
+    outputs = [s for s in sinks if s is not None]
     try:
         yield
     except BaseException as exc:
-        if sink is not None:
+        for sink in outputs:
             sink.fail(exc)
         raise
     finally:
         if source is not None:
             source.close_read()
-    if sink is not None:
+    for sink in outputs:
         sink.succeed()
         sink.close_write()
 

@@ -3,7 +3,10 @@
 Contract of ``ObjectStore``:
   ``save(key, src)``        streams ``src`` to EOF into ``key`` (multipart); on any error, the
                             partial upload is aborted and nothing is left under ``key``.
-                            ``src.read`` raising aborts the upload the same way.
+                            ``src.read`` raising aborts the upload the same way. The info it
+                            returns is ``proven`` when the storage's own digest of what it
+                            received matched the bytes sent (S3: the ETag against the MD5 of
+                            every part as it was read); otherwise only a read-back proves it.
   ``save_bytes(key, data)`` one atomic PUT of a small object (manifests).
   ``load(key)``             a readable stream of the object.
   ``stat(key)``             size and metadata; ``ObjectNotFound`` if absent.
@@ -17,6 +20,8 @@ backoff) on throttling, 5xx and connection errors; what still fails surfaces as 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +42,8 @@ class ObjectInfo:
     size: int
     last_modified: datetime | None = None
     etag: str | None = None
+    # Set by save() alone: the storage's digest of the bytes it received matched the bytes sent.
+    proven: bool = False
 
 
 class ObjectStore(Protocol):
@@ -159,14 +166,19 @@ class S3Store:
 
     def save(self, key: str, src: BinaryIO) -> ObjectInfo:
         extra = self._lock_args(key)
+        config = self._transfer_config()
+        parts = PartDigests(src, config.multipart_chunksize)
         with translate_errors(f"uploading {key}"):
-            self.bucket.upload_from_file_object(src, key, Config=self._transfer_config(), **({"ExtraArgs": extra} if extra else {}))
-        return self.stat(key)
+            self.bucket.upload_from_file_object(parts, key, Config=config, **({"ExtraArgs": extra} if extra else {}))
+        info = self.stat(key)
+        return dataclasses.replace(info, proven=parts.matches(info.etag))
 
     def save_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         with translate_errors(f"writing {key}"):
-            self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type, **self._lock_args(key))
-        return ObjectInfo(key, len(data))
+            resp = self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type, **self._lock_args(key))
+        etag = resp.get("ETag")
+        return ObjectInfo(key, len(data), etag=etag,
+                          proven=(etag or "").strip('"').lower() == hashlib.md5(data, usedforsecurity=False).hexdigest())
 
     @contextlib.contextmanager
     def load(self, key: str) -> Iterator[BinaryIO]:
@@ -254,6 +266,56 @@ class S3Store:
         with translate_errors(f"listing incomplete uploads under {prefix}"):
             resp = self._client.list_multipart_uploads(Bucket=self.name, Prefix=prefix)
         return [u["Key"] for u in resp.get("Uploads", [])]
+
+
+class PartDigests:
+    """Reads through ``src``, keeping the MD5 of every ``part_size`` bytes: what S3 computes an ETag from.
+
+    S3 and the S3-compatible stores derive an object's ETag from what they received: the MD5 of
+    the object when it came in one PUT, ``md5(md5(part 1) + md5(part 2) + ...)-N`` when it came in N
+    parts. Matching it against the MD5s of the bytes as they were sent proves, without a second
+    download, that storage holds exactly them. Where the ETag means something else (SSE-KMS or SSE-C
+    on AWS, some other stores) it does not match, and the caller reads the object back instead.
+    """
+
+    def __init__(self, src: Any, part_size: int):
+        self._src = src
+        self._part_size = part_size
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._filled = 0
+        self.digests: list[bytes] = []
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self._part_size - self._filled)
+            self._md5.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._part_size:
+                self._close_part()
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def _close_part(self) -> None:
+        self.digests.append(self._md5.digest())
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._filled = 0
+
+    def matches(self, etag: str | None) -> bool:
+        """Whether ``etag`` (as storage reports it, quoted) is the one these bytes give, in one PUT or in parts."""
+        if not etag:
+            return False
+        if self._filled or not self.digests:
+            self._close_part()  # the last, short part (or the empty object's only one)
+        tag = etag.strip('"').lower()
+        whole, _, count = tag.partition("-")
+        if not count:
+            return len(self.digests) == 1 and whole == self.digests[0].hex()
+        return count == str(len(self.digests)) and whole == hashlib.md5(b"".join(self.digests), usedforsecurity=False).hexdigest()
 
 
 class _TranslatingReader:

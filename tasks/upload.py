@@ -9,11 +9,11 @@ from prefect.cache_policies import NO_CACHE
 
 from luxima_backup import runtime
 from luxima_backup.pipes import Link, Meter, MeteredReader
-from luxima_backup.storage import ObjectStore
+from luxima_backup.storage import ObjectInfo, ObjectStore
 
 
-def upload_stream(store: ObjectStore, key: str, src: BinaryIO) -> Meter:
-    """Stream ``src`` to ``key``; returns the size and sha256 of what was sent."""
+def upload_stream(store: ObjectStore, key: str, src: BinaryIO) -> tuple[Meter, ObjectInfo]:
+    """Stream ``src`` to ``key``; returns the size and sha256 of what was sent, and what storage says it holds."""
     meter = Meter()
     info = store.save(key, MeteredReader(src, meter))  # type: ignore[arg-type]
     meter.finish()
@@ -21,7 +21,7 @@ def upload_stream(store: ObjectStore, key: str, src: BinaryIO) -> Meter:
         from luxima_backup.errors import VerificationError
 
         raise VerificationError(f"storage reports {info.size} bytes for {key}, but {meter.size} were sent")
-    return meter
+    return meter, info
 
 
 @task(name="upload", cache_policy=NO_CACHE, persist_result=False)
@@ -32,8 +32,10 @@ def upload(source: Link, object_key: str, configs: bool = False) -> dict[str, An
     """
     store = runtime.config_store() if configs else runtime.store()
     try:
-        meter = upload_stream(store, object_key, source.reader())  # type: ignore[arg-type]
+        meter, info = upload_stream(store, object_key, source.reader())  # type: ignore[arg-type]
     finally:
         source.close_read()
-    return {"key": object_key, "bytes": meter.size, "sha256": meter.hexdigest, "seconds": meter.seconds}
+    # proven_etag: storage's digest of what it received matched what was sent (the verify then needs no download)
+    return {"key": object_key, "bytes": meter.size, "sha256": meter.hexdigest, "seconds": meter.seconds,
+            "proven_etag": info.etag if info.proven else None}
 

@@ -2,7 +2,7 @@
 
 ``FaultProxy`` sits in front of the S3 server: requests pass through to the upstream unchanged
 unless a rule matches: then the proxy answers with an S3-style error (e.g. 503 SlowDown) or holds
-the request until released, or flips a bit of an answer. ``StallProxy`` sits in front of any TCP server and goes silent mid-stream.
+the request until released, or flips a bit of a request on its way. ``StallProxy`` sits in front of any TCP server and goes silent mid-stream.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class FaultProxy:
         self.held = threading.Event()
         # which requests a cleared ``hold`` holds: by default the parts of multipart uploads
         self.hold_when: Callable[[str, str], bool] = lambda method, path: "partNumber" in path
-        # GET answers whose body gets one bit flipped on the way (damage between storage and reader)
-        self.corrupt_when: Callable[[str, str], bool] = lambda method, path: False
-        self.corrupted = threading.Event()
+        # requests whose body gets one bit flipped on the way (damage between sender and storage)
+        self.corrupt_request_when: Callable[[str, str], bool] = lambda method, path: False
+        self.corrupted_request = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -64,6 +64,11 @@ class FaultProxy:
                 if not proxy.hold.is_set() and proxy.hold_when(self.command, self.path):
                     proxy.held.set()
                     proxy.hold.wait()
+                if body and proxy.corrupt_request_when(self.command, self.path) and not proxy.corrupted_request.is_set():
+                    flipped = bytearray(body)
+                    flipped[len(flipped) // 2] ^= 0x01  # once: one bit of one request
+                    body = bytes(flipped)
+                    proxy.corrupted_request.set()
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in {"host", "connection", "expect", "transfer-encoding", "content-length"}}
@@ -76,11 +81,6 @@ class FaultProxy:
                 if rule is not None:
                     self._answer_error(rule, resp.status)
                     return
-                if data and self.command == "GET" and proxy.corrupt_when(self.command, self.path):
-                    flipped = bytearray(data)
-                    flipped[len(flipped) // 2] ^= 0x01  # one bit, mid-object: the stored object itself is intact
-                    data = bytes(flipped)
-                    proxy.corrupted.set()
                 # recorded before answering: a client that has its answer finds it counted
                 proxy._record(self.command, self.path, resp.status, resp.status)
                 self.send_response(resp.status)

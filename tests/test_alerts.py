@@ -88,24 +88,24 @@ def test_a_backup_past_its_time_limit_alerts_timed_out(
     assert "TimedOut" in message["subject"] and "limit of 5 s" in message["body"]
 
 
-def test_a_backup_whose_read_back_is_damaged_alerts_verification_failed(
+def test_a_backup_damaged_on_its_way_to_storage_alerts_verification_failed(
     prefect_server: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, write_settings: Any, prefix: str,
     s3_server: Any, database: str, bucket: str, key_file: Path, source: Any,
 ) -> None:
-    """One bit flipped between the storage and the verify's read-back (a fault at the storage boundary, the
-    stored object intact): the real flow's verify fails, its own event reaches chat with the detail."""
+    """One bit flipped in the upload, between the backup host and storage: storage's ETag no longer matches what
+    was sent, the read-back's sha256 differs, the real flow's verify fails and its own event reaches chat."""
     from tests.fault_proxy import FaultProxy
 
     setup_alerts(alert_settings(receiver, monkeypatch, prefix), components=[])
     wait_until_live(receiver)
     proxy = FaultProxy(s3_server.url).start()
-    proxy.corrupt_when = lambda method, path: ".dump." in path
+    proxy.corrupt_request_when = lambda method, path: method == "PUT" and ".dump." in path
     try:
         write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
         state = run_backup()
     finally:
         proxy.stop()
-    assert proxy.corrupted.is_set() and state.is_failed()
+    assert proxy.corrupted_request.is_set() and state.is_failed()
     run_id = str(state.state_details.flow_run_id)
     message = receiver.wait_for(lambda m: "verification FAILED" in m.get("subject", "") and run_id in m.get("body", ""),
                                 timeout=90)

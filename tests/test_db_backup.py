@@ -196,6 +196,69 @@ def test_s3_failure_is_retried_by_botocore_alone_then_fails_with_multipart_uploa
 
 
 @pytest.mark.slow
+def test_storage_proves_the_stored_object_by_its_etag_and_a_part_damaged_on_the_way_fails_the_backup(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str, key_file: Path,
+    write_settings: Any,
+) -> None:
+    """Storage's ETag of what it received, matched against the MD5 of each part as it was sent, proves the stored
+    object without downloading it again. One bit flipped in a part on its way to storage: the ETag no longer
+    matches, the object is read back, its sha256 differs, the backup fails and leaves nothing."""
+    with pg_cluster.connect(database) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        conn.execute("CREATE TABLE noise AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 12000) g")
+    proxy = FaultProxy(s3_server.url).start()
+    try:
+        write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
+        state = run_backup()
+        assert state.is_completed(), state.message
+        summary = state.result()
+        manifest = json.loads(s3_get(s3_server, bucket, summary["manifest_key"]))
+        assert manifest["verification"]["stored"] == "etag matched the parts sent"
+        assert manifest["verification"]["deep"] is True and manifest["verification"]["data_entries_checked"] >= 1
+        head = s3_server.client().head_object(Bucket=bucket, Key=summary["object_key"])
+        assert head["ETag"].strip('"').endswith("-3")  # 12 MB of random rows: three 5 MiB parts
+        assert proxy.count("GET", ".dump.") == 0  # not downloaded again
+
+        proxy.corrupt_request_when = lambda method, path: method == "PUT" and ".dump." in path and "partNumber=2" in path
+        before = s3_keys(s3_server, bucket)
+        state = run_backup()
+        assert proxy.corrupted_request.is_set() and state.is_failed()
+        assert "sha256 of the stored object" in state.message
+        assert proxy.count("GET", ".dump.") == 1  # read back once the ETag did not match
+        assert s3_keys(s3_server, bucket) == before
+        assert [r["status"] for r in log_rows(pg_cluster, database)] == ["success", "failed"]
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.slow
+def test_a_deep_check_that_fails_beside_the_upload_stops_it_before_it_completes(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
+    vault: dict[str, Any], write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deep check reads a copy of the ciphertext as it uploads, and the upload completes only once that check
+    passed. A backup host whose Vault policy lets it make data keys but not unwrap them cannot prove its backup
+    restorable: the run fails saying so, and no object was ever completed in storage."""
+    import hvac
+
+    root = hvac.Client(url=vault["url"], token=vault["token"])
+    key = "luxima-" + os.urandom(4).hex()
+    root.secrets.transit.create_key(name=key)
+    root.sys.create_or_update_acl_policy(name=f"{key}-seal-only", policy=f'path "transit/datakey/wrapped/{key}" {{ capabilities = ["update"] }}\n'
+                                                                   f'path "transit/datakey/plaintext/{key}" {{ capabilities = ["update"] }}\n'
+                                                                   f'path "transit/keys/{key}" {{ capabilities = ["read"] }}')
+    token = root.auth.token.create(policies=[f"{key}-seal-only"], ttl="1h")["auth"]["client_token"]
+    monkeypatch.setenv("LUXIMA_TEST_VAULT_TOKEN", token)
+    write_settings(database, bucket, transit_keys(vault, key))
+    state = run_backup()
+    assert state.is_failed()
+    assert "permission denied" in state.message.lower(), state.message
+    assert s3_keys(s3_server, bucket) == []
+    assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert len(subflow_runs(state)) == 1  # refused, not retried
+
+
+@pytest.mark.slow
 def test_transit_backup_with_vault_and_unknown_key_uploads_nothing(
     prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
     vault: dict[str, Any], write_settings: Any, source: Any, monkeypatch: pytest.MonkeyPatch,

@@ -112,3 +112,25 @@ def test_the_catalog_lists_by_component_and_never_offers_a_misfiled_manifest(tmp
     assert cat.resolve("db", "latest", source="main").backup_id == db["backup_id"]
     with pytest.raises(ConfigError, match="is a configs backup"):
         cat.resolve("db", misfiled)
+
+
+def test_a_backup_started_in_the_second_another_one_is_named_by_takes_the_next_second(tmp_path: Path) -> None:
+    """Backup ids and keys carry their start to the second; a run of under a second can follow another of the same
+    target within it, and would overwrite that backup's objects. The second one is named by the next second."""
+    from datetime import datetime, timezone
+
+    from flows.common import backup_start
+
+    store = LocalStore(tmp_path)
+    now = datetime.now(timezone.utc)
+    # a backup of db/main holds this second and the next (a clock at a second's end must not make this pass)
+    for second in (0, 1):
+        taken = now.replace(microsecond=0).timestamp() + second
+        stem = manifest.stem("backups", "db", "main", datetime.fromtimestamp(taken, timezone.utc))
+        store.save_bytes(f"{stem}.manifest.json", b"{}")
+    started = backup_start(store, "backups", "db", "main")
+    assert int(started.timestamp()) >= int(now.timestamp()) + 2
+    assert not any(store.list(manifest.stem("backups", "db", "main", started)))
+    # another target is not held up by it
+    other = backup_start(store, "backups", "db", "crm")
+    assert int(other.timestamp()) - int(datetime.now(timezone.utc).timestamp()) <= 0

@@ -14,7 +14,7 @@ from luxima_backup.errors import IntegrityError, VerificationError
 from luxima_backup.keys import KeyProvider
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.storage import ObjectStore
-from tasks.verify.readback import compare, read_back
+from tasks.verify.readback import compare, confirm_stored
 
 
 def check_config_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any]) -> dict[str, Any]:
@@ -47,12 +47,14 @@ def check_config_archive(store: ObjectStore, key: str, provider: KeyProvider, co
 
 @task(name="verify-config-archive", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_config_archive(object_key: str, codec: str, expected: dict[str, Any], deep: bool) -> dict[str, Any]:
-    """Read the stored config archive back and check it (deep: decrypt, decompress, every file's sha256)."""
+    """Check the stored config archive: stored as sent (see ``confirm_stored``); deep: read back, decrypted,
+    decompressed, every file's sha256."""
     settings = runtime.settings()
     store = runtime.config_store(settings)
     if deep:
         result = check_config_archive(store, object_key, runtime.key_provider(settings), codec, expected)
     else:
-        result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
+        result = confirm_stored(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"],
+                                expected.get("proven_etag"))
     get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
     return result

@@ -1,10 +1,13 @@
-"""Verify a stored database dump: read the stored object back and prove it is the backup that was sent.
+"""Verify a database backup: the stored object is the one sent, and what was sent is a whole, readable dump.
 
-Always: the stored size and the sha256 of the bytes read back equal what was uploaded.
-Deep (default): the same read also decrypts (so the wrapped key still unwraps and every chunk
-authenticates), decompresses (the sha256 of the dump equals the one taken while dumping) and
-feeds the dump to ``pg_restore --list``, which must parse its table of contents and list the
-data of every counted table.
+Always: storage holds exactly the bytes uploaded — proven by its ETag against the MD5 of every
+part as it was sent, or, where storage cannot prove it, by reading the object back (size and
+sha256).
+Deep (default): a copy of the ciphertext, checked while it uploads (``verify_stream``), decrypts
+(the wrapped key unwraps and every chunk authenticates), decompresses (the sha256 of the dump
+equals the one taken while dumping) and feeds ``pg_restore --list``, which must parse the table
+of contents and list the data of every counted table. The upload completes only after that check
+passed, so the backup needs no second pass over its data.
 """
 
 from __future__ import annotations
@@ -19,31 +22,38 @@ from luxima_backup import pg, runtime
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ToolError, VerificationError
-from luxima_backup.keys import KeyProvider
-from luxima_backup.pipes import Meter, MeteredReader, drain
-from luxima_backup.storage import ObjectStore
-from tasks.verify.readback import compare, read_back
+from luxima_backup.pipes import Link, Meter, MeteredReader, drain
+from tasks.verify.readback import compare, confirm_stored
 
 
-def deep_check(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any],
-               pg_restore: pg.Tool | None, tables: list[dict[str, Any]], large_objects: int = 0) -> dict[str, Any]:
-    """One streaming pass: ciphertext sha256, decryption, decompression, dump sha256, TOC parse."""
-    info = store.stat(key)
-    if info.size != expected["encrypted_bytes"]:
-        raise VerificationError(f"{key}: stored size {info.size} != {expected['encrypted_bytes']} bytes uploaded")
+def check_dump_stream(src: Any, unwrap: Any, codec: str, binding: dict[str, str] | None, pg_restore: pg.Tool | None,
+                      where: str) -> dict[str, Any]:
+    """One pass over a ciphertext stream: its sha256, every chunk authenticated, decompressed, the dump's sha256
+    and table of contents (None without ``pg_restore``)."""
     sealed, plain = Meter(), Meter()
-    with store.load(key) as body:
-        dump = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(body, sealed), provider.unwrap), codec), plain)  # type: ignore[arg-type]
-        toc = _restore_list(dump, pg_restore) if pg_restore else None
-        drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
-    compare(key, "sha256 of the stored object", sealed.hexdigest, expected["encrypted_sha256"])
-    compare(key, "sha256 of the dump", plain.hexdigest, expected["plain_sha256"])
-    if plain.size != expected["plain_bytes"]:
-        raise VerificationError(f"{key}: dump is {plain.size} bytes after decryption, {expected['plain_bytes']} were dumped")
-    result: dict[str, Any] = {"size": info.size, "sha256": sealed.hexdigest, "dump_sha256": plain.hexdigest, "deep": True}
-    if toc is not None:
-        result.update(check_data_entries(key, toc, tables, large_objects))
-    return result
+    dump = MeteredReader(DecompressingReader(DecryptingReader(MeteredReader(src, sealed), unwrap, expect=binding, where=where), codec), plain)
+    toc = _restore_list(dump, pg_restore) if pg_restore else None
+    drain(dump)  # pg_restore stops after the TOC; the rest must still hash and authenticate
+    return {"encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "plain_bytes": plain.size,
+            "plain_sha256": plain.hexdigest, "toc": toc}
+
+
+@task(name="verify-stream", cache_policy=NO_CACHE, persist_result=False)
+def verify_stream(source: Link, codec: str, binding: dict[str, str]) -> dict[str, Any]:
+    """The deep check of the ciphertext as it uploads, from a copy of the stream; its verdict gates the upload."""
+    settings = runtime.settings()
+    error: BaseException | None = None
+    try:
+        # The newest pg_restore installed reads every archive an older or equal pg_dump wrote.
+        tool = pg.find_tool("pg_restore", 0, settings.db_backup.pg_bin_dir)
+        return check_dump_stream(source.reader(), runtime.key_provider(settings).unwrap, codec, binding, tool,
+                                 binding.get("object", "the backup"))
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        source.reader_done(error)
+        source.close_read()
 
 
 def check_data_entries(key: str, toc: dict[str, Any], tables: list[dict[str, Any]], large_objects: int) -> dict[str, Any]:
@@ -85,15 +95,22 @@ _TOC_LINE = re.compile(r"^\s*\d+;\s+\d+\s+(\d+)\s+(TABLE DATA|BLOBS|BLOB DATA|LA
 
 
 @task(name="verify-dump", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def verify_dump(object_key: str, codec: str, expected: dict[str, Any], deep: bool, server_major: int,
-           tables: list[dict[str, Any]], large_objects: int = 0) -> dict[str, Any]:
-    """Read the uploaded backup back and check it against what was sent."""
-    settings = runtime.settings()
-    store = runtime.store(settings)
-    if not deep:
-        result = read_back(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"])
-    else:
-        tool = pg.find_tool("pg_restore", server_major, settings.db_backup.pg_bin_dir)
-        result = deep_check(store, object_key, runtime.key_provider(settings), codec, expected, tool, tables, large_objects)
-    get_run_logger().info("verified %s (%s)", object_key, "deep" if deep else "size and sha256")
+def verify_dump(object_key: str, expected: dict[str, Any], sent: dict[str, Any] | None, tables: list[dict[str, Any]],
+                large_objects: int = 0) -> dict[str, Any]:
+    """Check the uploaded backup: stored as sent and, with ``sent`` (the deep check of the stream), a whole dump."""
+    store = runtime.store()
+    result = confirm_stored(store, object_key, expected["encrypted_bytes"], expected["encrypted_sha256"],
+                            expected.get("proven_etag"))
+    if sent is not None:
+        # The check read the same ciphertext the upload did, from the encrypt stage's copy of it.
+        compare(object_key, "sha256 of the ciphertext checked", sent["encrypted_sha256"], expected["encrypted_sha256"])
+        compare(object_key, "sha256 of the dump", sent["plain_sha256"], expected["plain_sha256"])
+        if sent["plain_bytes"] != expected["plain_bytes"]:
+            raise VerificationError(f"{object_key}: dump is {sent['plain_bytes']} bytes after decryption, "
+                                    f"{expected['plain_bytes']} were dumped")
+        result.update({"dump_sha256": sent["plain_sha256"], "deep": True})
+        if sent["toc"] is not None:
+            result.update(check_data_entries(object_key, sent["toc"], tables, large_objects))
+    get_run_logger().info("verified %s (%s; %s)", object_key, "deep" if sent is not None else "size and sha256",
+                          result["stored"])
     return result

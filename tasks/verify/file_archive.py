@@ -15,7 +15,7 @@ from luxima_backup.keys import KeyProvider
 from luxima_backup.manifest import FileArchive, FileIndex, StoredObject
 from luxima_backup.pipes import Meter, MeteredReader, drain
 from luxima_backup.storage import ObjectStore
-from tasks.verify.readback import compare, read_back
+from tasks.verify.readback import compare, confirm_stored
 
 
 def check_archive(store: ObjectStore, key: str, provider: KeyProvider, codec: str, expected: dict[str, Any],
@@ -60,14 +60,18 @@ def chain_gaps(store: ObjectStore, archives: dict[str, StoredObject]) -> dict[st
 
 @task(name="verify-file-archive", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
 def verify_file_archive(backup_id: str, archive: FileArchive, index: FileIndex, index_spool: str,
-                        older_archives: dict[str, StoredObject], deep: bool) -> dict[str, Any]:
-    """Read the stored archive and index back and check them; the older archives this backup relies on must still be there."""
+                        older_archives: dict[str, StoredObject], deep: bool,
+                        proven_etags: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Check the stored archive and index: stored as sent (``confirm_stored``; ``proven_etags`` by key, from the
+    uploads); deep: the archive read back and every file in it against the index. The older archives this backup
+    relies on must still be there."""
     from tasks.archive import load_index
 
     settings = runtime.settings()
     store = runtime.store(settings)
     provider = runtime.key_provider(settings)
-    read_back(store, index.key, index.size_encrypted, index.sha256_encrypted)
+    proven = proven_etags or {}
+    confirm_stored(store, index.key, index.size_encrypted, index.sha256_encrypted, proven.get(index.key))
     for older_id, (key, got) in chain_gaps(store, older_archives).items():
         if got is None:
             raise VerificationError(
@@ -83,7 +87,7 @@ def verify_file_archive(backup_id: str, archive: FileArchive, index: FileIndex, 
         entries = load_index(index_spool, index.compression.codec, provider.unwrap)
         result = check_archive(store, archive.key, provider, archive.compression.codec, expected, entries, backup_id)
     else:
-        result = read_back(store, archive.key, archive.size_encrypted, archive.sha256_encrypted)
+        result = confirm_stored(store, archive.key, archive.size_encrypted, archive.sha256_encrypted, proven.get(archive.key))
     result["older_archives_present"] = len(older_archives)
     get_run_logger().info("verified %s (%s)", archive.key, "deep" if deep else "size and sha256")
     return result
