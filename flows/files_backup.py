@@ -42,7 +42,7 @@ from tasks.encrypt import encrypt
 from tasks.log import log_finish, log_start
 from tasks.sync import sync
 from tasks.upload import upload
-from tasks.verify.file_archive import chain_gaps, verify_file_archive
+from tasks.verify.file_archive import chain_gaps, verify_archive_stream, verify_file_archive
 from tasks.verify.readback import confirm_stored
 
 
@@ -54,13 +54,18 @@ def _stage_limit(settings: Settings) -> float:
     """Read at run time, so a run started from the UI uses the settings the worker has now."""
     return settings.files_backup.stage_timeout_seconds
 
-@flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False, persist_result=False)
+@flow(name="files-backup-stream", task_runner=ThreadPoolTaskRunner(max_workers=5), validate_parameters=False, persist_result=False)
 def archive_to_storage(source: str, backup_id: str, object_key: str, index_key: str, index_spool: str,
-                       previous_index: dict[str, Any] | None, full: bool, expected_bytes: int | None,
+                       previous_index: dict[str, Any] | None, full: bool, expected_bytes: int | None, deep: bool,
                        attempt: int = 1) -> dict[str, Any]:
-    """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload."""
+    """One attempt at streaming the mirror to storage: archive | compress | encrypt | upload (and, with ``deep``, a
+    check of the ciphertext beside the upload, which must pass before the upload completes)."""
     cfg = runtime.settings().files_backup
-    links = tarred, packed, sealed = Link("archive→compress"), Link("compress→encrypt"), Link("encrypt→upload")
+    links = [tarred, packed, sealed] = [Link("archive→compress"), Link("compress→encrypt"), Link("encrypt→upload")]
+    checked = Link("encrypt→verify") if deep else None
+    if checked is not None:
+        links.append(checked)
+    bind = manifest.binding(backup_id, "files", source, object_key)
     Path(index_spool).unlink(missing_ok=True)  # left by a failed attempt
     # A full archive holds about the source's bytes; an incremental one an unknown part of them.
     progress = Progress(f"{'full' if full else 'incremental'} archive of {source}", expected_bytes if full else None,
@@ -70,11 +75,13 @@ def archive_to_storage(source: str, backup_id: str, object_key: str, index_key: 
         futures.append(archive.submit(source, tarred, backup_id, index_spool, previous_index, full,
                                       manifest.binding(backup_id, "files", source, index_key)))
         futures.append(compress.submit(tarred, packed, cfg.compression, cfg.effective_level, cfg.threads, progress))
-        futures.append(encrypt.submit(packed, sealed, "tar archive of files", manifest.binding(backup_id, "files", source, object_key)))
+        futures.append(encrypt.submit(packed, sealed, "tar archive of files", bind, checked))
         futures.append(upload.submit(sealed, object_key))
+        if checked is not None:
+            futures.append(verify_archive_stream.submit(checked, cfg.compression, bind))
 
-    a, c, e, u = run_linked(submit, list(links))
-    return {"archive": a, "compress": c, "encrypt": e, "upload": u}
+    a, c, e, u, *v = run_linked(submit, links)
+    return {"archive": a, "compress": c, "encrypt": e, "upload": u, "verify": v[0] if v else None}
 
 
 @task(name="upload-index", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
@@ -168,7 +175,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             is_full, why = _chain_intact(previous, is_full, why)
         index_spool = str(work / "index.enc")
         stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, keys.index, index_spool, previous_index,
-                                                          is_full, synced.get("total_bytes")),
+                                                          is_full, synced.get("total_bytes"), cfg.deep_verify),
                                      cfg.attempts, cfg.retry_delay_seconds, _stage_limit, _STAGE_SETTING)
         uploaded.append(keys.archive)
         a, c, e, u = stream["archive"], stream["compress"], stream["encrypt"], stream["upload"]
@@ -193,7 +200,8 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
         older = _older_archives(previous, is_full)
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
             verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify,
-                                               {keys.archive: u["proven_etag"], keys.index: index_stored["proven_etag"]})
+                                               {keys.archive: u["proven_etag"], keys.index: index_stored["proven_etag"]},
+                                               stream["verify"])
         finished = datetime.now(timezone.utc)
         document = manifest.FilesManifest(
             backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,

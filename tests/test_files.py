@@ -798,3 +798,50 @@ def test_an_unreadable_previous_index_makes_a_full_backup_and_runs_do_not_overla
         exc = error_of(backup())
     assert "another backup of userfiles is running" in str(exc)
     assert backed_up()["type"] == "incremental"
+
+
+def test_the_check_beside_the_upload_compares_the_archive_with_its_index_through_one_digest(tmp_path: Path) -> None:
+    """The deep check reads the archive as it uploads and the index only after: one running digest of each, in archive
+    order, must agree. It does for a full archive and for an incremental one (which holds only changed files, while
+    its index lists every file), with odd names, empty files, folders and links; one altered index entry breaks it."""
+    import dataclasses
+
+    from luxima_backup import filetree
+    from tasks.archive import archive_tree
+    from tasks.verify.file_archive import listing_of_archive, listing_of_index
+
+    root = tmp_path / "src"
+    (root / "sub dir" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_bytes(b"alpha" * 1000)
+    (root / "empty").write_bytes(b"")
+    (root / "sub dir" / "naïve – ünïcode.bin").write_bytes(os.urandom(70_000))
+    (root / "sub dir" / "deeper" / "z").write_bytes(b"zed")
+    (root / "link").symlink_to("a.txt")
+
+    class Index:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def add(self, entry: Any) -> None:
+            self.lines.append(filetree.index_line(entry))
+
+        def entries(self) -> list[Any]:
+            return list(filetree.read_index(io.BytesIO(b"".join(self.lines))))
+
+    def archived(backup_id: str, previous: list[Any] | None, full: bool) -> tuple[Any, list[Any]]:
+        sink, index = io.BytesIO(), Index()
+        archive_tree(root, sink, index, backup_id, iter(previous) if previous else None, full=full)
+        return listing_of_archive(io.BytesIO(sink.getvalue())), index.entries()
+
+    tarred, entries = archived("files-x-1", None, True)
+    indexed = listing_of_index(entries, "files-x-1")
+    assert (tarred.files, tarred.hexdigest) == (indexed.files, indexed.hexdigest) and tarred.files == 4
+
+    (root / "sub dir" / "deeper" / "z").write_bytes(b"zed, changed")
+    later, entries2 = archived("files-x-2", entries, False)
+    assert later.files == 1  # only the changed file is in the incremental archive
+    assert (later.files, later.hexdigest) == (listing_of_index(entries2, "files-x-2").files,
+                                              listing_of_index(entries2, "files-x-2").hexdigest)
+
+    altered = [dataclasses.replace(e, sha256="0" * 64) if e.name == "a.txt" else e for e in entries]
+    assert listing_of_index(altered, "files-x-1").hexdigest != tarred.hexdigest
