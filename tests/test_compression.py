@@ -1,0 +1,34 @@
+"""Compression codecs: what the stages write is what standard tools read, and a cut-short stream is refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+
+from luxima_backup.compression import DecompressingReader, compressor
+from luxima_backup.errors import IntegrityError
+
+
+def _packed(codec: str, threads: int, data: bytes) -> bytes:
+    comp = compressor(codec, 6 if codec == "gzip" else 3, threads)
+    out = [comp.compress(data[i:i + 700_001]) for i in range(0, len(data), 700_001)]  # blocks across its 1 MiB ones
+    return b"".join(out) + comp.flush()
+
+
+@pytest.mark.parametrize("codec,threads,tool", [("gzip", 1, "gzip"), ("gzip", 2, "gzip"), ("zstd", 0, "zstd")])
+def test_a_stream_written_by_the_stage_is_read_by_the_standard_tool_and_by_the_restore(codec: str, threads: int,
+                                                                                          tool: str) -> None:
+    """Several threads compress gzip blocks, yet the stream is one gzip member any gzip reads: backups restore by
+    hand (``luxima-backup decrypt`` then ``tar xz``)."""
+    data = os.urandom(3 << 20) + b"user uploads, json and text " * 200_000 + os.urandom(1000)
+    packed = _packed(codec, threads, data)
+    assert subprocess.run([tool, "-dc"], input=packed, capture_output=True, check=True).stdout == data
+    reader = DecompressingReader(io.BytesIO(packed), codec)
+    assert b"".join(iter(lambda: reader.read(1 << 20), b"")) == data
+    cut = DecompressingReader(io.BytesIO(packed[:-20]), codec)
+    with pytest.raises(IntegrityError, match="truncated"):
+        while cut.read(1 << 20):
+            pass
