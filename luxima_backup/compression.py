@@ -32,9 +32,12 @@ def compressor(codec: str, level: int, threads: int = 0) -> _Compressor:
         )
         return zstandard.ZstdCompressor(compression_params=params).compressobj()
     if codec == "gzip":
-        if threads == 1:
-            return zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)  # wbits 31: gzip container
-        return _ThreadedGzip(level, threads if threads > 1 else -1)
+        # Threads only when asked for (threads > 1): they pay off with cores to spare. On 2 cores, where a
+        # file backup's other stages keep the second one busy, a 1 GB first backup ran no faster (29.3 s
+        # against 29.9 s) and peaked 37 MiB higher.
+        if threads > 1:
+            return _ThreadedGzip(level, threads)
+        return zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)  # wbits 31: gzip container
     raise ValueError(f"unknown compression {codec!r}")
 
 

@@ -25,6 +25,10 @@ from typing import Any, BinaryIO, Iterable, Iterator
 from .errors import FormatError, IntegrityError
 
 READ_SIZE = 1 << 20
+# tarfile's stream buffer: it copies the whole buffer on every small read or write (a header, a small file),
+# so 1 MiB made those copies the archive's and the check's main cost (50,000 files: 8.5 and 11.6 s of CPU
+# with 1 MiB, 6.0 and 6.7 s with 64 KiB; smaller buys nothing more). Content is still copied in READ_SIZE blocks.
+TAR_BUFSIZE = 64 * 1024
 INDEX_READ = 64 * 1024  # index lines are short: small reads keep the lines in flight few
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 _TAR_KW: dict[str, Any] = {"format": tarfile.PAX_FORMAT, "encoding": "utf-8", "errors": "surrogateescape"}
@@ -212,7 +216,7 @@ def tarinfo(entry: Entry) -> tarfile.TarInfo:
 
 
 def open_tar_writer(sink: Any) -> tarfile.TarFile:
-    tar = tarfile.open(fileobj=sink, mode="w|", bufsize=READ_SIZE, **_TAR_KW)
+    tar = tarfile.open(fileobj=sink, mode="w|", bufsize=TAR_BUFSIZE, **_TAR_KW)
     tar.copybufsize = READ_SIZE
     return tar
 
@@ -291,7 +295,7 @@ def iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def open_tar_reader(src: Any) -> tarfile.TarFile:
-    return tarfile.open(fileobj=src, mode="r|", bufsize=READ_SIZE, **_TAR_KW)
+    return tarfile.open(fileobj=src, mode="r|", bufsize=TAR_BUFSIZE, **_TAR_KW)
 
 
 def member_path(member: tarfile.TarInfo, dest: str) -> bytes:
