@@ -21,7 +21,9 @@ from typing import Any, Iterator
 from .errors import StageAborted
 
 PIPE_SIZE = 1 << 20  # fewer context switches than the 64 KiB default
-TRIM_EVERY = 128 << 20  # bytes through a stage between two returns of freed heap memory to the system
+# Bytes through a stage between two returns of freed heap memory to the system: every 16 MiB took the
+# peak of a 1 GB deep-verified backup from 207 to 195 MiB (128 MiB: no effect on the peak), at no measurable cost.
+TRIM_EVERY = 16 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 

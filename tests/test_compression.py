@@ -32,3 +32,31 @@ def test_a_stream_written_by_the_stage_is_read_by_the_standard_tool_and_by_the_r
     with pytest.raises(IntegrityError, match="truncated"):
         while cut.read(1 << 20):
             pass
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_a_stream_of_any_ratio_comes_out_in_bounded_pieces_and_a_cut_anywhere_is_refused(codec: str) -> None:
+    """256 MiB of zeros (a sparse file, an empty column) is a few KiB of zstd: it comes out in pieces of at most what
+    was asked for, never all at once (memory stays flat whatever the data). Cut at any point, or with bytes after
+    its end, the stream is refused."""
+    comp = compressor(codec, 3 if codec == "zstd" else 6, 1)
+    zeros = bytes(1 << 20)
+    packed = b"".join([*(comp.compress(zeros) for _ in range(256)), comp.flush()])
+    assert len(packed) < 2 << 20
+    reader = DecompressingReader(io.BytesIO(packed), codec)
+    total, largest = 0, 0
+    while True:
+        piece = reader.read(1 << 20)
+        if not piece:
+            break
+        total, largest = total + len(piece), max(largest, len(piece))
+    assert total == 256 << 20 and largest <= 1 << 20
+    for cut in sorted({1, 3, 4, 9, len(packed) // 2, len(packed) - 1}):
+        damaged = DecompressingReader(io.BytesIO(packed[:cut]), codec)
+        with pytest.raises(IntegrityError):
+            while damaged.read(1 << 20):
+                pass
+    extra = DecompressingReader(io.BytesIO(packed + b"\0"), codec)
+    with pytest.raises(IntegrityError):
+        while extra.read(1 << 20):
+            pass
