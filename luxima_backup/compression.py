@@ -107,9 +107,13 @@ class DecompressingReader:
         self._eof = False
 
     def read(self, n: int = -1) -> bytes:
-        if self._eof:
+        """Up to ``n`` bytes (at most ``READ_SIZE`` at once); with no ``n``, the rest of the stream, as a file reads
+        (for small objects only: a globals dump, an index in a test)."""
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(READ_SIZE), b""))
+        if self._eof or n == 0:
             return b""
-        size = READ_SIZE if n is None or n < 0 or n > READ_SIZE else n
+        size = min(n, READ_SIZE)
         try:
             out = self._read_zstd(size) if self._codec == "zstd" else self._read_gzip(size)
         except (zstandard.ZstdError, zlib_ng.error) as exc:
@@ -120,7 +124,7 @@ class DecompressingReader:
 
     def _read_zstd(self, size: int) -> bytes:
         out = self._zstd.read(size)
-        if not out and size:
+        if not out:
             if not self._frames.whole():
                 raise IntegrityError("zstd stream ends before its end marker: the backup is truncated")
             if self._frames.extra or self._src.read(1):

@@ -28,6 +28,7 @@ def test_a_stream_written_by_the_stage_is_read_by_the_standard_tool_and_by_the_r
     assert subprocess.run([tool, "-dc"], input=packed, capture_output=True, check=True).stdout == data
     reader = DecompressingReader(io.BytesIO(packed), codec)
     assert b"".join(iter(lambda: reader.read(1 << 20), b"")) == data
+    assert DecompressingReader(io.BytesIO(packed), codec).read() == data  # read(): the whole rest, as a file's
     cut = DecompressingReader(io.BytesIO(packed[:-20]), codec)
     with pytest.raises(IntegrityError, match="truncated"):
         while cut.read(1 << 20):
