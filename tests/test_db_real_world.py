@@ -176,6 +176,9 @@ def test_two_sections_with_the_same_database_name_on_two_clusters_stay_apart(
 
         prod = run_backup(database="prod")
         assert prod.is_completed(), prod.message
+        # The old layout, simulated below, filed both under one folder by the second they started: backups then took
+        # seconds; now they can start within one, which that layout could not tell apart.
+        time.sleep(1.1)
         staging = run_backup(database="staging")
         assert staging.is_completed(), staging.message
         prod_doc, staging_doc = manifest_of(s3_server, bucket, prod), manifest_of(s3_server, bucket, staging)
