@@ -240,6 +240,20 @@ def stage(source: Link | None, *sinks: Link | None) -> Iterator[None]:
         sink.close_write()
 
 
+@contextlib.contextmanager
+def judged(source: Link) -> Iterator["LinkReader"]:
+    """Read ``source`` as a check whose writer waits for its verdict (``Link.wait_reader``): the verdict is given
+    when the body ends, a failure as a failure, and the read end is closed either way."""
+    try:
+        yield source.reader()
+    except BaseException as exc:
+        source.reader_done(exc)
+        raise
+    finally:
+        source.reader_done(None)  # the first verdict counts: a failure given above stays
+        source.close_read()
+
+
 def drain(src: Any, block_size: int = 1 << 20) -> None:
     """Read ``src`` to its end, discarding it: what follows the part a consumer needed must still
     authenticate (and hash, when ``src`` meters)."""

@@ -22,7 +22,7 @@ from luxima_backup import pg, runtime
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ToolError, VerificationError
-from luxima_backup.pipes import Link, Meter, MeteredReader, drain
+from luxima_backup.pipes import Link, Meter, MeteredReader, drain, judged
 from tasks.verify.readback import compare, confirm_stored
 
 
@@ -42,18 +42,11 @@ def check_dump_stream(src: Any, unwrap: Any, codec: str, binding: dict[str, str]
 def verify_stream(source: Link, codec: str, binding: dict[str, str]) -> dict[str, Any]:
     """The deep check of the ciphertext as it uploads, from a copy of the stream; its verdict gates the upload."""
     settings = runtime.settings()
-    error: BaseException | None = None
-    try:
+    with judged(source) as ciphertext:
         # The newest pg_restore installed reads every archive an older or equal pg_dump wrote.
         tool = pg.find_tool("pg_restore", 0, settings.db_backup.pg_bin_dir)
-        return check_dump_stream(source.reader(), runtime.key_provider(settings).unwrap, codec, binding, tool,
+        return check_dump_stream(ciphertext, runtime.key_provider(settings).unwrap, codec, binding, tool,
                                  binding.get("object", "the backup"))
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        source.reader_done(error)
-        source.close_read()
 
 
 def check_data_entries(key: str, toc: dict[str, Any], tables: list[dict[str, Any]], large_objects: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from luxima_backup.envelope import DecryptingReader
 from luxima_backup.errors import ObjectNotFound, VerificationError
 from luxima_backup.keys import KeyProvider
 from luxima_backup.manifest import FileArchive, FileIndex, StoredObject
-from luxima_backup.pipes import Link, Meter, MeteredReader, drain
+from luxima_backup.pipes import Link, Meter, MeteredReader, drain, judged
 from luxima_backup.storage import ObjectStore
 from tasks.verify.readback import compare, confirm_stored
 
@@ -100,23 +100,16 @@ def listing_of_index(entries: Any, backup_id: str) -> Listing:
 def verify_archive_stream(source: Link, codec: str, binding: dict[str, str]) -> dict[str, Any]:
     """The deep check of a file archive's ciphertext as it uploads, from a copy of the stream; its verdict gates the upload."""
     settings = runtime.settings()
-    error: BaseException | None = None
-    try:
+    with judged(source) as ciphertext:
         sealed, plain = Meter(), Meter()
         tar_stream = MeteredReader(DecompressingReader(DecryptingReader(
-            MeteredReader(source.reader(), sealed), runtime.key_provider(settings).unwrap, expect=binding,
+            MeteredReader(ciphertext, sealed), runtime.key_provider(settings).unwrap, expect=binding,
             where=binding.get("object", "the archive")), codec), plain)
         listing = listing_of_archive(tar_stream)
         drain(tar_stream)  # the end of the archive must authenticate too
         return {"encrypted_bytes": sealed.size, "encrypted_sha256": sealed.hexdigest, "plain_bytes": plain.size,
                 "plain_sha256": plain.hexdigest, "files": listing.files, "bytes": listing.bytes,
                 "listing_sha256": listing.hexdigest}
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        source.reader_done(error)
-        source.close_read()
 
 
 def chain_gaps(store: ObjectStore, archives: dict[str, StoredObject]) -> dict[str, tuple[str, int | None]]:
