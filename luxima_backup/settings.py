@@ -263,8 +263,8 @@ class DbBackupSettings(_Section):
     database: str = Field("main", description="which [databases.NAME] to back up by default")
     compression: Literal["zstd", "gzip"] = "zstd"
     level: int | None = Field(None, ge=1, le=22, description="zstd 1-22 (default 3), gzip 1-9 (default 6)")
-    threads: int = Field(0, ge=0, le=64, description="compression threads: zstd workers, 0 = one per core; gzip compresses in "
-                         "parallel only when this is 2 or more (worth it with cores to spare)")
+    threads: int = Field(0, ge=0, le=64, description="compression threads: 0 = one per core for zstd (gzip stays on one), 1 = "
+                         "no extra thread, 2+ = that many (gzip's pay off only with cores to spare)")
     globals: bool = Field(True, description="also dump roles with pg_dumpall --globals-only (a warning when refused)")
     deep_verify: bool = Field(True, description="after upload, stream back, decrypt, decompress and pg_restore --list")
     pg_bin_dir: Path | None = Field(None, description="directory of pg_dump/pg_restore; default: newest found")
@@ -343,8 +343,8 @@ class FilesBackupSettings(_Section):
     mirror_dir: Path | None = Field(None, description="persistent staging mirror, one folder per source (default: work_dir/files-mirror)")
     compression: Literal["gzip", "zstd"] = Field("gzip", description="gzip (tar.gz, as the procedure says) or zstd (faster)")
     level: int | None = Field(None, ge=1, le=22, description="zstd 1-22 (default 3), gzip 1-9 (default 6)")
-    threads: int = Field(0, ge=0, le=64, description="compression threads: zstd workers, 0 = one per core; gzip compresses in "
-                         "parallel only when this is 2 or more (worth it with cores to spare)")
+    threads: int = Field(0, ge=0, le=64, description="compression threads: 0 = one per core for zstd (gzip stays on one), 1 = "
+                         "no extra thread, 2+ = that many (gzip's pay off only with cores to spare)")
     full_every_days: int = Field(
         7, ge=0,
         description="a full archive when the last full one is this old (0: every backup is full); in between, "
