@@ -62,7 +62,12 @@ def test_failed_backup_alerts_with_flow_state_error_and_link(
         state = db_backup(return_state=True)
     assert state.is_failed()
     run_id = str(state.state_details.flow_run_id)
-    message = receiver.about_run(run_id)
+    try:
+        message = receiver.about_run(run_id)
+    except AssertionError as exc:
+        # Seen once under the full suite: tell a missing event from an automation service too slow under load.
+        stored = events_named(prefect_server.api_url, "prefect.flow-run.Failed", f"prefect.flow-run.{run_id}")
+        raise AssertionError(f"{exc}; the server {'has' if stored else 'has NO'} Failed event for the run") from None
     assert "db-backup" in message["subject"] and "Failed" in message["subject"]
     body = message["body"]
     assert "State: Failed" in body and "password authentication failed" in body
