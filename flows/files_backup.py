@@ -43,7 +43,6 @@ from tasks.log import log_finish, log_start
 from tasks.sync import sync
 from tasks.upload import upload
 from tasks.verify.file_archive import chain_gaps, verify_archive_stream, verify_file_archive
-from tasks.verify.readback import confirm_stored
 
 
 
@@ -85,15 +84,14 @@ def archive_to_storage(source: str, backup_id: str, object_key: str, index_key: 
 
 
 @task(name="upload-index", cache_policy=NO_CACHE, persist_result=False, **runtime.TRANSIENT_RETRIES)
-def upload_index(index_spool: str, object_key: str, size: int, sha256: str) -> dict[str, Any]:
-    """Upload the encrypted file index; storage must hold it as written (``confirm_stored``)."""
+def upload_index(index_spool: str, object_key: str, size: int) -> dict[str, Any]:
+    """Upload the encrypted file index; ``verify_file_archive`` then confirms storage holds it as written."""
     store = runtime.store()
     with open(index_spool, "rb") as f:
         info = store.save(object_key, f)  # type: ignore[arg-type]
     if info.size != size:
         raise VerificationError(f"storage reports {info.size} bytes for {object_key}, {size} were written")
-    return {**confirm_stored(store, object_key, size, sha256, info.etag if info.proven else None),
-            "proven_etag": info.etag if info.proven else None}
+    return {"size": info.size, "proven_etag": info.etag if info.proven else None}
 
 
 def previous_backup(settings: Settings, source: str) -> catalog.Backup | None:
@@ -191,7 +189,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             synced["changed_while_read"] = a["changed_while_read"]
         index_info = manifest.FileIndex(key=keys.index, **a["index"])
         uploaded.append(keys.index)
-        index_stored = upload_index(index_spool, keys.index, index_info.size_encrypted, index_info.sha256_encrypted)
+        index_stored = upload_index(index_spool, keys.index, index_info.size_encrypted)
         this_archive = manifest.FileArchive(
             key=keys.archive, format="tar-pax", compression=manifest.Compression(codec=c["codec"], level=c["level"]),
             encryption=sealed_with(e), size_plain=c["plain_bytes"], size_compressed=c["compressed_bytes"],

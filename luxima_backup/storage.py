@@ -177,8 +177,7 @@ class S3Store:
         with translate_errors(f"writing {key}"):
             resp = self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentType=content_type, **self._lock_args(key))
         etag = resp.get("ETag")
-        return ObjectInfo(key, len(data), etag=etag,
-                          proven=(etag or "").strip('"').lower() == hashlib.md5(data, usedforsecurity=False).hexdigest())
+        return ObjectInfo(key, len(data), etag=etag, proven=etag_matches(etag, [hashlib.md5(data, usedforsecurity=False).digest()]))
 
     @contextlib.contextmanager
     def load(self, key: str) -> Iterator[BinaryIO]:
@@ -306,16 +305,21 @@ class PartDigests:
         self._filled = 0
 
     def matches(self, etag: str | None) -> bool:
-        """Whether ``etag`` (as storage reports it, quoted) is the one these bytes give, in one PUT or in parts."""
-        if not etag:
-            return False
+        """Whether ``etag`` is the one these bytes give, in one PUT or in parts."""
         if self._filled or not self.digests:
             self._close_part()  # the last, short part (or the empty object's only one)
-        tag = etag.strip('"').lower()
-        whole, _, count = tag.partition("-")
-        if not count:
-            return len(self.digests) == 1 and whole == self.digests[0].hex()
-        return count == str(len(self.digests)) and whole == hashlib.md5(b"".join(self.digests), usedforsecurity=False).hexdigest()
+        return etag_matches(etag, self.digests)
+
+
+def etag_matches(etag: str | None, part_md5s: list[bytes]) -> bool:
+    """Whether ``etag`` (as storage reports it, quoted) is what S3 derives from parts with these MD5s: the MD5 itself
+    for an object that came in one PUT, ``md5(md5(part 1) + ...)-N`` for one that came in N parts."""
+    if not etag:
+        return False
+    whole, _, count = etag.strip('"').lower().partition("-")
+    if not count:
+        return len(part_md5s) == 1 and whole == part_md5s[0].hex()
+    return count == str(len(part_md5s)) and whole == hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
 
 
 class _TranslatingReader:

@@ -24,6 +24,12 @@ from tests.helpers import (
 )
 from tests.fault_proxy import FaultProxy
 
+def incompressible_table(conn: Any, name: str, rows: int) -> None:
+    """A table of ``rows`` random KiB: its dump stays about that size through compression."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+    conn.execute(f"CREATE TABLE {name} AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, {rows}) g")
+
+
 @pytest.mark.slow
 def test_backup_stores_encrypted_verified_dump_with_manifest_and_log(
     prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, database: str, bucket: str,
@@ -141,9 +147,7 @@ def test_server_stopped_mid_dump_is_retried_then_fails_cleanly(
         with victim.connect() as conn:
             conn.execute("CREATE DATABASE luxima")
         with victim.connect("luxima") as conn:
-            # Incompressible data larger than every buffer between pg_dump and the proxy.
-            conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-            conn.execute("CREATE TABLE big AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 120000) g")
+            incompressible_table(conn, "big", 120_000)  # larger than every buffer between pg_dump and the proxy
         with pg_cluster.connect() as conn:
             conn.execute("CREATE DATABASE logs_for_victim")
         write_settings("luxima", bucket, file_keys(key_file), log_elsewhere(pg_cluster, "logs_for_victim"), port=victim.port, endpoint=proxy.url)
@@ -175,8 +179,7 @@ def test_s3_failure_is_retried_by_botocore_alone_then_fails_with_multipart_uploa
     write_settings: Any,
 ) -> None:
     with pg_cluster.connect(database) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-        conn.execute("CREATE TABLE big AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 15000) g")
+        incompressible_table(conn, "big", 15_000)
     proxy = FaultProxy(s3_server.url).start()
     try:
         write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
@@ -204,8 +207,7 @@ def test_storage_proves_the_stored_object_by_its_etag_and_a_part_damaged_on_the_
     object without downloading it again. One bit flipped in a part on its way to storage: the ETag no longer
     matches, the object is read back, its sha256 differs, the backup fails and leaves nothing."""
     with pg_cluster.connect(database) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-        conn.execute("CREATE TABLE noise AS SELECT g, gen_random_bytes(1024) AS b FROM generate_series(1, 12000) g")
+        incompressible_table(conn, "noise", 12_000)
     proxy = FaultProxy(s3_server.url).start()
     try:
         write_settings(database, bucket, file_keys(key_file), endpoint=proxy.url)
