@@ -845,3 +845,56 @@ def test_the_check_beside_the_upload_compares_the_archive_with_its_index_through
 
     altered = [dataclasses.replace(e, sha256="0" * 64) if e.name == "a.txt" else e for e in entries]
     assert listing_of_index(altered, "files-x-1").hexdigest != tarred.hexdigest
+
+
+def test_an_incremental_archive_holds_the_folders_above_what_it_stores_and_the_chain_extracts_with_plain_tar(
+        tmp_path: Path) -> None:
+    """An unchanged run does not write every folder's header again (a third of its time at 50,000 files): an
+    incremental archive holds what changed and the folders above it, and the full archive then the incremental one,
+    extracted with plain tar (the break-glass path), give the tree back, folders' modes and times included."""
+    from luxima_backup import filetree
+    from tasks.archive import archive_tree
+
+    root = tmp_path / "src"
+    make_tree(root)
+    (root / "untouched" / "deeper").mkdir(parents=True)
+    (root / "untouched" / "deeper" / "old.txt").write_bytes(b"old")
+    os.chmod(root / "untouched" / "deeper", 0o750)
+
+    def age(*paths: Path, when: int) -> None:  # whole seconds: tar's times keep them exactly
+        for path in paths:
+            os.utime(path, ns=(when * 10**9, when * 10**9), follow_symlinks=False)
+
+    everything = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # children before their folder
+    age(*everything, when=1_600_000_000)
+
+    def archived(backup_id: str, previous: bytes | None) -> tuple[bytes, bytes]:
+        sink, lines = io.BytesIO(), []
+
+        class Index:
+            def add(self, entry: Any) -> None:
+                lines.append(filetree.index_line(entry))
+
+        archive_tree(root, sink, Index(), backup_id, filetree.read_index(io.BytesIO(previous)) if previous else None,
+                     full=previous is None)
+        return sink.getvalue(), b"".join(lines)
+
+    full, index = archived("files-x-1", None)
+    with open(root / "dir with spaces" / "sub" / "deep.txt", "r+b") as f:  # changed in place: its folder's times stay
+        f.write(b"CHANGED")
+    (root / "photos" / "new-empty").mkdir()
+    (root / "link-new").symlink_to("photos")
+    age(root / "dir with spaces" / "sub" / "deep.txt", root / "photos" / "new-empty", root / "link-new", when=1_700_000_000)
+    age(root / "photos", when=1_700_000_100)
+    incremental, _ = archived("files-x-2", index)
+
+    with tarfile.open(fileobj=io.BytesIO(incremental), mode="r|") as tar:
+        names = [m.name for m in tar]
+    assert names == ["dir with spaces", "dir with spaces/sub", "dir with spaces/sub/deep.txt", "link-new", "photos",
+                     "photos/new-empty"]
+
+    out = tmp_path / "by-tar"
+    out.mkdir()
+    for archive in (full, incremental):
+        subprocess.run(["tar", "-xpf", "-", "-C", str(out)], input=archive, check=True)
+    assert snapshot(out) == snapshot(root)
