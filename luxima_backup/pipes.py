@@ -39,6 +39,9 @@ class Link:
             pass  # the system limit may be lower; the default size still works
         self._verdict = threading.Event()
         self._error: BaseException | None = None
+        # Each end is closed exactly once, whichever threads ask: a second close of the same number could close
+        # a descriptor another thread has opened since under that number (a database socket, another pipe).
+        self._ends = threading.Lock()
         # The reader's outcome, for a writer that must not call its own output good before its reader has judged
         # the stream (a check running beside an upload): see ``reader_done`` and ``wait_reader``.
         self._reader_verdict = threading.Event()
@@ -61,10 +64,15 @@ class Link:
             raise StageAborted(f"{self.name} was closed: a neighbouring stage failed")
         return fd
 
+    def _release(self, end: str) -> None:
+        with self._ends:
+            fd = getattr(self, end)
+            setattr(self, end, -1)
+        if fd >= 0:
+            os.close(fd)
+
     def close_write(self) -> None:
-        if self.write_fd >= 0:
-            os.close(self.write_fd)
-            self.write_fd = -1
+        self._release("write_fd")
 
     def succeed(self) -> None:
         self._verdict.set()
@@ -91,9 +99,30 @@ class Link:
         return self._fd(self.read_fd)
 
     def close_read(self) -> None:
-        if self.read_fd >= 0:
-            os.close(self.read_fd)
-            self.read_fd = -1
+        self._release("read_fd")
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the link from outside its stages, while they may still be using its ends.
+
+        Closing an end here would free its number while a stage may be about to read or write (or splice)
+        through it, and the number may meanwhile name a new descriptor. So each end is replaced in place: the
+        read end by one that reads an end of stream (the reader then finds the failure as its verdict), the
+        write end by a broken pipe (the writer's next write fails). Their numbers are closed once, later.
+        """
+        if not self._verdict.is_set():
+            self._error = exc
+            self._verdict.set()
+        self.reader_done(exc)
+        with self._ends:
+            if self.read_fd >= 0:
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                os.dup2(null, self.read_fd, inheritable=False)
+                os.close(null)
+            if self.write_fd >= 0:
+                r, w = os.pipe()
+                os.close(r)
+                os.dup2(w, self.write_fd, inheritable=False)
+                os.close(w)
 
     def reader_done(self, exc: BaseException | None = None) -> None:
         """The reader's verdict on the stream (the first one counts)."""

@@ -21,9 +21,9 @@ def run_linked(submit: Callable[[list[PrefectFuture[Any]]], None], links: list[L
     try:
         submit(futures)
     except BaseException as exc:
+        # Submitted stages may be running: their links are failed in place, not closed under them.
         for link in links:
-            link.fail(exc)
-            link.close_read()
+            link.abort(exc)
         raise
     finally:
         wait(futures)
