@@ -291,6 +291,8 @@ def _restore_pass(settings: Settings, plan: Plan, codec: str, dump_major: int, n
                                   dump.key, dl["bytes"])
             timings = {"download": dl["seconds"], "decrypt": dec["seconds"], "decompress": plain["seconds"],
                        "restore": round(time.monotonic() - t, 3)}
+            if "rows" in restored:
+                timings["rows (parallel)"] = restored["rows"]["seconds"]
             if "post_data_seconds" in restored:
                 timings["post-data (parallel)"] = restored["post_data_seconds"]
             return {"timings": timings, "sha256_encrypted": dl["sha256"], "plain_sha256": plain["plain_sha256"],

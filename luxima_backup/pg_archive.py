@@ -17,7 +17,11 @@ one stream instead.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import Any, Iterator
+
+from .errors import FormatError
 
 MAGIC = b"PGDMP"
 FORMAT_CUSTOM = 1
@@ -41,11 +45,31 @@ class UnsupportedArchive(Exception):
     """Not a custom-format archive of a version this reader knows."""
 
 
+# Sections of a TOC entry (pg_backup.h's teSection).
+SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 2, 3, 4
+# Block types after the TOC (pg_backup_custom.c): a table's COPY rows, or large objects.
+BLK_DATA, BLK_BLOBS = 1, 3
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    dump_id: int
+    desc: str            # "TABLE DATA", "SEQUENCE SET", "INDEX", ...
+    tag: str             # the object's name
+    namespace: str
+    section: int
+    defn: str            # the statement(s) that make the object (DDL, a setval, a SET)
+    copy_stmt: str       # TABLE DATA: the COPY ... FROM stdin its rows go through
+
+
 @dataclass(frozen=True)
 class Head:
     version: str
     entries: int
     toc_end: int       # bytes from the start of the archive to the end of its table of contents
+    int_size: int = 4
+    compressed: bool = False  # pg_dump compressed the data blocks itself (not with --compress=0)
+    toc: tuple[TocEntry, ...] = ()
 
 
 class _Cursor:
@@ -82,6 +106,11 @@ class _Cursor:
         self.take(n)
         return True
 
+    def str(self) -> str:
+        """One string (NULL as empty), decoded as pg_dump wrote it (the dump's own encoding is ASCII-compatible)."""
+        n = self.int()
+        return "" if n < 0 else bytes(self.take(n)).decode("utf-8", "replace")
+
 
 def read_head(data: bytes | memoryview) -> Head:
     """Parse the archive's header and table of contents from its first bytes.
@@ -102,9 +131,9 @@ def read_head(data: bytes | memoryview) -> Head:
     if c.byte() != FORMAT_CUSTOM:
         raise UnsupportedArchive("not a custom-format archive")
     if version >= K_VERS_1_15:
-        c.byte()          # compression algorithm
+        compressed = c.byte() != 0   # compression algorithm: 0 is none
     else:
-        c.int()           # compression level
+        compressed = c.int() != 0    # compression level: 0 is none (-1 is zlib's default)
     for _ in range(7):    # creation time: sec, min, hour, mday, mon, year, isdst
         c.int()
     c.skip_str()          # database name
@@ -113,17 +142,19 @@ def read_head(data: bytes | memoryview) -> Head:
     count = c.int()
     if count < 0:
         raise UnsupportedArchive("negative TOC entry count")
+    toc = []
     for _ in range(count):
-        c.int()           # dump id
+        dump_id = c.int()
         c.int()           # had dumper
         c.skip_str()      # catalog id: tableoid
         c.skip_str()      # catalog id: oid
-        c.skip_str()      # tag
-        c.skip_str()      # desc
-        c.int()           # section
-        for _ in range(3):  # defn, drop statement, copy statement
-            c.skip_str()
-        c.skip_str()      # namespace
+        tag = c.str()
+        desc = c.str()
+        section = c.int()
+        defn = c.str()
+        c.skip_str()      # drop statement
+        copy_stmt = c.str()
+        namespace = c.str()
         c.skip_str()      # tablespace
         c.skip_str()      # table access method
         if version >= K_VERS_1_16:
@@ -134,4 +165,100 @@ def read_head(data: bytes | memoryview) -> Head:
             pass
         c.byte()          # data offset state
         c.take(c.off_size)
-    return Head(f"{vmaj}.{vmin}.{vrev}", count, c.pos)
+        toc.append(TocEntry(dump_id, desc, tag, namespace, section, defn, copy_stmt))
+    return Head(f"{vmaj}.{vmin}.{vrev}", count, c.pos, c.int_size, compressed, tuple(toc))
+
+
+# -- the data blocks after the TOC --
+
+_INT = struct.Struct("<BI")  # an archive integer of 4 bytes: sign byte, then least significant byte first
+READ_SIZE = 1 << 20
+
+
+class DataBlocks:
+    """The data blocks that follow the table of contents of an archive pg_dump wrote to a pipe, read from a stream.
+
+    Each block is its type, the dump id of its TOC entry, then the data in pieces (a length, then that many bytes)
+    ended by a length of 0 (``_StartData``, ``_CustomWriteFunc`` and ``_EndData`` in ``pg_backup_custom.c``). An
+    uncompressed archive holds a table's COPY rows as they are, usually one row per piece; ``data`` joins them
+    into large pieces cut at row ends (COPY's text format escapes newlines in values, so a newline ends a row).
+    A large objects' block is, for each one, its oid then its data as above, ended by an oid of 0 (``_LoadLOs``).
+    Only archives whose integers have 4 bytes and whose data pg_dump did not compress are read here.
+    """
+
+    def __init__(self, head: Head, after_toc: bytes, reader: Any):
+        if head.int_size != 4 or head.compressed:
+            raise UnsupportedArchive("only uncompressed archives with 4-byte integers are read block by block")
+        self._buf = after_toc
+        self._pos = 0
+        self._reader = reader
+
+    def _refill(self, buf: bytes, pos: int, need: int, at_block_start: bool = False) -> tuple[bytes, int]:
+        rest = buf[pos:]
+        while len(rest) < need:
+            block = self._reader.read(max(READ_SIZE, need - len(rest)))
+            if not block:
+                if at_block_start and not rest:
+                    return b"", 0
+                raise FormatError("the dump ends inside a data block", hint="the backup is incomplete; restore another one")
+            rest += block
+        return rest, 0
+
+    def next_block(self) -> tuple[int, int] | None:
+        """The next block's (type, dump id); None at the end of the archive."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 6:
+            buf, pos = self._refill(buf, pos, 6, at_block_start=True)
+            if not buf:
+                self._buf, self._pos = buf, pos
+                return None
+        kind = buf[pos]
+        sign, dump_id = _INT.unpack_from(buf, pos + 1)
+        self._buf, self._pos = buf, pos + 6
+        if kind not in (BLK_DATA, BLK_BLOBS) or sign:
+            raise FormatError(f"unknown data block (type {kind}) in the dump", hint="the backup is damaged; restore another one")
+        return kind, dump_id
+
+    def next_large_object(self) -> int | None:
+        """In a large objects' block: the next one's oid, None after the last (then read its data with ``data``)."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 5:
+            buf, pos = self._refill(buf, pos, 5)
+        sign, oid = _INT.unpack_from(buf, pos)
+        self._buf, self._pos = buf, pos + 5
+        if sign:
+            raise FormatError("a negative large object oid in the dump", hint="the backup is damaged; restore another one")
+        return oid or None
+
+    def data(self, piece: int = READ_SIZE, rows: bool = False) -> Iterator[bytes]:
+        """The current data's pieces joined to about ``piece`` bytes; ``rows``: each piece ends at the end of a row."""
+        buf, pos = self._buf, self._pos
+        parts: list[bytes] = []
+        size = 0
+        unpack = _INT.unpack_from
+        while True:
+            if len(buf) - pos < 5:
+                buf, pos = self._refill(buf, pos, 5)
+            sign, n = unpack(buf, pos)
+            pos += 5
+            if sign:
+                raise FormatError("a negative length in a data block of the dump", hint="the backup is damaged; restore another one")
+            if n == 0:
+                break
+            if len(buf) - pos < n:
+                buf, pos = self._refill(buf, pos, n)
+            parts.append(buf[pos:pos + n])
+            pos += n
+            size += n
+            if size >= piece:
+                data = b"".join(parts)
+                cut = data.rfind(b"\n") + 1 if rows else len(data)
+                if cut:  # else one row longer than a piece so far: keep reading
+                    self._buf, self._pos = buf, pos
+                    yield data[:cut]
+                    parts, size = ([data[cut:]], len(data) - cut) if cut < len(data) else ([], 0)
+                else:
+                    parts = [data]
+        self._buf, self._pos = buf, pos
+        if size:
+            yield b"".join(parts)

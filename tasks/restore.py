@@ -1,9 +1,11 @@
 """Restore stage: pg_restore into a database created for it, and the swap that replaces a database.
 
-pg_restore runs with ``--exit-on-error`` and ``--single-transaction`` (a parallel restore: schema and
-data in that transaction, then indexes and constraints with ``--jobs``), so a restore that hit any
-error fails instead of "succeeding" with missing data. Only databases
-created by the restore are ever dropped; a replaced database is renamed aside, never dropped.
+One job: pg_restore with ``--exit-on-error`` and ``--single-transaction`` on the stream. More: the schema
+from the dump's table of contents, the rows from the stream over several connections (``pg_rows``), then
+indexes and constraints with ``pg_restore --jobs``; a dump whose rows cannot go that way (large objects,
+a selective restore) has schema and rows in one transaction from the stream. Either way a restore that hit
+any error fails instead of "succeeding" with missing data, and the database it created is dropped. Only
+databases created by the restore are ever dropped; a replaced database is renamed aside, never dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from luxima_backup import pg, pg_archive, procs, runtime
+from luxima_backup import pg, pg_archive, pg_rows, procs, runtime
 from luxima_backup.errors import ConfigError, DatabaseError, ToolError
 from luxima_backup.pipes import Link, drain
 from luxima_backup.secrets import redact
@@ -215,19 +217,17 @@ def read_archive_head(reader: Any, limit: int = TOC_LIMIT) -> tuple[bytes, pg_ar
         want = max(want, len(buf))  # doubling: the head is parsed O(log n) times, not once per block
 
 
-def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link, head: ArchiveHead,
-                   split: bool) -> dict[str, Any]:
-    """Run pg_restore in one transaction on the stream of ``source``, keeping the dump's head aside.
+def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link, first: bytes,
+                   parsed: pg_archive.Head | None, split: bool) -> dict[str, Any]:
+    """Run pg_restore in one transaction on the stream of ``source`` (``first``: its bytes read so far).
 
     ``split``: schema and data only, when the head could be read (``result["split"]`` says whether it was),
-    for ``run_post_data`` to finish. The stream passes through this stage (spliced, not copied through
+    for ``run_from_toc`` to finish. The stream passes through this stage (spliced, not copied through
     Python) so that pg_restore's stdin closes only once upstream has declared the stream whole: a
     stream cut short or failing authentication kills pg_restore before it sees an end of input.
     """
     started = time.monotonic()
     reader = source.reader()
-    first, parsed = read_archive_head(reader)
-    head.data = first[:parsed.toc_end] if parsed else first
     split = split and parsed is not None
     args = [*args, "--single-transaction", *(["--section=pre-data", "--section=data"] if split else [])]
     stdin = Link(f"{source.name} (pg_restore stdin)")
@@ -275,17 +275,19 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
             "seconds": round(time.monotonic() - started, 3), "split": split}
 
 
-def run_post_data(tool: pg.Tool, cfg: PostgresConnection, args: list[str], head: ArchiveHead, jobs: int) -> float:
-    """Indexes, constraints and triggers by ``pg_restore --jobs`` from the table of contents alone (which
-    names no data blocks for this section): a memfd, so the DDL never lands on disk."""
+def run_from_toc(tool: pg.Tool, cfg: PostgresConnection, args: list[str], head: ArchiveHead, section: str,
+                 jobs: int = 1) -> float:
+    """One section without rows (pre-data: schema; post-data: indexes, constraints and triggers) by pg_restore
+    from the table of contents alone, which names no data blocks for it: a memfd, so the DDL never lands on disk.
+    Pre-data in one transaction; post-data with ``jobs`` parallel workers."""
     started = time.monotonic()
     assert head.data is not None
+    how = ["--single-transaction"] if jobs == 1 else [f"--jobs={jobs}"]
     fd = os.memfd_create("luxima-restore-toc", os.MFD_CLOEXEC)
     try:
         with open(fd, "wb", closefd=False) as f:
             f.write(head.data)
-        process = pg.start_client(tool, cfg, [*args, f"--jobs={jobs}", "--section=post-data", f"/dev/fd/{fd}"],
-                                  pass_fds=(fd,))
+        process = pg.start_client(tool, cfg, [*args, *how, f"--section={section}", f"/dev/fd/{fd}"], pass_fds=(fd,))
         try:
             process.check(process.wait())
         except BaseException:
@@ -296,14 +298,36 @@ def run_post_data(tool: pg.Tool, cfg: PostgresConnection, args: list[str], head:
     return round(time.monotonic() - started, 3)
 
 
+def restore_rows_in_parallel(tool: pg.Tool, cfg: PostgresConnection, args: list[str], source: Link, first: bytes,
+                             parsed: pg_archive.Head, head: ArchiveHead, jobs: int) -> dict[str, Any]:
+    """Schema from the table of contents, rows from the stream over ``jobs`` connections, then indexes and
+    constraints with ``jobs`` pg_restore workers. Any failure leaves a database the flow drops."""
+    started = time.monotonic()
+    try:
+        pre_data = run_from_toc(tool, cfg, args, head, "pre-data")
+        rows = pg_rows.load_rows(cfg, parsed, first[parsed.toc_end:], source.reader(), jobs)
+    except ToolError as exc:
+        if re.search(r'role "[^"]+" does not exist', str(exc)):
+            raise ToolError(exc.message, hint="the backup's roles are missing on the target: restore with "
+                            "restore_globals_first (roles from the backup) or no_owner (no ownership or grants)") from None
+        raise
+    finally:
+        source.close_read()  # upstream stops at once if this stage failed
+    seconds = round(time.monotonic() - started, 3)
+    post_data = run_from_toc(tool, cfg, args, head, "post-data", jobs)
+    return {"pg_restore": tool.path, "pg_restore_version": tool.version, "warnings": [], "seconds": seconds,
+            "split": True, "pre_data_seconds": pre_data, "rows": rows, "post_data_seconds": post_data}
+
+
 @task(name="restore", cache_policy=NO_CACHE, persist_result=False)
 def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[str], tables: list[str],
             no_owner: bool, source: Link, head: ArchiveHead) -> dict[str, Any]:
     """pg_restore the authenticated stream into the new database, stopping at the first error.
 
-    One job: the whole archive in one transaction. More: schema and data in one transaction from the
-    stream, then indexes, constraints and triggers built by ``jobs`` parallel workers from the table of
-    contents (the part that parallelism speeds up: the rows come through one stream either way).
+    One job: the whole archive in one transaction. More: the schema from the table of contents, the rows from
+    the stream over ``jobs`` connections at once, then indexes, constraints and triggers built by ``jobs``
+    parallel workers from the table of contents. A dump whose rows this cannot load (large objects, rows
+    compressed by pg_dump, a selective restore): schema and rows in one transaction from the stream instead.
     """
     settings = runtime.settings()
     cfg = on_database(settings.database(target), dbname)
@@ -316,10 +340,26 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
     # pg_restore must read the archive (as new as the pg_dump that wrote it) and speak to the server.
     tool = pg.find_tool("pg_restore", max(server.major, dump_major), settings.db_backup.pg_bin_dir)
     args = pg_restore_args(dbname, schemas, tables, no_owner)
-    result = run_pg_restore(tool, cfg, args, source, head, split=jobs > 1)
     log = get_run_logger()
+    try:
+        first, parsed = read_archive_head(source.reader())
+    except BaseException:
+        source.close_read()
+        raise
+    head.data = first[:parsed.toc_end] if parsed else first
+    why_not = "one job" if jobs == 1 else pg_rows.rows_not_parallel(parsed, schemas, tables)
+    if why_not is None:
+        assert parsed is not None
+        result = restore_rows_in_parallel(tool, cfg, args, source, first, parsed, head, jobs)
+        log.info("pg_restore %s: schema into %s in %.1fs; rows of %d tables over %d connections in %.1fs; indexes and "
+                 "constraints with %d jobs in %.1fs", tool.version, dbname, result["pre_data_seconds"],
+                 result["rows"]["tables"], jobs, result["rows"]["seconds"], jobs, result["post_data_seconds"])
+        return result
+    if jobs > 1:
+        log.info("rows in one stream: %s", why_not)
+    result = run_pg_restore(tool, cfg, args, source, first, parsed, split=jobs > 1)
     if result["split"]:
-        result["post_data_seconds"] = run_post_data(tool, cfg, args, head, jobs)
+        result["post_data_seconds"] = run_from_toc(tool, cfg, args, head, "post-data", jobs)
         log.info("pg_restore %s: schema and data into %s in %.1fs, then indexes and constraints with %d jobs in %.1fs",
                  tool.version, dbname, result["seconds"], jobs, result["post_data_seconds"])
         return result
