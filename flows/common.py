@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
@@ -14,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from luxima_backup import manifest, runtime
 from luxima_backup.errors import BackupError, TimeLimitExceeded, should_retry
 from luxima_backup.secrets import redact
+from luxima_backup.workdir import ensure_private
 
 
 def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...], attempts: int,
@@ -56,12 +60,14 @@ def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...],
     raise AssertionError("unreachable")
 
 
-def backup_start(store: Any, prefix: str, component: str, name: str) -> datetime:
+def backup_start(store: Any, prefix: str, component: str, name: str, work_dir: Path | None = None) -> datetime:
     """Now, as the start that names a new backup of ``name``: its id and keys carry this second.
 
     Two backups of one target started within the same second would share them, and the second would
     overwrite the first's objects (a run takes well under a second on a small target). If a backup
-    already holds this second's name, wait for the next one (as pgBackRest does for its labels).
+    already holds this second's name, wait for the next one (as pgBackRest does for its labels). Two runs
+    starting at once (a run from the shell beside a scheduled one) both find the name free in storage, so
+    each also claims it on this host (a file made with O_EXCL under ``work_dir``): the second waits too.
     """
     while True:
         now = datetime.now(timezone.utc)
@@ -69,9 +75,27 @@ def backup_start(store: Any, prefix: str, component: str, name: str) -> datetime
             taken = next(iter(store.list(manifest.stem(prefix, component, name, now))), None) is not None
         except BackupError:
             return now  # storage unreachable: the run fails at its upload, logged as such, not here unlogged
-        if not taken:
+        if not taken and (work_dir is None or _claim(work_dir, component, name, now)):
             return now
         time.sleep(1.001 - now.microsecond / 1e6)
+
+
+CLAIMS_KEPT_SECONDS = 600
+
+
+def _claim(work_dir: Path, component: str, name: str, now: datetime) -> bool:
+    """Claim this second's name for one run on this host; False when another run has it."""
+    folder = ensure_private(ensure_private(work_dir) / "claims", "work_dir/claims")
+    for old in folder.iterdir():  # a claim matters for its second only: forget old ones
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < time.time() - CLAIMS_KEPT_SECONDS:
+                old.unlink()
+    target = hashlib.sha256(f"{component}\0{name}".encode()).hexdigest()[:24]  # any target name, as a file name
+    try:
+        os.close(os.open(folder / f"{target}-{now:%Y%m%dT%H%M%S}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
 
 
 def logged(fn: Any, what: str, *args: Any, skip: bool = False) -> Any:

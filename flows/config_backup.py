@@ -88,7 +88,7 @@ def backup_host(host: str, stage_dir: str) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     cfg = settings.configs
-    started = backup_start(runtime.config_store(settings), runtime.config_prefix(settings), "configs", host)
+    started = backup_start(runtime.config_store(settings), runtime.config_prefix(settings), "configs", host, settings.work_dir)
     keys = manifest.config_keys(runtime.config_prefix(settings), host, started, SUFFIX[cfg.compression])
     uploaded: list[str] = []
     try:

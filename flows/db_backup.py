@@ -106,7 +106,7 @@ def db_backup(database: str | None = None, deep_verify: bool | None = None) -> d
         name = database or cfg.database
         target = settings.database(name)
         deep = cfg.deep_verify if deep_verify is None else deep_verify
-        started = backup_start(runtime.store(settings), settings.storage.prefix, "db", name)
+        started = backup_start(runtime.store(settings), settings.storage.prefix, "db", name, settings.work_dir)
         t0 = time.monotonic()
         # Named by the settings' section, not the database: every Supabase project's database is called postgres.
         keys = manifest.db_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])

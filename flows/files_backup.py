@@ -139,7 +139,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     logger = get_run_logger()
     cfg = settings.files_backup
     source = settings.file_source(name)
-    started = backup_start(runtime.store(settings), settings.storage.prefix, "files", name)
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "files", name, settings.work_dir)
     t0 = time.monotonic()
     keys = manifest.files_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
     run_id = str(flow_run.id) if flow_run.id else None

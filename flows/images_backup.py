@@ -118,7 +118,7 @@ def backup_registry(name: str) -> dict[str, Any]:
     logger = get_run_logger()
     reg = settings.images.registries[name]
     source = f"registry-{name}"
-    started = backup_start(runtime.store(settings), settings.storage.prefix, "images", source)
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "images", source, settings.work_dir)
     backup_id, manifest_key = manifest.images_keys(settings.storage.prefix, source, started)
     uploaded: list[str] = []
     store = runtime.store(settings)
@@ -159,7 +159,7 @@ def backup_host(host: str) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = settings.images
     prefix = settings.storage.prefix
-    started = backup_start(runtime.store(settings), prefix, "images", host)
+    started = backup_start(runtime.store(settings), prefix, "images", host, settings.work_dir)
     backup_id, manifest_key = manifest.images_keys(prefix, host, started)
     found = inventory(host)
     containers, images = found["containers"], found["images"]

@@ -38,7 +38,7 @@ def backup_guest(guest: Guest, prune: bool = True) -> dict[str, Any]:
     install_log_redaction()
     logger = get_run_logger()
     cfg = settings.vm_backup
-    started = backup_start(runtime.store(settings), settings.storage.prefix, "vm", guest.name)
+    started = backup_start(runtime.store(settings), settings.storage.prefix, "vm", guest.name, settings.work_dir)
     t0 = time.monotonic()
     backup_id, manifest_key = manifest.vm_keys(settings.storage.prefix, guest.name, started)
     run_id = str(flow_run.id) if flow_run.id else None

@@ -560,8 +560,9 @@ class RestoreSettings(_Section):
     target: str | None = Field(None, description="[databases.NAME] whose server receives restores; default: db_backup.database")
     jobs: int = Field(
         2, ge=1, le=64,
-        description="pg_restore -j for indexes and constraints, built after the rows came through one stream (the "
-        "restore's own new database is dropped if they fail); 1: everything in one transaction, indexes one by one")
+        description="connections loading the rows from the stream at once, then pg_restore -j for indexes and "
+        "constraints (the restore's own new database is dropped if any fails); 1: pg_restore alone, everything in "
+        "one transaction")
     attempts: int = Field(2, ge=1, le=5, description="attempts of the pg_restore pass on transient failures (each on an empty database)")
     rto_target_minutes: float = Field(120, gt=0, description="recovery time objective the measured RTO is shown against")
     timeout_seconds: float = Field(4 * 3600, gt=0, description="a db, files or config restore run ends TimedOut after this")

@@ -134,3 +134,28 @@ def test_a_backup_started_in_the_second_another_one_is_named_by_takes_the_next_s
     # another target is not held up by it
     other = backup_start(store, "backups", "db", "crm")
     assert int(other.timestamp()) - int(datetime.now(timezone.utc).timestamp()) <= 0
+
+
+def test_two_runs_starting_at_once_take_different_seconds(tmp_path: Path) -> None:
+    """A run from the shell beside a scheduled one, same target, same instant: both find the name free in storage,
+    and only the claim on this host keeps them from sharing one id (and one run's objects overwriting the other's)."""
+    import threading
+
+    from flows.common import backup_start
+
+    store = LocalStore(tmp_path / "store")
+    work = tmp_path / "work"
+    ready = threading.Barrier(4)
+    starts: list[Any] = []
+
+    def start() -> None:
+        ready.wait()
+        starts.append(backup_start(store, "backups", "db", "main", work))
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({int(s.timestamp()) for s in starts}) == 4
+    assert oct((work / "claims").stat().st_mode & 0o777) == oct(0o700)
