@@ -842,12 +842,37 @@ def _stop_on_signal() -> None:
 
 
 def main() -> None:
+    import atexit
+
+    atexit.register(_exit_without_teardown)  # the first registered runs last: after every other exit handler
     _stop_on_signal()
     try:
-        app()
-    except KeyboardInterrupt:
-        from luxima_backup import procs
+        try:
+            app()
+        except KeyboardInterrupt:
+            from luxima_backup import procs
 
-        procs.stop_all(grace=5)
-        sys.exit(130)
+            procs.stop_all(grace=5)
+            sys.exit(130)
+    except SystemExit as exc:
+        _exit_status[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+
+
+_exit_status = [1]  # a command that did not end by sys.exit (an uncaught exception) failed
+
+
+def _exit_without_teardown() -> None:
+    """End the process once the command and every exit handler are done (Prefect's own drain its logs and events
+    first), without the interpreter's teardown of every module and object: 0.4 s of each command, for nothing
+    (measured on a restore; a command's whole fixed cost is about 2 s). Output is flushed first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_exit_status[0])
 
