@@ -83,6 +83,21 @@ def test_deploy_all_and_a_process_worker_run_a_backup(
     store.save_bytes("blocks/probe", b"probe")
     with store.load("blocks/probe") as body:
         assert body.read() == b"probe"
+    import io
+
+    saved = store.save("blocks/streamed", io.BytesIO(b"streamed" * 1000))  # as a backup's stream is stored
+    assert saved.size == 8000 and saved.proven
+    # A block whose uploads would land under a bucket folder, while reads name the key alone, is refused.
+    from prefect_aws import S3Bucket
+
+    from luxima_backup.errors import ConfigError
+
+    foldered = S3Bucket.load("luxima-backups")
+    foldered.bucket_folder = "tenant-a"
+    foldered.save("luxima-foldered", overwrite=True)
+    with pytest.raises(ConfigError) as refused:
+        store_from_settings(StorageSettings(s3_bucket_block="luxima-foldered"))
+    assert "bucket folder" in str(refused.value) and "tenant-a/" in refused.value.hint
     done = subprocess.run([CLI, "secret", "test-db-password", "env:LUXIMA_TEST_DB_PASSWORD"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and DB_PASSWORD not in done.stdout + done.stderr
