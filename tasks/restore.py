@@ -2,10 +2,11 @@
 
 One job: pg_restore with ``--exit-on-error`` and ``--single-transaction`` on the stream. More: the schema
 from the dump's table of contents, the rows from the stream over several connections (``pg_rows``), then
-indexes and constraints with ``pg_restore --jobs``; a dump whose rows cannot go that way (large objects,
-a selective restore) has schema and rows in one transaction from the stream. Either way a restore that hit
-any error fails instead of "succeeding" with missing data, and the database it created is dropped. Only
-databases created by the restore are ever dropped; a replaced database is renamed aside, never dropped.
+indexes and constraints with ``pg_restore --jobs``; a dump whose rows cannot go that way (a selective
+restore, rows compressed by pg_dump, data entries ``pg_rows`` does not know) has schema and rows in one
+transaction from the stream. Either way a restore that hit any error fails instead of "succeeding" with
+missing data, and the database it created is dropped. Only databases created by the restore are ever
+dropped; a replaced database is renamed aside, never dropped.
 """
 
 from __future__ import annotations
@@ -259,10 +260,7 @@ def run_pg_restore(tool: pg.Tool, cfg: PostgresConnection, args: list[str], sour
     except ToolError as exc:
         if process is not None:
             process.kill()
-        if re.search(r'role "[^"]+" does not exist', str(exc)):
-            raise ToolError(exc.message, hint="the backup's roles are missing on the target: restore with "
-                            "restore_globals_first (roles from the backup) or no_owner (no ownership or grants)") from None
-        raise
+        raise _explained(exc) from None
     except BaseException:
         if process is not None:
             process.kill()  # before its stdin closes: no end of input, so no COMMIT
@@ -304,19 +302,25 @@ def restore_rows_in_parallel(tool: pg.Tool, cfg: PostgresConnection, args: list[
     constraints with ``jobs`` pg_restore workers. Any failure leaves a database the flow drops."""
     started = time.monotonic()
     try:
-        pre_data = run_from_toc(tool, cfg, args, head, "pre-data")
-        rows = pg_rows.load_rows(cfg, parsed, first[parsed.toc_end:], source.reader(), jobs)
+        try:
+            pre_data = run_from_toc(tool, cfg, args, head, "pre-data")
+            rows = pg_rows.load_rows(cfg, parsed, first[parsed.toc_end:], source.reader(), jobs)
+        finally:
+            source.close_read()  # upstream stops at once if this stage failed
+        seconds = round(time.monotonic() - started, 3)
+        post_data = run_from_toc(tool, cfg, args, head, "post-data", jobs)
     except ToolError as exc:
-        if re.search(r'role "[^"]+" does not exist', str(exc)):
-            raise ToolError(exc.message, hint="the backup's roles are missing on the target: restore with "
-                            "restore_globals_first (roles from the backup) or no_owner (no ownership or grants)") from None
-        raise
-    finally:
-        source.close_read()  # upstream stops at once if this stage failed
-    seconds = round(time.monotonic() - started, 3)
-    post_data = run_from_toc(tool, cfg, args, head, "post-data", jobs)
+        raise _explained(exc) from None
     return {"pg_restore": tool.path, "pg_restore_version": tool.version, "warnings": [], "seconds": seconds,
             "split": True, "pre_data_seconds": pre_data, "rows": rows, "post_data_seconds": post_data}
+
+
+def _explained(exc: ToolError) -> ToolError:
+    """pg_restore's failure, with what to do when it names a role the target does not have."""
+    if re.search(r'role "[^"]+" does not exist', str(exc)):
+        return ToolError(exc.message, hint="the backup's roles are missing on the target: restore with "
+                         "restore_globals_first (roles from the backup) or no_owner (no ownership or grants)")
+    return exc
 
 
 @task(name="restore", cache_policy=NO_CACHE, persist_result=False)
@@ -326,8 +330,8 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
 
     One job: the whole archive in one transaction. More: the schema from the table of contents, the rows from
     the stream over ``jobs`` connections at once, then indexes, constraints and triggers built by ``jobs``
-    parallel workers from the table of contents. A dump whose rows this cannot load (large objects, rows
-    compressed by pg_dump, a selective restore): schema and rows in one transaction from the stream instead.
+    parallel workers from the table of contents. A dump whose rows this cannot load (a selective restore, rows
+    compressed by pg_dump, data entries it does not know): schema and rows in one transaction from the stream.
     """
     settings = runtime.settings()
     cfg = on_database(settings.database(target), dbname)
@@ -355,7 +359,7 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
                  "constraints with %d jobs in %.1fs", tool.version, dbname, result["pre_data_seconds"],
                  result["rows"]["tables"], jobs, result["rows"]["seconds"], jobs, result["post_data_seconds"])
         return result
-    if jobs > 1:
+    if jobs > 1 and parsed is not None:
         log.info("rows in one stream: %s", why_not)
     result = run_pg_restore(tool, cfg, args, source, first, parsed, split=jobs > 1)
     if result["split"]:
