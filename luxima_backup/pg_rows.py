@@ -23,8 +23,8 @@ from typing import Any
 
 import psycopg
 
-from . import pg, pg_archive
-from .errors import FormatError
+from . import pg, pg_archive, procs
+from .errors import FormatError, StageAborted
 from .settings import PostgresConnection
 
 # A piece handed to one connection: large enough that the queue costs nothing per row, small enough that
@@ -114,19 +114,24 @@ class _Loader(threading.Thread):
         self.error: BaseException | None = None
         self.ready = threading.Event()   # all pieces taken and COPYs finished; waiting for commit or rollback
         self._verdict = threading.Event()
+        self._verdict_lock = threading.Lock()
         self._commit = False
+        self.committed = False
         self._conn: psycopg.Connection | None = None
 
     def finish(self, commit: bool) -> None:
-        self._commit = commit
-        self._verdict.set()
+        """Commit or roll back once all pieces are in; the first verdict stands (a stop is never undone)."""
+        with self._verdict_lock:
+            if not self._verdict.is_set():
+                self._commit = commit
+                self._verdict.set()
 
     def cancel(self) -> None:
         """Stop a statement the server is running for this connection (safe from another thread)."""
         conn = self._conn
         if conn is not None:
             try:
-                conn.cancel()
+                conn.cancel_safe(timeout=5)
             except psycopg.Error:
                 pass
 
@@ -157,7 +162,11 @@ class _Loader(threading.Thread):
                 self.ready.set()
                 self._verdict.wait()
                 with pg.translate_errors(f"committing the rows loaded into {self._cfg.dbname}"):
-                    conn.commit() if self._commit else conn.rollback()
+                    if self._commit:
+                        conn.commit()
+                        self.committed = True
+                    else:
+                        conn.rollback()
             except BaseException as exc:
                 if copying is not None:
                     try:
@@ -203,49 +212,57 @@ def load_rows(cfg: PostgresConnection, parsed: pg_archive.Head, after_toc: bytes
             except queue.Full:
                 continue
 
+    def stop_now() -> None:  # a stage limit or a signal stopping the run: the connections must not hold it
+        for loader in loaders:
+            loader.finish(commit=False)
+            loader.cancel()
+
     tables = size = 0
     large_objects = _LargeObjects(cfg, setup)
-    try:
-        blocks = pg_archive.DataBlocks(parsed, after_toc, reader)
-        while (block := blocks.next_block()) is not None:
-            kind, dump_id = block
-            entry = by_id.get(dump_id)
-            if kind == pg_archive.BLK_BLOBS and entry is not None and entry.desc == LARGE_OBJECTS:
-                size += large_objects.load(blocks)
-                continue
-            if kind != pg_archive.BLK_DATA or entry is None or entry.desc != "TABLE DATA" or not entry.copy_stmt:
-                raise FormatError(f"a data block of the dump (dump id {dump_id}) is not what its table of contents "
-                                  f"says", hint="the backup is damaged; restore another one")
-            tables += 1
-            for data in blocks.data(PIECE_SIZE, rows=True):
-                size += len(data)
-                hand(_Piece(entry, data))
-        # Here the stream has ended and upstream declared it whole (a cut or unauthenticated one raised above).
-        for _ in loaders:
-            hand(_DONE)
-        for loader in loaders:
-            loader.ready.wait()
-        error = failed()
-        if error is not None:
-            raise error
-        large_objects.finish(commit=True)
-        for loader in loaders:
-            loader.finish(commit=True)
-        for loader in loaders:
-            loader.join()
-        error = failed()
-        if error is not None:
-            raise error
-    except BaseException as exc:
-        _stop(loaders, pieces)
+    with procs.cancellable(stop_now):
         try:
-            large_objects.finish(commit=False)
-        except Exception:
-            pass  # the failure that brought us here matters more
-        cause = failed()
-        if cause is not None and cause is not exc:
-            raise cause from None  # a row the server refused explains the rest
-        raise
+            blocks = pg_archive.DataBlocks(parsed, after_toc, reader)
+            while (block := blocks.next_block()) is not None:
+                kind, dump_id = block
+                entry = by_id.get(dump_id)
+                if kind == pg_archive.BLK_BLOBS and entry is not None and entry.desc == LARGE_OBJECTS:
+                    size += large_objects.load(blocks)
+                    continue
+                if kind != pg_archive.BLK_DATA or entry is None or entry.desc != "TABLE DATA" or not entry.copy_stmt:
+                    raise FormatError(f"a data block of the dump (dump id {dump_id}) is not what its table of contents "
+                                      f"says", hint="the backup is damaged; restore another one")
+                tables += 1
+                for data in blocks.data(PIECE_SIZE, rows=True):
+                    size += len(data)
+                    hand(_Piece(entry, data))
+            # Here the stream has ended and upstream declared it whole (a cut or unauthenticated one raised above).
+            for _ in loaders:
+                hand(_DONE)
+            for loader in loaders:
+                loader.ready.wait()
+            error = failed()
+            if error is not None:
+                raise error
+            large_objects.finish(commit=True)
+            for loader in loaders:
+                loader.finish(commit=True)
+            for loader in loaders:
+                loader.join()
+            error = failed()
+            if error is not None:
+                raise error
+            if not all(loader.committed for loader in loaders):
+                raise StageAborted(f"loading the rows of {cfg.dbname} was stopped before they were committed")
+        except BaseException as exc:
+            _stop(loaders, pieces)
+            try:
+                large_objects.finish(commit=False)
+            except Exception:
+                pass  # the failure that brought us here matters more
+            cause = failed()
+            if cause is not None and cause is not exc:
+                raise cause from None  # a row the server refused explains the rest
+            raise
     with pg.connect(cfg) as conn, pg.translate_errors(f"setting the sequences of {cfg.dbname}"):
         conn.execute(setup)
         for entry in parsed.toc:

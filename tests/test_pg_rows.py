@@ -95,3 +95,43 @@ def test_dumps_it_cannot_load_say_why(dumped: dict[str, Any]) -> None:
     assert "compressed" in (pg_rows.rows_not_parallel(compressed, [], []) or "")
     with pytest.raises(pg_archive.UnsupportedArchive):
         pg_archive.DataBlocks(compressed, b"", io.BytesIO(b""))
+
+
+def test_a_stopped_run_cancels_the_connections_waiting_on_the_server_and_keeps_nothing(
+        pg_cluster: PostgresCluster, dumped: dict[str, Any]) -> None:
+    """A stage limit or SIGTERM stops child processes; the loading connections are no children, so they are
+    cancelled with them (here each waits for a lock another session holds on its table)."""
+    import threading
+    import time
+
+    from luxima_backup import procs
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = load(dumped, dumped["dump"])
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    with pg_cluster.connect(dumped["target"]) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE t, u IN ACCESS EXCLUSIVE MODE")
+        loading = threading.Thread(target=run, daemon=True)
+        loading.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the loaders wait for the lock
+            with pg_cluster.connect(dumped["target"]) as watcher:
+                waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                          "wait_event_type = 'Lock'", (dumped["target"],)).fetchone()[0]
+            if waiting:
+                break
+            time.sleep(0.1)
+        assert waiting, "the loaders never waited for the lock"
+        stopped = time.monotonic()
+        procs.stop_all(grace=1)
+        loading.join(30)
+        assert not loading.is_alive() and time.monotonic() - stopped < 15
+        holder.execute("ROLLBACK")
+    assert isinstance(outcome.get("error"), DatabaseError) and "cancel" in str(outcome["error"]).lower()
+    assert counts(pg_cluster, dumped["target"]) == (0, 0)
