@@ -76,6 +76,9 @@ class _LargeObjects:
             self.count += 1
         return size
 
+    def cancel(self) -> None:
+        _cancel(self._conn)
+
     def finish(self, commit: bool) -> None:
         if self._conn is None:
             return
@@ -85,6 +88,15 @@ class _LargeObjects:
         finally:
             self._conn.close()
             self._conn = None
+
+
+def _cancel(conn: psycopg.Connection | None) -> None:
+    """Stop a statement the server is running for ``conn`` (safe from another thread; bounded if the server is gone)."""
+    if conn is not None:
+        try:
+            conn.cancel_safe(timeout=5)
+        except psycopg.Error:
+            pass
 
 
 def session_setup(parsed: pg_archive.Head) -> str:
@@ -127,13 +139,7 @@ class _Loader(threading.Thread):
                 self._verdict.set()
 
     def cancel(self) -> None:
-        """Stop a statement the server is running for this connection (safe from another thread)."""
-        conn = self._conn
-        if conn is not None:
-            try:
-                conn.cancel_safe(timeout=5)
-            except psycopg.Error:
-                pass
+        _cancel(self._conn)
 
     def run(self) -> None:
         copying: Any = None
@@ -212,13 +218,14 @@ def load_rows(cfg: PostgresConnection, parsed: pg_archive.Head, after_toc: bytes
             except queue.Full:
                 continue
 
+    tables = size = 0
+    large_objects = _LargeObjects(cfg, setup)
+
     def stop_now() -> None:  # a stage limit or a signal stopping the run: the connections must not hold it
         for loader in loaders:
             loader.finish(commit=False)
             loader.cancel()
-
-    tables = size = 0
-    large_objects = _LargeObjects(cfg, setup)
+        large_objects.cancel()
     with procs.cancellable(stop_now):
         try:
             blocks = pg_archive.DataBlocks(parsed, after_toc, reader)
