@@ -143,18 +143,8 @@ def _run_tagged(flow_fn: Any, tags: tuple[str, ...], parameters: dict[str, Any])
     from prefect.states import Pending
 
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(flow_fn, parameters=_shown(parameters), state=Pending(), tags=list(tags))
+        run = client.create_flow_run(flow_fn, parameters=flow_fn.serialize_parameters(parameters), state=Pending(), tags=list(tags))
     return run_flow(flow_fn, flow_run=run, parameters=parameters)
-
-
-def _shown(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters as the flow run shows them in the UI. A command's are strings, numbers, flags and lists of
-    them (a path or a time at most, shown as text): Prefect's own encoder would import FastAPI for them, 0.15 s
-    and 4 MiB of every command."""
-    def plain(value: Any) -> Any:
-        return value.isoformat() if isinstance(value, datetime) else str(value)
-
-    return json.loads(json.dumps(parameters, default=plain))
 
 
 @backup_app.command("db")

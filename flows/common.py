@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
+import prefect
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,6 +21,46 @@ from luxima_backup import manifest, runtime
 from luxima_backup.errors import BackupError, TimeLimitExceeded, should_retry
 from luxima_backup.secrets import redact
 from luxima_backup.workdir import ensure_private
+
+R = TypeVar("R")
+
+
+class Flow(prefect.Flow[..., R]):
+    """Prefect's flow, its runs' parameters shown (UI, API) as plain JSON.
+
+    Prefect encodes them with FastAPI's ``jsonable_encoder``, imported for it: 0.15 s and 4 MiB of every
+    run that starts a subflow. Ours take names, numbers, flags, times and lists or mappings of them."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return shown_parameters(parameters)
+
+
+def flow(**options: Any) -> Callable[[Callable[..., R]], Flow[R]]:
+    """``prefect.flow``'s decorator (keyword options only) making a :class:`Flow`."""
+    return lambda fn: Flow(fn, **options)
+
+
+def shown_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` as JSON values: times as ISO text, paths as text, models and dataclasses as their fields;
+    anything else by its type's name, as Prefect shows a value it cannot encode."""
+    def plain(value: Any) -> Any:
+        if hasattr(value, "isoformat"):
+            return value.isoformat()
+        if isinstance(value, Path):
+            return str(value)
+        if hasattr(value, "model_dump"):
+            return value.model_dump(mode="json")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        return f"<{type(value).__name__}>"
+
+    shown = {}
+    for key, value in parameters.items():
+        try:
+            shown[key] = json.loads(json.dumps(value, default=plain))
+        except (TypeError, ValueError, RecursionError):
+            shown[key] = f"<{type(value).__name__}>"
+    return shown
 
 
 def stream_with_retries(attempt_flow: Callable[..., Any], args: tuple[Any, ...], attempts: int,

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -39,7 +39,7 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
-from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, flow, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.commit import GATE_HINT, commit
 from tasks.compress import compress

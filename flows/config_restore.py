@@ -15,7 +15,7 @@ import time
 from datetime import datetime, time as dtime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -23,7 +23,7 @@ from luxima_backup import catalog, events, runtime
 from luxima_backup.errors import BackupError, ConfigError, VerificationError
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
-from flows.common import logged
+from flows.common import flow, logged
 from luxima_backup.workdir import private_dir
 from tasks.apply import apply, reload, rollback_host, validate
 from tasks.download import download

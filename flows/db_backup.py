@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -30,7 +30,7 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import PostgresConnection
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import SUFFIX, compressor
-from flows.common import backup_start, discard, logged, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, flow, logged, save_manifest, sealed_with, stream_with_retries
 from tasks.compress import compress
 from tasks.dump import dump, dump_globals
 from tasks.encrypt import encrypt

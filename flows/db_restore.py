@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -39,6 +39,7 @@ from luxima_backup.settings import Settings
 from luxima_backup.stages import run_linked
 from luxima_backup.compression import DecompressingReader
 from luxima_backup.workdir import private_dir
+from flows.common import flow
 from tasks.compress import decompress
 from tasks.decrypt import decrypt
 from tasks.download import download_stream

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
@@ -33,7 +33,7 @@ from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.status import configured
 from luxima_backup.workdir import private_dir
-from flows.common import logged
+from flows.common import flow, logged
 from flows.db_restore import db_restore
 from flows.dr_replicate import dr_lag
 from flows.files_restore import files_restore

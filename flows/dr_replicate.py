@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
@@ -22,7 +22,7 @@ from luxima_backup import runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.status import configured
-from flows.common import logged
+from flows.common import flow, logged
 from tasks.log import log_run
 from tasks.prune import prune_target, site_catalog, sweep
 from tasks.replicate import dr_store, replicate

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -33,7 +33,7 @@ from luxima_backup.progress import Progress
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import FileSource, Settings
 from luxima_backup.stages import run_linked
-from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, flow, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from luxima_backup.workdir import private_dir
 from tasks.archive import archive
 from tasks.compress import compress

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -38,6 +38,7 @@ from luxima_backup.manifest import FilesManifest, StoredObject
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
 from luxima_backup.workdir import private_dir
+from flows.common import flow
 from tasks.archive import load_index
 from tasks.download import download
 from luxima_backup.filetree import apply_metadata

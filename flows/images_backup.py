@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -28,7 +28,7 @@ from luxima_backup.images import Container, chosen
 from luxima_backup.pipes import Link
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.stages import run_linked
-from flows.common import backup_start, discard, logged, outcome, save_manifest, sealed_with, stream_with_retries
+from flows.common import backup_start, discard, flow, logged, outcome, save_manifest, sealed_with, stream_with_retries
 from tasks.compress import compress
 from tasks.encrypt import encrypt
 from tasks.images import inventory, save_image, verify_image

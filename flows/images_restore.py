@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -23,7 +23,7 @@ from luxima_backup import events, manifest, runtime
 from luxima_backup.errors import ConfigError
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.workdir import private_dir
-from flows.common import logged
+from flows.common import flow, logged
 from tasks.download import download
 from tasks.images import check_image_object, host_image_ids, load_image, tag
 from tasks.log import log_run

@@ -12,14 +12,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from luxima_backup import runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction
-from flows.common import logged
+from flows.common import flow, logged
 from tasks.log import log_run
 from tasks.prune import image_gc, prune_target, sweep
 

@@ -10,12 +10,13 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from luxima_backup import events, runtime
 from luxima_backup.errors import VerificationError
 from luxima_backup.status import TargetStatus, age_text, collect, drill_status, drill_text
+from flows.common import flow
 
 REMINDER_HOUR = 9  # local time (retention.timezone) of the daily reminder that the DR drill is overdue
 # the backup deployment of each component (prefect.yaml)

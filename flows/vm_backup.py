@@ -13,14 +13,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from luxima_backup import __version__, events, manifest, runtime
 from luxima_backup.errors import BackupError, ConfigError
 from luxima_backup.secrets import install_log_redaction, redact
-from flows.common import backup_start, logged, outcome, save_manifest
+from flows.common import backup_start, flow, logged, outcome, save_manifest
 from tasks.log import log_finish, log_start
 from tasks.verify.vm_archive import verify_vm_archive
 from tasks.vm_prune import prune_vm_archives

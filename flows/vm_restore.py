@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
@@ -24,7 +24,7 @@ from luxima_backup.errors import ConfigError, VerificationError
 from luxima_backup.manifest import VmManifest
 from luxima_backup.secrets import install_log_redaction, redact
 from luxima_backup.settings import Settings
-from flows.common import logged
+from flows.common import flow, logged
 from flows.vm_backup import backup_guest
 from tasks.log import log_run
 from tasks.qmrestore import destroy_vm, isolated_line, restore_vm, rollback_vm, start_vm, stop_vm

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from . import procs
 from .errors import BackupError, ConfigError, DatabaseError, StageAborted, ToolError
@@ -65,6 +66,13 @@ def _database_error(exc: psycopg.Error, action: str, state: str | None) -> Datab
 def connect(cfg: PostgresConnection, *, autocommit: bool = True, **extra: Any) -> psycopg.Connection:
     with translate_errors(f"connecting to {cfg.dbname} at {cfg.host}:{cfg.port} as {cfg.user}"):
         return psycopg.connect(**cfg.conninfo(), password=password_of(cfg), autocommit=autocommit, **extra)
+
+
+def client_conninfo(cfg: PostgresConnection, dbname: str | None = None) -> str:
+    """A client tool's ``--dbname``: the database (``cfg``'s by default), quoted as libpq reads it (a name may hold
+    spaces, quotes or "="), and the connection's liveness keywords, which libpq takes from no environment
+    variable. Host, port, user and TLS come from :func:`libpq_env`."""
+    return make_conninfo("", dbname=dbname or cfg.dbname, **cfg.liveness())
 
 
 def libpq_env(cfg: PostgresConnection, passfile: str | None = None) -> dict[str, str]:

@@ -58,6 +58,13 @@ class PostgresConnection(_Section):
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     sslrootcert: Path | None = None
     connect_timeout: int = Field(10, ge=1, le=600, description="seconds")
+    lost_after_seconds: int = Field(
+        120, ge=0, le=3600,
+        description="a server that stops answering mid-run (host down, link cut, no reset sent) is given up after "
+        "about this long: TCP keepalives while waiting on it, and a bound on data it leaves unacknowledged "
+        "(libpq's tcp_user_timeout), for this program's connections and pg_dump/pg_restore/psql; 0 leaves the "
+        "operating system's defaults (a vanished host is noticed after 15 minutes to hours)",
+    )
     maintenance_db: str = Field("postgres", min_length=1, description="database to connect to when creating, renaming or dropping databases (restores)")
     schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1, description="schemas whose tables are counted")
     tables: list[str] = Field(
@@ -81,11 +88,21 @@ class PostgresConnection(_Section):
         info: dict[str, Any] = {
             "host": self.host, "port": self.port, "dbname": self.dbname, "user": self.user,
             "sslmode": self.sslmode, "connect_timeout": self.connect_timeout,
-            "application_name": "luxima-backup",
+            "application_name": "luxima-backup", **self.liveness(),
         }
         if self.sslrootcert:
             info["sslrootcert"] = str(self.sslrootcert)
         return info
+
+    def liveness(self) -> dict[str, int]:
+        """libpq keywords that notice a vanished server within ``lost_after_seconds``: an idle connection is
+        probed after a third of it, then every sixth, given up after four probes unanswered; data sent is given up
+        on once unacknowledged that long. (A server that is alive but slow still answers probes.)"""
+        lost = self.lost_after_seconds
+        if lost == 0:
+            return {}
+        return {"keepalives": 1, "keepalives_idle": max(1, lost // 3), "keepalives_interval": max(1, lost // 6),
+                "keepalives_count": 4, "tcp_user_timeout": lost * 1000}
 
 
 class SshHost(_Section):

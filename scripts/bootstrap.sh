@@ -18,6 +18,7 @@ command -v git >/dev/null || missing+=(git)
 [ -x /usr/sbin/dockerd ] || missing+=(docker.io)        # the tests' Docker host (images backups and restores)
 command -v skopeo >/dev/null || missing+=(skopeo)          # registry images (an OCI archive each)
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)   # the tests' registry
+command -v iptables >/dev/null || missing+=(iptables)    # the tests' vanished hosts (packets dropped, not refused)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -22,12 +22,12 @@ from luxima_backup.pipes import Link
 from luxima_backup.secrets import redact
 from luxima_backup.settings import PostgresConnection
 
-def pg_dump_args(snapshot: str, dbname: str, lock_wait_seconds: float, exclude_schemas: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+def pg_dump_args(snapshot: str, conninfo: str, lock_wait_seconds: float, exclude_schemas: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     # Custom format: restorable selectively and in parallel. -Z0: we compress, better and faster.
     # --create: the archive also carries the database's own properties (owner, ACL, ALTER DATABASE/ROLE ... SET,
     # comment, connection limit), which pg_restore applies only when asked; a restore uses them (tasks/restore.py).
     args = ["--format=custom", "--compress=0", "--create", f"--snapshot={snapshot}",
-            f"--lock-wait-timeout={int(lock_wait_seconds * 1000)}", f"--dbname={dbname}"]
+            f"--lock-wait-timeout={int(lock_wait_seconds * 1000)}", f"--dbname={conninfo}"]
     return args + [f"--exclude-schema={s}" for s in exclude_schemas]
 
 
@@ -55,7 +55,7 @@ def dump_database(cfg: PostgresConnection, sink: Link, bin_dir: Any = None, lock
         snapshot = str(row[0])
         tables = pg.main_tables(conn, cfg)
         large_objects = pg.large_object_count(conn)
-        process = pg.start_client(tool, cfg, pg_dump_args(snapshot, cfg.dbname, lock_wait_seconds, list(cfg.exclude_schemas)),
+        process = pg.start_client(tool, cfg, pg_dump_args(snapshot, pg.client_conninfo(cfg), lock_wait_seconds, list(cfg.exclude_schemas)),
                                   stdout=sink.take_write_fd())
         sink.close_write()  # pg_dump alone holds the write end now: its exit is our EOF
         with procs.cancellable(conn.cancel_safe):  # a stopped run must not wait out a lock here
@@ -104,7 +104,9 @@ def dump_globals(cfg: PostgresConnection, server_major: int, bin_dir: Any = None
     last = ""
     for args in attempts:
         with pg.client_env(cfg) as env:
-            proc = procs.run([tool.path, "--no-password", f"--database={cfg.dbname}", *args], env=env, timeout=600)
+            # --dbname: the connection's keywords (its database name is ignored); --database: which one to read from.
+            proc = procs.run([tool.path, "--no-password", f"--dbname={pg.client_conninfo(cfg)}", f"--database={cfg.dbname}",
+                              *args], env=env, timeout=600)
         if proc.returncode == 0:
             if len(proc.stdout) > GLOBALS_LIMIT:
                 return None, f"pg_dumpall output is over {GLOBALS_LIMIT} bytes; globals not kept"

@@ -163,8 +163,8 @@ def quote_ident(cfg: PostgresConnection) -> Callable[[str], str]:
     return quote
 
 
-def pg_restore_args(dbname: str, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:
-    args = ["--exit-on-error", f"--dbname={dbname}"]
+def pg_restore_args(conninfo: str, schemas: list[str], tables: list[str], no_owner: bool) -> list[str]:
+    args = ["--exit-on-error", f"--dbname={conninfo}"]
     if no_owner:
         args += ["--no-owner", "--no-privileges"]
     selected_schemas = list(schemas)
@@ -343,7 +343,7 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     # pg_restore must read the archive (as new as the pg_dump that wrote it) and speak to the server.
     tool = pg.find_tool("pg_restore", max(server.major, dump_major), settings.db_backup.pg_bin_dir)
-    args = pg_restore_args(dbname, schemas, tables, no_owner)
+    args = pg_restore_args(pg.client_conninfo(cfg, dbname), schemas, tables, no_owner)
     log = get_run_logger()
     try:
         first, parsed = read_archive_head(source.reader())
@@ -377,7 +377,7 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
 def restore_globals_sql(tool: pg.Tool, cfg: PostgresConnection, text: bytes) -> list[str]:
     """Run pg_dumpall's globals script with psql; roles that already exist are expected, not errors."""
     with pg.client_env(cfg) as env:
-        proc = procs.run([tool.path, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-f", "-", f"--dbname={cfg.dbname}"],
+        proc = procs.run([tool.path, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-f", "-", f"--dbname={pg.client_conninfo(cfg)}"],
                          input=text, env=env, timeout=600)
     errors = [line for line in proc.stderr.decode(errors="replace").splitlines() if "ERROR:" in line]
     unexpected = [e for e in errors if "already exists" not in e]

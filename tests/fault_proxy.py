@@ -215,3 +215,29 @@ class StallProxy:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class Blackhole:
+    """Packets to and from a loopback port dropped by the kernel (iptables), as when a host is powered off or its
+    link is cut: unlike a silent relay, nothing answers a TCP keepalive probe or acknowledges data sent. Needs
+    root; the rules are removed on exit."""
+
+    def __init__(self, port: int):
+        self.rules = [["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+                      ["INPUT", "-i", "lo", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
+        self.added: list[list[str]] = []
+
+    def __enter__(self) -> "Blackhole":
+        import subprocess
+
+        for rule in self.rules:
+            subprocess.run(["iptables", "-w", "-I", *rule], check=True, capture_output=True)
+            self.added.append(rule)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        for rule in self.added:
+            subprocess.run(["iptables", "-w", "-D", *rule], check=True, capture_output=True)
+        self.added.clear()
