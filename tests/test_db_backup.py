@@ -84,6 +84,11 @@ def test_backup_stores_encrypted_verified_dump_with_manifest_and_log(
     assert log["object_key"] == summary["object_key"] and log["sha256_encrypted"] == manifest["dump"]["sha256_encrypted"]
     assert log["size_raw"] == manifest["dump"]["size_plain"] and log["duration_ms"] is not None
     assert str(log["flow_run_id"]) == str(state.state_details.flow_run_id)
+    # The stream's run shows its parameters in the UI as they were (flows.common.Flow encodes them).
+    [attempt] = subflow_runs(state)
+    bound = {"backup_id": manifest["backup_id"], "target": "db/main", "object": summary["object_key"]}
+    assert attempt.parameters == {"database": "main", "object_key": summary["object_key"], "binding": bound,
+                                  "deep": True, "attempt": 1}
 
     # No plaintext in storage: neither row contents nor the globals' role names appear in any object.
     for key in keys:
