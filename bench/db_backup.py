@@ -13,6 +13,7 @@ one run, on the same data and machine:
              decompresses and feeds pg_restore --list)
   pipeline_s3  the first, into the moto S3 server over HTTP. moto is a Python test double,
              not a production S3: its own CPU use on this small machine bounds this figure.
+  pipeline_s3_deep_verify  into S3 with the deep verify: the default settings, what production runs
 
 and, for restores, `createdb + pg_restore -j2` from a local uncompressed dump (the floor)
 against `luxima-backup restore db --jobs 2` (download, decrypt, decompress, pg_restore -j2,
@@ -162,7 +163,7 @@ enabled = false
 
         store_env = dict(env, LUXIMA_BACKUP__STORAGE__KIND="local", LUXIMA_BACKUP__STORAGE__PATH=str(work / "store"))
         for name, deep, run_env in (("pipeline", False, store_env), ("pipeline_deep_verify", True, store_env),
-                                    ("pipeline_s3", False, env)):
+                                    ("pipeline_s3", False, env), ("pipeline_s3_deep_verify", True, env)):
             r = measure_pipeline(run_env, deep)
             s = r.pop("summary")
             r["encrypted_bytes"] = s["size_encrypted"]
@@ -238,15 +239,15 @@ def main() -> None:
               f"| {r['restore_pipeline_stream']['seconds']}s | {r['ratios']['restore_over_floor']}x |")
     print()
     print("| dump size | floor | by hand | shell zstd | pipeline | + deep verify | to moto S3 | pipeline/floor "
-          "| by-hand/pipeline | size vs pg_dump gzip | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| by-hand/pipeline | size vs pg_dump gzip | peak RSS | peak RSS, S3 + deep verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = r["ratios"]
         print(f"| {r['pg_dump_uncompressed_bytes'] / 1e9:.2f} GB | {r['floor']['seconds']}s | {r['by_hand']['seconds']}s "
               f"| {r['shell_zstd']['seconds']}s | {r['pipeline']['seconds']}s | {r['pipeline_deep_verify']['seconds']}s "
               f"| {r['pipeline_s3']['seconds']}s "
               f"| {q['pipeline_over_floor']}x | {q['by_hand_over_pipeline']}x | {q['pipeline_size_over_pg_dump_gzip']}x "
-              f"| {r['pipeline']['peak_rss_mib']} MiB |")
+              f"| {r['pipeline']['peak_rss_mib']} MiB | {r['pipeline_s3_deep_verify']['peak_rss_mib']} MiB |")
 
 
 if __name__ == "__main__":
