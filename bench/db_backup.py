@@ -15,6 +15,10 @@ one run, on the same data and machine:
              not a production S3: its own CPU use on this small machine bounds this figure.
   pipeline_s3_deep_verify  into S3 with the deep verify: the default settings, what production runs
 
+The floor, the shell pipes, `pipeline` and the default restore with its floor are run --repeat times
+(3), in turn, and their medians reported (single runs vary by 5-15 % on a 2-core machine); the
+peak RSS is the highest of the runs.
+
 and, for restores, `createdb + pg_restore -j2` from a local uncompressed dump (the floor)
 against `luxima-backup restore db --jobs 2` (download, decrypt, decompress, pg_restore -j2,
 verify) and its streamed form (`--jobs 1`, no plaintext file), with the measured RTO.
@@ -35,6 +39,7 @@ import os
 import platform
 import resource
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +89,7 @@ def measure_pipeline(env: dict[str, str], deep: bool) -> dict[str, float]:
     return {"seconds": r["seconds"], "peak_rss_mib": probe_out["maxrss_mib"], "summary": summary}
 
 
-def bench_size(gb: float, keep: bool) -> dict:
+def bench_size(gb: float, keep: bool, repeat: int) -> dict:
     password = secrets.token_urlsafe(16)
     work = Path(tempfile.mkdtemp(prefix="luxima-bench-"))
     pg = PostgresCluster(password)
@@ -102,6 +107,12 @@ def bench_size(gb: float, keep: bool) -> dict:
         with pg.connect("bench") as conn:
             counts = sample.populate(conn, scale)
             db_size = conn.execute("SELECT pg_database_size('bench')").fetchone()[0]
+        with pg.connect("bench") as conn:
+            # Settle the new data first (visibility map, statistics, dirty buffers written) so autovacuum and the
+            # checkpointer do not run during the first measurements only.
+            conn.autocommit = True
+            conn.execute("VACUUM (ANALYZE)")
+            conn.execute("CHECKPOINT")
         populate_s = time.monotonic() - t0
         print(f"bench: {gb} GB target: populated scale {scale:.0f} in {populate_s:.0f}s, "
               f"database {db_size / 1e9:.2f} GB", flush=True)
@@ -148,10 +159,22 @@ enabled = false
         results: dict = {"target_gb": gb, "scale": round(scale), "database_bytes": db_size, "row_counts": counts}
         # Warm the cache the same way for everyone: one untimed floor run first.
         run_timed(shell["floor"], env, shell=True)
+        # The figures compared by ratios (the floor, the best shell pipe, the command) are taken `repeat` times,
+        # in turn, and their medians reported: on a small machine single runs vary by 5-15 %.
+        store_env = dict(env, LUXIMA_BACKUP__STORAGE__KIND="local", LUXIMA_BACKUP__STORAGE__PATH=str(work / "store"))
+        pipeline_runs: list[dict] = []
         for name, cmd in shell.items():
-            r = run_timed(cmd, env, shell=True)
-            results[name] = {"seconds": r["seconds"], "command": cmd.replace(str(work), "$WORK")}
-            print(f"bench: {name}: {r['seconds']:.1f}s", flush=True)
+            results[name] = {"samples": [], "command": cmd.replace(str(work), "$WORK")}
+        for round_ in range(repeat):
+            for name, cmd in shell.items():
+                if name == "by_hand" and round_ > 0:
+                    continue  # 6x slower than the rest, compared with nothing that needs precision
+                results[name]["samples"].append(run_timed(cmd, env, shell=True)["seconds"])
+            pipeline_runs.append(measure_pipeline(store_env, False))
+            print(f"bench: round {round_ + 1}: " + ", ".join(f"{n} {results[n]['samples'][-1]:.1f}s" for n in shell)
+                  + f", pipeline {pipeline_runs[-1]['seconds']:.1f}s", flush=True)
+        for name in shell:
+            results[name]["seconds"] = statistics.median(results[name]["samples"])
         results["by_hand"]["bytes"] = (work / "spool.a").stat().st_size
         results["shell_zstd"]["bytes"] = (work / "spool.b").stat().st_size
         (work / "spool.a").unlink()
@@ -161,10 +184,14 @@ enabled = false
         results["pg_dump_uncompressed_bytes"] = int(raw.stdout)
         results["pg_dump_gzip_bytes"] = int(gz.stdout)
 
-        store_env = dict(env, LUXIMA_BACKUP__STORAGE__KIND="local", LUXIMA_BACKUP__STORAGE__PATH=str(work / "store"))
         for name, deep, run_env in (("pipeline", False, store_env), ("pipeline_deep_verify", True, store_env),
                                     ("pipeline_s3", False, env), ("pipeline_s3_deep_verify", True, env)):
-            r = measure_pipeline(run_env, deep)
+            if name == "pipeline":  # the median run (its stage timings with it); the highest peak RSS of all
+                r = sorted(pipeline_runs, key=lambda x: x["seconds"])[len(pipeline_runs) // 2]
+                r = dict(r, samples=[x["seconds"] for x in pipeline_runs],
+                         peak_rss_mib=max(x["peak_rss_mib"] for x in pipeline_runs))
+            else:
+                r = measure_pipeline(run_env, deep)
             s = r.pop("summary")
             r["encrypted_bytes"] = s["size_encrypted"]
             r["dump_bytes"] = s["size_plain"]
@@ -177,21 +204,36 @@ enabled = false
         plain_dump = work / "plain.dump"
         subprocess.run(f"{dump} -Z0 -f {plain_dump}", shell=True, env=env, check=True)
         psql = f"{bindir}/psql -h 127.0.0.1 -p {pg.port} -U postgres -d postgres -q -c"
-        r = run_timed(f"{psql} 'CREATE DATABASE restore_floor TEMPLATE template0' && "
-                      f"{bindir}/pg_restore -h 127.0.0.1 -p {pg.port} -U postgres -j2 --exit-on-error -d restore_floor {plain_dump}",
-                      env, shell=True)
-        results["restore_floor"] = {"seconds": r["seconds"], "command": "createdb + pg_restore -j2 (local uncompressed dump)"}
-        plain_dump.unlink()
-        print(f"bench: restore_floor: {r['seconds']:.1f}s", flush=True)
-        for name, jobs in (("restore_pipeline", 2), ("restore_pipeline_stream", 1)):
+        floors: list[float] = []
+        restores: list[dict] = []
+
+        def restore_run(name: str, jobs: int) -> dict:
             cmd = [sys.executable, str(ROOT / "bench" / "_rss_probe.py"), str(ROOT / ".venv" / "bin" / "luxima-backup"),
                    "restore", "db", "--jobs", str(jobs), "--target-database", name]
             r = run_timed(cmd, store_env)
             lines = r["stdout"].strip().splitlines()
             out = json.loads("\n".join(lines[:-1]))
-            results[name] = {"seconds": r["seconds"], "rto_seconds": out["rto_seconds"], "stage_seconds": out["timings"],
-                             "peak_rss_mib": json.loads(lines[-1])["maxrss_mib"], "jobs": jobs}
-            print(f"bench: {name}: {r['seconds']:.1f}s (RTO {out['rto_seconds']:.1f}s)", flush=True)
+            return {"seconds": r["seconds"], "rto_seconds": out["rto_seconds"], "stage_seconds": out["timings"],
+                    "peak_rss_mib": json.loads(lines[-1])["maxrss_mib"], "jobs": jobs}
+
+        for round_ in range(repeat):  # the floor and the default restore in turn, as above
+            r = run_timed(f"{psql} 'CREATE DATABASE restore_floor_{round_} TEMPLATE template0' && "
+                          f"{bindir}/pg_restore -h 127.0.0.1 -p {pg.port} -U postgres -j2 --exit-on-error "
+                          f"-d restore_floor_{round_} {plain_dump}", env, shell=True)
+            floors.append(r["seconds"])
+            restores.append(restore_run(f"restore_pipeline_{round_}", 2))
+            print(f"bench: restore round {round_ + 1}: floor {floors[-1]:.1f}s, restore {restores[-1]['seconds']:.1f}s "
+                  f"(RTO {restores[-1]['rto_seconds']:.1f}s)", flush=True)
+            for db in (f"restore_floor_{round_}", f"restore_pipeline_{round_}"):  # room on disk for the next round
+                subprocess.run(f"{psql} 'DROP DATABASE {db}'", shell=True, env=env, check=True)
+        plain_dump.unlink()
+        results["restore_floor"] = {"seconds": statistics.median(floors), "samples": floors,
+                                    "command": "createdb + pg_restore -j2 (local uncompressed dump)"}
+        median = sorted(restores, key=lambda x: x["seconds"])[len(restores) // 2]
+        results["restore_pipeline"] = dict(median, samples=[x["seconds"] for x in restores],
+                                           peak_rss_mib=max(x["peak_rss_mib"] for x in restores))
+        results["restore_pipeline_stream"] = restore_run("restore_pipeline_stream", 1)
+        print(f"bench: restore_pipeline_stream: {results['restore_pipeline_stream']['seconds']:.1f}s", flush=True)
 
         floor = results["floor"]["seconds"]
         p = results["pipeline"]
@@ -218,13 +260,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4", help="comma-separated sizes in GB of uncompressed dump (default 1,4)")
     ap.add_argument("--keep", action="store_true", help="keep the database cluster and work files")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the floors, the shell pipe, the backup command and the "
+                    "default restore, taken in turn; medians reported (default 3)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "openssl": subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()}
     rows = []
     for size in (float(s) for s in args.sizes.split(",")):
-        res = bench_size(size, args.keep)
+        res = bench_size(size, args.keep, args.repeat)
         res["machine"] = machine
         res["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         name = f"db_backup-{size:g}gb.json"

@@ -143,6 +143,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     t0 = time.monotonic()
     keys = manifest.files_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
     run_id = str(flow_run.id) if flow_run.id else None
+    marks = {"started": time.monotonic()}  # the steps around the stages, timed for the manifest too
     previous = previous_backup(settings, name)
     is_full, why = wants_full(settings, previous, started, full)
     previous_files = previous.manifest.totals["files"] if previous else None
@@ -166,11 +167,13 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             with runtime.time_limit(_stage_limit, f"mirror of {name}", _STAGE_SETTING):
                 synced = sync(name, previous_entries, allow_shrink)
             check_counts(name, source, synced["regular_files"], previous_files, allow_shrink)
+        marks["synced"] = time.monotonic()
         previous_index = None
         if previous is not None:
             previous_index, is_full, why = _previous_index(previous, work, is_full, why)
         if previous is not None and not is_full:
             is_full, why = _chain_intact(previous, is_full, why)
+        marks["previous"] = time.monotonic()
         index_spool = str(work / "index.enc")
         stream = stream_with_retries(archive_to_storage, (name, keys.backup_id, keys.archive, keys.index, index_spool, previous_index,
                                                           is_full, synced.get("total_bytes"), cfg.deep_verify),
@@ -196,10 +199,12 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             size_encrypted=u["bytes"], sha256_plain=c["plain_sha256"], sha256_encrypted=u["sha256"],
             files=a["stored"]["files"], bytes=a["stored"]["bytes"], bound=e["bound"])
         older = _older_archives(previous, is_full)
+        marks["streamed"] = time.monotonic()
         with runtime.time_limit(_stage_limit, f"verify of {name}", _STAGE_SETTING):
             verification = verify_file_archive(keys.backup_id, this_archive, index_info, index_spool, older, cfg.deep_verify,
                                                {keys.archive: u["proven_etag"], keys.index: index_stored["proven_etag"]},
                                                stream["verify"])
+        marks["verified"] = time.monotonic()
         finished = datetime.now(timezone.utc)
         document = manifest.FilesManifest(
             backup_id=keys.backup_id, status="verified", started_at=started, completed_at=finished,
@@ -217,7 +222,15 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
             verification={**verification, "verified_at": finished.isoformat()},
             timings={"sync": synced["seconds"], "archive": round(a["seconds"], 3),
                      "compress": round(c["seconds"], 3), "encrypt": round(e["seconds"], 3),
-                     "upload": round(u["seconds"], 3), "total": round((finished - started).total_seconds(), 3)},
+                     "upload": round(u["seconds"], 3),
+                     # the rest of the run, step by step: up to the sync's end less the sync (the previous backup
+                     # found, the log's first row), the previous index and the chain checked, the stream's attempts
+                     # and the index's upload, the read-back
+                     "start": round(marks["synced"] - marks["started"] - synced["seconds"], 3),
+                     "previous": round(marks["previous"] - marks["synced"], 3),
+                     "stream": round(marks["streamed"] - marks["previous"], 3),
+                     "verify": round(marks["verified"] - marks["streamed"], 3),
+                     "total": round((finished - started).total_seconds(), 3)},
             flow_run_id=run_id,
         )
         save_manifest(keys.manifest, document)

@@ -239,6 +239,10 @@ def test_incremental_run_transfers_only_changes_and_both_backups_restore(files_e
     assert (second["changes"]["added"], second["changes"]["changed"], second["changes"]["removed"]) == (1, 1, 1)
     third = backed_up()
     assert third["transferred_files"] == 0 and third["stored"]["files"] == 0
+    # The manifest says where the run's time went, step by step, within its total.
+    timings = json.loads(s3_get(files_env["s3"], files_env["bucket"], second["manifest_key"]))["timings"]
+    steps = ("start", "sync", "previous", "stream", "verify")
+    assert all(timings[k] >= 0 for k in steps) and sum(timings[k] for k in steps) <= timings["total"] + 0.05, timings
 
     latest = files_env["tmp"] / "latest"
     assert restored(destination=str(latest))["archives_read"] >= 2
