@@ -170,8 +170,8 @@ def db_restore(
         schemas: restore only these schemas (into a new database).
         tables: restore only these tables, as schema.table, with their rows (into a new database; pg_restore -t
             brings the table and its data, not its indexes or constraints: enough to copy rows back).
-        jobs: parallel pg_restore jobs for indexes and constraints (default: restore.jobs); the rows come
-            through one stream either way.
+        jobs: connections loading the rows at once, then pg_restore jobs for indexes and constraints (default:
+            restore.jobs); 1 restores through one pg_restore stream.
         restore_globals_first: create the backed-up roles on the target server first (off by default).
         no_owner: restore without ownership and privileges (when the roles do not exist on the target).
     """

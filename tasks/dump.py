@@ -104,9 +104,10 @@ def dump_globals(cfg: PostgresConnection, server_major: int, bin_dir: Any = None
     last = ""
     for args in attempts:
         with pg.client_env(cfg) as env:
-            # --dbname: the connection's keywords (its database name is ignored); --database: which one to read from.
-            proc = procs.run([tool.path, "--no-password", f"--dbname={pg.client_conninfo(cfg)}", f"--database={cfg.dbname}",
-                              *args], env=env, timeout=600)
+            # --database (-l) is read as a connection string once it holds "=" (pg_dumpall ignores the database of
+            # --dbname's): a name given bare could carry keywords; given as a connection string, it cannot.
+            proc = procs.run([tool.path, "--no-password", f"--database={pg.client_conninfo(cfg)}", *args],
+                             env=env, timeout=600)
         if proc.returncode == 0:
             if len(proc.stdout) > GLOBALS_LIMIT:
                 return None, f"pg_dumpall output is over {GLOBALS_LIMIT} bytes; globals not kept"

@@ -196,6 +196,39 @@ def test_replace_needs_the_confirmation_and_keeps_the_old_database(
         assert conn.execute("SELECT count(*) FROM app.documents").fetchone()[0] == 0  # the old data, kept
 
 
+def test_a_database_whose_name_needs_quoting_is_backed_up_and_replaced(
+    prefect_server: Any, pg_cluster: PostgresCluster, s3_server: Any, bucket: str, key_file: Path, write_settings: Any,
+) -> None:
+    """pg_dump, pg_restore and psql get the database's name inside a connection string (beside the keepalives): a
+    name with spaces, quotes and "=" must reach them as that name, never be read as connection keywords."""
+    import uuid
+
+    from psycopg import sql
+
+    from tests.helpers import make_source
+
+    name = f"odd name='{uuid.uuid4().hex[:6]}' host=nowhere"
+    with pg_cluster.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with pg_cluster.connect(name) as conn:
+            make_source(conn)
+        before = digest(pg_cluster, name)
+        write_settings(name, bucket, file_keys(key_file))
+        state = run_backup()  # deep check on: pg_restore --list of the stream too
+        assert state.is_completed(), state.message
+        with pg_cluster.connect(name) as conn:
+            conn.execute("DELETE FROM app.documents")
+        state = run_restore(mode="replace", confirm=name)  # rows over two connections, then pg_restore -j2
+        assert state.is_completed(), state.message
+        assert digest(pg_cluster, name) == before
+        assert len([d for d in databases(pg_cluster, "odd name=") if "_pre_restore_" in d]) == 1
+    finally:
+        with pg_cluster.connect() as conn:
+            for db in databases(pg_cluster, "odd name="):
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
 def db_properties(cluster: PostgresCluster, dbname: str) -> dict[str, Any]:
     """What pg_dump --create carries of a database: owner, ACL, connection limit, comment, per-database settings."""
     with cluster.connect() as conn:
