@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import threading
 import time
@@ -176,15 +177,14 @@ class LinkReader:
         """
         if n is None or n < 0:
             return b"".join(iter(lambda: self.read(PIPE_SIZE), b""))
-        parts, got = [], 0
-        while got < n:
-            data = os.read(self.link._fd(self.link.read_fd), min(n - got, PIPE_SIZE))
-            if not data:
-                self.link.wait_verdict()
-                break
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+        # Read straight into the one bytes object returned: a BufferedReader whose buffer is a single byte fills
+        # the result of read(n) by repeated reads of the pipe, stopping at n or at EOF, and reads nothing ahead.
+        # (Joining pieces held an upload part twice for a moment: 8 MiB more at the peak of an S3 backup.)
+        with io.FileIO(self.link._fd(self.link.read_fd), "rb", closefd=False) as raw:
+            data = io.BufferedReader(raw, buffer_size=1).read(n)
+        if len(data) < n:
+            self.link.wait_verdict()
+        return data
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         n = os.readv(self.link._fd(self.link.read_fd), [buf])
