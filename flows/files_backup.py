@@ -143,7 +143,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
     t0 = time.monotonic()
     keys = manifest.files_keys(settings.storage.prefix, name, started, SUFFIX[cfg.compression])
     run_id = str(flow_run.id) if flow_run.id else None
-    marks = {"started": time.monotonic()}  # the steps around the stages, timed for the manifest too
+    marks: dict[str, float] = {}  # the steps around the stages, timed (since t0) for the manifest too
     previous = previous_backup(settings, name)
     is_full, why = wants_full(settings, previous, started, full)
     previous_files = previous.manifest.totals["files"] if previous else None
@@ -226,7 +226,7 @@ def backup_source(name: str, full: bool = False, allow_shrink: bool = False) -> 
                      # the rest of the run, step by step: up to the sync's end less the sync (the previous backup
                      # found, the log's first row), the previous index and the chain checked, the stream's attempts
                      # and the index's upload, the read-back
-                     "start": round(marks["synced"] - marks["started"] - synced["seconds"], 3),
+                     "start": round(marks["synced"] - t0 - synced["seconds"], 3),
                      "previous": round(marks["previous"] - marks["synced"], 3),
                      "stream": round(marks["streamed"] - marks["previous"], 3),
                      "verify": round(marks["verified"] - marks["streamed"], 3),

@@ -68,11 +68,11 @@ def connect(cfg: PostgresConnection, *, autocommit: bool = True, **extra: Any) -
         return psycopg.connect(**cfg.conninfo(), password=password_of(cfg), autocommit=autocommit, **extra)
 
 
-def client_conninfo(cfg: PostgresConnection, dbname: str | None = None) -> str:
-    """A client tool's ``--dbname``: the database (``cfg``'s by default), quoted as libpq reads it (a name may hold
-    spaces, quotes or "="), and the connection's liveness keywords, which libpq takes from no environment
-    variable. Host, port, user and TLS come from :func:`libpq_env`."""
-    return make_conninfo("", dbname=dbname or cfg.dbname, **cfg.liveness())
+def client_conninfo(cfg: PostgresConnection) -> str:
+    """A client tool's ``--dbname``: ``cfg``'s database, quoted as libpq reads it (a name may hold spaces, quotes
+    or "="), and the connection's liveness keywords, which libpq takes from no environment variable. Host, port,
+    user and TLS come from :func:`libpq_env`."""
+    return make_conninfo("", dbname=cfg.dbname, **cfg.liveness())
 
 
 def libpq_env(cfg: PostgresConnection, passfile: str | None = None) -> dict[str, str]:

@@ -343,7 +343,7 @@ def restore(target: str, dbname: str, dump_major: int, jobs: int, schemas: list[
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     # pg_restore must read the archive (as new as the pg_dump that wrote it) and speak to the server.
     tool = pg.find_tool("pg_restore", max(server.major, dump_major), settings.db_backup.pg_bin_dir)
-    args = pg_restore_args(pg.client_conninfo(cfg, dbname), schemas, tables, no_owner)
+    args = pg_restore_args(pg.client_conninfo(cfg), schemas, tables, no_owner)
     log = get_run_logger()
     try:
         first, parsed = read_archive_head(source.reader())
